@@ -1,0 +1,52 @@
+"""Loads the compiled extension (bsbert._C) if it is there and matches this torch; never raises.
+
+A missing or mismatched extension is not fatal: bsbert warns once and the dispatcher falls back to
+its pure-torch backend. ``status()`` says what happened (used by ``python -m bsbert.info``).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_state = {"loaded": False, "module": None, "reason": None}
+
+
+def _try_load():
+    try:
+        import importlib
+
+        _C = importlib.import_module("bsbert._C")  # registers torch.ops.bsbert.* as a side effect
+    except Exception as exc:  # ImportError, undefined symbols from another torch build, ...
+        return None, f"bsbert._C could not be imported ({type(exc).__name__}: {exc})"
+    built = _C.torch_version()
+    if built.split("+")[0] != torch.__version__.split("+")[0]:
+        return None, (f"bsbert._C was built against torch {built} but torch {torch.__version__} "
+                      f"is running; rebuild with `pip install --no-build-isolation .`")
+    return _C, None
+
+
+def load(warn: bool = True):
+    if not _state["loaded"]:
+        _state["module"], _state["reason"] = _try_load()
+        _state["loaded"] = True
+        if _state["module"] is None and warn:
+            warnings.warn(f"{_state['reason']}; using bsbert's pure-torch fallbacks", RuntimeWarning,
+                          stacklevel=3)
+    return _state["module"]
+
+
+def available() -> bool:
+    return load(warn=False) is not None
+
+
+def reason_unavailable() -> str | None:
+    load(warn=False)
+    return _state["reason"]
+
+
+def has_op(name: str) -> bool:
+    """True when torch.ops.bsbert.<name> exists and has a kernel for some device."""
+    if not available():
+        return False
+    return hasattr(torch.ops.bsbert, name)

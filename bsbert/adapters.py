@@ -1,0 +1,72 @@
+"""Where a model family keeps its encoder layers, attention and FFN modules.
+
+The patch code is written once against this small table; a new family is a new ``EncoderAdapter``
+entry, not a copy of the patch code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from bsbert.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class EncoderAdapter:
+    family: str
+    encoder_class_names: tuple[str, ...]  # class names of the module that holds .layer
+    # attribute paths inside one encoder layer
+    self_attention: str = "attention.self"
+    query: str = "attention.self.query"
+    key: str = "attention.self.key"
+    value: str = "attention.self.value"
+    attn_out: str = "attention.output.dense"
+    intermediate: str = "intermediate"
+    ffn_in: str = "intermediate.dense"
+    ffn_out: str = "output.dense"
+    layers_attr: str = "layer"
+
+
+ADAPTERS = (
+    EncoderAdapter("bert", ("BertEncoder",)),
+)
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def find_encoder(model: nn.Module) -> tuple[str, nn.Module, EncoderAdapter]:
+    """Return (qualified name, encoder module, adapter) or raise UnsupportedModelError."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        for adapter in ADAPTERS:
+            if type(module).__name__ in adapter.encoder_class_names:
+                return name, module, adapter
+    known = ", ".join(n for a in ADAPTERS for n in a.encoder_class_names)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported: bsbert patches models holding one of [{known}] "
+        f"(BertModel, BertForQuestionAnswering, BertForSequenceClassification, ...), found none")
+
+
+def check_config(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError(
+            "decoder / cross-attention BERT configs are not supported: bsbert patches bidirectional "
+            "encoders (config.is_decoder and config.add_cross_attention must be False)")
+    pet = getattr(cfg, "position_embedding_type", "absolute")
+    if pet not in (None, "absolute"):
+        raise UnsupportedModelError(
+            f"position_embedding_type={pet!r} is not supported (relative attention scores); "
+            f"only 'absolute' models can be patched")

@@ -1,0 +1,52 @@
+"""Kernel-backed linear modules that replace a pruned model's nn.Linear layers."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsbert.ops.dispatch import Choice
+
+
+class SparseLinear(nn.Module):
+    """``act(x @ W.T + b)`` for a packed (dead rows/columns removed) weight, run by the backend that
+    the dispatcher chose. An empty weight (every head or neuron removed) yields the bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 choice: Choice | None, gelu: bool, density: float, name: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.gelu, self.density, self.name = gelu, density, name
+        self.choice = choice
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'SparseLinear'}: input has {x.shape[-1]} features, "
+                             f"expected {self.in_features}")
+        if self.choice is None:  # nothing left of the weight: only the bias remains
+            shape = (*x.shape[:-1], self.out_features)
+            y = (self.bias.to(x.dtype).expand(shape) if self.bias is not None
+                 else x.new_zeros(shape)).contiguous()
+            return F.gelu(y) if self.gelu else y
+        return self.choice.prepared(x)
+
+    def extra_repr(self) -> str:
+        be = "bias-only" if self.choice is None else self.choice.backend
+        if self.choice is not None and self.choice.format == "bsr":
+            be += f", block={self.choice.block}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"backend={be}, density={self.density:.3f}{', gelu' if self.gelu else ''}")
+
+
+class FusedIntermediate(nn.Module):
+    """Replaces BertIntermediate: linear + activation, the exact GELU fused into the GEMM when the
+    backend has it."""
+
+    def __init__(self, dense: SparseLinear, act):
+        super().__init__()
+        self.dense, self.act = dense, act  # act is None when fused into dense
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = self.dense(hidden_states)
+        return h if self.act is None else self.act(h)

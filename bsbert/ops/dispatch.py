@@ -1,0 +1,101 @@
+"""Pick a linear backend for one weight: the fastest supported one (measured, or by a simple rule),
+with a reason that says what was compared and what did not fit."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bsbert.ops.linear_backends import BACKENDS, PreparedLinear
+
+BSR_DENSITY_RULE = 0.9  # heuristic mode: use a block-sparse kernel below this block density
+
+
+@dataclass
+class Choice:
+    prepared: PreparedLinear
+    backend: str
+    format: str
+    block: int | None
+    reason: str
+    timings_ms: dict
+
+
+def _time_ms(fn, x, reps: int = 3) -> float:
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        fn(x)
+        sync()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def candidates(device, dtype, *, backend: str | None = None, fmt: str | None = None,
+               blocks=(32,)) -> tuple[list[tuple[str, int | None]], dict[str, list[str]]]:
+    """(backend, block) pairs that fit, and the reasons for those that do not."""
+    names = [backend] if backend else list(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend {unknown[0]!r}; choose from {sorted(BACKENDS)}")
+    fits, why_not = [], {}
+    for name in names:
+        be = BACKENDS[name]
+        if fmt and be.format != fmt:
+            why_not[name] = [f"format {be.format} but {fmt} was requested"]
+            continue
+        for blk in (blocks if be.format == "bsr" else (None,)):
+            reasons = be.not_supported_reasons(torch.device(device), dtype, blk)
+            if reasons:
+                why_not[name if blk is None else f"{name}@{blk}"] = reasons
+            else:
+                fits.append((name, blk))
+    return fits, why_not
+
+
+def explain(why_not: dict[str, list[str]]) -> str:
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in why_not.items())
+
+
+def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *,
+                  select: str = "measure", backend: str | None = None, fmt: str | None = None,
+                  blocks=(32,), tokens: int = 384, block_density: float = 1.0) -> Choice:
+    fits, why_not = candidates(weight.device, weight.dtype, backend=backend, fmt=fmt, blocks=blocks)
+    if not fits:
+        raise ValueError(
+            f"no linear backend fits device={weight.device.type} dtype={weight.dtype} "
+            f"(backend={backend}, format={fmt}): {explain(why_not)}")
+    skipped = f" (not eligible: {explain(why_not)})" if why_not and not backend else ""
+    if len(fits) == 1:
+        name, blk = fits[0]
+        prepared = BACKENDS[name].prepare(weight, bias, gelu, blk)
+        return Choice(prepared, name, BACKENDS[name].format, blk,
+                      ("forced" if backend or fmt else "only eligible backend") + skipped, {})
+    if select == "heuristic":
+        ranked = sorted(fits, key=lambda nb: (
+            0 if (BACKENDS[nb[0]].format == "bsr") == (block_density < BSR_DENSITY_RULE) else 1,
+            list(BACKENDS).index(nb[0])))
+        name, blk = ranked[0]
+        prepared = BACKENDS[name].prepare(weight, bias, gelu, blk)
+        return Choice(prepared, name, BACKENDS[name].format, blk,
+                      f"rule: block density {block_density:.2f} "
+                      f"{'<' if block_density < BSR_DENSITY_RULE else '>='} {BSR_DENSITY_RULE}", {})
+    if select != "measure":
+        raise ValueError(f"select must be 'measure' or 'heuristic', got {select!r}")
+    x = torch.randn(tokens, weight.shape[1], device=weight.device).to(weight.dtype)
+    timed = {}
+    for name, blk in fits:
+        prepared = BACKENDS[name].prepare(weight, bias, gelu, blk)
+        label = name if blk is None else f"{name}@{blk}"
+        timed[label] = (_time_ms(prepared, x), prepared, name, blk)
+    order = sorted(timed, key=lambda k: timed[k][0])
+    best = timed[order[0]]
+    reason = "measured at M=%d: %s" % (tokens, " < ".join(f"{k} {timed[k][0]:.2f}ms" for k in order))
+    return Choice(best[1], best[2], BACKENDS[best[2]].format, best[3], reason,
+                  {k: v[0] for k, v in timed.items()})

@@ -1,0 +1,206 @@
+"""Linear backends: each one says what it supports (``not_supported_reasons``) and prepares a callable
+for one weight. The dispatcher (bsbert.ops.dispatch) picks among the ones that fit.
+
+A prepared linear computes ``act(x @ W.T + b)`` for the *packed* weight W (dead heads/neurons already
+removed); ``gelu`` fuses BERT's exact erf GELU where the backend can.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from bsbert import _ext
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    if not _ext.available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"bsbert::{op}", key)
+    except RuntimeError:
+        return False
+
+
+class PreparedLinear:
+    """Holds whatever tensors a backend needs; call it with x."""
+
+    def __init__(self, backend: "LinearBackend", fn, tensors: dict, block: int | None):
+        self.backend, self.fn, self.tensors, self.block = backend, fn, tensors, block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class LinearBackend:
+    name = "?"
+    format = "dense"  # or "bsr"
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, block: int | None) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
+                block: int | None) -> PreparedLinear:
+        raise NotImplementedError
+
+
+class TorchDense(LinearBackend):
+    """torch's own F.linear (MKL/cuBLAS): always available, the reference."""
+    name = "torch-dense"
+
+    def not_supported_reasons(self, device, dtype, block):
+        return []
+
+    def prepare(self, weight, bias, gelu, block):
+        w = weight.contiguous()
+
+        def fn(x):
+            y = F.linear(x, w, bias)
+            return F.gelu(y) if gelu else y
+
+        return PreparedLinear(self, fn, {"weight": w, "bias": bias}, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_probe(dtype: torch.dtype) -> str | None:
+    """oneDNN may lack a primitive for a dtype on this CPU (e.g. bf16 without AVX-512): try once."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    try:
+        x = torch.randn(2, 32).to(dtype)
+        w = torch.randn(32, 32).to(dtype).to_mkldnn()
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except Exception as exc:  # the op raises RuntimeError when no primitive fits
+        return f"oneDNN has no {dtype} inner-product primitive here ({str(exc).splitlines()[0][:80]})"
+    return None
+
+
+class OneDnnDense(LinearBackend):
+    """oneDNN inner product on a pre-reordered weight, GELU fused: the fastest dense CPU path in torch."""
+    name = "onednn-dense"
+
+    def not_supported_reasons(self, device, dtype, block):
+        reasons = []
+        if device.type != "cpu":
+            reasons.append(f"oneDNN linear runs on cpu, tensor is on {device.type}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            reasons.append(f"dtype {dtype} not supported (float32, bfloat16)")
+        if not reasons:
+            probe = _onednn_probe(dtype)
+            if probe:
+                reasons.append(probe)
+        return reasons
+
+    def prepare(self, weight, bias, gelu, block):
+        wm = weight.contiguous().to_mkldnn()
+        attr, alg = ("gelu", "none") if gelu else ("none", "")
+
+        def fn(x):
+            return torch.ops.mkldnn._linear_pointwise(x, wm, bias, attr, [], alg)
+
+        return PreparedLinear(self, fn, {"weight": wm, "bias": bias}, None)
+
+
+class CpuBsr(LinearBackend):
+    """bsbert's SIMD C++ block-sparse kernel (csrc/cpu), also serving dense weights (one block row
+    per 32 outputs) when that beats the library GEMMs."""
+    name = "cpu-bsr"
+    format = "bsr"
+
+    def not_supported_reasons(self, device, dtype, block):
+        reasons = []
+        if not _ext.available():
+            reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
+        elif not _has_kernel("bsr_linear", "CPU"):
+            reasons.append("bsbert::bsr_linear has no CPU kernel in this build")
+        if device.type != "cpu":
+            reasons.append(f"runs on cpu, tensor is on {device.type}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            reasons.append(f"dtype {dtype} not supported (float32, bfloat16)")
+        return reasons
+
+    def prepare(self, weight, bias, gelu, block):
+        from bsbert.formats import BlockSparseMatrix
+        from bsbert.ops.packing import pack_cpu
+
+        bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
+        packed = pack_cpu(bsm, weight.dtype)
+        n, k = bsm.shape
+        crow, col = bsm.crow_indices, bsm.col_indices
+
+        def fn(x):
+            return torch.ops.bsbert.bsr_linear(x, crow, col, packed, bias, n, k, block, gelu)
+
+        return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": packed,
+                                         "bias": bias}, block)
+
+
+class CudaBsr(LinearBackend):
+    """bsbert's CUDA C++ tensor-core block-sparse kernel (csrc/cuda)."""
+    name = "cuda-bsr"
+    format = "bsr"
+
+    def not_supported_reasons(self, device, dtype, block):
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"runs on cuda, tensor is on {device.type}")
+        if not _ext.available():
+            reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
+        elif not _has_kernel("bsr_linear", "CUDA"):
+            reasons.append("extension was built without CUDA kernels")
+        if dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {dtype} not supported (float16, bfloat16)")
+        if block not in (None, 16, 32, 64):
+            reasons.append(f"block {block} not supported (16, 32, 64)")
+        return reasons
+
+    def prepare(self, weight, bias, gelu, block):
+        from bsbert.formats import BlockSparseMatrix
+
+        bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
+        n, k = bsm.shape
+        crow, col, vals = bsm.crow_indices, bsm.col_indices, bsm.values
+
+        def fn(x):
+            return torch.ops.bsbert.bsr_linear(x, crow, col, vals, bias, n, k, block, gelu)
+
+        return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": vals,
+                                         "bias": bias}, block)
+
+
+class TritonBsr(LinearBackend):
+    """bsbert's Triton block-sparse kernel (bsbert/triton)."""
+    name = "triton-bsr"
+    format = "bsr"
+
+    def not_supported_reasons(self, device, dtype, block):
+        try:
+            from bsbert import triton as bt
+        except Exception as exc:  # pragma: no cover - bsbert.triton guards its own imports
+            return [f"bsbert.triton failed to import: {exc}"]
+        if device.type != "cuda":  # the interpreter works on cpu, but only for tests
+            return [f"only used on cuda (tensor is on {device.type})"]
+        check = getattr(bt, "not_supported_reasons", None)
+        if check is None:
+            return ["bsbert.triton has no kernels in this build"]
+        reasons = list(check(device, dtype, block=block))
+        if False:
+            reasons.append(f"only chosen automatically on cuda (tensor is on {device.type})")
+        return reasons
+
+    def prepare(self, weight, bias, gelu, block):
+        from bsbert.formats import BlockSparseMatrix
+        from bsbert.triton.bsr_linear import bsr_linear_triton
+
+        bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
+
+        def fn(x):
+            return bsr_linear_triton(x, bsm, bias, gelu=gelu)
+
+        return PreparedLinear(self, fn, {"crow_indices": bsm.crow_indices, "col_indices": bsm.col_indices,
+                                         "values": bsm.values, "bias": bias}, block)
+
+
+BACKENDS: dict[str, LinearBackend] = {b.name: b for b in (
+    CpuBsr(), CudaBsr(), TritonBsr(), OneDnnDense(), TorchDense())}

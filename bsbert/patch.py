@@ -1,0 +1,151 @@
+"""plan -> swapped modules. ``patch`` is all-or-nothing: every replacement is built first, then the
+swaps (plain attribute assignments, which cannot fail) happen together; ``unpatch`` restores."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bsbert.adapters import check_config, find_encoder, set_submodule
+from bsbert.analyze import analyze, layer_linears
+from bsbert.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from bsbert.nn import FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.ops.dispatch import choose_linear
+from bsbert.plan import LinearPlan, Plan
+
+
+def _is_exact_gelu(act) -> bool:
+    # transformers' GELUActivation() with use_gelu_python=False calls F.gelu (erf form)
+    name = type(act).__name__
+    fn = getattr(act, "act", None)
+    return (act is F.gelu) or (name == "GELUActivation" and fn is F.gelu) or isinstance(act, nn.GELU) and \
+        getattr(act, "approximate", "none") == "none"
+
+
+def _bias(lin: nn.Linear) -> torch.Tensor:
+    if lin.bias is not None:
+        return lin.bias.detach()
+    return torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+
+
+def _make_linear(name, weight, bias, gelu, lp: LinearPlan, opts, layer_index) -> SparseLinear:
+    n, k = weight.shape
+    choice = None
+    if n and k:
+        choice = choose_linear(weight.contiguous(), bias, gelu, select=opts["select"],
+                               backend=opts["backend"], fmt=opts["format"], blocks=opts["blocks"],
+                               tokens=opts["tokens"], block_density=lp.block_density)
+        lp.format, lp.block, lp.backend, lp.reason = choice.format, choice.block, choice.backend, choice.reason
+    else:
+        lp.format, lp.block, lp.backend, lp.reason = "empty", None, "bias-only", "no weights left"
+    return SparseLinear(k, n, bias, choice, gelu, lp.density, name=f"layer{layer_index}.{name}")
+
+
+@torch.no_grad()
+def _build_layer(layer, adapter, lp, opts, prefix):
+    lins = layer_linears(layer, adapter, prefix)
+    attn = layer.get_submodule(adapter.self_attention)
+    inter = layer.get_submodule(adapter.intermediate)
+    d, dev, dt = lp.head_dim, lins["query"].weight.device, lins["query"].weight.dtype
+    rows = torch.tensor([h * d + i for h in lp.kept_heads for i in range(d)], dtype=torch.long, device=dev)
+
+    # fused QKV over the kept heads: [q_heads | k_heads | v_heads], each head-major
+    w_qkv = torch.cat([lins[n].weight.detach()[rows] for n in ("query", "key", "value")])
+    b_qkv = torch.cat([_bias(lins[n])[rows] for n in ("query", "key", "value")])
+
+    # output projection: kept columns; folded heads add W_o[:, h] @ b_v[h] (softmax rows sum to 1)
+    wo = lins["attn_out"].weight.detach()
+    bo = _bias(lins["attn_out"]).double()
+    bv = _bias(lins["value"]).double()
+    for h in lp.folded_heads:
+        bo += wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]
+    w_out = wo[:, rows]
+
+    # FFN: kept neurons; a dead row with a live output column adds act(b1[j]) * W2[:, j]
+    act = inter.intermediate_act_fn
+    w1, b1 = lins["ffn_in"].weight.detach(), _bias(lins["ffn_in"])
+    w2, b2 = lins["ffn_out"].weight.detach(), _bias(lins["ffn_out"]).double()
+    dead_rows = ~w1.ne(0).any(1) & w2.ne(0).any(0)
+    if bool(dead_rows.any()):
+        const = act(b1[dead_rows].double())
+        b2 += w2[:, dead_rows].double() @ const
+    neurons = torch.tensor(lp.kept_neurons, dtype=torch.long, device=dev)
+    fuse_gelu = _is_exact_gelu(act)
+
+    L = lp.linears
+    qkv = _make_linear("qkv", w_qkv, b_qkv, False, L["qkv"], opts, lp.index)
+    attn_out = _make_linear("attn_out", w_out, bo.to(dt), False, L["attn_out"], opts, lp.index)
+    ffn_in = _make_linear("ffn_in", w1[neurons], b1[neurons], fuse_gelu, L["ffn_in"], opts, lp.index)
+    ffn_out = _make_linear("ffn_out", w2[:, neurons], b2.to(dt), False, L["ffn_out"], opts, lp.index)
+    scale = float(getattr(attn, "scaling", d ** -0.5))
+    return {
+        adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index),
+        adapter.attn_out: attn_out,
+        adapter.intermediate: FusedIntermediate(ffn_in, None if fuse_gelu else act),
+        adapter.ffn_out: ffn_out,
+    }
+
+
+def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
+          format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
+          progress: bool = True) -> nn.Module:
+    """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
+
+    Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
+    are fused into one GEMM, and each remaining linear runs on the fastest backend that fits
+    (``select='measure'`` times the candidates on ``tokens`` rows; ``'heuristic'`` uses a block-density
+    rule). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
+    ``format=`` ('dense', 'bsr') force a choice. Returns the model; ``model.bsbert_plan`` holds the
+    plan with every choice and its reason; ``bsbert.unpatch(model)`` restores the original modules.
+    A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
+    """
+    if getattr(model, "_bsbert_patched", False):
+        raise AlreadyPatchedError("model is already patched by bsbert; call bsbert.unpatch(model) first")
+    enc_path, encoder, adapter = find_encoder(model)
+    check_config(model)
+    if plan is None:
+        plan = analyze(model)
+    layers = getattr(encoder, adapter.layers_attr)
+    if len(plan.layers) != len(layers):
+        raise UnsupportedModelError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
+    if model.training:
+        warnings.warn("patching a model in training mode: bsbert modules are inference-only "
+                      "(no dropout, no gradients through custom kernels); call model.eval()",
+                      RuntimeWarning, stacklevel=2)
+    opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens}
+    device = next(model.parameters()).device
+    replacements = []
+    for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not progress,
+                          unit="layer"):
+        prefix = f"{enc_path}.{adapter.layers_attr}.{lp.index}"
+        replacements.append((layer, _build_layer(layer, adapter, lp, opts, prefix)))
+    # all replacements exist: swap them in one go
+    originals = {}
+    for layer, swaps in replacements:
+        for path, new in swaps.items():
+            originals[(id(layer), path)] = (layer, path, layer.get_submodule(path))
+            set_submodule(layer, path, new)
+    plan.device = str(device)
+    model._bsbert_originals = originals
+    model._bsbert_patched = True
+    model.bsbert_plan = plan
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the modules that :func:`patch` replaced."""
+    if not getattr(model, "_bsbert_patched", False):
+        raise NotPatchedError("model was not patched by bsbert")
+    for layer, path, original in model._bsbert_originals.values():
+        set_submodule(layer, path, original)
+    del model._bsbert_originals
+    del model.bsbert_plan
+    model._bsbert_patched = False
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return bool(getattr(model, "_bsbert_patched", False))

@@ -1,0 +1,12 @@
+#pragma once
+// Runtime ISA detection for the CPU kernels: the extension is compiled once (portable baseline) and
+// picks AVX-512 / AVX2+FMA code paths at run time, so one wheel serves every x86-64 machine.
+namespace bsbert {
+namespace cpu {
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+Isa best_isa();
+const char* best_isa_name();
+// BSBERT_CPU_ISA=portable|avx2|avx512 caps the level (for tests and comparisons).
+Isa effective_isa();
+}  // namespace cpu
+}  // namespace bsbert

@@ -1,0 +1,52 @@
+// One place for bsbert's op schemas (TORCH_LIBRARY(bsbert)); kernels register implementations per
+// dispatch key in csrc/cpu and csrc/cuda, fake (meta) kernels live in bsbert/ops/fake.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(bsbert, m) {
+  // y = x @ W^T + bias (optionally followed by BERT's erf GELU), W block-sparse (BSR).
+  //   x: [..., K] (any strides), crow_indices int32 [ceil(N/block)+1], col_indices int32 [nnz_blocks],
+  //   packed_values: blocks in the layout of the backend that owns the dispatch key
+  //   (see bsbert/ops/packing.py), bias: [N] or None. Returns [..., N], contiguous, x's dtype.
+  m.def(
+      "bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor packed_values, "
+      "Tensor? bias, int out_features, int in_features, int block, bool gelu) -> Tensor");
+  // Attention over the kept heads only, fed by the fused QKV projection without a transpose copy:
+  //   qkv: [B, S, 3 * H * D], last dim laid out as (3, H, D) (q | k | v, head-major);
+  //   key_padding_mask: bool [B, S], true = attend (None = no padding). A query whose keys are all
+  //   masked gets zeros. Returns [B, S, H * D] laid out (H, D): ready for the output projection.
+  m.def(
+      "pruned_attention(Tensor qkv, Tensor? key_padding_mask, int num_heads, int head_dim, "
+      "float scale) -> Tensor");
+  // Padding-free form: qkv [T, 3 * H * D] of all sequences concatenated, cu_seqlens int32 [B + 1]
+  // (cu_seqlens[0] = 0, cu_seqlens[B] = T), max_seqlen = max length. Returns [T, H * D].
+  m.def(
+      "pruned_attention_varlen(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, "
+      "int head_dim, float scale) -> Tensor");
+}
+
+namespace {
+const char* torch_version_built() {
+#ifdef BSBERT_TORCH_VERSION
+  return BSBERT_TORCH_VERSION;
+#else
+  return "unknown";
+#endif
+}
+bool with_cuda() {
+#ifdef BSBERT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bsbert C++/CUDA kernels (ops are registered under torch.ops.bsbert)";
+  m.def("torch_version", &torch_version_built, "torch version this extension was compiled against");
+  m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
+}

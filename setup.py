@@ -1,0 +1,73 @@
+"""Build bsbert's C++/CUDA extension (bsbert._C) with torch.utils.cpp_extension + ninja.
+
+Environment switches (all optional):
+  BSBERT_SKIP_CUDA=1         never build the CUDA sources
+  BSBERT_FORCE_CUDA=1        build the CUDA sources even if torch cannot see a GPU (default when a
+                             toolkit is found and torch is a CUDA build: a GPU is not needed to compile)
+  BSBERT_CUDA_ARCH_LIST      e.g. "8.0;9.0" (default "8.0;8.6;9.0"), same syntax as TORCH_CUDA_ARCH_LIST
+  BSBERT_SKIP_EXTENSION=1    pure-Python install (bsbert falls back to its torch paths)
+  MAX_JOBS                   parallel compile jobs (ninja)
+  CUDA_HOME                  toolkit location; default: /usr/local/cuda if it holds bin/nvcc
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    # The nvcc on PATH may be a wrapper script in /usr/local/bin: torch would then guess CUDA_HOME=/usr/local
+    # and fail to link cudart. Prefer an explicit CUDA_HOME, then the conventional toolkit location.
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+cuda_home = _find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
+
+ext_modules, cmdclass = [], {}
+if not _env_flag("BSBERT_SKIP_EXTENSION"):
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    build_cuda = (not _env_flag("BSBERT_SKIP_CUDA")) and cuda_home is not None and torch.version.cuda is not None
+    if _env_flag("BSBERT_FORCE_CUDA"):
+        if cuda_home is None or torch.version.cuda is None:
+            sys.exit("BSBERT_FORCE_CUDA=1 but no CUDA toolkit was found or torch is not a CUDA build")
+        build_cuda = True
+    if build_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("BSBERT_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    extra = {"cxx": cxx_flags}
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("BSBERT_WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
+                         "--expt-relaxed-constexpr"]
+        ext_cls = CUDAExtension
+    else:
+        ext_cls = CppExtension
+    print(f"bsbert: building extension with CUDA={'yes (' + cuda_home + ')' if build_cuda else 'no'}",
+          file=sys.stderr)
+    ext_modules = [ext_cls("bsbert._C", sources, define_macros=define_macros,
+                           extra_compile_args=extra, include_dirs=[os.path.join(ROOT, "csrc")])]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+setup(
+    packages=find_packages(include=["bsbert", "bsbert.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
