@@ -13,7 +13,7 @@ from bsbert.analyze import analyze  # noqa: E402
 from bsbert.errors import (AlreadyPatchedError, BsbertError, NotPatchedError,  # noqa: E402
                            UnsupportedModelError)
 from bsbert.formats import BlockSparseMatrix  # noqa: E402
-from bsbert.patch import is_patched, patch, unpatch  # noqa: E402
+from bsbert.patching import is_patched, patch, unpatch  # noqa: E402
 from bsbert.plan import Plan  # noqa: E402
 
 __version__ = "0.1.0"

@@ -44,6 +44,29 @@ def _make_linear(name, weight, bias, gelu, lp: LinearPlan, opts, layer_index) ->
     return SparseLinear(k, n, bias, choice, gelu, lp.density, name=f"layer{layer_index}.{name}")
 
 
+def fold_dead_heads(lins, lp) -> torch.Tensor:
+    """Output-projection bias (float64) plus what dead heads still add: a head whose V rows are zero
+    outputs the constant b_v[h] (softmax rows sum to one), so it adds W_o[:, h] @ b_v[h]."""
+    wo = lins["attn_out"].weight.detach()
+    bo = _bias(lins["attn_out"]).double()
+    bv = _bias(lins["value"]).double()
+    d = lp.head_dim
+    for h in lp.folded_heads:
+        bo += wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]
+    return bo
+
+
+def fold_dead_neurons(lins, act) -> torch.Tensor:
+    """FFN output bias (float64) plus what dead neurons still add: a neuron whose intermediate row is
+    zero outputs the constant act(b_1[j]), so it adds act(b_1[j]) * W_2[:, j]."""
+    w1, b1 = lins["ffn_in"].weight.detach(), _bias(lins["ffn_in"])
+    w2, b2 = lins["ffn_out"].weight.detach(), _bias(lins["ffn_out"]).double()
+    dead_rows = ~w1.ne(0).any(1) & w2.ne(0).any(0)
+    if bool(dead_rows.any()):
+        b2 = b2 + w2[:, dead_rows].double() @ act(b1[dead_rows].double())
+    return b2
+
+
 @torch.no_grad()
 def _build_layer(layer, adapter, lp, opts, prefix):
     lins = layer_linears(layer, adapter, prefix)
@@ -56,22 +79,15 @@ def _build_layer(layer, adapter, lp, opts, prefix):
     w_qkv = torch.cat([lins[n].weight.detach()[rows] for n in ("query", "key", "value")])
     b_qkv = torch.cat([_bias(lins[n])[rows] for n in ("query", "key", "value")])
 
-    # output projection: kept columns; folded heads add W_o[:, h] @ b_v[h] (softmax rows sum to 1)
     wo = lins["attn_out"].weight.detach()
-    bo = _bias(lins["attn_out"]).double()
-    bv = _bias(lins["value"]).double()
-    for h in lp.folded_heads:
-        bo += wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]
+    bo = fold_dead_heads(lins, lp)
     w_out = wo[:, rows]
 
     # FFN: kept neurons; a dead row with a live output column adds act(b1[j]) * W2[:, j]
     act = inter.intermediate_act_fn
     w1, b1 = lins["ffn_in"].weight.detach(), _bias(lins["ffn_in"])
-    w2, b2 = lins["ffn_out"].weight.detach(), _bias(lins["ffn_out"]).double()
-    dead_rows = ~w1.ne(0).any(1) & w2.ne(0).any(0)
-    if bool(dead_rows.any()):
-        const = act(b1[dead_rows].double())
-        b2 += w2[:, dead_rows].double() @ const
+    w2 = lins["ffn_out"].weight.detach()
+    b2 = fold_dead_neurons(lins, act)
     neurons = torch.tensor(lp.kept_neurons, dtype=torch.long, device=dev)
     fuse_gelu = _is_exact_gelu(act)
 

@@ -1,0 +1,5 @@
+import sys
+
+from bsbert.cli import main
+
+sys.exit(main())

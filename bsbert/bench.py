@@ -1,0 +1,187 @@
+"""`bsbert bench`: dense BERT-large vs the patched seed-like model on this device.
+
+For each sequence length it times (median of --repeats, after a warm-up): dense BERT-large in torch
+eager, the seed-like model patched with packing only (dead heads/neurons removed, dense kernels), and
+the fully patched model (block-sparse kernels where they win); checks the patched outputs against the
+masked dense model; and computes the FLOP bound (remaining FLOPs at the best dense GEMM rate measured
+in the same run). Writes a table, JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import bsbert
+from bsbert import models
+from bsbert.timing import dense_gemm_gflops, time_fn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _inputs(batch, seq, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def _max_rel_diff(ref, out) -> float:
+    diffs = []
+    for k in ("start_logits", "end_logits", "logits", "last_hidden_state"):
+        if k in ref and ref[k] is not None:
+            r, o = ref[k].double(), out[k].double()
+            diffs.append(float((r - o).abs().max() / r.abs().max().clamp_min(1e-30)))
+    return max(diffs)
+
+
+def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
+              repeats=3, out_dir="bench-out", select="measure", small=False, console=None) -> dict:
+    console = console or Console(stderr=True)
+    if threads:
+        torch.set_num_threads(threads)
+    dt = DTYPES[dtype]
+    dev = torch.device(device)
+    overrides = {"num_hidden_layers": 2} if small else {}
+    say = console.log
+    say(f"bsbert bench: seqs={list(seqs)} batch={batch} dtype={dtype} device={device} "
+        f"threads={torch.get_num_threads()} repeats={repeats}{' (small: 2 layers)' if small else ''}")
+    say("measuring the best dense GEMM rate (FLOP-bound denominator) ...")
+    peak = dense_gemm_gflops(dev, dt)
+    say(f"  {peak['backend']}: {peak['gflops']:.1f} GFLOP/s")
+
+    say("building dense BERT-large (random weights) ...")
+    dense = models.dense_bert_large(dtype=dt, **overrides).to(dev)
+    say("building the pruned model ...")
+    pruned = (models.load_local(model_path, dtype=dt) if model_path
+              else models.seed_like_model(dtype=dt, **overrides)).to(dev)
+    plan = bsbert.analyze(pruned)
+    results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "bsbert": bsbert.__version__,
+               "dense_gemm": peak, "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
+               "plan_summary": plan.summary(), "runs": []}
+    for seq in seqs:
+        inp = _inputs(batch, seq, dense.config.vocab_size, dev)
+        say(f"[seq {seq}] dense BERT-large, torch eager ...")
+        t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)
+        with torch.inference_mode():
+            ref = pruned(**inp)
+        say(f"[seq {seq}] packing only (dense kernels) ...")
+        bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, progress=False)
+        t_pack = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
+        with torch.inference_mode():
+            diff_pack = _max_rel_diff(ref, pruned(**inp))
+        pack_backends = _backend_counts(pruned.bsbert_plan)
+        bsbert.unpatch(pruned)
+        say(f"[seq {seq}] full patch (block-sparse where faster) ...")
+        bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
+        t_full = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
+        with torch.inference_mode():
+            diff_full = _max_rel_diff(ref, pruned(**inp))
+        full_plan = pruned.bsbert_plan
+        full_backends = _backend_counts(full_plan)
+        bsbert.unpatch(pruned)
+        remaining = batch * full_plan.flops(seq, "remaining")
+        packed = batch * full_plan.flops(seq, "packed")
+        dense_fl = batch * full_plan.flops(seq, "dense")
+        bound_ms = remaining / (peak["gflops"] * 1e9) * 1e3
+        dense_bound_ms = dense_fl / (peak["gflops"] * 1e9) * 1e3
+        run = {"seq": seq, "dense_ms": t_dense["median_ms"], "packed_ms": t_pack["median_ms"],
+               "patched_ms": t_full["median_ms"], "dense_bound_ms": dense_bound_ms,
+               "remaining_bound_ms": bound_ms,
+               "speedup_vs_dense": t_dense["median_ms"] / t_full["median_ms"],
+               "packing_speedup_vs_dense": t_dense["median_ms"] / t_pack["median_ms"],
+               "speedup_vs_packing": t_pack["median_ms"] / t_full["median_ms"],
+               "flop_bound_speedup": dense_fl / remaining, "packing_flop_bound_speedup": dense_fl / packed,
+               "patched_over_bound": t_full["median_ms"] / bound_ms,
+               "max_rel_diff_packed": diff_pack, "max_rel_diff_patched": diff_full,
+               "backends_packed": pack_backends, "backends_patched": full_backends,
+               "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
+        results["runs"].append(run)
+        say(f"[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
+            f"patched {run['patched_ms']:.1f} ms")
+    results["plan_table"] = full_plan.table(seqs[-1])
+    _write(results, out_dir, console)
+    return results
+
+
+def _backend_counts(plan) -> dict:
+    counts = {}
+    for lp in plan.layers:
+        for lin in lp.linears.values():
+            key = lin.backend + (f"@{lin.block}" if lin.format == "bsr" else "")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _device_name(dev) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name
+
+
+def table(results) -> Table:
+    t = Table(title=f"bsbert bench — {results['model']} on {results['device_name']} "
+                    f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
+                    f"{results['threads']} threads)")
+    for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
+                "FLOP bound", "bound ms", "patched/bound", "max rel diff"):
+        t.add_column(col, justify="right")
+    for r in results["runs"]:
+        t.add_row(str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['packed_ms']:.1f}", f"{r['patched_ms']:.1f}",
+                  f"{r['speedup_vs_dense']:.2f}x", f"{r['packing_speedup_vs_dense']:.2f}x",
+                  f"{r['flop_bound_speedup']:.2f}x", f"{r['remaining_bound_ms']:.1f}",
+                  f"{r['patched_over_bound']:.2f}", f"{r['max_rel_diff_patched']:.1e}")
+    return t
+
+
+def _write(results, out_dir, console):
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(out_dir, f"bench-{results['device']}-{results['dtype']}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    try:
+        _plot(results, base + ".png")
+        results["png"] = base + ".png"
+    except Exception as exc:  # plotting is a convenience; the JSON is the record
+        console.log(f"plot skipped: {exc}")
+    results["json"] = base + ".json"
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    labels = [f"seq {r['seq']}" for r in runs]
+    series = [("dense (torch eager)", "dense_ms"), ("packing only", "packed_ms"),
+              ("bsbert patched", "patched_ms"), ("FLOP bound", "remaining_bound_ms")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (name, key) in enumerate(series):
+        xs = [j + i * width for j in range(len(runs))]
+        ax.bar(xs, [r[key] for r in runs], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], labels)
+    ax.set_ylabel("ms per forward (median)")
+    ax.set_title(f"{results['model']} vs dense BERT-large\n{results['device_name']}, {results['dtype']}, "
+                 f"batch {results['batch']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""The `bsbert` console script: bench (the main job), analyze, info."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args):
+    from rich.console import Console
+
+    from bsbert.bench import run_bench, table
+
+    res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
+                    threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
+                    select=args.select, small=args.small)
+    out = Console()
+    out.print(table(res))
+    out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
+    return 0
+
+
+def _analyze(args):
+    import torch
+
+    import bsbert
+    from bsbert import models
+
+    model = models.load_local(args.model) if args.model else models.seed_like_model(dtype=torch.float32)
+    print(bsbert.analyze(model).table(args.seq))
+    return 0
+
+
+def _info(args):
+    from bsbert.info import main as info_main
+
+    info_main()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bsbert", description="fast kernels for pruned BERT models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="dense BERT-large vs the patched seed-like model on this device")
+    b.add_argument("--seq", type=int, nargs="+", default=[384], help="sequence length(s) (default 384)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--select", choices=["measure", "heuristic"], default="measure",
+                   help="how patch picks each linear's backend")
+    b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    b.add_argument("--small", action="store_true", help="2-layer models (smoke test)")
+    b.set_defaults(fn=_bench)
+    a = sub.add_parser("analyze", help="print the pruning structure and FLOP bound of a model")
+    a.add_argument("--model", default=None)
+    a.add_argument("--seq", type=int, default=384)
+    a.set_defaults(fn=_analyze)
+    i = sub.add_parser("info", help="versions and which backends work here")
+    i.set_defaults(fn=_info)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`python -m bsbert.info`: versions, and which backends are usable here (and why not)."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def collect() -> dict:
+    from bsbert import _ext
+    from bsbert.ops.linear_backends import BACKENDS
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:
+        info["triton"] = f"not available ({type(exc).__name__})"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception:
+        info["transformers"] = "not installed"
+    mod = _ext.load(warn=False)
+    info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s)" % (
+        mod.torch_version(), "yes" if mod.with_cuda() else "no", mod.cpu_isa())) if mod else \
+        f"unavailable: {_ext.reason_unavailable()}"
+    backends = {}
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for name, be in BACKENDS.items():
+                block = 32 if be.format == "bsr" else None
+                reasons = be.not_supported_reasons(torch.device(dev), dtype, block)
+                backends[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = reasons
+    info["backends"] = backends
+    return info
+
+
+def main():
+    info = collect()
+    for k, v in info.items():
+        if k != "backends":
+            print(f"{k:>15}: {v}")
+    print("backends (device/dtype/backend: usable, or why not):")
+    for k, reasons in info["backends"].items():
+        print(f"  {k:<32} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Small pruned BERTs for tests (random weights, deterministic) and the masked-dense comparison."""
+import torch
+
+from bsbert import models
+
+
+def tiny_config(layers=3, hidden=128, heads=4, ffn=512, attn="sdpa", act="gelu"):
+    return models.bert_large_config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    intermediate_size=ffn, attn_implementation=attn, hidden_act=act,
+                                    vocab_size=1000, max_position_embeddings=512)
+
+
+def tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0), task="qa", seed=0, dead_bias_units=True, **cfg):
+    cfg.setdefault("layers", len(heads))
+    model = models.build_model(tiny_config(**cfg), task=task, seed=seed)
+    return models.prune_like_seed(model, heads, ffn, seed=seed, dead_bias_units=dead_bias_units)
+
+
+def inputs(batch=2, seq=37, vocab=1000, pad_from=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    am = torch.ones(batch, seq, dtype=torch.long)
+    if pad_from is not None:
+        am[-1, pad_from:] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def logits(out):
+    for k in ("start_logits", "logits", "last_hidden_state"):
+        if k in out and out[k] is not None:
+            parts = [out[k]] + ([out["end_logits"]] if k == "start_logits" else [])
+            return torch.cat([p.reshape(-1) for p in parts])
+    raise KeyError("no logits in model output")
+
+
+def rel_err(ref, out) -> float:
+    r, o = logits(ref).double(), logits(out).double()
+    return float((r - o).abs().max() / r.abs().max())

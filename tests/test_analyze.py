@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+
+import bsbert
+from bsbert import models
+from bsbert.plan import Plan
+from tests.helpers import tiny_pruned
+
+
+def test_structure_detected():
+    model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0), dead_bias_units=False)
+    plan = bsbert.analyze(model)
+    assert [len(lp.kept_heads) for lp in plan.layers] == [2, 0, 4]
+    assert [len(lp.kept_neurons) for lp in plan.layers] == [100, 37, 0]
+    assert plan.layers[0].linears["qkv"].packed_shape == (3 * 2 * 32, 128)
+    assert plan.layers[0].linears["ffn_out"].packed_shape == (128, 100)
+    s = plan.summary()
+    assert s["kept_heads"] == 6 and s["total_heads"] == 12
+    assert 1.0 < plan.speedup_bound(384, "packed") <= plan.speedup_bound(384)
+
+
+def test_plan_round_trip_and_table():
+    plan = bsbert.analyze(tiny_pruned())
+    d = json.loads(json.dumps(plan.to_dict()))
+    again = Plan.from_dict(d)
+    assert again.to_dict() == plan.to_dict()
+    text = plan.table()
+    assert "speedup bound" in text and "heads 6/12" in text
+
+
+@pytest.mark.slow
+def test_seed_like_statistics():
+    """The seed-like builder follows the reference checkpoint's published statistics."""
+    model = models.seed_like_model(seed=0)
+    s = bsbert.analyze(model).summary()
+    assert s["kept_heads"] == 229 and s["total_heads"] == 384
+    assert abs(s["linear_total"] - 302.0e6) < 0.1e6
+    assert abs(s["linear_nonzero"] - 77.8e6) < 0.3e6
+    plan = bsbert.analyze(model)
+    attn_nz = sum(lp.linears[n].nonzero for lp in plan.layers for n in ("qkv", "attn_out"))
+    attn_tot = sum(lp.linears[n].dense_macs() for lp in plan.layers for n in ("qkv", "attn_out"))
+    assert abs(attn_nz / attn_tot - 0.380) < 0.005
+    ffn = [len(lp.kept_neurons) / lp.ffn_size for lp in plan.layers]
+    assert abs(sum(ffn) / len(ffn) - 0.197) < 0.002 and min(ffn) >= 0.018 - 1e-3 and max(ffn) <= 0.294 + 1e-3
+    assert all(70 <= len(lp.kept_neurons) <= 140 for lp in plan.layers[21:])
+    assert 3.4 < plan.speedup_bound(384) < 3.8
+
+
+def test_seed_like_is_deterministic():
+    a = models.seed_like_model(seed=5, num_hidden_layers=2)
+    b = models.seed_like_model(seed=5, num_hidden_layers=2)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)

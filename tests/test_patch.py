@@ -1,0 +1,208 @@
+"""patch(): patched vs masked dense model, exact within fp32 rounding; structure handling; bad input."""
+import copy
+
+import pytest
+import torch
+
+import bsbert
+from bsbert import models
+from tests.helpers import inputs, rel_err, tiny_pruned
+
+TOL_FP32 = 1e-4
+
+
+def _run(model, inp):
+    with torch.inference_mode():
+        return model(**inp)
+
+
+@pytest.mark.parametrize("select", ["measure", "heuristic"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_patch_matches_masked_dense(select, attn):
+    model = tiny_pruned(attn=attn)
+    inp = inputs(batch=3, seq=41, pad_from=17)
+    ref = _run(model, inp)
+    bsbert.patch(model, select=select, progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+
+
+@pytest.mark.parametrize("seq", [1, 2, 63, 128, 512])
+def test_patch_sequence_lengths(seq):
+    model = tiny_pruned(seed=seq)
+    inps = [inputs(batch=2, seq=seq, seed=seq)]
+    if seq > 2:
+        inps.append(inputs(batch=2, seq=seq, pad_from=seq // 2, seed=seq))
+    refs = [_run(model, i) for i in inps]
+    bsbert.patch(model, select="heuristic", progress=False)
+    for i, r in zip(inps, refs):
+        assert rel_err(r, _run(model, i)) <= TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["torch-dense", "onednn-dense", "cpu-bsr"])
+def test_forced_backends(backend):
+    from bsbert.ops.linear_backends import BACKENDS
+
+    reasons = BACKENDS[backend].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
+    if reasons:
+        pytest.skip(f"{backend}: {reasons}")
+    model = tiny_pruned()
+    inp = inputs(pad_from=20)
+    ref = _run(model, inp)
+    bsbert.patch(model, backend=backend, progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+    for lp in model.bsbert_plan.layers:
+        for lin in lp.linears.values():
+            assert lin.backend in (backend, "bias-only")
+
+
+def test_folding_is_needed_and_done():
+    """Dead heads with live output columns and dead neurons with live output columns add constants
+    that must be folded: dropping them without folding would be visibly wrong."""
+    model = tiny_pruned(dead_bias_units=True)
+    plan = bsbert.analyze(model)
+    assert any(lp.folded_heads for lp in plan.layers)
+    assert any(lp.folded_neurons for lp in plan.layers)
+    inp = inputs()
+    ref = _run(model, inp)
+    bsbert.patch(model, select="heuristic", progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+
+def test_without_folding_result_is_wrong(monkeypatch):
+    """Guards the test above: with folding switched off the same comparison fails."""
+    import bsbert.patching as P
+
+    model = tiny_pruned(dead_bias_units=True)
+    inp = inputs()
+    ref = _run(model, inp)
+    monkeypatch.setattr(P, "fold_dead_heads", lambda lins, lp: P._bias(lins["attn_out"]).double())
+    monkeypatch.setattr(P, "fold_dead_neurons", lambda lins, act: P._bias(lins["ffn_out"]).double())
+    bsbert.patch(model, select="heuristic", progress=False)
+    assert rel_err(ref, _run(model, inp)) > 1e-3
+
+
+def test_every_head_and_every_neuron_removed():
+    model = tiny_pruned(heads=(0, 0), ffn=(0, 0))
+    inp = inputs(pad_from=5)
+    ref = _run(model, inp)
+    bsbert.patch(model, progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+    assert all(lin.backend == "bias-only" for lp in model.bsbert_plan.layers for lin in lp.linears.values())
+
+
+@pytest.mark.parametrize("task", ["cls", "base"])
+def test_other_heads(task):
+    model = tiny_pruned(task=task)
+    inp = inputs(pad_from=9)
+    ref = _run(model, inp)
+    bsbert.patch(model, progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+
+
+def test_unpatch_restores_and_print_shows_swaps():
+    model = tiny_pruned()
+    before = repr(model)
+    inp = inputs()
+    ref = _run(model, inp)
+    bsbert.patch(model, progress=False)
+    text = repr(model)
+    assert "PrunedSelfAttention" in text and "SparseLinear" in text and "backend=" in text
+    bsbert.unpatch(model)
+    assert repr(model) == before
+    assert torch.equal(bsbert_logits := _run(model, inp)["start_logits"], ref["start_logits"])
+    assert bsbert_logits is not None
+
+
+def test_no_pruning_is_patched_and_exact():
+    model = models.build_model(tiny_pruned.__globals__["tiny_config"](layers=2), seed=3)
+    plan = bsbert.analyze(model)
+    assert plan.summary()["linear_density"] > 0.99
+    inp = inputs()
+    ref = _run(model, inp)
+    bsbert.patch(model, progress=False)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_low_precision_within_2x_dense_error(dtype):
+    model = tiny_pruned()
+    inp = inputs(pad_from=20)
+    ref64 = _run(copy.deepcopy(model).double(), inp)
+    low = model.to(dtype)
+    dense_low = _run(low, inp)
+    bsbert.patch(low, progress=False)
+    patched_low = _run(low, inp)
+    err_dense = rel_err(ref64, dense_low)
+    err_patched = rel_err(ref64, patched_low)
+    assert err_patched <= 2 * err_dense + 1e-3, (err_patched, err_dense)
+
+
+# ---- bad input: clear errors, model untouched ------------------------------------------------------
+
+def test_not_bert():
+    with pytest.raises(bsbert.UnsupportedModelError, match="not supported"):
+        bsbert.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(bsbert.UnsupportedModelError, match="torch.nn.Module"):
+        bsbert.analyze("bert")
+
+
+def test_already_patched_and_not_patched():
+    model = tiny_pruned()
+    with pytest.raises(bsbert.NotPatchedError):
+        bsbert.unpatch(model)
+    bsbert.patch(model, progress=False)
+    with pytest.raises(bsbert.AlreadyPatchedError, match="already patched"):
+        bsbert.patch(model)
+
+
+def test_nan_weights_leave_model_untouched():
+    model = tiny_pruned()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[3, 3] = float("nan")
+    before = repr(model)
+    with pytest.raises(bsbert.UnsupportedModelError, match="NaN"):
+        bsbert.patch(model)
+    assert repr(model) == before and not bsbert.is_patched(model)
+
+
+def test_meta_weights():
+    with torch.device("meta"):
+        model = models.build_model(tiny_pruned.__globals__["tiny_config"](layers=1), random_biases=False)
+    with pytest.raises(bsbert.UnsupportedModelError, match="meta"):
+        bsbert.patch(model)
+
+
+def test_failure_midway_leaves_model_unpatched(monkeypatch):
+    """A backend failing on the last layer must not leave earlier layers swapped."""
+    import bsbert.patching as P
+
+    model = tiny_pruned()
+    before = repr(model)
+    real = P._build_layer
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kernel failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "_build_layer", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bsbert.patch(model, progress=False)
+    assert repr(model) == before and not bsbert.is_patched(model)
+
+
+def test_decoder_config_refused():
+    model = models.build_model(tiny_pruned.__globals__["tiny_config"](layers=1), task="base")
+    model.config.is_decoder = True
+    with pytest.raises(bsbert.UnsupportedModelError, match="decoder"):
+        bsbert.patch(model)
+
+
+def test_unknown_backend_and_impossible_backend():
+    model = tiny_pruned()
+    with pytest.raises(ValueError, match="unknown backend"):
+        bsbert.patch(model, backend="nope", progress=False)
+    with pytest.raises(ValueError, match="no linear backend fits"):
+        bsbert.patch(model, backend="cuda-bsr", progress=False)
+    assert not bsbert.is_patched(model)
