@@ -66,18 +66,18 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "plan_summary": plan.summary(), "runs": []}
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
-        say(f"[seq {seq}] dense BERT-large, torch eager ...")
+        say(f"\\[seq {seq}] dense BERT-large, torch eager ...")
         t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)
         with torch.inference_mode():
             ref = pruned(**inp)
-        say(f"[seq {seq}] packing only (dense kernels) ...")
+        say(f"\\[seq {seq}] packing only (dense kernels) ...")
         bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, progress=False)
         t_pack = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
         with torch.inference_mode():
             diff_pack = _max_rel_diff(ref, pruned(**inp))
         pack_backends = _backend_counts(pruned.bsbert_plan)
         bsbert.unpatch(pruned)
-        say(f"[seq {seq}] full patch (block-sparse where faster) ...")
+        say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
         t_full = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
         with torch.inference_mode():
@@ -102,7 +102,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "backends_packed": pack_backends, "backends_patched": full_backends,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
         results["runs"].append(run)
-        say(f"[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
+        say(f"\\[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
             f"patched {run['patched_ms']:.1f} ms")
     results["plan_table"] = full_plan.table(seqs[-1])
     _write(results, out_dir, console)

@@ -13,7 +13,7 @@ def _bench(args):
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
                     select=args.select, small=args.small)
-    out = Console()
+    out = Console(width=max(140, Console().width))
     out.print(table(res))
     out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
     return 0
@@ -57,8 +57,16 @@ def main(argv=None) -> int:
     a.add_argument("--model", default=None)
     a.add_argument("--seq", type=int, default=384)
     a.set_defaults(fn=_analyze)
+    pr = sub.add_parser("profile", help="steady-state steps for Nsight (CUDA) or a torch.profiler trace (CPU)",
+                        add_help=False)
+    pr.set_defaults(fn=None)
     i = sub.add_parser("info", help="versions and which backends work here")
     i.set_defaults(fn=_info)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["profile"]:  # its own parser: flags pass straight through
+        from bsbert.profile import main as profile_main
+
+        return profile_main(argv[1:])
     args = p.parse_args(argv)
     return args.fn(args)
 
