@@ -93,13 +93,17 @@ class OneDnnDense(LinearBackend):
         return reasons
 
     def prepare(self, weight, bias, gelu, block):
-        wm = weight.contiguous().to_mkldnn()
+        w = weight.contiguous()
         attr, alg = ("gelu", "none") if gelu else ("none", "")
 
         def fn(x):
-            return torch.ops.mkldnn._linear_pointwise(x, wm, bias, attr, [], alg)
+            if torch.compiler.is_compiling():
+                # inductor lowers mkldnn linears only for frozen weights; it picks its own GEMM here
+                y = F.linear(x, w, bias)
+                return F.gelu(y) if gelu else y
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], alg)
 
-        return PreparedLinear(self, fn, {"weight": wm, "bias": bias}, None)
+        return PreparedLinear(self, fn, {"weight": w, "bias": bias}, None)
 
 
 class CpuBsr(LinearBackend):
