@@ -15,22 +15,44 @@ from bsbert.errors import UnsupportedModelError
 @dataclass(frozen=True)
 class EncoderAdapter:
     family: str
-    encoder_class_names: tuple[str, ...]  # class names of the module that holds .layer
+    encoder_class_names: tuple[str, ...]  # class names of the module that holds the layer list
     # attribute paths inside one encoder layer
     self_attention: str = "attention.self"
     query: str = "attention.self.query"
     key: str = "attention.self.key"
     value: str = "attention.self.value"
     attn_out: str = "attention.output.dense"
-    intermediate: str = "intermediate"
+    intermediate: str | None = "intermediate"   # module computing act(ffn_in(x)); None: see ffn_block
+    ffn_block: str | None = None                # module computing ffn_out(act(ffn_in(x))) (DistilBERT)
+    act: str = "intermediate.intermediate_act_fn"
     ffn_in: str = "intermediate.dense"
     ffn_out: str = "output.dense"
     layers_attr: str = "layer"
+    # True when the self-attention module also applies the output projection (DistilBERT)
+    attention_includes_output: bool = False
 
+
+_BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "Ernie")
 
 ADAPTERS = (
-    EncoderAdapter("bert", ("BertEncoder",)),
+    EncoderAdapter("bert", tuple(f"{p}Encoder" for p in _BERT_LIKE)),
+    EncoderAdapter("distilbert", ("Transformer",), self_attention="attention", query="attention.q_lin",
+                   key="attention.k_lin", value="attention.v_lin", attn_out="attention.out_lin",
+                   intermediate=None, ffn_block="ffn", act="ffn.activation", ffn_in="ffn.lin1",
+                   ffn_out="ffn.lin2", attention_includes_output=True),
 )
+
+
+def num_heads(attn: nn.Module, config=None) -> int | None:
+    for name in ("num_attention_heads", "n_heads", "num_heads"):
+        v = getattr(attn, name, None)
+        if isinstance(v, int):
+            return v
+    for name in ("num_attention_heads", "n_heads"):
+        v = getattr(config, name, None)
+        if isinstance(v, int):
+            return v
+    return None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -49,12 +71,14 @@ def find_encoder(model: nn.Module) -> tuple[str, nn.Module, EncoderAdapter]:
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         for adapter in ADAPTERS:
-            if type(module).__name__ in adapter.encoder_class_names:
+            if type(module).__name__ in adapter.encoder_class_names and hasattr(module, adapter.layers_attr):
                 return name, module, adapter
     known = ", ".join(n for a in ADAPTERS for n in a.encoder_class_names)
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported: bsbert patches models holding one of [{known}] "
-        f"(BertModel, BertForQuestionAnswering, BertForSequenceClassification, ...), found none")
+        f"(BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, Data2VecText, ERNIE, DistilBERT encoders and "
+        f"their task heads), found none; other architectures (e.g. relative-position or decoder "
+        f"models) have a different attention and are not supported")
 
 
 def check_config(model: nn.Module) -> None:

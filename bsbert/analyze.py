@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bsbert.adapters import EncoderAdapter, check_config, find_encoder
+from bsbert.adapters import EncoderAdapter, check_config, find_encoder, num_heads as _num_heads
 from bsbert.errors import UnsupportedModelError
 from bsbert.plan import LayerPlan, LinearPlan, Plan
 
@@ -117,7 +117,7 @@ def analyze(model: nn.Module) -> Plan:
     plans = []
     for i, layer in enumerate(layers):
         attn = layer.get_submodule(adapter.self_attention)
-        num_heads = getattr(attn, "num_attention_heads", None) or getattr(cfg, "num_attention_heads", None)
+        num_heads = _num_heads(attn, cfg)
         if num_heads is None:
             raise UnsupportedModelError(f"layer {i}: cannot tell the number of attention heads")
         prefix = f"{enc_path}.{adapter.layers_attr}.{i}"

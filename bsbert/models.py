@@ -63,7 +63,7 @@ def prune_like_seed(model: nn.Module, heads_per_layer, ffn_per_layer, *, attn_bl
     output column. ``dead_bias_units=True`` instead leaves the output columns of half the dropped
     heads/neurons in place, so their constant bias contribution must be folded (tests use it).
     """
-    from bsbert.adapters import find_encoder
+    from bsbert.adapters import find_encoder, num_heads
 
     _, encoder, adapter = find_encoder(model)
     layers = getattr(encoder, adapter.layers_attr)
@@ -76,7 +76,7 @@ def prune_like_seed(model: nn.Module, heads_per_layer, ffn_per_layer, *, attn_bl
         q, k, v = (layer.get_submodule(p) for p in (adapter.query, adapter.key, adapter.value))
         o = layer.get_submodule(adapter.attn_out)
         w1, w2 = layer.get_submodule(adapter.ffn_in), layer.get_submodule(adapter.ffn_out)
-        nh = attn.num_attention_heads
+        nh = num_heads(attn, getattr(model, 'config', None))
         d = q.out_features // nh
         hidden = q.in_features
         perm = torch.randperm(nh, generator=g)

@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from bsbert.nn import FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 
-_OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate)
+_OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate, FusedFFN)
 
 
 def env_enabled() -> bool:
@@ -27,6 +27,8 @@ def _label(name: str, module) -> str:
         return f"bsbert/{layer}/{op}"
     if isinstance(module, FusedIntermediate):
         return f"bsbert/{module.dense.name.partition('.')[0]}/intermediate"
+    if isinstance(module, FusedFFN):
+        return f"bsbert/{module.ffn_in.name.partition('.')[0]}/ffn"
     short = name.rsplit(".", 1)[-1]
     return f"bsbert/layer{layer}/{type(module).__name__}" if layer is not None else f"bsbert/{short}"
 

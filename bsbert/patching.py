@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from bsbert.adapters import check_config, find_encoder, set_submodule
 from bsbert.analyze import analyze, layer_linears
 from bsbert.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
-from bsbert.nn import FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 from bsbert.ops.dispatch import choose_linear
 from bsbert.plan import LinearPlan, Plan
 
@@ -71,7 +71,6 @@ def fold_dead_neurons(lins, act) -> torch.Tensor:
 def _build_layer(layer, adapter, lp, opts, prefix):
     lins = layer_linears(layer, adapter, prefix)
     attn = layer.get_submodule(adapter.self_attention)
-    inter = layer.get_submodule(adapter.intermediate)
     d, dev, dt = lp.head_dim, lins["query"].weight.device, lins["query"].weight.dtype
     rows = torch.tensor([h * d + i for h in lp.kept_heads for i in range(d)], dtype=torch.long, device=dev)
 
@@ -84,7 +83,8 @@ def _build_layer(layer, adapter, lp, opts, prefix):
     w_out = wo[:, rows]
 
     # FFN: kept neurons; a dead row with a live output column adds act(b1[j]) * W2[:, j]
-    act = inter.intermediate_act_fn
+    act = layer.get_submodule(adapter.act) if "." not in adapter.act else \
+        getattr(layer.get_submodule(adapter.act.rpartition(".")[0]), adapter.act.rpartition(".")[2])
     w1, b1 = lins["ffn_in"].weight.detach(), _bias(lins["ffn_in"])
     w2 = lins["ffn_out"].weight.detach()
     b2 = fold_dead_neurons(lins, act)
@@ -97,13 +97,18 @@ def _build_layer(layer, adapter, lp, opts, prefix):
     ffn_in = _make_linear("ffn_in", w1[neurons], b1[neurons], fuse_gelu, L["ffn_in"], opts, lp.index)
     ffn_out = _make_linear("ffn_out", w2[:, neurons], b2.to(dt), False, L["ffn_out"], opts, lp.index)
     scale = float(getattr(attn, "scaling", d ** -0.5))
-    return {
-        adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index),
-        adapter.attn_out: attn_out,
-        adapter.intermediate: FusedIntermediate(ffn_in, None if fuse_gelu else act),
-        adapter.ffn_out: ffn_out,
-    }
-
+    if adapter.attention_includes_output:
+        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index,
+                                                             out_proj=attn_out)}
+    else:
+        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index),
+                 adapter.attn_out: attn_out}
+    if adapter.ffn_block:
+        swaps[adapter.ffn_block] = FusedFFN(ffn_in, None if fuse_gelu else act, ffn_out)
+    else:
+        swaps[adapter.intermediate] = FusedIntermediate(ffn_in, None if fuse_gelu else act)
+        swaps[adapter.ffn_out] = ffn_out
+    return swaps
 
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,

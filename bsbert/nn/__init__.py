@@ -1,4 +1,4 @@
 from bsbert.nn.attention import PrunedSelfAttention
-from bsbert.nn.linear import FusedIntermediate, SparseLinear
+from bsbert.nn.linear import FusedFFN, FusedIntermediate, SparseLinear
 
-__all__ = ["SparseLinear", "FusedIntermediate", "PrunedSelfAttention"]
+__all__ = ["SparseLinear", "FusedIntermediate", "FusedFFN", "PrunedSelfAttention"]

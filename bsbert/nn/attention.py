@@ -18,9 +18,10 @@ class PrunedSelfAttention(nn.Module):
     """
 
     def __init__(self, qkv: SparseLinear, kept_heads: list[int], head_dim: int, scale: float,
-                 layer_index: int):
+                 layer_index: int, out_proj: SparseLinear | None = None):
         super().__init__()
         self.qkv = qkv
+        self.out_proj = out_proj  # set when the replaced module also applied the output projection
         self.kept_heads = list(kept_heads)
         self.num_heads = len(kept_heads)
         self.head_dim = head_dim
@@ -33,14 +34,16 @@ class PrunedSelfAttention(nn.Module):
             raise ValueError("PrunedSelfAttention is for bidirectional encoders: a KV cache is not supported")
         b, s, _ = hidden_states.shape
         if self.num_heads == 0:  # every head removed: nothing reaches the output projection
-            return hidden_states.new_zeros(b, s, 0), None
+            ctx = hidden_states.new_zeros(b, s, 0)
+            return (ctx if self.out_proj is None else self.out_proj(ctx)), None
         qkv = self.qkv(hidden_states).view(b, s, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, S, D] strided views
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim), None
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return (ctx if self.out_proj is None else self.out_proj(ctx)), None
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, kept_heads={self.num_heads} {self.kept_heads}, "

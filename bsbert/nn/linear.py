@@ -50,3 +50,15 @@ class FusedIntermediate(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         h = self.dense(hidden_states)
         return h if self.act is None else self.act(h)
+
+
+class FusedFFN(nn.Module):
+    """Replaces a whole FFN block ``ffn_out(act(ffn_in(x)))`` (DistilBERT's ``FFN``)."""
+
+    def __init__(self, ffn_in: SparseLinear, act, ffn_out: SparseLinear):
+        super().__init__()
+        self.ffn_in, self.act, self.ffn_out = ffn_in, act, ffn_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ffn_in(x)
+        return self.ffn_out(h if self.act is None else self.act(h))
