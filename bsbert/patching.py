@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from bsbert.adapters import check_config, find_encoder, set_submodule
 from bsbert.analyze import analyze, layer_linears
-from bsbert.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
 from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 from bsbert.ops.dispatch import choose_linear
 from bsbert.plan import LinearPlan, Plan
@@ -112,7 +112,7 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
-          progress: bool = True) -> nn.Module:
+          progress: bool = True, keep_original: bool = True, verify: bool = False) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
@@ -122,7 +122,12 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     ``format=`` ('dense', 'bsr') force a choice. Returns the model; ``model.bsbert_plan`` holds the
     plan with every choice and its reason; ``bsbert.unpatch(model)`` restores the original modules.
     A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
+    ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
+    impossible). ``verify=True`` compares the patched model with its masked dense original once on
+    generated inputs and, if it fails, restores the original modules and raises.
     """
+    if verify and not keep_original:
+        raise ValueError("verify=True needs keep_original=True (the original is the reference)")
     if getattr(model, "_bsbert_patched", False):
         raise AlreadyPatchedError("model is already patched by bsbert; call bsbert.unpatch(model) first")
     enc_path, encoder, adapter = find_encoder(model)
@@ -144,29 +149,49 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         prefix = f"{enc_path}.{adapter.layers_attr}.{lp.index}"
         replacements.append((layer, _build_layer(layer, adapter, lp, opts, prefix)))
     # all replacements exist: swap them in one go
-    originals = {}
-    for layer, swaps in replacements:
-        for path, new in swaps.items():
-            originals[(id(layer), path)] = (layer, path, layer.get_submodule(path))
+    swaps = []
+    for layer, new_modules in replacements:
+        for path, new in new_modules.items():
+            swaps.append([layer, path, layer.get_submodule(path), new])
             set_submodule(layer, path, new)
     plan.device = str(device)
-    model._bsbert_originals = originals
+    model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan
+    if verify:
+        from bsbert.verify import verify as run_verify
+
+        report = run_verify(model)
+        if not report.passed:
+            unpatch(model)
+            raise BsbertError(f"patch refused: the patched model does not match its original\n{report}")
+        model.bsbert_verify_report = report
+    if not keep_original:
+        for s in swaps:
+            s[2] = None
     return model
+
+
+def swap_modules(model: nn.Module, which: str) -> None:
+    """Put the 'original' or the 'patched' modules in place (verify uses this to compare)."""
+    for layer, path, original, new in model._bsbert_swaps:
+        if original is None:
+            raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
+        set_submodule(layer, path, original if which == "original" else new)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the modules that :func:`patch` replaced."""
     if not getattr(model, "_bsbert_patched", False):
         raise NotPatchedError("model was not patched by bsbert")
-    for layer, path, original in model._bsbert_originals.values():
-        set_submodule(layer, path, original)
-    del model._bsbert_originals
+    if any(s[2] is None for s in model._bsbert_swaps):
+        raise NotPatchedError("cannot unpatch: the original modules were dropped "
+                              "(patch(..., keep_original=False) or a model loaded with bsbert.load)")
+    swap_modules(model, "original")
+    del model._bsbert_swaps
     del model.bsbert_plan
     model._bsbert_patched = False
     return model
-
 
 def is_patched(model: nn.Module) -> bool:
     return bool(getattr(model, "_bsbert_patched", False))
