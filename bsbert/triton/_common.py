@@ -1,0 +1,81 @@
+"""Shared helpers of the Triton backend (imported only once triton is known to be importable)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpret_env() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` (``triton.jit`` output) runs in the interpreter.
+
+    Triton decides this when the kernel is decorated (i.e. when the bsbert.triton module is first
+    imported), so this, not the current environment, is what counts.
+    """
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launcher(kernel):
+    """``torch.library.wrap_triton(kernel)`` where that works, else the kernel itself.
+
+    Under ``TRITON_INTERPRET=1`` ``triton.jit`` returns an ``InterpretedFunction``; newer torch hands it
+    back unchanged, older torch (e.g. 2.11) raises. Either way the interpreted kernel launches eagerly.
+    """
+    try:
+        from torch.library import wrap_triton
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return kernel
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def check_device(t: torch.Tensor, interpreted: bool) -> None:
+    """Raise a clear error instead of a Triton crash for tensors the kernels cannot run on."""
+    if is_fake(t):
+        return
+    if t.device.type == "cpu" and not interpreted:
+        raise ValueError("tensor is on cpu and TRITON_INTERPRET is not set (it must be set before "
+                         "triton is first imported)")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device type {t.device.type!r} is not supported by bsbert's triton kernels")
+
+
+def make_op(name: str, fn, interpreted: bool):
+    """Register ``fn`` as the op ``name``.
+
+    On GPUs: ``torch.library.triton_op`` (torch.compile sees and can optimise the triton kernels).
+    Under the interpreter, or on a torch without ``triton_op``: ``torch.library.custom_op`` -- an
+    opaque op; ``triton_op`` would make AOT tracing run the interpreted kernel on functional/fake
+    tensors, which the interpreter cannot do. Callers register the fake kernel on the result.
+    """
+    from torch.library import custom_op
+
+    if not interpreted:
+        try:
+            from torch.library import triton_op
+        except ImportError:  # pragma: no cover - torch < 2.6
+            triton_op = None
+        if triton_op is not None:
+            return triton_op(name, fn, mutates_args=())
+    return custom_op(name, fn, mutates_args=())

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+r"""Benchmark bsbert's Triton kernels on the GPU and print markdown tables (for benchmarks/results/).
+
+    python scripts/bench_triton.py [--blocks 32] [--quick] [--no-attention] \
+        > benchmarks/results/triton_<gpu>.md
+
+Linear: bsbert BSR GEMM vs cuBLAS dense (F.linear) vs torch.sparse._triton_ops.bsr_dense_mm, fp16,
+densities 1.0/0.64/0.5/0.25/0.1, M = 384, 3072, 12288, (N, K) = 1024x1024, 4096x1024, 1024x4096.
+``target = cuBLAS x density``; ``ratio`` = bsbert / target (< 1: better than proportional scaling).
+Attention: bsbert pruned-head attention vs F.scaled_dot_product_attention (plus the relayout it
+needs), fp16, batch 8, D = 64, seq 128/384/512, heads 1..16. Times: do_bench medians in ms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--blocks", default="32", help="comma-separated block sizes (16,32,64)")
+    ap.add_argument("--quick", action="store_true", help="M=384*8 only, fewer heads")
+    ap.add_argument("--no-linear", action="store_true")
+    ap.add_argument("--no-attention", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from bsbert.triton import _bench
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"# bsbert Triton kernels on {props.name}\n")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
+          f"times are triton.testing.do_bench medians (ms), fp16.\n")
+
+    if not args.no_linear:
+        ms = (384 * 8,) if args.quick else _bench.MS
+        print("## Block-sparse linear y = x @ W.T\n")
+        print("target = cuBLAS dense x block density; ratio = bsbert / target (< 1 beats it)\n")
+        print("| block | N | K | M | density | bsbert ms | cuBLAS ms | torch bsr_dense_mm ms | "
+              "target ms | ratio | TFLOP/s (useful) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for block in (int(b) for b in args.blocks.split(",")):
+            for n, k in _bench.NK:
+                for m in ms:
+                    for d in _bench.DENSITIES:
+                        r = _bench.bench_linear(m, n, k, d, block=block)
+                        print(f"| {block} | {n} | {k} | {m} | {r['real_density']:.2f} | "
+                              f"{_fmt(r['bsbert_ms'])} | {_fmt(r['cublas_ms'])} | "
+                              f"{_fmt(r['torch_bsr_ms'])} | {_fmt(r['target_ms'])} | "
+                              f"{_fmt(r['ratio_vs_target'], 2)} | {_fmt(r['tflops'], 1)} |",
+                              flush=True)
+        print()
+
+    if not args.no_attention:
+        heads = (1, 4, 12) if args.quick else _bench.HEADS
+        print(f"## Pruned-head attention (B={_bench.ATTN_BATCH}, D=64)\n")
+        print("| S | H | padding mask | bsbert ms | SDPA (+relayout) ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        for s in _bench.SEQS:
+            for h in heads:
+                for padded in (False, True):
+                    r = _bench.bench_attention(s, h, padded=padded)
+                    print(f"| {s} | {h} | {'yes' if padded else 'no'} | {_fmt(r['bsbert_ms'])} | "
+                          f"{_fmt(r['sdpa_ms'])} | {_fmt(r['speedup_vs_sdpa'], 2)} |", flush=True)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

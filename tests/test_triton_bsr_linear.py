@@ -1,0 +1,232 @@
+"""bsbert.triton.bsr_linear against float64 references.
+
+Runs on the GPU when there is one, else on CPU tensors through the Triton interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is imported). Shapes are small: the interpreter is slow.
+
+Error criterion (see ``_assert_close``): measured against a float64 reference computed from the same
+(rounded) inputs, the kernel's error may be at most twice the error of the same computation done by
+PyTorch in the same dtype, plus a tiny floor: normwise (stable) and elementwise max (the max floor is
+half an ulp of the largest output, i.e. one correct final rounding).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import bsbert.triton as bt  # noqa: E402
+from bsbert.formats import BlockSparseMatrix  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if bt.not_supported_reasons(DEVICE, torch.float32):
+    pytest.skip(f"triton kernels unusable here: {bt.not_supported_reasons(DEVICE, torch.float32)}",
+                allow_module_level=True)
+
+from bsbert.triton.bsr_linear import bsr_linear_triton  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _assert_close(out, ref64, torch_out, factor=2.0):
+    assert out.shape == ref64.shape and out.dtype == torch_out.dtype
+    assert torch.isfinite(out).all()
+    out64, t64 = out.double(), torch_out.double()
+    eps = torch.finfo(out.dtype).eps
+    ref_norm = ref64.norm().item()
+    err, terr = (out64 - ref64).norm().item(), (t64 - ref64).norm().item()
+    assert err <= factor * terr + 1e-6 * eps * ref_norm + 1e-30, (
+        f"normwise error {err:.3e} > {factor} x torch's {terr:.3e}")
+    emax = (out64 - ref64).abs().max().item() if out.numel() else 0.0
+    tmax = (t64 - ref64).abs().max().item() if out.numel() else 0.0
+    amax = ref64.abs().max().item() if out.numel() else 0.0
+    assert emax <= factor * tmax + 0.5 * eps * amax + 1e-30, (
+        f"max error {emax:.3e} > {factor} x torch's {tmax:.3e} + half ulp of max |y| {amax:.3e}")
+
+
+def _block_mask(n, k, b, density, gen, empty_rows=(), dense_rows=()):
+    nb, kb = math.ceil(n / b), math.ceil(k / b)
+    keep = torch.rand(nb, kb, generator=gen) < density
+    for r in empty_rows:
+        keep[r] = False
+    for r in dense_rows:
+        keep[r] = True
+    return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+
+
+def _make(n, k, b, dtype, density=0.5, seed=0, empty_rows=(), dense_rows=(), wdtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
+    w = w * _block_mask(n, k, b, density, gen, empty_rows, dense_rows)
+    bsm = BlockSparseMatrix.from_dense(w, b, pad=True, dtype=wdtype or dtype).to(DEVICE)
+    return bsm, gen
+
+
+def _check(x, bsm, bias, gelu, **kw):
+    """Run the kernel; compare with fp64 and with PyTorch in x.dtype on the same rounded inputs."""
+    y = bsr_linear_triton(x, bsm, bias, gelu=gelu, **kw)
+    w = bsm.to_dense().to(x.dtype)
+    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    tor = F.linear(x, w, bias)
+    if gelu:
+        ref, tor = F.gelu(ref), F.gelu(tor)
+    _assert_close(y, ref, tor)
+    return y
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, block, has_bias, gelu):
+    n, k, m = 2 * block + 5, 3 * block - 7, 37  # N, K not multiples of the block; odd M
+    bsm, gen = _make(n, k, block, dtype, density=0.6, seed=block + 7 * has_bias + 3 * gelu,
+                     empty_rows=(1,), dense_rows=(0,))
+    assert bsm.stats.empty_block_rows >= 1
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if has_bias else None
+    y = _check(x, bsm, bias, gelu)
+    # the empty block row writes exactly bias (+GELU), or zeros
+    rows = slice(block, 2 * block)
+    expect = torch.zeros_like(y[:, rows]) if bias is None else bias[rows].expand(m, -1)
+    if gelu:
+        expect = F.gelu(expect.double()).to(dtype)
+    torch.testing.assert_close(y[:, rows].double(), expect.double(), atol=0, rtol=0.02)
+
+
+@pytest.mark.parametrize("m", [1, 2, 33, 70])
+def test_any_m(m):
+    bsm, gen = _make(48, 80, 16, torch.float32, density=0.5, seed=m)
+    x = torch.randn(m, 80, generator=gen).to(DEVICE)
+    _check(x, bsm, torch.randn(48, generator=gen).to(DEVICE), gelu=False)
+
+
+def test_m_zero():
+    bsm, _ = _make(32, 32, 16, torch.float32)
+    y = bsr_linear_triton(torch.empty(0, 32, device=DEVICE), bsm)
+    assert y.shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_zero_matrix(dtype):
+    w = torch.zeros(40, 24)
+    bsm = BlockSparseMatrix.from_dense(w, 16, pad=True, dtype=dtype).to(DEVICE)
+    assert bsm.nnz_blocks == 0
+    x = torch.randn(5, 24).to(DEVICE, dtype)
+    assert bsr_linear_triton(x, bsm).abs().max().item() == 0
+    bias = torch.randn(40).to(DEVICE, dtype)
+    torch.testing.assert_close(bsr_linear_triton(x, bsm, bias), bias.expand(5, -1), atol=0, rtol=0)
+    y = bsr_linear_triton(x, bsm, bias, gelu=True)
+    torch.testing.assert_close(y.double(), F.gelu(bias.double()).expand(5, -1), atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fully_dense(dtype):
+    bsm, gen = _make(64, 96, 32, dtype, density=1.0, seed=3)
+    assert bsm.stats.block_density == 1.0
+    x = torch.randn(19, 96, generator=gen).to(DEVICE, dtype)
+    _check(x, bsm, torch.randn(64, generator=gen).to(DEVICE, dtype), gelu=True)
+
+
+def test_leading_dims_and_strided_x():
+    bsm, gen = _make(32, 48, 16, torch.float32, density=0.7, seed=5)
+    big = torch.randn(2, 3, 96, generator=gen).to(DEVICE)
+    x = big[..., ::2]  # non-contiguous last dim, 3-D
+    y = _check(x, bsm, None, gelu=False)
+    assert y.shape == (2, 3, 32)
+
+
+def test_weight_in_other_dtype():
+    """fp32-stored weight blocks are converted on load to the activation dtype."""
+    bsm, gen = _make(40, 40, 16, torch.bfloat16, density=0.6, seed=9, wdtype=torch.float32)
+    x = torch.randn(9, 40, generator=gen).to(DEVICE, torch.bfloat16)
+    y = bsr_linear_triton(x, bsm)
+    w = bsm.to_dense().to(torch.bfloat16)
+    _assert_close(y, F.linear(x.double(), w.double()), F.linear(x, w))
+
+
+def test_allow_tf32_flag_runs():
+    bsm, gen = _make(32, 32, 32, torch.float32, density=1.0, seed=2)
+    x = torch.randn(4, 32, generator=gen).to(DEVICE)
+    y = bsr_linear_triton(x, bsm, allow_tf32=True)
+    ref = F.linear(x.double(), bsm.to_dense().double())
+    # tf32 keeps 10 mantissa bits: allow its error (exact under the interpreter)
+    torch.testing.assert_close(y.double(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_registered_op_and_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bsm, gen = _make(48, 40, 16, torch.float32, density=0.5, seed=11)
+    x = torch.randn(6, 40, generator=gen).to(DEVICE)
+    bias = torch.randn(48, generator=gen).to(DEVICE)
+    op = torch.ops.bsbert.triton_bsr_linear
+    y = op(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, 48, 40, True, False)
+    torch.testing.assert_close(y, bsr_linear_triton(x, bsm, bias, gelu=True))
+    x3 = x.reshape(2, 3, 40)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fx = mode.from_tensor(x3)
+        args = [mode.from_tensor(t) for t in (bsm.crow_indices, bsm.col_indices, bsm.values, bias)]
+        fy = op(fx, *args, 48, 40, False, False)
+        assert fy.shape == (2, 3, 48) and fy.dtype == x.dtype
+
+
+def test_opcheck():
+    bsm, gen = _make(32, 32, 16, torch.float32, density=0.5, seed=12)
+    x = torch.randn(3, 32, generator=gen).to(DEVICE)
+    torch.library.opcheck(
+        torch.ops.bsbert.triton_bsr_linear.default,
+        (x, bsm.crow_indices, bsm.col_indices, bsm.values, None, 32, 32, False, False),
+        test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs():
+    bsm, _ = _make(32, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="input features"):
+        bsr_linear_triton(torch.randn(2, 31, device=DEVICE), bsm)
+    with pytest.raises(ValueError, match="bias"):
+        bsr_linear_triton(torch.randn(2, 32, device=DEVICE), bsm, torch.zeros(31, device=DEVICE))
+
+
+def test_not_supported_reasons():
+    assert bt.available()
+    assert bt.not_supported_reasons(DEVICE, torch.float16, block=32, head_dim=64) == []
+    r = bt.not_supported_reasons(DEVICE, torch.float32, block=48, head_dim=80)
+    assert "block 48 not in (16, 32, 64)" in r
+    assert "head_dim 80 not in (32, 64)" in r
+    assert any("int64" in s for s in bt.not_supported_reasons(DEVICE, torch.int64))
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_random_shapes(block):
+    """A few random shapes / densities per block size (fixed seeds; hypothesis is too slow here)."""
+    gen = torch.Generator().manual_seed(100 + block)
+    for trial in range(3):
+        n = int(torch.randint(1, 3 * block, (1,), generator=gen))
+        k = int(torch.randint(1, 3 * block, (1,), generator=gen))
+        m = int(torch.randint(1, 50, (1,), generator=gen))
+        density = float(torch.rand(1, generator=gen))
+        bsm, g2 = _make(n, k, block, torch.float32, density=density, seed=1000 * block + trial)
+        x = torch.randn(m, k, generator=g2).to(DEVICE)
+        _check(x, bsm, torch.randn(n, generator=g2).to(DEVICE), gelu=bool(trial % 2))
+
+
+def test_torch_compile_aot_eager():
+    """The ops trace under torch.compile (fake kernels, fullgraph). On GPUs they are triton_ops;
+    under the interpreter opaque custom_ops (inductor also works there but takes ~25 s to compile)."""
+    from bsbert.triton.attention import pruned_attention_triton
+
+    bsm, gen = _make(96, 32, 16, torch.float32, density=0.6, seed=13)
+    x = torch.randn(2, 5, 32, generator=gen).to(DEVICE)
+    bias = torch.randn(96, generator=gen).to(DEVICE)
+
+    def f(x):
+        qkv = bsr_linear_triton(x, bsm, bias, gelu=True)  # [2, 5, 3*1*32]
+        return pruned_attention_triton(qkv, None, 1, 32, 0.1) * 2
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, f(x))
