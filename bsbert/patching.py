@@ -97,11 +97,18 @@ def _build_layer(layer, adapter, lp, opts, prefix):
     ffn_in = _make_linear("ffn_in", w1[neurons], b1[neurons], fuse_gelu, L["ffn_in"], opts, lp.index)
     ffn_out = _make_linear("ffn_out", w2[:, neurons], b2.to(dt), False, L["ffn_out"], opts, lp.index)
     scale = float(getattr(attn, "scaling", d ** -0.5))
+    from bsbert.ops.attention_backends import choose_attention
+
+    attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d, backend=opts["attention"],
+                                                 tokens=opts["tokens"], select=opts["select"])
+    lp.attention_backend, lp.attention_reason = attn_backend.name, attn_reason
     if adapter.attention_includes_output:
         swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index,
-                                                             out_proj=attn_out)}
+                                                             out_proj=attn_out, backend=attn_backend,
+                                                             reason=attn_reason)}
     else:
-        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index),
+        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index,
+                                                             backend=attn_backend, reason=attn_reason),
                  adapter.attn_out: attn_out}
     if adapter.ffn_block:
         swaps[adapter.ffn_block] = FusedFFN(ffn_in, None if fuse_gelu else act, ffn_out)
@@ -112,14 +119,16 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
-          progress: bool = True, keep_original: bool = True, verify: bool = False) -> nn.Module:
+          progress: bool = True, keep_original: bool = True, verify: bool = False,
+          attention: str | None = None) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
     are fused into one GEMM, and each remaining linear runs on the fastest backend that fits
     (``select='measure'`` times the candidates on ``tokens`` rows; ``'heuristic'`` uses a block-density
     rule). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
-    ``format=`` ('dense', 'bsr') force a choice. Returns the model; ``model.bsbert_plan`` holds the
+    ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda') the
+    attention kernel (default: measured among those that fit; torch SDPA on CPU). Returns the model; ``model.bsbert_plan`` holds the
     plan with every choice and its reason; ``bsbert.unpatch(model)`` restores the original modules.
     A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
     ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
@@ -141,7 +150,8 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         warnings.warn("patching a model in training mode: bsbert modules are inference-only "
                       "(no dropout, no gradients through custom kernels); call model.eval()",
                       RuntimeWarning, stacklevel=2)
-    opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens}
+    opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
+            "attention": attention}
     device = next(model.parameters()).device
     replacements = []
     for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not progress,

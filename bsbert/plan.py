@@ -47,6 +47,8 @@ class LayerPlan:
     kept_neurons: list[int]
     folded_neurons: int          # dead neurons whose constant GELU(bias) reaches the output bias
     linears: dict[str, LinearPlan] = field(default_factory=dict)
+    attention_backend: str | None = None  # set by patch
+    attention_reason: str | None = None
 
     def attention_macs(self, seq: int, kept: bool) -> int:
         heads = len(self.kept_heads) if kept else self.num_heads
@@ -113,7 +115,7 @@ class Plan:
     def table(self, seq: int = 384) -> str:
         head = (f"{'layer':>5} {'heads':>7} {'neurons':>9} "
                 f"{'qkv dens/blk':>13} {'out dens/blk':>13} {'ffn_in dens':>11} {'ffn_out dens':>12} "
-                f"{'backends (qkv/out/in/out)':<40}")
+                f"{'attention':<10} {'backends (qkv/out/in/out)':<40}")
         lines = [head, "-" * len(head)]
         for lp in self.layers:
             L = lp.linears
@@ -136,7 +138,7 @@ class Plan:
             lines.append(
                 f"{lp.index:>5} {len(lp.kept_heads):>3}/{lp.num_heads:<3} "
                 f"{len(lp.kept_neurons):>4}/{lp.ffn_size:<4} {db('qkv'):>13} {db('attn_out'):>13} "
-                f"{dens('ffn_in'):>11} {dens('ffn_out'):>12} {backends:<40}")
+                f"{dens('ffn_in'):>11} {dens('ffn_out'):>12} {lp.attention_backend or '-':<10} {backends:<40}")
         s = self.summary()
         lines.append("-" * len(head))
         lines.append(

@@ -206,3 +206,36 @@ def test_unknown_backend_and_impossible_backend():
     with pytest.raises(ValueError, match="no linear backend fits"):
         bsbert.patch(model, backend="cuda-bsr", progress=False)
     assert not bsbert.is_patched(model)
+
+
+def test_triton_attention_in_patched_model_interpreter():
+    """The Triton attention kernel inside the patched model (CPU, through the interpreter)."""
+    import os
+
+    from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+
+    reasons = ATTENTION_BACKENDS["triton"].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
+    if reasons or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(f"triton attention not usable here: {reasons}")
+    model = tiny_pruned(heads=(2, 4), ffn=(30, 20))
+    inp = inputs(batch=2, seq=21, pad_from=9)
+    ref = _run(model, inp)
+    bsbert.patch(model, attention="triton", select="heuristic", progress=False)
+    assert all(lp.attention_backend == "triton" for lp in model.bsbert_plan.layers)
+    assert "attention=triton" in repr(model)
+    assert rel_err(ref, _run(model, inp)) <= TOL_FP32
+
+
+def test_key_padding_mask_refuses_non_padding_masks():
+    from bsbert.ops.attention_backends import key_padding_mask
+
+    m = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    assert key_padding_mask(m, 2, 4) is None
+    m[1, 0, :, 3] = False
+    assert key_padding_mask(m, 2, 4).tolist() == [[True] * 4, [True, True, True, False]]
+    m[0, 0, 1, 2] = False  # a per-query mask
+    with pytest.raises(ValueError, match="not a padding mask"):
+        key_padding_mask(m, 2, 4)
+    additive = torch.zeros(1, 1, 1, 3)
+    additive[..., 2] = torch.finfo(torch.float32).min
+    assert key_padding_mask(additive, 1, 3).tolist() == [[True, True, False]]

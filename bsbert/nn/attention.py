@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bsbert.nn.linear import SparseLinear
 
@@ -13,13 +12,17 @@ class PrunedSelfAttention(nn.Module):
     ``(context, None)`` with context ``[B, S, kept_heads * head_dim]``.
 
     ``attention_mask`` is what transformers passes down: None, a bool mask (True = attend) or an
-    additive float mask, broadcastable to ``[B, 1, S, S]``; it goes to SDPA unchanged, so masking is
-    bit-for-bit the model's own semantics.
+    additive float mask, broadcastable to ``[B, 1, S, S]``. The torch-sdpa backend takes it unchanged;
+    the Triton/CUDA kernels take the equivalent key-padding mask (and refuse a non-padding mask).
     """
 
     def __init__(self, qkv: SparseLinear, kept_heads: list[int], head_dim: int, scale: float,
-                 layer_index: int, out_proj: SparseLinear | None = None):
+                 layer_index: int, out_proj: SparseLinear | None = None, backend=None, reason: str = ""):
         super().__init__()
+        from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+
+        self.backend = backend or ATTENTION_BACKENDS["torch-sdpa"]
+        self.reason = reason
         self.qkv = qkv
         self.out_proj = out_proj  # set when the replaced module also applied the output projection
         self.kept_heads = list(kept_heads)
@@ -36,15 +39,9 @@ class PrunedSelfAttention(nn.Module):
         if self.num_heads == 0:  # every head removed: nothing reaches the output projection
             ctx = hidden_states.new_zeros(b, s, 0)
             return (ctx if self.out_proj is None else self.out_proj(ctx)), None
-        qkv = self.qkv(hidden_states).view(b, s, 3, self.num_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, S, D] strided views
-        mask = attention_mask
-        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        ctx = self.backend(self.qkv(hidden_states), attention_mask, self.num_heads, self.head_dim, self.scale)
         return (ctx if self.out_proj is None else self.out_proj(ctx)), None
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, kept_heads={self.num_heads} {self.kept_heads}, "
-                f"head_dim={self.head_dim}, attention=torch-sdpa")
+                f"head_dim={self.head_dim}, attention={self.backend.name}")

@@ -1,0 +1,141 @@
+"""Attention backends for PrunedSelfAttention: torch SDPA (everywhere), bsbert's Triton kernel and
+bsbert's CUDA C++ kernel (GPU). Each says why it does not fit; patch() measures the ones that do.
+
+The bsbert kernels read the fused QKV output [B, S, 3*H*D] directly (no transpose copies) and take a
+key-padding mask [B, S]; SDPA takes transformers' 4-D mask unchanged.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bsbert import _ext
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """transformers' 4-D encoder mask (bool: True = attend, or additive float) -> bool [B, S].
+
+    BERT encoders only build padding masks, whose rows are all equal; anything else (a custom
+    per-query mask) cannot be expressed as key padding and raises instead of computing a wrong answer.
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    keep = keep.expand(b, 1, s, s) if keep.dim() == 4 else keep
+    if keep.dim() == 4:
+        if keep.shape[1] != 1:
+            raise ValueError(f"attention mask with {keep.shape[1]} head planes is not a padding mask")
+        if not torch.compiler.is_compiling() and not bool((keep == keep[:, :, :1, :]).all()):
+            raise ValueError("attention mask differs between query rows (not a padding mask); "
+                             "use patch(..., attention='torch-sdpa') for custom masks")
+        keep = keep[:, 0, 0, :]
+    elif keep.dim() == 2:
+        pass
+    else:
+        raise ValueError(f"unsupported attention mask shape {tuple(attention_mask.shape)}")
+    return None if bool(keep.all()) else keep.contiguous()
+
+
+class AttentionBackend:
+    name = "?"
+
+    def not_supported_reasons(self, device, dtype, head_dim) -> list[str]:
+        raise NotImplementedError
+
+    def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
+        """qkv: [B, S, 3*H*D] -> context [B, S, H*D]."""
+        raise NotImplementedError
+
+
+class TorchSdpa(AttentionBackend):
+    name = "torch-sdpa"
+
+    def not_supported_reasons(self, device, dtype, head_dim):
+        return []
+
+    def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
+        b, s, _ = qkv.shape
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, s, 3, num_heads, head_dim).unbind(2))
+        mask = attention_mask
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return ctx.transpose(1, 2).reshape(b, s, num_heads * head_dim)
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def not_supported_reasons(self, device, dtype, head_dim):
+        from bsbert import triton as bt
+
+        reasons = list(bt.not_supported_reasons(device, dtype, head_dim=head_dim))
+        if device.type == "cpu" and not reasons and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("on cpu only through the interpreter (TRITON_INTERPRET=1)")
+        return reasons
+
+    def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
+        from bsbert.triton.attention import pruned_attention_triton
+
+        kpm = key_padding_mask(attention_mask, qkv.shape[0], qkv.shape[1])
+        return pruned_attention_triton(qkv, kpm, num_heads, head_dim, scale)
+
+
+class CudaAttention(AttentionBackend):
+    name = "cuda"
+
+    def not_supported_reasons(self, device, dtype, head_dim):
+        reasons = []
+        if device.type != "cuda":
+            reasons.append(f"runs on cuda, tensor is on {device.type}")
+        if not _ext.available():
+            reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
+        else:
+            try:
+                ok = torch._C._dispatch_has_kernel_for_dispatch_key("bsbert::pruned_attention", "CUDA")
+            except RuntimeError:
+                ok = False
+            if not ok:
+                reasons.append("extension was built without the CUDA attention kernel")
+        if dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {dtype} not supported (float16, bfloat16)")
+        if head_dim not in (32, 64):
+            reasons.append(f"head_dim {head_dim} not supported (32, 64)")
+        return reasons
+
+    def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
+        kpm = key_padding_mask(attention_mask, qkv.shape[0], qkv.shape[1])
+        return torch.ops.bsbert.pruned_attention(qkv, kpm, num_heads, head_dim, scale)
+
+
+ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), TritonAttention(), TorchSdpa())}
+
+
+def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):
+    """-> (backend, reason). Measures the fitting backends on a [1, tokens, 3*H*D] input."""
+    from bsbert.ops.dispatch import _time_ms, explain
+
+    names = [backend] if backend else list(ATTENTION_BACKENDS)
+    for n in names:
+        if n not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {n!r}; choose from {sorted(ATTENTION_BACKENDS)}")
+    fits, why_not = [], {}
+    for n in names:
+        r = ATTENTION_BACKENDS[n].not_supported_reasons(torch.device(device), dtype, head_dim)
+        (why_not.__setitem__(n, r) if r else fits.append(n))
+    if not fits:
+        raise ValueError(f"no attention backend fits device={torch.device(device).type} dtype={dtype} "
+                         f"head_dim={head_dim}: {explain(why_not)}")
+    if len(fits) == 1 or select != "measure" or num_heads == 0:
+        return ATTENTION_BACKENDS[fits[0]], ("forced" if backend else "first eligible") + (
+            f" (not eligible: {explain(why_not)})" if why_not and not backend else "")
+    qkv = torch.randn(1, tokens, 3 * num_heads * head_dim, device=device).to(dtype)
+    scale = head_dim ** -0.5
+    timed = {n: _time_ms(lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale), qkv)
+             for n in fits}
+    order = sorted(timed, key=timed.get)
+    return ATTENTION_BACKENDS[order[0]], "measured at S=%d: %s" % (
+        tokens, " < ".join(f"{n} {timed[n]:.2f}ms" for n in order))
