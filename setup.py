@@ -4,7 +4,7 @@ Environment switches (all optional):
   BSBERT_SKIP_CUDA=1         never build the CUDA sources
   BSBERT_FORCE_CUDA=1        build the CUDA sources even if torch cannot see a GPU (default when a
                              toolkit is found and torch is a CUDA build: a GPU is not needed to compile)
-  BSBERT_CUDA_ARCH_LIST      e.g. "8.0;9.0" (default "8.0;8.6;9.0"), same syntax as TORCH_CUDA_ARCH_LIST
+  BSBERT_CUDA_ARCH_LIST      e.g. "8.0;8.6;9.0" (default "8.0;9.0": sm_80 code also runs on sm_86/89), same syntax as TORCH_CUDA_ARCH_LIST
   BSBERT_SKIP_EXTENSION=1    pure-Python install (bsbert falls back to its torch paths)
   MAX_JOBS                   parallel compile jobs (ninja)
   CUDA_HOME                  toolkit location; default: /usr/local/cuda if it holds bin/nvcc
@@ -46,16 +46,16 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
             sys.exit("BSBERT_FORCE_CUDA=1 but no CUDA toolkit was found or torch is not a CUDA build")
         build_cuda = True
     if build_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;9.0")
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("BSBERT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"]
     extra = {"cxx": cxx_flags}
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("BSBERT_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
+        extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
                          "--expt-relaxed-constexpr"]
         ext_cls = CUDAExtension
     else:

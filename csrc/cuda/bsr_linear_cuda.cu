@@ -1,0 +1,387 @@
+// bsbert::bsr_linear for the CUDA dispatch key: y = x @ W^T + bias (optionally erf-GELU), W block-sparse.
+//
+// W is a bsbert.formats.BlockSparseMatrix: logical (N, K), square blocks of BLOCK in {16, 32, 64},
+// int32 crow_indices [ceil(N/BLOCK)+1], int32 col_indices (sorted per block row), values
+// [nnzb, BLOCK, BLOCK] with values[i][r][c] = W[rb*BLOCK + r, cb*BLOCK + c] (zero padded). On CUDA the
+// "packed" values are the natural values tensor (contiguous, x's dtype).
+//
+// fp16/bf16 kernel: one CTA computes a BM x BLOCK tile of y (BM = 64 or 128 rows of x, one block row of W).
+// It walks the nonzero blocks of its block row: each step brings an x tile [BM, BLOCK] (the columns of
+// the block, zero-filled beyond M and K) and the W block [BLOCK, BLOCK] into shared memory with cp.async
+// (STAGES-deep pipeline, XOR-swizzled tiles), feeds ldmatrix -> mma.sync.m16n8k16 (fp32 accumulate), and
+// finishes with bias + optional GELU, predicated stores (never beyond M or N). CTAs are ordered in groups
+// of kGroupM M tiles so that CTAs running together share the same x rows in L2.
+// fp32 input: a simple SIMT kernel (correct, not fast).
+//
+// -DBSBERT_KERNELS_ONLY compiles the kernels alone (no torch headers, no host code): tests/test_cuda_sass.py
+// uses it to check registers/spills/SASS quickly without a GPU.
+#include "cuda/mma_utils.cuh"
+
+#ifndef BSBERT_KERNELS_ONLY
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_host_utils.h"
+#endif
+
+namespace bsbert {
+namespace cuda {
+namespace {
+
+constexpr int kGroupM = 8;  // M tiles per grid swizzle group
+
+template <int BLOCK_, int BM_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct BsrConfig {
+  static constexpr int BLOCK = BLOCK_, BM = BM_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int WTM = BM / WARPS_M;   // warp tile rows
+  static constexpr int WTN = BLOCK / WARPS_N;  // warp tile cols
+  static constexpr int MT = WTM / 16, NT = WTN / 8;
+  static constexpr int kXElems = BM * BLOCK, kWElems = BLOCK * BLOCK;
+  static constexpr int kStageElems = kXElems + kWElems;
+  static constexpr int kSmemBytes = STAGES * kStageElems * 2;
+  static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be a multiple of 16x16");
+  static_assert(STAGES >= 2, "need at least two pipeline stages");
+};
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    bsr_linear_mma_kernel(const T* __restrict__ x, const int* __restrict__ crow, const int* __restrict__ col,
+                          const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ y, int M,
+                          int N, int K, int num_m_tiles, int num_block_rows, bool gelu) {
+  constexpr int BLOCK = Cfg::BLOCK, BM = Cfg::BM, STAGES = Cfg::STAGES, kThreads = Cfg::kThreads;
+  constexpr int MT = Cfg::MT, NT = Cfg::NT;
+  constexpr int kChunks = BLOCK / 8;  // 16-byte chunks per tile row
+  using Swz = Swizzle<BLOCK>;
+  using Ty = MmaType<T>;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  // ---- grouped (swizzled) CTA order: kGroupM M tiles x all block rows per group ----
+  const int pid = blockIdx.x;
+  const int per_group = kGroupM * num_block_rows;
+  const int group = pid / per_group;
+  const int first_m = group * kGroupM;
+  const int group_m = min(num_m_tiles - first_m, kGroupM);
+  const int in_group = pid - group * per_group;
+  const int m_tile = first_m + in_group % group_m;
+  const int rb = in_group / group_m;
+  const int m0 = m_tile * BM;
+  const int n0 = rb * BLOCK;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N;
+
+  const int kb_begin = __ldg(crow + rb), kb_end = __ldg(crow + rb + 1);
+  const int nk = kb_end - kb_begin;
+
+  auto load_stage = [&](int stage, int kb) {
+    T* sx = smem + stage * Cfg::kStageElems;
+    T* sw = sx + Cfg::kXElems;
+    const int kcol0 = __ldg(col + kb) * BLOCK;
+    // x tile: BM rows x kChunks chunks; rows >= M and columns >= K are zero-filled (K % 8 == 0 here).
+#pragma unroll
+    for (int c = tid; c < BM * kChunks; c += kThreads) {
+      const int r = c / kChunks, ch = c % kChunks;
+      const int gm = m0 + r, gk = kcol0 + ch * 8;
+      const bool ok = (gm < M) && (gk < K);
+      const T* src = ok ? x + (static_cast<int64_t>(gm) * K + gk) : x;
+      cp_async_16(smem_u32(sx + Swz::chunk_offset(r, ch)), src, ok);
+    }
+    // W block: BLOCK x BLOCK, always complete (zero padded by the format).
+    const T* wsrc = values + static_cast<int64_t>(kb) * (BLOCK * BLOCK);
+#pragma unroll
+    for (int c = tid; c < BLOCK * kChunks; c += kThreads) {
+      const int r = c / kChunks, ch = c % kChunks;
+      cp_async_16(smem_u32(sw + Swz::chunk_offset(r, ch)), wsrc + r * BLOCK + ch * 8, true);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // ---- prologue: fill STAGES-1 stages ----
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, kb_begin + s);
+    cp_async_commit();
+  }
+
+  // ---- main loop over the nonzero blocks of block row rb ----
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `it` visible to all; everyone is done with stage it-1 (reused below)
+    {
+      const int nxt = it + STAGES - 1;
+      if (nxt < nk) load_stage(nxt % STAGES, kb_begin + nxt);
+      cp_async_commit();
+    }
+    const T* sx = smem + (it % STAGES) * Cfg::kStageElems;
+    const T* sw = sx + Cfg::kXElems;
+#pragma unroll
+    for (int kk = 0; kk < BLOCK / 16; ++kk) {
+      uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int r = wm * Cfg::WTM + i * 16 + (lane & 15);
+        const int ch = kk * 2 + (lane >> 4);
+        ldmatrix_x4(a[i], smem_u32(sx + Swz::chunk_offset(r, ch)));
+      }
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        // W block rows are output features (n), columns k: non-transposed ldmatrix yields the col-major
+        // B fragments of two n8 tiles directly.
+        const int r = wn * Cfg::WTN + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int ch = kk * 2 + ((lane >> 3) & 1);
+        uint32_t t[4];
+        ldmatrix_x4(t, smem_u32(sw + Swz::chunk_offset(r, ch)));
+        b[2 * j][0] = t[0];
+        b[2 * j][1] = t[1];
+        b[2 * j + 1][0] = t[2];
+        b[2 * j + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+    }
+  }
+  cp_async_wait<0>();  // no copy may be in flight when the CTA exits
+
+  // ---- epilogue: bias, GELU, predicated stores ----
+  const bool pair_ok = (N % 2) == 0;  // 4-byte aligned pair stores
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int gn = n0 + wn * Cfg::WTN + j * 8 + (lane & 3) * 2;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      if (gn < N) b0 = Ty::to_float(bias[gn]);
+      if (gn + 1 < N) b1 = Ty::to_float(bias[gn + 1]);
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int gm = m0 + wm * Cfg::WTM + i * 16 + (lane >> 2) + h * 8;
+        if (gm >= M) continue;
+        float v0 = acc[i][j][2 * h] + b0, v1 = acc[i][j][2 * h + 1] + b1;
+        if (gelu) {
+          v0 = gelu_erf(v0);
+          v1 = gelu_erf(v1);
+        }
+        T* dst = y + static_cast<int64_t>(gm) * N + gn;
+        if (pair_ok && gn + 1 < N) {
+          *reinterpret_cast<uint32_t*>(dst) = Ty::pack(v0, v1);
+        } else {
+          if (gn < N) dst[0] = Ty::from_float(v0);
+          if (gn + 1 < N) dst[1] = Ty::from_float(v1);
+        }
+      }
+    }
+  }
+}
+
+// fp32: one thread per output element (SIMT, fp32 accumulate). Correct for any shape; not tuned.
+__global__ void bsr_linear_f32_kernel(const float* __restrict__ x, const int* __restrict__ crow,
+                                      const int* __restrict__ col, const float* __restrict__ values,
+                                      const float* __restrict__ bias, float* __restrict__ y, int64_t M, int N,
+                                      int K, int block, bool gelu) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * N) return;
+  const int64_t m = idx / N;
+  const int n = static_cast<int>(idx - m * N);
+  const int rb = n / block, r = n - rb * block;
+  const float* xr = x + m * K;
+  float acc = 0.f;
+  for (int i = crow[rb]; i < crow[rb + 1]; ++i) {
+    const int k0 = col[i] * block;
+    const float* w = values + (static_cast<int64_t>(i) * block + r) * block;
+    const int kend = min(block, K - k0);
+    for (int c = 0; c < kend; ++c) acc = fmaf(xr[k0 + c], w[c], acc);
+  }
+  if (bias != nullptr) acc += bias[n];
+  if (gelu) acc = gelu_erf(acc);
+  y[idx] = acc;
+}
+
+// The tile configurations (block, BM, warps_m, warps_n, stages): 4 warps each.
+using Cfg16x64 = BsrConfig<16, 64, 4, 1, 4>;
+using Cfg16x128 = BsrConfig<16, 128, 4, 1, 4>;
+using Cfg32x64 = BsrConfig<32, 64, 2, 2, 4>;
+using Cfg32x128 = BsrConfig<32, 128, 4, 1, 4>;
+using Cfg64x64 = BsrConfig<64, 64, 2, 2, 3>;
+using Cfg64x128 = BsrConfig<64, 128, 2, 2, 3>;
+
+#ifdef BSBERT_KERNELS_ONLY
+}  // namespace
+// Instantiates every kernel the dispatcher can launch (SASS/resource checks); never called.
+#define BSBERT_BSR_KERNELS(T)                                                                          \
+  (void*)&bsr_linear_mma_kernel<T, Cfg16x64>, (void*)&bsr_linear_mma_kernel<T, Cfg16x128>,           \
+      (void*)&bsr_linear_mma_kernel<T, Cfg32x64>, (void*)&bsr_linear_mma_kernel<T, Cfg32x128>,       \
+      (void*)&bsr_linear_mma_kernel<T, Cfg64x64>, (void*)&bsr_linear_mma_kernel<T, Cfg64x128>
+void* const bsr_linear_kernels_for_sass[] = {BSBERT_BSR_KERNELS(__half), BSBERT_BSR_KERNELS(__nv_bfloat16),
+                                             (void*)&bsr_linear_f32_kernel};
+#undef BSBERT_BSR_KERNELS
+namespace {
+#else
+template <typename T, typename Cfg>
+void launch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+  const int num_m_tiles = (M + Cfg::BM - 1) / Cfg::BM;
+  const int num_block_rows = (N + Cfg::BLOCK - 1) / Cfg::BLOCK;
+  const int64_t grid = static_cast<int64_t>(num_m_tiles) * num_block_rows;
+  TORCH_CHECK(grid < (int64_t{1} << 31), "bsr_linear: problem too large for one launch (", num_m_tiles,
+              " M tiles x ", num_block_rows, " block rows)");
+  auto kernel = bsr_linear_mma_kernel<T, Cfg>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  }
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
+      reinterpret_cast<const T*>(vals.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
+      num_m_tiles, num_block_rows, gelu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                  const at::Tensor* bias_t, at::Tensor& y, int M, int N, int K, int block, bool gelu) {
+  const T* bias = bias_t ? reinterpret_cast<const T*>(bias_t->data_ptr()) : nullptr;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count();
+  const int64_t block_rows = (N + block - 1) / block;
+  // 128-row tiles unless that leaves fewer than ~2 CTAs per SM; then 64-row tiles (more CTAs).
+  const bool small = ((M + 127) / 128) * block_rows < 2 * static_cast<int64_t>(sms);
+  switch (block) {
+    case 16:
+      if (small) launch_mma<T, Cfg16x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      else launch_mma<T, Cfg16x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      break;
+    case 32:
+      if (small) launch_mma<T, Cfg32x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      else launch_mma<T, Cfg32x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      break;
+    case 64:
+      if (small) launch_mma<T, Cfg64x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      else launch_mma<T, Cfg64x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "bsr_linear: unsupported block size ", block);
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) == 0; }
+
+at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                           const at::Tensor& packed_values, const std::optional<at::Tensor>& bias,
+                           int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
+  TORCH_CHECK(x.is_cuda(), "bsr_linear (CUDA): x must be a CUDA tensor, got device ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "bsr_linear (CUDA): x dtype ", dtype, " is not supported (use float16, bfloat16 or float32)");
+  TORCH_CHECK(block == 16 || block == 32 || block == 64, "bsr_linear (CUDA): block must be 16, 32 or 64, got ",
+              block);
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear (CUDA): out_features and in_features must be "
+              "non-negative, got ", out_features, " and ", in_features);
+  TORCH_CHECK(out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31),
+              "bsr_linear (CUDA): out_features/in_features too large");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "bsr_linear (CUDA): x must have last dimension "
+              "in_features=", in_features, ", got shape ", x.sizes());
+  const int64_t nbr = (out_features + block - 1) / block;
+  for (const auto* p : {&crow_indices, &col_indices}) {
+    const char* name = p == &crow_indices ? "crow_indices" : "col_indices";
+    TORCH_CHECK(p->device() == x.device(), "bsr_linear (CUDA): ", name, " must be on ", x.device(), ", got ",
+                p->device());
+    TORCH_CHECK(p->scalar_type() == at::kInt, "bsr_linear (CUDA): ", name, " must be int32, got ",
+                p->scalar_type());
+    TORCH_CHECK(p->dim() == 1, "bsr_linear (CUDA): ", name, " must be 1-D, got shape ", p->sizes());
+    TORCH_CHECK(p->is_contiguous(), "bsr_linear (CUDA): ", name, " must be contiguous");
+  }
+  TORCH_CHECK(crow_indices.numel() == nbr + 1, "bsr_linear (CUDA): crow_indices must have ceil(out_features/"
+              "block)+1 = ", nbr + 1, " entries, got ", crow_indices.numel());
+  const int64_t nnzb = col_indices.numel();
+  TORCH_CHECK(packed_values.device() == x.device(), "bsr_linear (CUDA): packed_values must be on ", x.device(),
+              ", got ", packed_values.device());
+  TORCH_CHECK(packed_values.scalar_type() == dtype, "bsr_linear (CUDA): packed_values dtype ",
+              packed_values.scalar_type(), " must match x dtype ", dtype);
+  TORCH_CHECK(packed_values.dim() == 3 && packed_values.size(0) == nnzb && packed_values.size(1) == block &&
+                  packed_values.size(2) == block,
+              "bsr_linear (CUDA): packed_values must have shape [nnz_blocks=", nnzb, ", ", block, ", ", block,
+              "] (natural BSR values), got ", packed_values.sizes());
+  TORCH_CHECK(packed_values.is_contiguous(), "bsr_linear (CUDA): packed_values must be contiguous");
+  const at::Tensor* bias_p = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device() == x.device(), "bsr_linear (CUDA): bias must be on ", x.device(), ", got ",
+                bias->device());
+    TORCH_CHECK(bias->scalar_type() == dtype, "bsr_linear (CUDA): bias dtype ", bias->scalar_type(),
+                " must match x dtype ", dtype);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bsr_linear (CUDA): bias must have shape [",
+                out_features, "], got ", bias->sizes());
+    bias_p = &*bias;
+  }
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = in_features, N = out_features;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y.view(out_shape);
+  at::Tensor bias_c;
+  if (bias_p) {
+    bias_c = bias_p->contiguous();
+    bias_p = &bias_c;
+  }
+
+  if (dtype == at::kFloat) {
+    const int threads = 256;
+    const int64_t blocks = (M * N + threads - 1) / threads;
+    TORCH_CHECK(blocks < (int64_t{1} << 31), "bsr_linear (CUDA): problem too large for the fp32 kernel");
+    bsr_linear_f32_kernel<<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x2.data_ptr<float>(), crow_indices.data_ptr<int>(), col_indices.data_ptr<int>(),
+        packed_values.data_ptr<float>(), bias_p ? bias_p->data_ptr<float>() : nullptr, y.data_ptr<float>(), M,
+        static_cast<int>(N), static_cast<int>(K), static_cast<int>(block), gelu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y.view(out_shape);
+  }
+
+  TORCH_CHECK(M < (int64_t{1} << 31), "bsr_linear (CUDA): too many rows (", M, ")");
+  // The tensor-core kernel copies x in aligned 16-byte chunks: rows must be 8-element aligned. When K is
+  // not a multiple of 8 the (rare) fallback pads x's rows with zeros; the padding is never multiplied into
+  // y because W's padded columns are zero and only the logical K inputs exist in x.
+  int64_t Kp = K;
+  if (K % 8 != 0 || !aligned16(x2)) {
+    Kp = (K + 7) / 8 * 8;
+    at::Tensor xp = at::zeros({M, Kp}, x2.options());
+    xp.narrow(1, 0, K).copy_(x2);
+    x2 = xp;
+  }
+  at::Tensor vals = aligned16(packed_values) ? packed_values : packed_values.clone();
+  if (dtype == at::kHalf) {
+    dispatch_mma<__half>(x2, crow_indices, col_indices, vals, bias_p, y, static_cast<int>(M),
+                         static_cast<int>(N), static_cast<int>(Kp), static_cast<int>(block), gelu);
+  } else {
+    dispatch_mma<__nv_bfloat16>(x2, crow_indices, col_indices, vals, bias_p, y, static_cast<int>(M),
+                                static_cast<int>(N), static_cast<int>(Kp), static_cast<int>(block), gelu);
+  }
+  return y.view(out_shape);
+}
+#endif  // BSBERT_KERNELS_ONLY
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bsbert
+
+#ifndef BSBERT_KERNELS_ONLY
+TORCH_LIBRARY_IMPL(bsbert, CUDA, m) { m.impl("bsr_linear", &bsbert::cuda::bsr_linear_cuda); }
+#endif

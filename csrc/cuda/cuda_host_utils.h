@@ -1,0 +1,32 @@
+// Host-side helpers for bsbert's CUDA ops. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h,
+// which drags in cuBLAS/cuSPARSE headers that a minimal CUDA toolkit may not ship).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace bsbert {
+namespace cuda {
+
+// Number of SMs of the current device (cached per device id; up to 64 devices).
+inline int sm_count() {
+  static std::atomic<int> cache[64] = {};
+  const int dev = static_cast<int>(c10::cuda::current_device());
+  if (dev >= 0 && dev < 64) {
+    int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+
+}  // namespace cuda
+}  // namespace bsbert
