@@ -15,8 +15,9 @@ from bsbert.errors import (AlreadyPatchedError, BsbertError, NotPatchedError,  #
 from bsbert.formats import BlockSparseMatrix  # noqa: E402
 from bsbert.patching import is_patched, patch, unpatch  # noqa: E402
 from bsbert.plan import Plan  # noqa: E402
+from bsbert.serialization import load, save  # noqa: E402
 from bsbert.verify import VerifyReport, verify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "patch", "unpatch", "is_patched", "verify", "VerifyReport", "Plan", "BlockSparseMatrix", "BsbertError",
+__all__ = ["analyze", "patch", "save", "load", "unpatch", "is_patched", "verify", "VerifyReport", "Plan", "BlockSparseMatrix", "BsbertError",
            "UnsupportedModelError", "AlreadyPatchedError", "NotPatchedError"]

@@ -67,55 +67,69 @@ def fold_dead_neurons(lins, act) -> torch.Tensor:
     return b2
 
 
+def layer_act(layer, adapter):
+    owner, _, attr = adapter.act.rpartition(".")
+    return getattr(layer.get_submodule(owner) if owner else layer, attr)
+
+
 @torch.no_grad()
-def _build_layer(layer, adapter, lp, opts, prefix):
+def pack_layer(layer, adapter, lp, prefix) -> dict[str, torch.Tensor]:
+    """The packed (dead heads/neurons removed, dead contributions folded) weights and biases of one
+    layer: ``{qkv,attn_out,ffn_in,ffn_out}.{weight,bias}``. This is also what bsbert.save stores."""
     lins = layer_linears(layer, adapter, prefix)
-    attn = layer.get_submodule(adapter.self_attention)
     d, dev, dt = lp.head_dim, lins["query"].weight.device, lins["query"].weight.dtype
     rows = torch.tensor([h * d + i for h in lp.kept_heads for i in range(d)], dtype=torch.long, device=dev)
-
-    # fused QKV over the kept heads: [q_heads | k_heads | v_heads], each head-major
-    w_qkv = torch.cat([lins[n].weight.detach()[rows] for n in ("query", "key", "value")])
-    b_qkv = torch.cat([_bias(lins[n])[rows] for n in ("query", "key", "value")])
-
-    wo = lins["attn_out"].weight.detach()
-    bo = fold_dead_heads(lins, lp)
-    w_out = wo[:, rows]
-
-    # FFN: kept neurons; a dead row with a live output column adds act(b1[j]) * W2[:, j]
-    act = layer.get_submodule(adapter.act) if "." not in adapter.act else \
-        getattr(layer.get_submodule(adapter.act.rpartition(".")[0]), adapter.act.rpartition(".")[2])
-    w1, b1 = lins["ffn_in"].weight.detach(), _bias(lins["ffn_in"])
-    w2 = lins["ffn_out"].weight.detach()
-    b2 = fold_dead_neurons(lins, act)
     neurons = torch.tensor(lp.kept_neurons, dtype=torch.long, device=dev)
-    fuse_gelu = _is_exact_gelu(act)
+    w1, w2 = lins["ffn_in"].weight.detach(), lins["ffn_out"].weight.detach()
+    return {
+        # fused QKV over the kept heads: [q_heads | k_heads | v_heads], each head-major
+        "qkv.weight": torch.cat([lins[n].weight.detach()[rows] for n in ("query", "key", "value")]),
+        "qkv.bias": torch.cat([_bias(lins[n])[rows] for n in ("query", "key", "value")]),
+        "attn_out.weight": lins["attn_out"].weight.detach()[:, rows],
+        "attn_out.bias": fold_dead_heads(lins, lp).to(dt),
+        "ffn_in.weight": w1[neurons],
+        "ffn_in.bias": _bias(lins["ffn_in"])[neurons],
+        "ffn_out.weight": w2[:, neurons],
+        "ffn_out.bias": fold_dead_neurons(lins, layer_act(layer, adapter)).to(dt),
+    }
 
+
+@torch.no_grad()
+def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.Module]:
+    """Kernel-backed replacement modules for one layer, from its packed tensors."""
+    attn = layer.get_submodule(adapter.self_attention)
+    act = layer_act(layer, adapter)
+    fuse_gelu = _is_exact_gelu(act)
+    d = lp.head_dim
+    w = packed["qkv.weight"]
+    dev, dt = w.device, w.dtype
     L = lp.linears
-    qkv = _make_linear("qkv", w_qkv, b_qkv, False, L["qkv"], opts, lp.index)
-    attn_out = _make_linear("attn_out", w_out, bo.to(dt), False, L["attn_out"], opts, lp.index)
-    ffn_in = _make_linear("ffn_in", w1[neurons], b1[neurons], fuse_gelu, L["ffn_in"], opts, lp.index)
-    ffn_out = _make_linear("ffn_out", w2[:, neurons], b2.to(dt), False, L["ffn_out"], opts, lp.index)
+    lin = {name: _make_linear(name, packed[f"{name}.weight"], packed[f"{name}.bias"],
+                              fuse_gelu and name == "ffn_in", L[name], opts, lp.index)
+           for name in ("qkv", "attn_out", "ffn_in", "ffn_out")}
     scale = float(getattr(attn, "scaling", d ** -0.5))
     from bsbert.ops.attention_backends import choose_attention
 
     attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d, backend=opts["attention"],
                                                  tokens=opts["tokens"], select=opts["select"])
     lp.attention_backend, lp.attention_reason = attn_backend.name, attn_reason
-    if adapter.attention_includes_output:
-        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index,
-                                                             out_proj=attn_out, backend=attn_backend,
-                                                             reason=attn_reason)}
-    else:
-        swaps = {adapter.self_attention: PrunedSelfAttention(qkv, lp.kept_heads, d, scale, lp.index,
-                                                             backend=attn_backend, reason=attn_reason),
-                 adapter.attn_out: attn_out}
+    attention = PrunedSelfAttention(lin["qkv"], lp.kept_heads, d, scale, lp.index,
+                                    out_proj=lin["attn_out"] if adapter.attention_includes_output else None,
+                                    backend=attn_backend, reason=attn_reason)
+    swaps = {adapter.self_attention: attention}
+    if not adapter.attention_includes_output:
+        swaps[adapter.attn_out] = lin["attn_out"]
     if adapter.ffn_block:
-        swaps[adapter.ffn_block] = FusedFFN(ffn_in, None if fuse_gelu else act, ffn_out)
+        swaps[adapter.ffn_block] = FusedFFN(lin["ffn_in"], None if fuse_gelu else act, lin["ffn_out"])
     else:
-        swaps[adapter.intermediate] = FusedIntermediate(ffn_in, None if fuse_gelu else act)
-        swaps[adapter.ffn_out] = ffn_out
+        swaps[adapter.intermediate] = FusedIntermediate(lin["ffn_in"], None if fuse_gelu else act)
+        swaps[adapter.ffn_out] = lin["ffn_out"]
     return swaps
+
+
+def _build_layer(layer, adapter, lp, opts, prefix):
+    return modules_from_packed(layer, adapter, lp, pack_layer(layer, adapter, lp, prefix), opts)
+
 
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,

@@ -31,6 +31,13 @@ class SparseLinear(nn.Module):
             return F.gelu(y) if self.gelu else y
         return self.choice.prepared(x)
 
+    def packed_weight(self) -> torch.Tensor:
+        """The dense [out, in] packed weight this module computes with (zero blocks included)."""
+        if self.choice is None:
+            return self.bias.new_zeros(self.out_features, self.in_features)
+        t = self.choice.prepared.tensors
+        return t["weight"] if "weight" in t else t["bsm"].to_dense()
+
     def extra_repr(self) -> str:
         be = "bias-only" if self.choice is None else self.choice.backend
         if self.choice is not None and self.choice.format == "bsr":

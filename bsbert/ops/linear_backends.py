@@ -136,8 +136,9 @@ class CpuBsr(LinearBackend):
         def fn(x):
             return torch.ops.bsbert.bsr_linear(x, crow, col, packed, bias, n, k, block, gelu)
 
+        # bsm is kept so the packed weight can be saved / inspected (bsbert.save)
         return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": packed,
-                                         "bias": bias}, block)
+                                         "bias": bias, "bsm": bsm}, block)
 
 
 class CudaBsr(LinearBackend):
@@ -170,7 +171,7 @@ class CudaBsr(LinearBackend):
             return torch.ops.bsbert.bsr_linear(x, crow, col, vals, bias, n, k, block, gelu)
 
         return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": vals,
-                                         "bias": bias}, block)
+                                         "bias": bias, "bsm": bsm}, block)
 
 
 class TritonBsr(LinearBackend):
@@ -203,7 +204,7 @@ class TritonBsr(LinearBackend):
             return bsr_linear_triton(x, bsm, bias, gelu=gelu)
 
         return PreparedLinear(self, fn, {"crow_indices": bsm.crow_indices, "col_indices": bsm.col_indices,
-                                         "values": bsm.values, "bias": bias}, block)
+                                         "values": bsm.values, "bias": bias, "bsm": bsm}, block)
 
 
 BACKENDS: dict[str, LinearBackend] = {b.name: b for b in (
