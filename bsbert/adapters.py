@@ -30,6 +30,8 @@ class EncoderAdapter:
     layers_attr: str = "layer"
     # True when the self-attention module also applies the output projection (DistilBERT)
     attention_includes_output: bool = False
+    # how one layer is wired (residuals, LayerNorms), for the padding-free forward: "bert" or "distilbert"
+    layer_style: str = "bert"
 
 
 _BERT_LIKE = ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "Ernie")
@@ -39,7 +41,7 @@ ADAPTERS = (
     EncoderAdapter("distilbert", ("Transformer",), self_attention="attention", query="attention.q_lin",
                    key="attention.k_lin", value="attention.v_lin", attn_out="attention.out_lin",
                    intermediate=None, ffn_block="ffn", act="ffn.activation", ffn_in="ffn.lin1",
-                   ffn_out="ffn.lin2", attention_includes_output=True),
+                   ffn_out="ffn.lin2", attention_includes_output=True, layer_style="distilbert"),
 )
 
 

@@ -134,7 +134,7 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
           progress: bool = True, keep_original: bool = True, verify: bool = False,
-          attention: str | None = None) -> nn.Module:
+          attention: str | None = None, unpad: bool = False) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
@@ -148,6 +148,8 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
     impossible). ``verify=True`` compares the patched model with its masked dense original once on
     generated inputs and, if it fails, restores the original modules and raises.
+    ``unpad=True`` runs the encoder padding-free (bsbert.unpad): linears on real tokens only; real
+    tokens' outputs are exact, padded positions come out as zeros.
     """
     if verify and not keep_original:
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
@@ -179,6 +181,12 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
             swaps.append([layer, path, layer.get_submodule(path), new])
             set_submodule(layer, path, new)
     plan.device = str(device)
+    if unpad:
+        from bsbert import unpad as unpad_mod
+
+        unpad_mod.install(encoder, adapter)
+    plan.unpad = bool(unpad)
+    model._bsbert_encoder = encoder
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan
@@ -198,6 +206,16 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
 def swap_modules(model: nn.Module, which: str) -> None:
     """Put the 'original' or the 'patched' modules in place (verify uses this to compare)."""
+    from bsbert import unpad as unpad_mod
+
+    enc = getattr(model, "_bsbert_encoder", None)
+    if which == "original" and enc is not None and getattr(enc, "_bsbert_unpadded", False):
+        model._bsbert_unpad_forward = enc.forward
+        unpad_mod.uninstall(enc)
+    elif which == "patched" and getattr(model, "_bsbert_unpad_forward", None) is not None:
+        enc.forward = model._bsbert_unpad_forward
+        enc._bsbert_unpadded = True
+        model._bsbert_unpad_forward = None
     for layer, path, original, new in model._bsbert_swaps:
         if original is None:
             raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
@@ -212,6 +230,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise NotPatchedError("cannot unpatch: the original modules were dropped "
                               "(patch(..., keep_original=False) or a model loaded with bsbert.load)")
     swap_modules(model, "original")
+    from bsbert import unpad as unpad_mod
+
+    unpad_mod.uninstall(model._bsbert_encoder)
+    del model._bsbert_encoder
     del model._bsbert_swaps
     del model.bsbert_plan
     model._bsbert_patched = False

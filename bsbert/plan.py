@@ -63,6 +63,7 @@ class Plan:
     layers: list[LayerPlan]
     dtype: str = "float32"
     device: str | None = None     # set by patch
+    unpad: bool = False           # padding-free encoder forward (set by patch)
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -109,7 +110,8 @@ class Plan:
                     for k, v in ld["linears"].items()}
             layers.append(LayerPlan(**{**ld, "linears": lins}))
         return cls(family=d["family"], encoder_path=d["encoder_path"], hidden_size=d["hidden_size"],
-                   layers=layers, dtype=d.get("dtype", "float32"), device=d.get("device"))
+                   layers=layers, dtype=d.get("dtype", "float32"), device=d.get("device"),
+                   unpad=d.get("unpad", False))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:

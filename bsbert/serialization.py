@@ -173,6 +173,11 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     if leftovers:
         raise BsbertError(f"loaded model still has tensors without data: {leftovers[:3]}")
     plan.device = str(device)
+    if plan.unpad:
+        from bsbert import unpad as unpad_mod
+
+        unpad_mod.install(encoder, adapter)
+    model._bsbert_encoder = encoder
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan

@@ -42,6 +42,14 @@ class PrunedSelfAttention(nn.Module):
         ctx = self.backend(self.qkv(hidden_states), attention_mask, self.num_heads, self.head_dim, self.scale)
         return (ctx if self.out_proj is None else self.out_proj(ctx)), None
 
+    def forward_unpadded(self, x: torch.Tensor, info) -> torch.Tensor:
+        """x: [T, hidden] real tokens only (see bsbert.unpad) -> [T, out]."""
+        if self.num_heads == 0:
+            ctx = x.new_zeros(x.shape[0], 0)
+        else:
+            ctx = self.backend.varlen(self.qkv(x), info, self.num_heads, self.head_dim, self.scale)
+        return ctx if self.out_proj is None else self.out_proj(ctx)
+
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, kept_heads={self.num_heads} {self.kept_heads}, "
                 f"head_dim={self.head_dim}, attention={self.backend.name}")

@@ -39,8 +39,32 @@ def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> tor
     return None if bool(keep.all()) else keep.contiguous()
 
 
+class UnpadInfo:
+    """Where the real tokens of a padded batch are: flat indices into [B*S], cumulative lengths."""
+
+    def __init__(self, keep: torch.Tensor, attention_mask: torch.Tensor | None):
+        b, s = keep.shape
+        self.batch, self.seq = b, s
+        self.index = keep.reshape(-1).nonzero().squeeze(1)
+        lengths = keep.sum(1)
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_seqlen = int(lengths.max()) if b else 0
+        self.attention_mask = attention_mask  # the model's own 4-D mask, for the padded SDPA path
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(self.batch * self.seq, t.shape[-1])
+        return out.index_copy_(0, self.index, t).view(self.batch, self.seq, t.shape[-1])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.batch * self.seq, t.shape[-1]).index_select(0, self.index)
+
+
 class AttentionBackend:
     name = "?"
+
+    def varlen(self, qkv, info: UnpadInfo, num_heads, head_dim, scale):
+        """qkv: [T, 3*H*D] of the real tokens -> [T, H*D]. Default: pad, attend, unpad."""
+        return info.unpad(self(info.pad(qkv), info.attention_mask, num_heads, head_dim, scale))
 
     def not_supported_reasons(self, device, dtype, head_dim) -> list[str]:
         raise NotImplementedError
@@ -83,6 +107,11 @@ class TritonAttention(AttentionBackend):
         kpm = key_padding_mask(attention_mask, qkv.shape[0], qkv.shape[1])
         return pruned_attention_triton(qkv, kpm, num_heads, head_dim, scale)
 
+    def varlen(self, qkv, info, num_heads, head_dim, scale):
+        from bsbert.triton.attention import pruned_attention_varlen_triton
+
+        return pruned_attention_varlen_triton(qkv, info.cu_seqlens, info.max_seqlen, num_heads, head_dim, scale)
+
 
 class CudaAttention(AttentionBackend):
     name = "cuda"
@@ -109,6 +138,10 @@ class CudaAttention(AttentionBackend):
     def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
         kpm = key_padding_mask(attention_mask, qkv.shape[0], qkv.shape[1])
         return torch.ops.bsbert.pruned_attention(qkv, kpm, num_heads, head_dim, scale)
+
+    def varlen(self, qkv, info, num_heads, head_dim, scale):
+        return torch.ops.bsbert.pruned_attention_varlen(qkv, info.cu_seqlens, info.max_seqlen, num_heads,
+                                                        head_dim, scale)
 
 
 ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), TritonAttention(), TorchSdpa())}

@@ -1,0 +1,60 @@
+"""patch(unpad=True): real tokens exact vs the padded model; padded positions zero."""
+import os
+
+import pytest
+import torch
+
+import bsbert
+from tests.helpers import tiny_pruned
+
+
+def _mixed_batch(lengths, seq, vocab=1000, seed=0, left=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), seq), generator=g)
+    am = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if left:
+            am[i, seq - n:] = 1
+        else:
+            am[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def _hidden(model, inp):
+    with torch.inference_mode():
+        return model.bert(**inp).last_hidden_state
+
+
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("attention", ["torch-sdpa", "triton"])
+def test_unpadded_matches_padded(left, attention):
+    if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on cpu needs the interpreter")
+    model = tiny_pruned(heads=(2, 4, 1), ffn=(50, 20, 7))
+    inp = _mixed_batch([1, 17, 31, 9], seq=31, left=left)
+    ref = _hidden(model, inp)
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention=attention)
+    assert model.bsbert_plan.unpad
+    out = _hidden(model, inp)
+    keep = inp["attention_mask"].bool()
+    err = ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item()
+    assert err <= 1e-4
+    assert torch.count_nonzero(out[~keep]) == 0
+    # no padding at all: the normal path, still exact
+    full = _mixed_batch([12, 12], seq=12)
+    bsbert.unpatch(model)
+    ref_full = _hidden(model, full)
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention=attention)
+    assert ((_hidden(model, full) - ref_full).abs().max() / ref_full.abs().max()).item() <= 1e-4
+
+
+def test_unpad_verify_and_unpatch_restore_forward():
+    model = tiny_pruned()
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True)
+    enc = model.bert.encoder
+    assert "forward" in vars(enc)
+    rep = bsbert.verify(model)  # verify compares real-token logits: padded rows differ by design
+    assert "forward" in vars(enc)  # verify put the unpadded forward back
+    assert rep.passed, str(rep)
+    bsbert.unpatch(model)
+    assert "forward" not in vars(enc)
