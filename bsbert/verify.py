@@ -70,16 +70,18 @@ def verify(model, inputs: dict | None = None, tolerance: float | None = None) ->
     for k, ref in original.items():
         out = patched[k].double()
         ref = ref.double()
-        mask = torch.isfinite(ref)
+        finite = torch.isfinite(ref)
+        considered = torch.ones_like(finite)
         if am is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(am.shape):
             # per-token outputs: padded positions carry no meaning (nothing attends to them, and the
             # padding-free forward leaves them zero); compare real tokens only
             real = am.bool().reshape(*am.shape, *([1] * (ref.dim() - 2))).expand_as(ref)
-            mask = mask & real
+            considered = real
+        mask = finite & considered
         diff = (out - ref).abs()
         max_abs = float(diff[mask].max()) if mask.any() else 0.0
         scale = float(ref[mask].abs().max()) if mask.any() else 1.0
-        nan_mismatch = bool((torch.isfinite(out) != mask).any())
+        nan_mismatch = bool(((torch.isfinite(out) != finite) & considered).any())
         report.outputs[k] = {"max_abs": max_abs,
                              "max_rel": float("inf") if nan_mismatch else max_abs / max(scale, 1e-30)}
     return report
