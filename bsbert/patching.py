@@ -186,7 +186,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
         unpad_mod.install(encoder, adapter)
     plan.unpad = bool(unpad)
-    model._bsbert_encoder = encoder
+    object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan

@@ -177,7 +177,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
         from bsbert import unpad as unpad_mod
 
         unpad_mod.install(encoder, adapter)
-    model._bsbert_encoder = encoder
+    object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan
