@@ -8,6 +8,17 @@ import sys
 def _bench(args):
     from rich.console import Console
 
+    if args.sweep:
+        from bsbert.sweep import run_sweep, sweep_table
+
+        res = run_sweep(batches=args.batches, seqs=args.seq if args.seq_given else (128, 384),
+                        dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
+                        small=args.small)
+        out = Console(width=max(160, Console().width))
+        out.print(sweep_table(res))
+        out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
+        return 0
+
     from bsbert.bench import run_bench, table
 
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
@@ -52,6 +63,10 @@ def main(argv=None) -> int:
                    help="how patch picks each linear's backend")
     b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     b.add_argument("--small", action="store_true", help="2-layer models (smoke test)")
+    b.add_argument("--sweep", action="store_true",
+                   help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory)")
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="with --sweep")
+    b.add_argument("--dtypes", nargs="+", default=None, help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
     b.set_defaults(fn=_bench)
     a = sub.add_parser("analyze", help="print the pruning structure and FLOP bound of a model")
     a.add_argument("--model", default=None)
@@ -68,6 +83,7 @@ def main(argv=None) -> int:
 
         return profile_main(argv[1:])
     args = p.parse_args(argv)
+    args.seq_given = "--seq" in argv
     return args.fn(args)
 
 

@@ -1,0 +1,143 @@
+"""`bsbert bench --sweep`: dense vs patched over batch x seq x dtype, latency, throughput, memory.
+
+Each configuration times dense BERT-large and the patched pruned model in the same dtype, back to
+back, and says which is faster. Memory: the bytes of weights each model computes with, and on CUDA
+the peak extra memory of one forward (max_memory_allocated); on CPU activations are not measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import bsbert
+from bsbert import models
+from bsbert.bench import DTYPES, _device_name, _inputs
+from bsbert.timing import time_fn
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the tensors the model computes with (bsbert's packed tensors; not kept originals)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    from bsbert.nn import SparseLinear
+
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            add(t)
+        if isinstance(m, SparseLinear) and m.choice is not None:
+            for k, t in m.choice.prepared.tensors.items():
+                if k != "bsm":
+                    add(t)
+    return total
+
+
+def peak_forward_mb(fn, device) -> float | None:
+    """Peak extra device memory of one forward (CUDA). On CPU there is no allocator counter that
+    sees a peak (RSS does not grow when the allocator reuses freed pages), so: None = not measured."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", repeats=2, out_dir="bench-out",
+              small=False, console=None) -> dict:
+    console = console or Console(stderr=True)
+    dev = torch.device(device)
+    dtypes = dtypes or (["float32", "bfloat16"] + (["float16"] if dev.type == "cuda" else []))
+    over = {"num_hidden_layers": 2} if small else {}
+    rows = []
+    configs = [(dt, b, s) for dt in dtypes for b in batches for s in seqs]
+    console.log(f"sweep: {len(configs)} configurations on {_device_name(dev)}")
+    for dt_name in dtypes:
+        dt = DTYPES[dt_name]
+        dense = models.dense_bert_large(dtype=dt, **over).to(dev)
+        pruned = models.seed_like_model(dtype=dt, **over).to(dev)
+        for b in batches:
+            for s in seqs:
+                inp = _inputs(b, s, dense.config.vocab_size, dev)
+                console.log(f"{dt_name} batch {b} seq {s}: dense ...")
+                t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)["median_ms"]
+                mem_dense = peak_forward_mb(lambda: dense(**inp), dev)
+                console.log(f"{dt_name} batch {b} seq {s}: patched ...")
+                bsbert.patch(pruned, tokens=b * s, progress=False, keep_original=True)
+                t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)["median_ms"]
+                mem_pat = peak_forward_mb(lambda: pruned(**inp), dev)
+                w_pat = weight_bytes(pruned)  # replaced originals are no longer in the module tree
+                bsbert.unpatch(pruned)
+                rows.append({
+                    "dtype": dt_name, "batch": b, "seq": s, "dense_ms": t_dense, "patched_ms": t_pat,
+                    "speedup": t_dense / t_pat, "dense_seq_per_s": 1e3 * b / t_dense,
+                    "patched_seq_per_s": 1e3 * b / t_pat, "dense_weights_mb": weight_bytes(dense) / 2**20,
+                    "patched_weights_mb": w_pat / 2**20, "dense_peak_act_mb": mem_dense,
+                    "patched_peak_act_mb": mem_pat, "dense_faster": t_dense < t_pat})
+                r = rows[-1]
+                console.log(f"  dense {t_dense:.1f} ms, patched {t_pat:.1f} ms ({r['speedup']:.2f}x)"
+                            + ("  <-- DENSE IS FASTER" if r["dense_faster"] else ""))
+        del dense, pruned
+    res = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "small": small, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"sweep-{dev.type}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    res["json"] = base + ".json"
+    try:
+        _plot(res, base + ".png")
+        res["png"] = base + ".png"
+    except Exception as exc:
+        console.log(f"plot skipped: {exc}")
+    return res
+
+
+def sweep_table(res) -> Table:
+    t = Table(title=f"bsbert bench --sweep — {res['device_name']} ({res['device']}, {res['threads']} threads)"
+              + (" [small]" if res["small"] else ""))
+    for c in ("dtype", "batch", "seq", "dense ms", "patched ms", "speedup", "dense seq/s", "patched seq/s",
+              "weights MB d/p", "peak act MB d/p", "note"):
+        t.add_column(c, justify="right")
+    fmt = lambda v: "n/m" if v is None else f"{v:.0f}"  # noqa: E731
+    for r in res["rows"]:
+        t.add_row(r["dtype"], str(r["batch"]), str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['patched_ms']:.1f}",
+                  f"{r['speedup']:.2f}x", f"{r['dense_seq_per_s']:.2f}", f"{r['patched_seq_per_s']:.2f}",
+                  f"{r['dense_weights_mb']:.0f}/{r['patched_weights_mb']:.0f}",
+                  f"{fmt(r['dense_peak_act_mb'])}/{fmt(r['patched_peak_act_mb'])}",
+                  "dense faster" if r["dense_faster"] else "")
+    return t
+
+
+def _plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    labels = [f"{r['dtype'][:4]} b{r['batch']} s{r['seq']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["speedup"] for r in rows],
+           color=["tab:red" if r["dense_faster"] else "tab:green" for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup of patched over dense (same dtype)")
+    ax.set_title(f"bsbert sweep — {res['device_name']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""The faces: bsbert bench (and --sweep) in small mode write JSON + PNG; info lists backends."""
+import json
+
+from bsbert.cli import main
+
+
+def test_bench_small(tmp_path, capsys):
+    assert main(["bench", "--small", "--seq", "16", "--repeats", "1", "--select", "heuristic",
+                 "--out", str(tmp_path)]) == 0
+    js = list(tmp_path.glob("bench-*.json"))
+    assert js and list(tmp_path.glob("bench-*.png"))
+    res = json.loads(js[0].read_text())
+    run = res["runs"][0]
+    assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_sweep_small(tmp_path):
+    assert main(["bench", "--sweep", "--small", "--batches", "1", "2", "--seq", "8", "--dtypes", "float32",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("sweep-*.json")).read_text())
+    assert [(r["batch"], r["seq"]) for r in res["rows"]] == [(1, 8), (2, 8)]
+    r = res["rows"][0]
+    assert r["patched_weights_mb"] < r["dense_weights_mb"]
+
+
+def test_info(capsys):
+    from bsbert.info import main as info_main
+
+    info_main()
+    out = capsys.readouterr().out
+    assert "cpu/float32/torch-dense" in out and "extension" in out
