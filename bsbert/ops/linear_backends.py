@@ -106,6 +106,23 @@ class OneDnnDense(LinearBackend):
         return PreparedLinear(self, fn, {"weight": w, "bias": bias}, None)
 
 
+def _prepare_bsr_op(backend, weight, bias, gelu, block, pack) -> PreparedLinear:
+    """torch.ops.bsbert.bsr_linear on ``pack(bsm)``, the values in the layout of the device's kernel."""
+    from bsbert.formats import BlockSparseMatrix
+
+    bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
+    packed = pack(bsm)
+    n, k = bsm.shape
+    crow, col = bsm.crow_indices, bsm.col_indices
+
+    def fn(x):
+        return torch.ops.bsbert.bsr_linear(x, crow, col, packed, bias, n, k, block, gelu)
+
+    # bsm is kept so the packed weight can be saved / inspected (bsbert.save)
+    return PreparedLinear(backend, fn, {"crow_indices": crow, "col_indices": col, "values": packed,
+                                        "bias": bias, "bsm": bsm}, block)
+
+
 class CpuBsr(LinearBackend):
     """bsbert's SIMD C++ block-sparse kernel (csrc/cpu), also serving dense weights (one block row
     per 32 outputs) when that beats the library GEMMs."""
@@ -125,20 +142,9 @@ class CpuBsr(LinearBackend):
         return reasons
 
     def prepare(self, weight, bias, gelu, block):
-        from bsbert.formats import BlockSparseMatrix
         from bsbert.ops.packing import pack_cpu
 
-        bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
-        packed = pack_cpu(bsm, weight.dtype)
-        n, k = bsm.shape
-        crow, col = bsm.crow_indices, bsm.col_indices
-
-        def fn(x):
-            return torch.ops.bsbert.bsr_linear(x, crow, col, packed, bias, n, k, block, gelu)
-
-        # bsm is kept so the packed weight can be saved / inspected (bsbert.save)
-        return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": packed,
-                                         "bias": bias, "bsm": bsm}, block)
+        return _prepare_bsr_op(self, weight, bias, gelu, block, lambda bsm: pack_cpu(bsm, weight.dtype))
 
 
 class CudaBsr(LinearBackend):
@@ -161,17 +167,7 @@ class CudaBsr(LinearBackend):
         return reasons
 
     def prepare(self, weight, bias, gelu, block):
-        from bsbert.formats import BlockSparseMatrix
-
-        bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
-        n, k = bsm.shape
-        crow, col, vals = bsm.crow_indices, bsm.col_indices, bsm.values
-
-        def fn(x):
-            return torch.ops.bsbert.bsr_linear(x, crow, col, vals, bias, n, k, block, gelu)
-
-        return PreparedLinear(self, fn, {"crow_indices": crow, "col_indices": col, "values": vals,
-                                         "bias": bias, "bsm": bsm}, block)
+        return _prepare_bsr_op(self, weight, bias, gelu, block, lambda bsm: bsm.values)  # natural layout
 
 
 class TritonBsr(LinearBackend):
