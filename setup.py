@@ -50,7 +50,10 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("BSBERT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inline OpenMP code; without it the CPU kernels silently run on one
+    # thread. The extension's libgomp.so.1 dependency resolves to the copy torch has already loaded
+    # (same SONAME), so there is still a single OpenMP runtime (tests/test_bsr_linear_cpu.py checks).
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -62,8 +65,8 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
         ext_cls = CppExtension
     print(f"bsbert: building extension with CUDA={'yes (' + cuda_home + ')' if build_cuda else 'no'}",
           file=sys.stderr)
-    ext_modules = [ext_cls("bsbert._C", sources, define_macros=define_macros,
-                           extra_compile_args=extra, include_dirs=[os.path.join(ROOT, "csrc")])]
+    ext_modules = [ext_cls("bsbert._C", sources, define_macros=define_macros, extra_compile_args=extra,
+                           extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(

@@ -30,6 +30,10 @@ def load(warn: bool = True):
     if not _state["loaded"]:
         _state["module"], _state["reason"] = _try_load()
         _state["loaded"] = True
+        if _state["module"] is not None:
+            from bsbert.ops.fake import register_fakes
+
+            register_fakes()  # meta kernels for torch.compile / export / opcheck
         if _state["module"] is None and warn:
             warnings.warn(f"{_state['reason']}; using bsbert's pure-torch fallbacks", RuntimeWarning,
                           stacklevel=3)

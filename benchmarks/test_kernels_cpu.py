@@ -1,0 +1,107 @@
+"""pytest-benchmark: bsbert's CPU block-sparse kernel vs dense torch F.linear and oneDNN.
+
+    pytest benchmarks/test_kernels_cpu.py --benchmark-only            # small default grid
+    BSBERT_BENCH_FULL=1 pytest benchmarks/test_kernels_cpu.py --benchmark-only   # full grid
+
+Each case reports useful GFLOP/s in ``extra_info`` (2*M*nnz_blocks*b*b for ours, 2*M*N*K for dense).
+For the ratio table measured interleaved in one run, use ``python -m bsbert.ops.cpu_kernel_report``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbert import _ext
+from bsbert.formats import BlockSparseMatrix
+from bsbert.ops.cpu_kernel_report import block_sparse_weight
+from bsbert.ops.packing import pack_cpu
+
+FULL = os.environ.get("BSBERT_BENCH_FULL", "0").lower() in ("1", "true", "yes")
+
+if FULL:
+    SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 768), (3072, 768), (768, 3072), (70, 100),
+              (140, 128)]
+    DENSITIES = [1.0, 0.64, 0.5, 0.25, 0.1]
+    MS = [1, 8, 16, 384]
+    DTYPES = [torch.float32, torch.bfloat16]
+else:
+    SHAPES = [(1024, 1024), (4096, 1024)]
+    DENSITIES = [1.0, 0.25]
+    MS = [16, 384]
+    DTYPES = [torch.float32]
+
+needs_op = pytest.mark.skipif(not _ext.has_op("bsr_linear"),
+                              reason=f"bsbert::bsr_linear unavailable: {_ext.reason_unavailable()}")
+
+_cache = {}
+
+
+def _setup(n, k, d, m, dtype, block=32):
+    key = (n, k, d, m, dtype, block)
+    if key not in _cache:
+        w32 = block_sparse_weight(n, k, block, d, seed=n + k)
+        bsm = BlockSparseMatrix.from_dense(w32, block, pad=True, dtype=dtype)
+        _cache[key] = dict(bsm=bsm, packed=pack_cpu(bsm, dtype) if dtype in (torch.float32, torch.bfloat16)
+                           else None, w=w32.to(dtype), x=torch.randn(m, k).to(dtype),
+                           bias=torch.randn(n).to(dtype))
+    return _cache[key]
+
+
+def _ids(v):
+    if isinstance(v, tuple):
+        return f"{v[0]}x{v[1]}"
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    return str(v)
+
+
+params = pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+params_m = pytest.mark.parametrize("m", MS)
+params_d = pytest.mark.parametrize("density", DENSITIES)
+params_s = pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+
+
+@needs_op
+@params
+@params_m
+@params_d
+@params_s
+def test_bsr_linear(benchmark, shape, density, m, dtype):
+    n, k = shape
+    c = _setup(n, k, density, m, dtype)
+    bsm = c["bsm"]
+    benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
+    benchmark.extra_info["useful_flops"] = bsm.useful_flops(m)
+    benchmark.extra_info["block_density"] = bsm.stats.block_density
+    benchmark(torch.ops.bsbert.bsr_linear, c["x"], bsm.crow_indices, bsm.col_indices, c["packed"], c["bias"],
+              n, k, bsm.block, False)
+    benchmark.extra_info["gflops"] = bsm.useful_flops(m) / benchmark.stats.stats.min / 1e9
+
+
+@params
+@params_m
+@params_d
+@params_s
+def test_dense_flinear(benchmark, shape, density, m, dtype):
+    n, k = shape
+    c = _setup(n, k, density, m, dtype)
+    benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
+    benchmark(F.linear, c["x"], c["w"], c["bias"])
+    benchmark.extra_info["gflops"] = 2 * m * n * k / benchmark.stats.stats.min / 1e9
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN unavailable")
+@params
+@params_m
+@params_d
+@params_s
+def test_dense_onednn(benchmark, shape, density, m, dtype):
+    n, k = shape
+    c = _setup(n, k, density, m, dtype)
+    wm = c["w"].to_mkldnn()
+    benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
+    benchmark(torch.ops.mkldnn._linear_pointwise, c["x"], wm, c["bias"], "none", [], "")
+    benchmark.extra_info["gflops"] = 2 * m * n * k / benchmark.stats.stats.min / 1e9

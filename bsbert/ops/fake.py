@@ -1,0 +1,85 @@
+"""Fake (meta) kernels of bsbert's compiled ops, for torch.compile / export / opcheck.
+
+Registration is guarded: it only happens when the op exists (the compiled extension is loaded), and
+only once. Call :func:`register_fakes` (idempotent); importing this module does it too.
+"""
+from __future__ import annotations
+
+import torch
+
+_registered: set[str] = set()
+
+
+def _op_exists(qualname: str) -> bool:
+    ns, name = qualname.split("::")
+    try:
+        return hasattr(getattr(torch.ops, ns), name)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _bsr_linear_fake(x, crow_indices, col_indices, packed_values, bias, out_features, in_features,
+                     block, gelu):
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices),
+                    ("packed_values", packed_values), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"bsr_linear: {name} is on {t.device} but x is on {x.device}; "
+                               f"all tensors must share a device")
+    torch._check(block in (16, 32, 64), lambda: f"bsr_linear: block must be 16, 32 or 64, got {block}")
+    torch._check(x.dim() >= 1, lambda: "bsr_linear: x must have at least 1 dimension")
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"bsr_linear: x.shape[-1] = {x.shape[-1]} does not match in_features = {in_features}")
+    torch._check(packed_values.dtype == x.dtype,
+                 lambda: f"bsr_linear: packed_values dtype ({packed_values.dtype}) must match x's dtype ({x.dtype})")
+    torch._check(crow_indices.dtype == torch.int32 and col_indices.dtype == torch.int32,
+                 lambda: "bsr_linear: crow_indices and col_indices must be int32")
+    torch._check(crow_indices.numel() == (out_features + block - 1) // block + 1,
+                 lambda: "bsr_linear: crow_indices must have ceil(out_features/block)+1 entries")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (out_features,),
+                     lambda: f"bsr_linear: bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _pruned_attention_fake(qkv, key_padding_mask, num_heads, head_dim, scale):
+    torch._check(qkv.dim() == 3, lambda: "pruned_attention: qkv must be [B, S, 3*H*D]")
+    torch._check(qkv.shape[-1] == 3 * num_heads * head_dim,
+                 lambda: f"pruned_attention: qkv last dim {qkv.shape[-1]} != 3*{num_heads}*{head_dim}")
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads * head_dim))
+
+
+def _pruned_attention_varlen_fake(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
+    torch._check(qkv.dim() == 2, lambda: "pruned_attention_varlen: qkv must be [T, 3*H*D]")
+    torch._check(qkv.shape[-1] == 3 * num_heads * head_dim,
+                 lambda: f"pruned_attention_varlen: qkv last dim {qkv.shape[-1]} != 3*{num_heads}*{head_dim}")
+    return qkv.new_empty((qkv.shape[0], num_heads * head_dim))
+
+
+_FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::pruned_attention": _pruned_attention_fake,
+          "bsbert::pruned_attention_varlen": _pruned_attention_varlen_fake}
+
+
+def register_fakes() -> list[str]:
+    """Register every fake kernel whose op exists; returns the names registered by this call."""
+    done = []
+    for qualname, fn in _FAKES.items():
+        if qualname in _registered or not _op_exists(qualname):
+            continue
+        try:
+            torch.library.register_fake(qualname)(fn)
+        except RuntimeError as exc:  # already registered elsewhere (e.g. a reload)
+            if "already" not in str(exc):
+                raise
+        _registered.add(qualname)
+        done.append(qualname)
+    return done
+
+
+try:
+    from bsbert import _ext
+
+    if _ext.available():
+        register_fakes()
+except Exception:  # pragma: no cover - never let an import fail because of fakes
+    pass

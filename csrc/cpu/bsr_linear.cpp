@@ -1,0 +1,230 @@
+// CPU implementation of bsbert::bsr_linear (schema in csrc/ops.cpp):
+//   y = x @ W^T (+ bias) (then GELU), W block-sparse, blocks pre-packed by bsbert/ops/packing.py.
+//
+// This file is compiled for the baseline ISA and owns everything that touches torch: argument checks,
+// layout of x / y, the fp32 bias copy and the threading (at::parallel_for, i.e. torch's pool and
+// torch.set_num_threads). The arithmetic is in bsr_linear_kernel.h, instantiated per ISA in
+// bsr_linear_{portable,avx2,avx512}.cpp and selected per call with effective_isa() (so
+// BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
+//
+// Work split: tasks = (M tiles of mc rows) x (block rows). mc is at most 96 rows and shrinks (in
+// multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
+// spreads over every core through the block rows. Threads pull tasks from an atomic counter (block
+// rows of a pruned matrix have very different numbers of blocks, so a static split would be unbalanced).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "cpu/bsr_linear.h"
+#include "cpu/isa.h"
+
+// torch's OpenMP backend implements at::parallel_for inline in its headers: a translation unit
+// compiled without -fopenmp silently runs it on one thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "bsr_linear.cpp is compiled without -fopenmp: at::parallel_for will run on a single thread"
+#endif
+
+namespace bsbert {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMcMax = 96;
+constexpr int64_t kXpCacheMax = int64_t(16) << 20;  // floats (64 MiB) kept per calling thread
+
+struct Path {
+  BsrTileFn fn;
+  BsrPackFn pack;
+  int mr;
+};
+
+Path select_path(bool w_bf16) {
+  switch (effective_isa()) {
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512:
+      return {bsr_tile_avx512, bsr_pack_avx512, bsr_mr_avx512(w_bf16)};
+    case Isa::kAvx2:
+      return {bsr_tile_avx2, bsr_pack_avx2, bsr_mr_avx2(w_bf16)};
+    default:
+      return {bsr_tile_portable, bsr_pack_portable, bsr_mr_portable(w_bf16)};
+  }
+}
+
+// Task order: block row fastest (consecutive tasks share the packed x tile and write neighbouring
+// columns of the same output rows); BSBERT_BSR_ORDER=m makes the M tile fastest (for experiments).
+bool m_fastest() {
+  const char* env = std::getenv("BSBERT_BSR_ORDER");
+  return env != nullptr && env[0] == 'm';
+}
+
+}  // namespace
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
+  TORCH_CHECK(block == 16 || block == 32 || block == 64,
+              "bsr_linear: block must be 16, 32 or 64, got ", block);
+  TORCH_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear: negative out_features (",
+              out_features, ") or in_features (", in_features, ")");
+  TORCH_CHECK(x.device().is_cpu(), "bsr_linear (CPU kernel): x must be on the CPU, got ", x.device());
+  TORCH_CHECK(crow.device().is_cpu() && col.device().is_cpu() && packed.device().is_cpu(),
+              "bsr_linear (CPU kernel): crow_indices, col_indices and packed_values must be on the CPU, got ",
+              crow.device(), ", ", col.device(), ", ", packed.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt != at::kHalf,
+              "bsr_linear (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+              "bsr_linear (CPU kernel): x must be float32 or bfloat16, got ", dt);
+  TORCH_CHECK(packed.scalar_type() == dt, "bsr_linear: packed_values dtype (", packed.scalar_type(),
+              ") must match x's dtype (", dt, "); repack with bsbert.ops.packing.pack_cpu(bsm, ", dt, ")");
+  TORCH_CHECK(x.dim() >= 1, "bsr_linear: x must have at least 1 dimension");
+  TORCH_CHECK(x.size(-1) == in_features, "bsr_linear: x.shape[-1] = ", x.size(-1),
+              " does not match in_features = ", in_features);
+  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt,
+              "bsr_linear: crow_indices and col_indices must be int32, got ", crow.scalar_type(), " and ",
+              col.scalar_type());
+  TORCH_CHECK(crow.dim() == 1 && col.dim() == 1, "bsr_linear: crow_indices and col_indices must be 1-D");
+  const int64_t b = block, N = out_features, K = in_features;
+  const int64_t nbr = (N + b - 1) / b, nbc = (K + b - 1) / b;
+  TORCH_CHECK(crow.numel() == nbr + 1, "bsr_linear: crow_indices must have ceil(out_features/block)+1 = ",
+              nbr + 1, " entries, got ", crow.numel());
+  const int64_t nnzb = col.numel();
+  TORCH_CHECK(packed.numel() == nnzb * b * b, "bsr_linear: packed_values must hold nnz_blocks*block*block = ",
+              nnzb * b * b, " values, got ", packed.numel(), " (shape ", packed.sizes(), ")");
+  TORCH_CHECK(packed.is_contiguous(), "bsr_linear: packed_values must be contiguous");
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const int32_t* crow_p = crow_c.data_ptr<int32_t>();
+  const int32_t* col_p = col_c.data_ptr<int32_t>();
+  TORCH_CHECK(crow_p[0] == 0 && crow_p[nbr] == nnzb, "bsr_linear: crow_indices must run from 0 to nnz_blocks = ",
+              nnzb, ", got ", crow_p[0], "..", crow_p[nbr]);
+  for (int64_t r = 0; r < nbr; ++r)
+    TORCH_CHECK(crow_p[r] <= crow_p[r + 1], "bsr_linear: crow_indices must be non-decreasing (row ", r, ")");
+  for (int64_t i = 0; i < nnzb; ++i)
+    TORCH_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
+                " is outside [0, ceil(in_features/block) = ", nbc, ")");
+
+  at::Tensor bias_pad;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& bt = *bias;
+    TORCH_CHECK(bt.device().is_cpu(), "bsr_linear (CPU kernel): bias must be on the CPU, got ", bt.device());
+    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N, "bsr_linear: bias must have shape [", N, "], got ",
+                bt.sizes());
+    TORCH_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
+    bias_pad = at::zeros({nbr * b}, x.options().dtype(at::kFloat));
+    bias_pad.narrow(0, 0, N).copy_(bt);
+  }
+
+  // x as rows of K contiguous values (any row stride); packed into panels (and widened) below.
+  at::Tensor x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  if (K > 0 && (x2.stride(1) != 1 || (M > 1 && x2.stride(0) < K))) x2 = x2.contiguous();
+  const int64_t ldx = (M > 1 && K > 0) ? x2.stride(0) : K;
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0 || N == 0) return y.view(out_shape);
+
+  const bool bf16 = dt == at::kBFloat16;
+  BsrLinearArgs args;
+  args.x = (K > 0 && !bf16) ? x2.data_ptr<float>() : nullptr;
+  args.xraw = K > 0 ? x2.data_ptr() : nullptr;
+  args.ldx = ldx;
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.block = static_cast<int>(b);
+  args.crow = crow_p;
+  args.col = col_p;
+  args.w = packed.data_ptr();
+  args.w_bf16 = bf16;
+  args.bias = bias_pad.defined() ? bias_pad.data_ptr<float>() : nullptr;
+  args.gelu = gelu;
+  args.y = y.data_ptr();
+  args.ldy = N;
+  args.y_bf16 = bf16;
+
+  const Path path = select_path(bf16);
+  const int64_t mr = path.mr;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  // M tile: <= kMcMax rows, a multiple of mr, small enough for >= 4 tasks per thread when possible.
+  const int64_t want_mtiles = std::max<int64_t>(1, (4 * nthreads + nbr - 1) / nbr);
+  int64_t mc = (M + want_mtiles - 1) / want_mtiles;
+  mc = std::max<int64_t>(mr, (mc + mr - 1) / mr * mr);
+  mc = std::min<int64_t>(mc, kMcMax);
+  if (const char* env = std::getenv("BSBERT_BSR_MC")) {
+    const int64_t v = std::atoll(env);
+    if (v > 0) mc = std::max<int64_t>(mr, v / mr * mr);
+  }
+  const int64_t nmt = (M + mc - 1) / mc;
+  const int64_t ntasks = nmt * nbr;
+  const bool mfast = m_fastest();
+
+  // Pack x into register-tile panels (also widens bf16), then run the tiles.
+  const int64_t npanels = (M + mr - 1) / mr;
+  const int64_t pstride = nbc * b * mr;
+  // Panel buffer: reused per calling thread (fresh pages would cost a page fault per 4 KiB every call);
+  // very large inputs get a temporary buffer instead so that the cache stays bounded.
+  const int64_t xp_elems = std::max<int64_t>(1, npanels * pstride);
+  at::Tensor xp_tmp;
+  if (xp_elems <= kXpCacheMax) {
+    thread_local std::unique_ptr<float[]> cache;
+    thread_local int64_t cache_elems = 0;
+    if (cache_elems < xp_elems) {
+      cache.reset();
+      cache.reset(new float[xp_elems]);
+      cache_elems = xp_elems;
+    }
+    args.xp = cache.get();
+  } else {
+    xp_tmp = at::empty({xp_elems}, x.options().dtype(at::kFloat));
+    args.xp = xp_tmp.data_ptr<float>();
+  }
+  // One parallel region: workers first claim x panels to pack (atomic counter), wait until every
+  // claimed panel is done, then claim (M tile, block row) tasks. Dynamic claiming means a worker that
+  // starts late (busy core) neither holds up the packing nor the tasks, only the final join.
+  // Small inputs are packed by the calling thread up front (cheaper than sharing the work).
+  const bool pack_serial = K == 0 || npanels * pstride < (int64_t(1) << 16) || nthreads == 1;
+  if (K > 0 && pack_serial) path.pack(args, 0, npanels, args.xp);
+  const int64_t pack_chunk = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pstride));
+  const int64_t npack = pack_serial ? 0 : (npanels + pack_chunk - 1) / pack_chunk;
+  std::atomic<int64_t> next_pack{0}, packed_done{0};
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t i = next_pack.fetch_add(1, std::memory_order_relaxed);
+      if (i >= npack) break;
+      const int64_t p0 = i * pack_chunk, p1 = std::min(npanels, p0 + pack_chunk);
+      path.pack(args, p0, p1, args.xp);
+      packed_done.fetch_add(1, std::memory_order_release);
+    }
+    while (packed_done.load(std::memory_order_acquire) < npack) std::this_thread::yield();
+    std::vector<float> scratch(static_cast<size_t>(mc * b) + 16);
+    float* c = scratch.data();
+    for (;;) {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntasks) break;
+      const int64_t mt = mfast ? t % nmt : t / nbr;
+      const int64_t rb = mfast ? t / nmt : t % nbr;
+      const int64_t m0 = mt * mc, m1 = std::min(M, m0 + mc);
+      path.fn(args, m0, m1, rb, c);
+    }
+  };
+  const int64_t nworkers = std::min(nthreads, std::max(ntasks, npack));
+  if (nworkers <= 1)
+    worker(0, 1);
+  else
+    at::parallel_for(0, nworkers, 1, worker);
+  return y.view(out_shape);
+}
+
+}  // namespace cpu
+}  // namespace bsbert
+
+TORCH_LIBRARY_IMPL(bsbert, CPU, m) { m.impl("bsr_linear", &bsbert::cpu::bsr_linear_cpu); }

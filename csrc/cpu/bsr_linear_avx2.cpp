@@ -1,0 +1,139 @@
+// AVX2 + FMA instantiation of the block-sparse GEMM (8-wide __m256). Everything after the target
+// pragma is compiled for avx2/fma; only <immintrin.h>, <cstdint> and our plain header precede it, and
+// all kernel code has internal linkage, so no AVX2 code can leak into the baseline paths.
+#include <cstdint>
+#include <immintrin.h>
+
+#include "cpu/bsr_linear.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BSBERT_HAVE_AVX2_TU 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#endif
+
+namespace bsbert {
+namespace cpu {
+namespace {
+
+struct VAvx2 {
+  using reg = __m256;
+  static constexpr int W = 8;
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static inline reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static inline reg set1(float f) { return _mm256_set1_ps(f); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static inline void load_pairs(const int32_t* p, reg& lo, reg& hi) {
+    const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  static inline void store_bf16(uint16_t* p, reg v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    __m256i pk = _mm256_packus_epi32(r, r);        // [r0..3 r0..3 | r4..7 r4..7] (16-bit)
+    pk = _mm256_permute4x64_epi64(pk, 0x08);       // qwords 0, 2 -> low 128 bits
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(pk));
+  }
+};
+
+#include "cpu/bsr_linear_kernel.h"
+
+}  // namespace
+
+// 6x16 fp32 register tile (12 accumulators + 2 weight vectors + 1 broadcast of the 16 ymm);
+// bf16 weights need lo/hi per vector: 4x16 (8 accumulators + 4 + 2).
+void bsr_tile_avx2(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
+  tile_dispatch<VAvx2, 6, 4, 2>(a, m0, m1, rb, c);
+}
+// fp32 x, full 6-row panels: 8 k at a time, 6 row vectors (+2 zero rows) transposed 8x8 in registers
+// and stored as 8 runs of 6 floats. Tails (last rows, K % 8, block padding) and bf16 take the generic
+// path.
+void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
+  if (a.w_bf16) {
+    pack_dispatch<6, 4>(a, p0, p1, xp);
+    return;
+  }
+  constexpr int MRP = 6;
+  const int b = a.block;
+  const int64_t kpad = (a.K + b - 1) / b * b;
+  const int64_t pstride = kpad * MRP;
+  const int64_t k8 = a.K / 8 * 8;
+  const __m256i mask6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t m0 = p * MRP;
+    if (a.M - m0 < MRP) {
+      pack_x_impl<MRP, false>(a, p, p + 1, xp);
+      continue;
+    }
+    float* dst = xp + p * pstride;
+    const float* src[MRP];
+    for (int r = 0; r < MRP; ++r) src[r] = a.x + (m0 + r) * a.ldx;
+    const __m256 z = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < k8; k0 += 8) {
+      const __m256 r0 = _mm256_loadu_ps(src[0] + k0), r1 = _mm256_loadu_ps(src[1] + k0);
+      const __m256 r2 = _mm256_loadu_ps(src[2] + k0), r3 = _mm256_loadu_ps(src[3] + k0);
+      const __m256 r4 = _mm256_loadu_ps(src[4] + k0), r5 = _mm256_loadu_ps(src[5] + k0);
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+      const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+      const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+      const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+      const __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xee);
+      const __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xee);
+      float* d = dst + k0 * MRP;
+      // column k = (r0[k] .. r5[k], 0, 0); each store spills 2 zeros into the next run, which the
+      // next store overwrites; the last one is masked to stay inside the panel.
+      _mm256_storeu_ps(d + 0 * MRP, _mm256_permute2f128_ps(s0, s4, 0x20));
+      _mm256_storeu_ps(d + 1 * MRP, _mm256_permute2f128_ps(s1, s5, 0x20));
+      _mm256_storeu_ps(d + 2 * MRP, _mm256_permute2f128_ps(s2, s6, 0x20));
+      _mm256_storeu_ps(d + 3 * MRP, _mm256_permute2f128_ps(s3, s7, 0x20));
+      _mm256_storeu_ps(d + 4 * MRP, _mm256_permute2f128_ps(s0, s4, 0x31));
+      _mm256_storeu_ps(d + 5 * MRP, _mm256_permute2f128_ps(s1, s5, 0x31));
+      _mm256_storeu_ps(d + 6 * MRP, _mm256_permute2f128_ps(s2, s6, 0x31));
+      _mm256_maskstore_ps(d + 7 * MRP, mask6, _mm256_permute2f128_ps(s3, s7, 0x31));
+    }
+    for (int64_t k = k8; k < kpad; ++k)
+      for (int r = 0; r < MRP; ++r) dst[k * MRP + r] = k < a.K ? src[r][k] : 0.f;
+  }
+}
+
+}  // namespace cpu
+}  // namespace bsbert
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+namespace bsbert {
+namespace cpu {
+int bsr_mr_avx2(bool w_bf16) { return w_bf16 ? 4 : 6; }
+}  // namespace cpu
+}  // namespace bsbert
+
+#else  // not x86-64: never selected (effective_isa() is portable there)
+namespace bsbert {
+namespace cpu {
+void bsr_tile_avx2(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
+  bsr_tile_portable(a, m0, m1, rb, c);
+}
+int bsr_mr_avx2(bool w_bf16) { return bsr_mr_portable(w_bf16); }
+void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
+  bsr_pack_portable(a, p0, p1, xp);
+}
+}  // namespace cpu
+}  // namespace bsbert
+#endif

@@ -1,0 +1,359 @@
+"""Correctness of the CPU block-sparse GEMM ``torch.ops.bsbert.bsr_linear`` (csrc/cpu/bsr_linear*).
+
+Every check compares against a float64 masked-dense reference computed from the very inputs the
+kernel saw (bf16 inputs are rounded first), on fresh random data. No timing assertions here.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from bsbert import _ext
+from bsbert.formats import BlockSparseMatrix
+from bsbert.ops.cpu_reference import bsr_linear_reference
+from bsbert.ops.packing import pack_cpu, unpack_cpu
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+pytestmark = pytest.mark.skipif(not _ext.has_op("bsr_linear"),
+                                reason=f"bsbert._C / bsr_linear unavailable: {_ext.reason_unavailable()}")
+
+if _ext.available():
+    import bsbert.ops.fake  # noqa: F401  (registers the fake kernel used by opcheck)
+
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def _isa_levels():
+    """ISA caps that this machine can run (BSBERT_CPU_ISA values)."""
+    if not _ext.available():
+        return ["portable"]
+    old = os.environ.pop("BSBERT_CPU_ISA", None)
+    try:
+        best = _ext.load(warn=False).cpu_isa()
+    finally:
+        if old is not None:
+            os.environ["BSBERT_CPU_ISA"] = old
+    order = ["portable", "avx2", "avx512"]
+    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 2}[best]
+    return order[: top + 1]
+
+
+ISAS = _isa_levels()
+
+
+def make_bsm(n, k, block, density, *, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    nb = (-(-n // block), -(-k // block))
+    keep = torch.rand(nb, generator=g) < density
+    mask = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    w = (w * mask).to(dtype)
+    return w, BlockSparseMatrix.from_dense(w, block, pad=True)
+
+
+def ref64(x, w, bias, gelu):
+    y = x.double() @ w.double().T
+    if bias is not None:
+        y = y + bias.double()
+    if gelu:
+        y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    return y
+
+
+def run_op(x, bsm, bias=None, gelu=False, packed=None):
+    packed = pack_cpu(bsm, x.dtype) if packed is None else packed
+    n, k = bsm.shape
+    return torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, packed, bias, n, k,
+                                       bsm.block, gelu)
+
+
+def check(y, ref, dtype, x_shape, n):
+    assert y.dtype == dtype
+    assert tuple(y.shape) == (*x_shape[:-1], n)
+    assert y.is_contiguous()
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    err = float((y.double() - ref).abs().max()) if ref.numel() else 0.0
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    assert err <= tol * scale, f"max abs err {err:.3g} > {tol} * {scale:.3g}"
+
+
+def case(m, n, k, block, density, dtype, bias, gelu, seed=0, x_shape=None):
+    w, bsm = make_bsm(n, k, block, density, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*(x_shape or (m, k)), generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    y = run_op(x, bsm, b, gelu)
+    check(y, ref64(x, w, b, gelu), dtype, x.shape, n)
+    return y
+
+
+# ---- basic grid ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("bias,gelu", [(False, False), (True, False), (True, True), (False, True)])
+def test_grid(dtype, block, density, bias, gelu):
+    case(37, 2 * block + 8, 3 * block - 5, block, density, dtype, bias, gelu, seed=block)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 96, 200])
+def test_each_isa(monkeypatch, isa, dtype, m):
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    assert _ext.load(warn=False).cpu_isa().startswith(isa)
+    for block in (16, 32, 64):
+        case(m, 150, 140, block, 0.6, dtype, True, True, seed=m + block)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isas_agree(monkeypatch, isa):
+    w, bsm = make_bsm(256, 320, 32, 0.5, seed=3)
+    x = torch.randn(50, 320)
+    b = torch.randn(256)
+    monkeypatch.setenv("BSBERT_CPU_ISA", "portable")
+    y0 = run_op(x, bsm, b, True)
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    y1 = run_op(x, bsm, b, True)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_shapes_fp32():
+    for (n, k) in [(768, 768), (3072, 768), (768, 3072)]:
+        case(64, n, k, 32, 0.4, torch.float32, True, n == 3072, seed=n + k)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(70, 70), (100, 140), (140, 100), (1, 1), (33, 17)])
+def test_small_and_tails(m, n, k):
+    for block in (16, 32):
+        case(m, n, k, block, 0.7, torch.float32, True, True, seed=m * 7 + n)
+        case(m, n, k, block, 0.7, torch.bfloat16, True, False, seed=m * 7 + k)
+
+
+def test_all_zero_matrix_gives_bias():
+    w = torch.zeros(96, 64)
+    bsm = BlockSparseMatrix.from_dense(w, 32)
+    assert bsm.nnz_blocks == 0
+    x = torch.randn(9, 64)
+    b = torch.randn(96)
+    torch.testing.assert_close(run_op(x, bsm, b), b.expand(9, 96).contiguous(), rtol=0, atol=0)
+    torch.testing.assert_close(run_op(x, bsm, None), torch.zeros(9, 96), rtol=0, atol=0)
+    g = run_op(x, bsm, b, gelu=True)
+    torch.testing.assert_close(g, torch.nn.functional.gelu(b).expand(9, 96), rtol=1e-6, atol=1e-6)
+
+
+def test_fully_dense_matches_linear():
+    w, bsm = make_bsm(192, 256, 64, 1.0, seed=5)
+    assert bsm.stats.block_density == 1.0
+    x = torch.randn(31, 256)
+    b = torch.randn(192)
+    torch.testing.assert_close(run_op(x, bsm, b), torch.nn.functional.linear(x, w, b),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_extremes():
+    # large |v| (erf saturates) and values around 0, through an identity weight
+    w = torch.eye(64)
+    bsm = BlockSparseMatrix.from_dense(w, 32)
+    x = torch.linspace(-12, 12, 64 * 8).reshape(8, 64)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 3e-4])
+    y = run_op(x, bsm, None, gelu=True)
+    ref = ref64(x, w, None, True)
+    assert float((y.double() - ref).abs().max()) <= 2e-6
+
+
+def test_non_contiguous_and_3d_x():
+    w, bsm = make_bsm(96, 80, 16, 0.5, seed=9)
+    b = torch.randn(96)
+    base = torch.randn(4, 7, 200)
+    x = base[:, :, 10:90]  # last dim contiguous, row stride 200
+    y = run_op(x, bsm, b, True)
+    check(y, ref64(x, w, b, True), torch.float32, x.shape, 96)
+    xt = torch.randn(80, 21).T  # fully transposed
+    y = run_op(xt, bsm, b)
+    check(y, ref64(xt, w, b, False), torch.float32, xt.shape, 96)
+    x3 = torch.randn(2, 3, 5, 80)[:, :, ::2]  # strided leading dims
+    y = run_op(x3, bsm, None)
+    check(y, ref64(x3, w, None, False), torch.float32, x3.shape, 96)
+    x1 = torch.randn(80)  # 1-D x
+    y = run_op(x1, bsm, b)
+    check(y, ref64(x1, w, b, False), torch.float32, x1.shape, 96)
+
+
+def test_empty_inputs():
+    w, bsm = make_bsm(64, 48, 16, 0.5)
+    y = run_op(torch.randn(0, 48), bsm, torch.randn(64))
+    assert y.shape == (0, 64)
+    y = run_op(torch.randn(2, 0, 48), bsm, None)
+    assert y.shape == (2, 0, 64)
+
+
+def test_reads_only_k_columns():
+    # x is a view into a row whose tail (beyond K) holds NaN: the kernel must never read it
+    w, bsm = make_bsm(64, 40, 32, 1.0, seed=2)  # K=40: the second block column is partial
+    base = torch.full((5, 64), float("nan"))
+    base[:, :40] = torch.randn(5, 40)
+    x = base[:, :40]
+    for isa in ISAS:
+        os.environ["BSBERT_CPU_ISA"] = isa
+        try:
+            y = run_op(x, bsm, None)
+        finally:
+            del os.environ["BSBERT_CPU_ISA"]
+        assert torch.isfinite(y).all(), isa
+        check(y, ref64(x, w, None, False), torch.float32, x.shape, 64)
+
+
+def test_thread_count_does_not_change_result():
+    w, bsm = make_bsm(256, 256, 32, 0.5, seed=4)
+    x = torch.randn(77, 256)
+    b = torch.randn(256)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = run_op(x, bsm, b, True)
+        torch.set_num_threads(max(2, old))
+        y2 = run_op(x, bsm, b, True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)  # every output is computed by one task: bitwise deterministic
+
+
+def test_matches_reference_module():
+    w, bsm = make_bsm(130, 70, 32, 0.5, seed=8)
+    x = torch.randn(3, 11, 70)
+    b = torch.randn(130)
+    torch.testing.assert_close(run_op(x, bsm, b, True), bsr_linear_reference(x, bsm, b, True),
+                               rtol=1e-5, atol=1e-5)
+    check(bsr_linear_reference(x.double(), bsm, b.double(), True), ref64(x, w, b, True),
+          torch.float64, x.shape, 130)
+
+
+# ---- packing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_pack_layout_round_trip(dtype, block):
+    _, bsm = make_bsm(2 * block, 3 * block, block, 0.7, seed=block, dtype=dtype)
+    p = pack_cpu(bsm, dtype)
+    assert p.dtype == dtype and p.is_contiguous() and p.numel() == bsm.values.numel()
+    torch.testing.assert_close(unpack_cpu(p, block), bsm.values, rtol=0, atol=0)
+    if bsm.nnz_blocks:
+        v = bsm.values[0]
+        if dtype == torch.float32:
+            assert p[0, 3, 5] == v[5, 3]  # [k][n]
+        else:
+            assert p[0, 1, 5, 1] == v[5, 3]  # [k/2][n][k%2]
+
+
+def test_pack_rejects_float16():
+    _, bsm = make_bsm(32, 32, 16, 1.0)
+    with pytest.raises(ValueError, match="float16"):
+        pack_cpu(bsm, torch.float16)
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+def _args(n=64, k=48, block=16, dtype=torch.float32):
+    _, bsm = make_bsm(n, k, block, 0.6)
+    return [torch.randn(5, k).to(dtype), bsm.crow_indices, bsm.col_indices, pack_cpu(bsm, dtype),
+            None, n, k, block, False]
+
+
+def _raises(args, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        torch.ops.bsbert.bsr_linear(*args)
+
+
+def test_errors():
+    a = _args()
+    a[0] = a[0].half()
+    _raises(a, "float16")
+    a = _args()
+    a[0] = a[0].double()
+    _raises(a, "float32 or bfloat16")
+    a = _args()
+    a[0] = a[0].bfloat16()  # packed is fp32
+    _raises(a, "packed_values dtype")
+    a = _args()
+    a[0] = torch.randn(5, 47)
+    _raises(a, "in_features")
+    a = _args()
+    a[7] = 8
+    _raises(a, "block")
+    a = _args()
+    a[1] = a[1].long()
+    _raises(a, "int32")
+    a = _args()
+    a[1] = a[1][:-1]
+    _raises(a, "crow_indices")
+    a = _args()
+    a[2] = a[2].clone()
+    a[2][0] = 99
+    _raises(a, "col_indices")
+    a = _args()
+    a[3] = a[3][:-1]
+    _raises(a, "packed_values")
+    a = _args()
+    a[4] = torch.randn(63)
+    _raises(a, "bias")
+
+
+def test_wrong_device():
+    a = _args()
+    a[3] = a[3].to("meta")
+    _raises(a, "device|meta|CPU|cpu")
+    if torch.cuda.is_available():
+        a = _args()
+        a[1] = a[1].cuda()
+        _raises(a, "device|cuda|CPU|cpu")
+
+
+# ---- opcheck ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,gelu", [(False, False), (True, True)])
+def test_opcheck(dtype, bias, gelu):
+    _, bsm = make_bsm(70, 50, 16, 0.6, dtype=dtype)
+    x = torch.randn(2, 3, 50).to(dtype)
+    b = torch.randn(70).to(dtype) if bias else None
+    args = (x, bsm.crow_indices, bsm.col_indices, pack_cpu(bsm, dtype), b, 70, 50, 16, gelu)
+    torch.library.opcheck(torch.ops.bsbert.bsr_linear.default, args)
+
+
+# ---- property tests --------------------------------------------------------------------------------
+if given is not None:
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 150),
+           block=st.sampled_from([16, 32, 64]), density=st.floats(0.0, 1.0),
+           bias=st.booleans(), gelu=st.booleans(),
+           dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+           isa=st.sampled_from(ISAS))
+    def test_property(m, n, k, block, density, bias, gelu, dtype, seed, isa):
+        os.environ["BSBERT_CPU_ISA"] = isa
+        try:
+            case(m, n, k, block, density, dtype, bias, gelu, seed=seed)
+        finally:
+            del os.environ["BSBERT_CPU_ISA"]
+
+
+def test_single_openmp_runtime():
+    """The extension is built with -fopenmp (else at::parallel_for runs serially); its libgomp
+    dependency must resolve to the runtime torch already loaded, never a second copy."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    import bsbert  # noqa: F401  (loads the extension)
+
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "gomp" in line or "libomp" in line or "iomp" in line}
+    assert len(libs) <= 1, f"more than one OpenMP runtime loaded: {sorted(libs)}"
