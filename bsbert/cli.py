@@ -8,6 +8,14 @@ import sys
 def _bench(args):
     from rich.console import Console
 
+    if args.kernels:
+        import torch
+
+        from bsbert.ops.cpu_kernel_report import format_table, run_kernel_report
+
+        print(format_table(run_kernel_report(ms=(args.batch * args.seq[0],),
+                                             dtypes=(getattr(torch, args.dtype if args.dtype != "float16" else "float32"),))))
+        return 0
     if args.sweep:
         from bsbert.sweep import run_sweep, sweep_table
 
@@ -65,6 +73,8 @@ def main(argv=None) -> int:
     b.add_argument("--small", action="store_true", help="2-layer models (smoke test)")
     b.add_argument("--sweep", action="store_true",
                    help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory)")
+    b.add_argument("--kernels", action="store_true",
+                   help="CPU kernel table instead: bsbert's BSR GEMM vs oneDNN/torch dense (M = batch*seq)")
     b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="with --sweep")
     b.add_argument("--dtypes", nargs="+", default=None, help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
     b.set_defaults(fn=_bench)

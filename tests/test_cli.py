@@ -30,3 +30,17 @@ def test_info(capsys):
     info_main()
     out = capsys.readouterr().out
     assert "cpu/float32/torch-dense" in out and "extension" in out
+
+
+def test_bench_kernels_table(capsys):
+    import pytest
+
+    from bsbert import _ext
+
+    if not _ext.has_op("bsr_linear"):
+        pytest.skip("extension not built")
+    from bsbert.ops import cpu_kernel_report as r
+
+    rows = r.run_kernel_report(shapes=((64, 64),), densities=(1.0, 0.5), ms=(8,), rounds=1)
+    assert len(rows) == 2 and all(row["ours_gflops"] > 0 for row in rows)
+    assert "density" in r.format_table(rows)
