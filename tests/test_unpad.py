@@ -58,3 +58,22 @@ def test_unpad_verify_and_unpatch_restore_forward():
     assert rep.passed, str(rep)
     bsbert.unpatch(model)
     assert "forward" not in vars(enc)
+
+
+def test_unpadded_distilbert():
+    import transformers as tf
+
+    from bsbert import models
+
+    torch.manual_seed(0)
+    model = tf.DistilBertModel(tf.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=256,
+                                                   vocab_size=500, max_position_embeddings=64)).eval()
+    models.prune_like_seed(model, heads_per_layer=(1, 2), ffn_per_layer=(40, 7))
+    inp = _mixed_batch([3, 20, 11], seq=20, vocab=500)
+    with torch.inference_mode():
+        ref = model(**inp).last_hidden_state
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True)
+    with torch.inference_mode():
+        out = model(**inp).last_hidden_state
+    keep = inp["attention_mask"].bool()
+    assert ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item() <= 1e-4
