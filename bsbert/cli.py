@@ -21,7 +21,7 @@ def _bench(args):
 
         res = run_sweep(batches=args.batches, seqs=args.seq if args.seq_given else (128, 384),
                         dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
-                        small=args.small)
+                        small=args.small, memory=args.memory)
         out = Console(width=max(160, Console().width))
         out.print(sweep_table(res))
         out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
                    help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory)")
     b.add_argument("--kernels", action="store_true",
                    help="CPU kernel table instead: bsbert's BSR GEMM vs oneDNN/torch dense (M = batch*seq)")
+    b.add_argument("--memory", action="store_true",
+                   help="with --sweep on CPU: measure peak activation memory in child processes (slower)")
     b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="with --sweep")
     b.add_argument("--dtypes", nargs="+", default=None, help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
     b.set_defaults(fn=_bench)

@@ -1,8 +1,9 @@
 """`bsbert bench --sweep`: dense vs patched over batch x seq x dtype, latency, throughput, memory.
 
 Each configuration times dense BERT-large and the patched pruned model in the same dtype, back to
-back, and says which is faster. Memory: the bytes of weights each model computes with, and on CUDA
-the peak extra memory of one forward (max_memory_allocated); on CPU activations are not measured.
+back, and says which is faster. Memory: the bytes of weights each model computes with, and the peak
+extra memory of one forward: CUDA max_memory_allocated; on CPU with ``memory=True`` (--memory) a
+child-process RSS probe (bsbert.memprobe), else "n/m".
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def weight_bytes(model) -> int:
 
 
 def peak_forward_mb(fn, device) -> float | None:
-    """Peak extra device memory of one forward (CUDA). On CPU there is no allocator counter that
-    sees a peak (RSS does not grow when the allocator reuses freed pages), so: None = not measured."""
+    """Peak extra device memory of one forward on CUDA (max_memory_allocated); None elsewhere (CPU
+    peaks are measured in a child process by bsbert.memprobe, see run_sweep(memory=True))."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
@@ -58,7 +59,7 @@ def peak_forward_mb(fn, device) -> float | None:
 
 
 def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", repeats=2, out_dir="bench-out",
-              small=False, console=None) -> dict:
+              small=False, console=None, memory: bool = False) -> dict:
     console = console or Console(stderr=True)
     dev = torch.device(device)
     dtypes = dtypes or (["float32", "bfloat16"] + (["float16"] if dev.type == "cuda" else []))
@@ -81,6 +82,12 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
                 t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)["median_ms"]
                 mem_pat = peak_forward_mb(lambda: pruned(**inp), dev)
                 w_pat = weight_bytes(pruned)  # replaced originals are no longer in the module tree
+                if memory and dev.type == "cpu":
+                    from bsbert.memprobe import probe
+
+                    console.log(f"{dt_name} batch {b} seq {s}: peak activation memory (child processes) ...")
+                    mem_dense = probe("dense", b, s, dt_name, small=small)
+                    mem_pat = probe("patched", b, s, dt_name, small=small)
                 bsbert.unpatch(pruned)
                 rows.append({
                     "dtype": dt_name, "batch": b, "seq": s, "dense_ms": t_dense, "patched_ms": t_pat,

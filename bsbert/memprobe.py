@@ -1,0 +1,85 @@
+"""Peak activation memory of one CPU forward, measured in a fresh process.
+
+CPU has no allocator counter with a peak, and RSS does not grow when glibc reuses freed heap pages.
+So the probe runs in a child process started with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: every
+large tensor is then its own mmap, returned to the OS on free, and RSS follows live memory. The child
+builds the model, runs one warm-up forward (persistent buffers stay in the baseline), resets the
+high-water mark (/proc/self/clear_refs), runs the measured forward and reports VmHWM - VmRSS(before).
+
+    python -m bsbert.memprobe --which dense|patched --batch 1 --seq 384 --dtype float32 [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_in_process(fn) -> float:
+    """MB above the current RSS that ``fn()`` peaks at (valid only under the ENV malloc setting)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) / 1024
+
+
+def probe(which: str, batch: int, seq: int, dtype: str, small: bool = False, timeout: float = 1800) -> float | None:
+    """Run the probe in a child process; None when it cannot run here (not Linux, child failed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    cmd = [sys.executable, "-m", "bsbert.memprobe", "--which", which, "--batch", str(batch), "--seq", str(seq),
+           "--dtype", dtype] + (["--small"] if small else [])
+    res = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_activation_mb"]
+    return None
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import bsbert
+    from bsbert import models
+    from bsbert.bench import DTYPES, _inputs
+
+    p = argparse.ArgumentParser(prog="python -m bsbert.memprobe")
+    p.add_argument("--which", choices=["dense", "patched"], required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=384)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--small", action="store_true")
+    a = p.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != ENV["MALLOC_MMAP_THRESHOLD_"]:
+        print("warning: run through bsbert.memprobe.probe() (needs MALLOC_MMAP_THRESHOLD_)", file=sys.stderr)
+    over = {"num_hidden_layers": 2} if a.small else {}
+    dt = DTYPES[a.dtype]
+    if a.which == "dense":
+        model = models.dense_bert_large(dtype=dt, **over)
+    else:
+        model = bsbert.patch(models.seed_like_model(dtype=dt, **over), select="heuristic", progress=False,
+                             keep_original=False)
+    inp = _inputs(a.batch, a.seq, model.config.vocab_size, "cpu")
+    with torch.inference_mode():
+        model(**inp)
+        mb = measure_in_process(lambda: model(**inp))
+    print(json.dumps({"which": a.which, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
+                      "peak_activation_mb": mb}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
