@@ -37,6 +37,12 @@ def _check_weights(name: str, lin: nn.Linear) -> None:
             raise UnsupportedModelError(f"{name}.{pname} contains NaN or Inf")
 
 
+def head_rows(kept_heads, head_dim: int, device) -> torch.Tensor:
+    """Row indices of the kept heads in a [num_heads * head_dim, ...] projection, head-major."""
+    return torch.tensor([h * head_dim + i for h in kept_heads for i in range(head_dim)], dtype=torch.long,
+                        device=device)
+
+
 def block_density(weight: torch.Tensor, block: int = ANALYSIS_BLOCK) -> float:
     """Fraction of non-empty ``block x block`` tiles (zero-padded to whole blocks)."""
     n, k = weight.shape
@@ -79,8 +85,7 @@ def analyze_layer(index: int, lins: dict[str, nn.Linear], num_heads: int) -> Lay
     kept_neurons = [j for j in range(ffn) if bool(row_live[j]) and bool(col_live[j])]
     folded_neurons = int((~row_live & col_live).sum())
 
-    rows = torch.tensor([h * d + i for h in kept_heads for i in range(d)], dtype=torch.long,
-                        device=wq.device)
+    rows = head_rows(kept_heads, d, wq.device)
     neurons = torch.tensor(kept_neurons, dtype=torch.long, device=wq.device)
     qkv_packed = torch.cat([wq[rows], wk[rows], wv[rows]]) if len(kept_heads) else wq[:0]
     out_packed = wo[:, rows]

@@ -30,13 +30,10 @@ def _inputs(batch, seq, vocab, device, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-def _max_rel_diff(ref, out) -> float:
-    diffs = []
-    for k in ("start_logits", "end_logits", "logits", "last_hidden_state"):
-        if k in ref and ref[k] is not None:
-            r, o = ref[k].double(), out[k].double()
-            diffs.append(float((r - o).abs().max() / r.abs().max().clamp_min(1e-30)))
-    return max(diffs)
+def _max_rel_diff(ref, out, inp) -> float:
+    from bsbert.verify import compare_outputs
+
+    return max(v["max_rel"] for v in compare_outputs(ref, out, inp["attention_mask"]).values())
 
 
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
@@ -74,14 +71,14 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, progress=False)
         t_pack = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
         with torch.inference_mode():
-            diff_pack = _max_rel_diff(ref, pruned(**inp))
+            diff_pack = _max_rel_diff(ref, pruned(**inp), inp)
         pack_backends = _backend_counts(pruned.bsbert_plan)
         bsbert.unpatch(pruned)
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
         t_full = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
         with torch.inference_mode():
-            diff_full = _max_rel_diff(ref, pruned(**inp))
+            diff_full = _max_rel_diff(ref, pruned(**inp), inp)
         full_plan = pruned.bsbert_plan
         full_backends = _backend_counts(full_plan)
         bsbert.unpatch(pruned)

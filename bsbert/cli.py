@@ -6,8 +6,6 @@ import sys
 
 
 def _bench(args):
-    from rich.console import Console
-
     if args.kernels:
         import torch
 
@@ -22,18 +20,21 @@ def _bench(args):
         res = run_sweep(batches=args.batches, seqs=args.seq if args.seq_given else (128, 384),
                         dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
                         small=args.small, memory=args.memory)
-        out = Console(width=max(160, Console().width))
-        out.print(sweep_table(res))
-        out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
-        return 0
+        return _print_result(sweep_table(res), res, width=160)
 
     from bsbert.bench import run_bench, table
 
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
                     select=args.select, small=args.small)
-    out = Console(width=max(140, Console().width))
-    out.print(table(res))
+    return _print_result(table(res), res, width=140)
+
+
+def _print_result(tbl, res, width: int) -> int:
+    from rich.console import Console
+
+    out = Console(width=max(width, Console().width))
+    out.print(tbl)
     out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
     return 0
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bsbert.adapters import check_config, find_encoder, set_submodule
-from bsbert.analyze import analyze, layer_linears
+from bsbert.analyze import analyze, head_rows, layer_linears
 from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
 from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 from bsbert.ops.dispatch import choose_linear
@@ -78,7 +78,7 @@ def pack_layer(layer, adapter, lp, prefix) -> dict[str, torch.Tensor]:
     layer: ``{qkv,attn_out,ffn_in,ffn_out}.{weight,bias}``. This is also what bsbert.save stores."""
     lins = layer_linears(layer, adapter, prefix)
     d, dev, dt = lp.head_dim, lins["query"].weight.device, lins["query"].weight.dtype
-    rows = torch.tensor([h * d + i for h in lp.kept_heads for i in range(d)], dtype=torch.long, device=dev)
+    rows = head_rows(lp.kept_heads, d, dev)
     neurons = torch.tensor(lp.kept_neurons, dtype=torch.long, device=dev)
     w1, w2 = lins["ffn_in"].weight.detach(), lins["ffn_out"].weight.detach()
     return {

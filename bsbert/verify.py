@@ -47,6 +47,30 @@ def _tensors(out) -> dict:
     return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
+def compare_outputs(original, patched, attention_mask=None) -> dict:
+    """name -> {"max_abs", "max_rel"} for every floating-point output (model outputs or dicts of
+    tensors). max_rel = max |patched - original| / max |original|; inf where NaN/Inf appear in one only."""
+    original, patched = _tensors(original), _tensors(patched)
+    am = attention_mask
+    result = {}
+    for k, ref in original.items():
+        out = patched[k].double()
+        ref = ref.double()
+        finite = torch.isfinite(ref)
+        considered = torch.ones_like(finite)
+        if am is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(am.shape):
+            # per-token outputs: padded positions carry no meaning (nothing attends to them, and the
+            # padding-free forward leaves them zero); compare real tokens only
+            considered = am.bool().reshape(*am.shape, *([1] * (ref.dim() - 2))).expand_as(ref)
+        mask = finite & considered
+        diff = (out - ref).abs()
+        max_abs = float(diff[mask].max()) if mask.any() else 0.0
+        scale = float(ref[mask].abs().max()) if mask.any() else 1.0
+        nan_mismatch = bool(((torch.isfinite(out) != finite) & considered).any())
+        result[k] = {"max_abs": max_abs, "max_rel": float("inf") if nan_mismatch else max_abs / max(scale, 1e-30)}
+    return result
+
+
 @torch.inference_mode()
 def verify(model, inputs: dict | None = None, tolerance: float | None = None) -> VerifyReport:
     """Run ``model`` (patched by bsbert) and its masked dense original on ``inputs`` (generated when
@@ -59,29 +83,12 @@ def verify(model, inputs: dict | None = None, tolerance: float | None = None) ->
     inputs = inputs if inputs is not None else example_inputs(model)
     dtype = next(model.parameters()).dtype
     tol = tolerance if tolerance is not None else TOLERANCE.get(dtype, 1e-2)
-    patched = _tensors(model(**inputs))
+    patched = model(**inputs)
     swap_modules(model, "original")
     try:
-        original = _tensors(model(**inputs))
+        original = model(**inputs)
     finally:
         swap_modules(model, "patched")
     report = VerifyReport(str(dtype).replace("torch.", ""), tol)
-    am = inputs.get("attention_mask")
-    for k, ref in original.items():
-        out = patched[k].double()
-        ref = ref.double()
-        finite = torch.isfinite(ref)
-        considered = torch.ones_like(finite)
-        if am is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(am.shape):
-            # per-token outputs: padded positions carry no meaning (nothing attends to them, and the
-            # padding-free forward leaves them zero); compare real tokens only
-            real = am.bool().reshape(*am.shape, *([1] * (ref.dim() - 2))).expand_as(ref)
-            considered = real
-        mask = finite & considered
-        diff = (out - ref).abs()
-        max_abs = float(diff[mask].max()) if mask.any() else 0.0
-        scale = float(ref[mask].abs().max()) if mask.any() else 1.0
-        nan_mismatch = bool(((torch.isfinite(out) != finite) & considered).any())
-        report.outputs[k] = {"max_abs": max_abs,
-                             "max_rel": float("inf") if nan_mismatch else max_abs / max(scale, 1e-30)}
+    report.outputs = compare_outputs(original, patched, inputs.get("attention_mask"))
     return report

@@ -149,7 +149,7 @@ ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), TritonAttention(), To
 
 def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):
     """-> (backend, reason). Measures the fitting backends on a [1, tokens, 3*H*D] input."""
-    from bsbert.ops.dispatch import _time_ms, explain
+    from bsbert.ops.dispatch import explain, rank_by_time
 
     names = [backend] if backend else list(ATTENTION_BACKENDS)
     for n in names:
@@ -158,7 +158,10 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     fits, why_not = [], {}
     for n in names:
         r = ATTENTION_BACKENDS[n].not_supported_reasons(torch.device(device), dtype, head_dim)
-        (why_not.__setitem__(n, r) if r else fits.append(n))
+        if r:
+            why_not[n] = r
+        else:
+            fits.append(n)
     if not fits:
         raise ValueError(f"no attention backend fits device={torch.device(device).type} dtype={dtype} "
                          f"head_dim={head_dim}: {explain(why_not)}")
@@ -167,8 +170,6 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
             f" (not eligible: {explain(why_not)})" if why_not and not backend else "")
     qkv = torch.randn(1, tokens, 3 * num_heads * head_dim, device=device).to(dtype)
     scale = head_dim ** -0.5
-    timed = {n: _time_ms(lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale), qkv)
-             for n in fits}
-    order = sorted(timed, key=timed.get)
-    return ATTENTION_BACKENDS[order[0]], "measured at S=%d: %s" % (
-        tokens, " < ".join(f"{n} {timed[n]:.2f}ms" for n in order))
+    fns = {n: (lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale)) for n in fits}
+    order, _, reason = rank_by_time(fns, qkv, f"S={tokens}")
+    return ATTENTION_BACKENDS[order[0]], reason

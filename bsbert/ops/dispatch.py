@@ -2,8 +2,6 @@
 with a reason that says what was compared and what did not fit."""
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,18 +21,13 @@ class Choice:
     timings_ms: dict
 
 
-def _time_ms(fn, x, reps: int = 3) -> float:
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    with torch.inference_mode():
-        fn(x)
-        sync()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+def rank_by_time(fns: dict, x: torch.Tensor, what: str) -> tuple[list[str], dict, str]:
+    """Time each ``fns[label](x)`` (warm-up + median of 3); -> (labels fastest first, ms, reason)."""
+    from bsbert.timing import time_fn
+
+    ms = {label: time_fn(lambda f=f: f(x), repeats=3, device=x.device)["median_ms"] for label, f in fns.items()}
+    order = sorted(ms, key=ms.get)
+    return order, ms, f"measured at {what}: " + " < ".join(f"{k} {ms[k]:.2f}ms" for k in order)
 
 
 def candidates(device, dtype, *, backend: str | None = None, fmt: str | None = None,
@@ -89,13 +82,8 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
     if select != "measure":
         raise ValueError(f"select must be 'measure' or 'heuristic', got {select!r}")
     x = torch.randn(tokens, weight.shape[1], device=weight.device).to(weight.dtype)
-    timed = {}
-    for name, blk in fits:
-        prepared = BACKENDS[name].prepare(weight, bias, gelu, blk)
-        label = name if blk is None else f"{name}@{blk}"
-        timed[label] = (_time_ms(prepared, x), prepared, name, blk)
-    order = sorted(timed, key=lambda k: timed[k][0])
-    best = timed[order[0]]
-    reason = "measured at M=%d: %s" % (tokens, " < ".join(f"{k} {timed[k][0]:.2f}ms" for k in order))
-    return Choice(best[1], best[2], BACKENDS[best[2]].format, best[3], reason,
-                  {k: v[0] for k, v in timed.items()})
+    prepared = {(name if blk is None else f"{name}@{blk}"): (BACKENDS[name].prepare(weight, bias, gelu, blk), name, blk)
+                for name, blk in fits}
+    order, ms, reason = rank_by_time({k: v[0] for k, v in prepared.items()}, x, f"M={tokens}")
+    best, name, blk = prepared[order[0]]
+    return Choice(best, name, BACKENDS[name].format, blk, reason, ms)

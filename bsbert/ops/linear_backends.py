@@ -182,13 +182,7 @@ class TritonBsr(LinearBackend):
             return [f"bsbert.triton failed to import: {exc}"]
         if device.type != "cuda":  # the interpreter works on cpu, but only for tests
             return [f"only used on cuda (tensor is on {device.type})"]
-        check = getattr(bt, "not_supported_reasons", None)
-        if check is None:
-            return ["bsbert.triton has no kernels in this build"]
-        reasons = list(check(device, dtype, block=block))
-        if False:
-            reasons.append(f"only chosen automatically on cuda (tensor is on {device.type})")
-        return reasons
+        return list(bt.not_supported_reasons(device, dtype, block=block))
 
     def prepare(self, weight, bias, gelu, block):
         from bsbert.formats import BlockSparseMatrix
