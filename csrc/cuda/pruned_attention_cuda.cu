@@ -275,6 +275,21 @@ AttnParams<T> make_params(const at::Tensor& qkv, at::Tensor& out, int64_t num_he
   return p;
 }
 
+// Builds the params for qkv's dtype, lets the caller fill the layout-specific fields, launches.
+template <typename Fill>
+void launch_for_dtype(const at::Tensor& qkv, at::Tensor& out, int64_t num_heads, int64_t head_dim, double scale,
+                      int grid_x, int64_t batch, Fill&& fill) {
+  if (qkv.scalar_type() == at::kHalf) {
+    auto p = make_params<__half>(qkv, out, num_heads, scale);
+    fill(p);
+    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(batch));
+  } else {
+    auto p = make_params<__nv_bfloat16>(qkv, out, num_heads, scale);
+    fill(p);
+    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(batch));
+  }
+}
+
 at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                  int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3);
@@ -308,15 +323,7 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
     p.seqlen = static_cast<int>(S);
   };
   const int grid_x = static_cast<int>(std::min<int64_t>((S + kBr - 1) / kBr, 65535));
-  if (qkv.scalar_type() == at::kHalf) {
-    auto p = make_params<__half>(qkv, out, num_heads, scale);
-    fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(B));
-  } else {
-    auto p = make_params<__nv_bfloat16>(qkv, out, num_heads, scale);
-    fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(B));
-  }
+  launch_for_dtype(qkv, out, num_heads, head_dim, scale, grid_x, B, fill);
   return out;
 }
 
@@ -349,15 +356,7 @@ at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tens
     p.seqlen = 0;
   };
   const int grid_x = static_cast<int>(std::min<int64_t>((max_seqlen + kBr - 1) / kBr, 65535));
-  if (qkv.scalar_type() == at::kHalf) {
-    auto p = make_params<__half>(qkv, out, num_heads, scale);
-    fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(B));
-  } else {
-    auto p = make_params<__nv_bfloat16>(qkv, out, num_heads, scale);
-    fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(B));
-  }
+  launch_for_dtype(qkv, out, num_heads, head_dim, scale, grid_x, B, fill);
   return out;
 }
 #endif  // BSBERT_KERNELS_ONLY
