@@ -42,8 +42,8 @@ def _isa_levels():
     finally:
         if old is not None:
             os.environ["BSBERT_CPU_ISA"] = old
-    order = ["portable", "avx2", "avx512"]
-    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 2}[best]
+    order = ["portable", "avx2", "avx512", "avx512_bf16"]
+    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}[best]
     return order[: top + 1]
 
 
@@ -198,12 +198,12 @@ def test_empty_inputs():
     assert y.shape == (2, 0, 64)
 
 
-def test_reads_only_k_columns():
-    # x is a view into a row whose tail (beyond K) holds NaN: the kernel must never read it
-    w, bsm = make_bsm(64, 40, 32, 1.0, seed=2)  # K=40: the second block column is partial
-    base = torch.full((5, 64), float("nan"))
-    base[:, :40] = torch.randn(5, 40)
-    x = base[:, :40]
+def _check_reads_only_k(k, dtype, rows, seed):
+    # x is a view into rows whose tail (beyond K) holds NaN: no ISA path may ever read it
+    w, bsm = make_bsm(64, k, 32, 1.0, seed=seed, dtype=dtype)
+    base = torch.full((rows, 64), float("nan"), dtype=dtype)
+    base[:, :k] = torch.randn(rows, k).to(dtype)
+    x = base[:, :k]
     for isa in ISAS:
         os.environ["BSBERT_CPU_ISA"] = isa
         try:
@@ -211,7 +211,17 @@ def test_reads_only_k_columns():
         finally:
             del os.environ["BSBERT_CPU_ISA"]
         assert torch.isfinite(y).all(), isa
-        check(y, ref64(x, w, None, False), torch.float32, x.shape, 64)
+        check(y, ref64(x, w, None, False), dtype, x.shape, 64)
+
+
+def test_reads_only_k_columns():
+    _check_reads_only_k(40, torch.float32, 5, seed=2)  # K=40: the second block column is partial
+
+
+@pytest.mark.parametrize("k", [39, 40])
+def test_reads_only_k_columns_bf16(k):
+    # bf16 packs x as 32-bit k-pairs on avx512_bf16: with odd K the last pair must not read column K
+    _check_reads_only_k(k, torch.bfloat16, 13, seed=4)
 
 
 def test_thread_count_does_not_change_result():

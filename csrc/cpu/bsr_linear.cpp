@@ -4,8 +4,8 @@
 // This file is compiled for the baseline ISA and owns everything that touches torch: argument checks,
 // layout of x / y, the fp32 bias copy and the threading (at::parallel_for, i.e. torch's pool and
 // torch.set_num_threads). The arithmetic is in bsr_linear_kernel.h, instantiated per ISA in
-// bsr_linear_{portable,avx2,avx512}.cpp and selected per call with effective_isa() (so
-// BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
+// bsr_linear_{portable,avx2,avx512,avx512bf16}.cpp and selected per call with effective_isa() (so
+// BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 takes effect immediately).
 //
 // Work split: tasks = (M tiles of mc rows) x (block rows). mc is at most 96 rows and shrinks (in
 // multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
@@ -47,6 +47,8 @@ struct Path {
 Path select_path(bool w_bf16) {
   switch (effective_isa()) {
     case Isa::kAvx512Bf16:
+      if (w_bf16) return {bsr_tile_avx512bf16, bsr_pack_avx512bf16, bsr_mr_avx512bf16()};
+      [[fallthrough]];
     case Isa::kAvx512:
       return {bsr_tile_avx512, bsr_pack_avx512, bsr_mr_avx512(w_bf16)};
     case Isa::kAvx2:

@@ -34,17 +34,21 @@ using BsrPackFn = void (*)(const BsrLinearArgs&, int64_t p0, int64_t p1, float* 
 void bsr_pack_portable(const BsrLinearArgs&, int64_t, int64_t, float*);
 void bsr_pack_avx2(const BsrLinearArgs&, int64_t, int64_t, float*);
 void bsr_pack_avx512(const BsrLinearArgs&, int64_t, int64_t, float*);
+// bf16 only (w_bf16): x packed as 32-bit k-pairs, [ceil(K/block)][block/2][mr] words per panel.
+void bsr_pack_avx512bf16(const BsrLinearArgs&, int64_t, int64_t, float*);
 
 using BsrTileFn = void (*)(const BsrLinearArgs&, int64_t m0, int64_t m1, int64_t rb, float* scratch);
 
 void bsr_tile_portable(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx2(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx512(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
+void bsr_tile_avx512bf16(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 
 // Rows of the register tile of each path (the M tile is a multiple of it).
 int bsr_mr_portable(bool w_bf16);
 int bsr_mr_avx2(bool w_bf16);
 int bsr_mr_avx512(bool w_bf16);
+int bsr_mr_avx512bf16();
 
 }  // namespace cpu
 }  // namespace bsbert

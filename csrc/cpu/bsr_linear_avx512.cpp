@@ -1,6 +1,7 @@
 // AVX-512 instantiation of the block-sparse GEMM (16-wide __m512): the same template as the AVX2 and
 // portable paths (bsr_linear_kernel.h), only the wrapper differs. Needs avx512f/bw/vl (Isa::kAvx512 or
-// better); bf16 weights are widened with integer shifts, so avx512_bf16 is not required.
+// better); bf16 weights are widened with integer shifts here, so avx512_bf16 is not required (CPUs that
+// have it take bsr_linear_avx512bf16.cpp for bf16 instead).
 #include <cstdint>
 #include <immintrin.h>
 
@@ -19,35 +20,7 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-struct VAvx512 {
-  using reg = __m512;
-  static constexpr int W = 16;
-  static inline reg zero() { return _mm512_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  static inline reg bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static inline reg set1(float f) { return _mm512_set1_ps(f); }
-  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static inline reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
-  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
-  static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
-  static inline void load_pairs(const int32_t* p, reg& lo, reg& hi) {
-    const __m512i r = _mm512_loadu_si512(p);
-    lo = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
-    hi = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-  }
-  static inline void store_bf16(uint16_t* p, reg v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-};
-
+#include "cpu/simd_avx512.h"
 #include "cpu/bsr_linear_kernel.h"
 
 }  // namespace
@@ -56,8 +29,23 @@ struct VAvx512 {
 void bsr_tile_avx512(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
   tile_dispatch<VAvx512, 12, 8, 2>(a, m0, m1, rb, c);
 }
+// fp32 x: each 12-row panel is a register transpose of 16x16 word tiles (simd_avx512.h); bf16 x
+// (widened while packing) takes the generic packer.
 void bsr_pack_avx512(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
-  pack_dispatch<12, 8>(a, p0, p1, xp);
+  if (a.w_bf16) {
+    pack_dispatch<12, 8>(a, p0, p1, xp);
+    return;
+  }
+  constexpr int MRP = 12;
+  const int64_t kpad = (a.K + a.block - 1) / a.block * a.block;
+  for (int64_t p = p0; p < p1; ++p) {
+    const void* src[MRP];
+    for (int r = 0; r < MRP; ++r) {
+      const int64_t m = p * MRP + r;
+      src[r] = m < a.M ? static_cast<const void*>(a.x + m * a.ldx) : nullptr;
+    }
+    pack_words_avx512<MRP>(src, a.K, kpad, xp + p * kpad * MRP);
+  }
 }
 
 }  // namespace cpu

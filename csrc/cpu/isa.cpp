@@ -27,6 +27,7 @@ Isa effective_isa() {
   if (!std::strcmp(cap, "portable")) want = Isa::kPortable;
   else if (!std::strcmp(cap, "avx2")) want = Isa::kAvx2;
   else if (!std::strcmp(cap, "avx512")) want = Isa::kAvx512;
+  else if (!std::strcmp(cap, "avx512_bf16")) want = Isa::kAvx512Bf16;
   return static_cast<int>(want) < static_cast<int>(isa) ? want : isa;
 }
 

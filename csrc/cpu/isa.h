@@ -6,7 +6,7 @@ namespace cpu {
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 Isa best_isa();
 const char* best_isa_name();
-// BSBERT_CPU_ISA=portable|avx2|avx512 caps the level (for tests and comparisons).
+// BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps the level (for tests and comparisons).
 Isa effective_isa();
 }  // namespace cpu
 }  // namespace bsbert

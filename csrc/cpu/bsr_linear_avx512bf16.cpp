@@ -1,0 +1,96 @@
+// AVX512-BF16 instantiation of the block-sparse GEMM for bf16 weights and activations: vdpbf16ps
+// multiplies a pair of bf16 k values and adds both products into an fp32 accumulator, so one
+// instruction does the work of two FMAs of the widening path (bsr_linear_avx512.cpp) and the bf16
+// ceiling is twice the fp32 one. fp32 inputs never come here (they take the avx512 unit).
+//
+// Numerics: products of bf16 values are exact in fp32; vdpbf16ps rounds once per pair (to nearest even)
+// and treats denormal inputs/outputs as zero, which is within bf16's own error. The result is rounded
+// to bf16 once, in the epilogue.
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#include "cpu/bsr_linear.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))), apply_to = function)
+#endif
+
+namespace bsbert {
+namespace cpu {
+namespace {
+
+#include "cpu/simd_avx512.h"
+
+struct VAvx512Bf16 : VAvx512 {
+  // the bf16 pair at p (a 32-bit word of a packed x panel) in all 16 lanes
+  static BSB_AVX512_INLINE reg bcast_word(const float* p) { return _mm512_set1_ps(*p); }
+  static BSB_AVX512_INLINE reg dot_bf16(reg acc, reg a, reg b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+#include "cpu/bsr_linear_kernel.h"
+
+constexpr int kMr = 12;  // 12x32 register tile: 24 accumulators + 2 weight vectors + 1 broadcast
+
+// Panel of kMr rows of bf16 x as 32-bit k-pairs: xp[cb][p][r] = (x[r, 2p], x[r, 2p+1]), zero beyond K.
+void pack_pairs(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
+  const int64_t kpad_words = (a.K + a.block - 1) / a.block * a.block / 2;
+  const int64_t full_words = a.K / 2;  // pairs with both elements inside K
+  const uint16_t* x = static_cast<const uint16_t*>(a.xraw);
+  for (int64_t p = p0; p < p1; ++p) {
+    const void* src[kMr];
+    for (int r = 0; r < kMr; ++r) {
+      const int64_t m = p * kMr + r;
+      src[r] = m < a.M ? static_cast<const void*>(x + m * a.ldx) : nullptr;
+    }
+    float* dst = xp + p * kpad_words * kMr;
+    pack_words_avx512<kMr>(src, full_words, kpad_words, dst);
+    if (a.K % 2) {  // odd K: the last pair is (x[r, K-1], 0); reading a whole word would pass column K
+      for (int r = 0; r < kMr; ++r) {
+        const uint32_t lo = src[r] ? static_cast<const uint16_t*>(src[r])[a.K - 1] : 0;
+        std::memcpy(dst + full_words * kMr + r, &lo, 4);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void bsr_tile_avx512bf16(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
+  tile_dispatch<VAvx512Bf16, kMr, kMr, 2, kWDot>(a, m0, m1, rb, c);
+}
+void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) { pack_pairs(a, p0, p1, xp); }
+
+}  // namespace cpu
+}  // namespace bsbert
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+namespace bsbert {
+namespace cpu {
+int bsr_mr_avx512bf16() { return kMr; }
+}  // namespace cpu
+}  // namespace bsbert
+
+#else  // not x86-64: never selected (effective_isa() is portable there)
+namespace bsbert {
+namespace cpu {
+void bsr_tile_avx512bf16(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
+  bsr_tile_portable(a, m0, m1, rb, c);
+}
+void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
+  bsr_pack_portable(a, p0, p1, xp);
+}
+int bsr_mr_avx512bf16() { return bsr_mr_portable(true); }
+}  // namespace cpu
+}  // namespace bsbert
+#endif
