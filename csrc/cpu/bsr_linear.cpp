@@ -9,8 +9,9 @@
 //
 // Work split: tasks = (M tiles of mc rows) x (block rows). mc is at most 96 rows and shrinks (in
 // multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
-// spreads over every core through the block rows. Threads pull tasks from an atomic counter (block
-// rows of a pruned matrix have very different numbers of blocks, so a static split would be unbalanced).
+// spreads over every core through the block rows. Threads claim runs of consecutive block rows of one
+// M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
+// so a static split would be unbalanced).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -165,10 +166,18 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     if (v > 0) mc = std::max<int64_t>(mr, v / mr * mr);
   }
   const int64_t nmt = (M + mc - 1) / mc;
-  const int64_t ntasks = nmt * nbr;
+  // A claim is a run of g consecutive block rows of one M tile: a thread then streams contiguous
+  // packed weights (the kernel prefetches the next group's into L2, which only helps if the same
+  // thread computes it) and there are about 8 claims per thread for balance.
+  int64_t g = std::max<int64_t>(1, nbr * nmt / (8 * nthreads));
+  if (m_fastest()) g = 1;
+  const int64_t nchunks = (nbr + g - 1) / g;
+  const int64_t nclaims = nmt * nchunks;
   const bool mfast = m_fastest();
 
-  // Pack x into register-tile panels (also widens bf16), then run the tiles.
+  // x is packed into register-tile panels (also widening bf16) one M tile at a time, by the first
+  // worker that needs the tile; a worker that finds its tile being packed by another packs a later
+  // one meanwhile. There is no global barrier: a descheduled worker only holds up work on its own tile.
   const int64_t npanels = (M + mr - 1) / mr;
   const int64_t pstride = nbc * b * mr;
   // Panel buffer: reused per calling thread (fresh pages would cost a page fault per 4 KiB every call);
@@ -188,37 +197,42 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     xp_tmp = at::empty({xp_elems}, x.options().dtype(at::kFloat));
     args.xp = xp_tmp.data_ptr<float>();
   }
-  // One parallel region: workers first claim x panels to pack (atomic counter), wait until every
-  // claimed panel is done, then claim (M tile, block row) tasks. Dynamic claiming means a worker that
-  // starts late (busy core) neither holds up the packing nor the tasks, only the final join.
-  // Small inputs are packed by the calling thread up front (cheaper than sharing the work).
-  const bool pack_serial = K == 0 || npanels * pstride < (int64_t(1) << 16) || nthreads == 1;
-  if (K > 0 && pack_serial) path.pack(args, 0, npanels, args.xp);
-  const int64_t pack_chunk = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, pstride));
-  const int64_t npack = pack_serial ? 0 : (npanels + pack_chunk - 1) / pack_chunk;
-  std::atomic<int64_t> next_pack{0}, packed_done{0};
+  enum : int { kUnpacked = 0, kPacking = 1, kReady = 2 };
+  std::unique_ptr<std::atomic<int>[]> tile_state(new std::atomic<int>[nmt]);
+  // Small inputs (or one thread) are packed by the calling thread up front: cheaper than sharing.
+  const bool pack_now = K == 0 || npanels * pstride < (int64_t(1) << 16) || nthreads == 1;
+  if (K > 0 && pack_now) path.pack(args, 0, npanels, args.xp);
+  for (int64_t i = 0; i < nmt; ++i) tile_state[i].store(pack_now ? kReady : kUnpacked, std::memory_order_relaxed);
+  auto try_pack = [&](int64_t mt) {
+    int expected = kUnpacked;
+    if (!tile_state[mt].compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) return false;
+    const int64_t p0 = mt * mc / mr, p1 = std::min(npanels, (mt + 1) * mc / mr);
+    path.pack(args, p0, p1, args.xp);
+    tile_state[mt].store(kReady, std::memory_order_release);
+    return true;
+  };
+  auto wait_tile = [&](int64_t mt) {
+    if (tile_state[mt].load(std::memory_order_acquire) == kReady) return;
+    if (try_pack(mt)) return;
+    for (int64_t other = mt + 1; other < nmt; ++other)  // useful work while another worker packs mt
+      if (tile_state[mt].load(std::memory_order_acquire) != kReady) try_pack(other);
+    while (tile_state[mt].load(std::memory_order_acquire) != kReady) std::this_thread::yield();
+  };
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    for (;;) {
-      const int64_t i = next_pack.fetch_add(1, std::memory_order_relaxed);
-      if (i >= npack) break;
-      const int64_t p0 = i * pack_chunk, p1 = std::min(npanels, p0 + pack_chunk);
-      path.pack(args, p0, p1, args.xp);
-      packed_done.fetch_add(1, std::memory_order_release);
-    }
-    while (packed_done.load(std::memory_order_acquire) < npack) std::this_thread::yield();
     std::vector<float> scratch(static_cast<size_t>(mc * b) + 16);
     float* c = scratch.data();
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= ntasks) break;
-      const int64_t mt = mfast ? t % nmt : t / nbr;
-      const int64_t rb = mfast ? t / nmt : t % nbr;
+      if (t >= nclaims) break;
+      const int64_t mt = mfast ? t % nmt : t / nchunks;
+      const int64_t ch = mfast ? t / nmt : t % nchunks;
+      wait_tile(mt);
       const int64_t m0 = mt * mc, m1 = std::min(M, m0 + mc);
-      path.fn(args, m0, m1, rb, c);
+      for (int64_t rb = ch * g; rb < std::min(nbr, (ch + 1) * g); ++rb) path.fn(args, m0, m1, rb, c);
     }
   };
-  const int64_t nworkers = std::min(nthreads, std::max(ntasks, npack));
+  const int64_t nworkers = std::min(nthreads, nclaims);
   if (nworkers <= 1)
     worker(0, 1);
   else
