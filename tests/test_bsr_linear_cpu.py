@@ -239,6 +239,28 @@ def test_thread_count_does_not_change_result():
     assert torch.equal(y1, y2)  # every output is computed by one task: bitwise deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("env", [{}, {"BSBERT_BSR_MC": "24"}, {"BSBERT_BSR_ORDER": "m"}])
+def test_parallel_packing_per_m_tile(monkeypatch, dtype, env):
+    # x large enough to be packed by the workers, one M tile at a time (partial last tile, several
+    # tiles per worker, more workers than cores): same result as one thread and as the reference
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    w, bsm = make_bsm(200, 517, 32, 0.6, seed=11, dtype=dtype)
+    x = torch.randn(301, 517).to(dtype)
+    b = torch.randn(200).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = run_op(x, bsm, b, True)
+        torch.set_num_threads(4)
+        y4 = run_op(x, bsm, b, True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y4)
+    check(y4, ref64(x, w, b, True), dtype, x.shape, 200)
+
+
 def test_matches_reference_module():
     w, bsm = make_bsm(130, 70, 32, 0.5, seed=8)
     x = torch.randn(3, 11, 70)
