@@ -1,5 +1,6 @@
 """Attention backends for PrunedSelfAttention: torch SDPA (everywhere), bsbert's Triton kernel and
-bsbert's CUDA C++ kernel (GPU). Each says why it does not fit; patch() measures the ones that do.
+bsbert's CUDA C++ kernel (GPU), bsbert's SIMD C++ kernel (CPU). Each says why it does not fit; patch()
+measures the ones that do.
 
 The bsbert kernels read the fused QKV output [B, S, 3*H*D] directly (no transpose copies) and take a
 key-padding mask [B, S]; SDPA takes transformers' 4-D mask unchanged.
@@ -144,7 +145,33 @@ class CudaAttention(AttentionBackend):
                                                         head_dim, scale)
 
 
-ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), TritonAttention(), TorchSdpa())}
+class CpuAttention(CudaAttention):
+    """bsbert's CPU kernel (csrc/cpu/pruned_attention*): same ops and call path as the CUDA one, the
+    dispatcher picks the CPU implementation from the tensor's device."""
+
+    name = "cpu"
+
+    def not_supported_reasons(self, device, dtype, head_dim):
+        reasons = []
+        if device.type != "cpu":
+            reasons.append(f"runs on cpu, tensor is on {device.type}")
+        if not _ext.available():
+            reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
+        else:
+            try:
+                ok = torch._C._dispatch_has_kernel_for_dispatch_key("bsbert::pruned_attention", "CPU")
+            except RuntimeError:
+                ok = False
+            if not ok:
+                reasons.append("extension was built without the CPU attention kernel")
+        if dtype not in (torch.float32, torch.bfloat16):
+            reasons.append(f"dtype {dtype} not supported (float32, bfloat16)")
+        if head_dim % 16 != 0 or not 16 <= head_dim <= 1024:
+            reasons.append(f"head_dim {head_dim} not supported (multiples of 16 up to 1024)")
+        return reasons
+
+
+ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), CpuAttention(), TritonAttention(), TorchSdpa())}
 
 
 def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):
