@@ -13,6 +13,7 @@ import torch
 import bsbert
 from bsbert import _ext
 from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+from tests.helpers import cpu_isa_levels, inputs, rel_err, tiny_pruned
 
 pytestmark = pytest.mark.skipif(
     not (_ext.available()
@@ -22,23 +23,7 @@ pytestmark = pytest.mark.skipif(
 FP32_TOL = 1e-5
 
 
-def _isa_levels():
-    """BSBERT_CPU_ISA values this machine can run."""
-    if not _ext.available():
-        return ["portable"]
-    import os
-
-    old = os.environ.pop("BSBERT_CPU_ISA", None)
-    try:
-        best = _ext.load(warn=False).cpu_isa()
-    finally:
-        if old is not None:
-            os.environ["BSBERT_CPU_ISA"] = old
-    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 2}[best]
-    return ["portable", "avx2", "avx512"][: top + 1]
-
-
-ISAS = _isa_levels()
+ISAS = cpu_isa_levels()
 
 
 def ref64(qkv, mask, h, d, scale):
@@ -274,8 +259,6 @@ def test_backend_eligibility():
 
 def test_patch_with_cpu_attention():
     """patch(attention="cpu") on a small pruned BERT, padded batch (unpad=True: tests/test_unpad.py)."""
-    from tests.helpers import inputs, rel_err, tiny_pruned
-
     model = tiny_pruned()
     inp = inputs(batch=3, seq=41, pad_from=17)
     with torch.inference_mode():

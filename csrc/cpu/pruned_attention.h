@@ -44,19 +44,20 @@ using AttnPackFn = void (*)(const AttnArgs&, int64_t b, int64_t h, int64_t p0, i
 // Context rows [i0, min(len, i0 + mq)) of (b, h). scratch: attn_scratch_floats(...) floats.
 using AttnTaskFn = void (*)(const AttnArgs&, int64_t b, int64_t h, int64_t i0, float* scratch);
 
+struct AttnPath {
+  AttnPackFn pack;
+  AttnTaskFn task;
+  AttnGeometry geo;
+};
+
 inline int64_t attn_scratch_floats(int64_t mq, int64_t D, int64_t kc) {
   return mq * (2 * D + kc + 2) + 64;
 }
 
-void attn_pack_portable(const AttnArgs&, int64_t, int64_t, int64_t, int64_t);
-void attn_pack_avx2(const AttnArgs&, int64_t, int64_t, int64_t, int64_t);
-void attn_pack_avx512(const AttnArgs&, int64_t, int64_t, int64_t, int64_t);
-void attn_task_portable(const AttnArgs&, int64_t, int64_t, int64_t, float*);
-void attn_task_avx2(const AttnArgs&, int64_t, int64_t, int64_t, float*);
-void attn_task_avx512(const AttnArgs&, int64_t, int64_t, int64_t, float*);
-AttnGeometry attn_geometry_portable();
-AttnGeometry attn_geometry_avx2();
-AttnGeometry attn_geometry_avx512();
+// One per ISA translation unit (the AVX ones fall back to portable off x86-64).
+AttnPath attn_path_portable();
+AttnPath attn_path_avx2();
+AttnPath attn_path_avx512();
 
 }  // namespace cpu
 }  // namespace bsbert

@@ -38,8 +38,12 @@ struct Ymm {
     x = op(x, _mm_movehl_ps(x, x));
     return op(x, _mm_shuffle_ps(x, x, 1));
   }
-  static inline float hmax(reg a) { return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_max_ps(x, y); })); }
-  static inline float hsum(reg a) { return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_add_ps(x, y); })); }
+  static inline float hmax(reg a) {
+    return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_max_ps(x, y); }));
+  }
+  static inline float hsum(reg a) {
+    return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_add_ps(x, y); }));
+  }
   static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // 2^n for integral n in [-127, 127] through the exponent field (n = -127 gives +0).
   static inline reg pow2i(reg n) {
@@ -54,13 +58,7 @@ using Kernel = AttnKernel<Ymm, 6, 2, 6, 2, 6, 2, 6, 1>;
 
 }  // namespace
 
-void attn_pack_avx2(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-  Kernel::pack(a, b, h, p0, p1);
-}
-void attn_task_avx2(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* scratch) {
-  Kernel::task(a, b, h, i0, scratch);
-}
-AttnGeometry attn_geometry_avx2() { return Kernel::geometry(); }
+AttnPath attn_path_avx2() { return Kernel::path(); }
 
 }  // namespace cpu
 }  // namespace bsbert
@@ -73,13 +71,7 @@ AttnGeometry attn_geometry_avx2() { return Kernel::geometry(); }
 #else  // not x86-64: never selected (effective_isa() is portable there)
 namespace bsbert {
 namespace cpu {
-void attn_pack_avx2(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-  attn_pack_portable(a, b, h, p0, p1);
-}
-void attn_task_avx2(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* s) {
-  attn_task_portable(a, b, h, i0, s);
-}
-AttnGeometry attn_geometry_avx2() { return attn_geometry_portable(); }
+AttnPath attn_path_avx2() { return attn_path_portable(); }
 }  // namespace cpu
 }  // namespace bsbert
 #endif

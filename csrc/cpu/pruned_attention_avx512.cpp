@@ -51,13 +51,7 @@ using Kernel = AttnKernel<Zmm, 12, 2, 6, 4, 12, 2, 12, 1>;
 
 }  // namespace
 
-void attn_pack_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-  Kernel::pack(a, b, h, p0, p1);
-}
-void attn_task_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* scratch) {
-  Kernel::task(a, b, h, i0, scratch);
-}
-AttnGeometry attn_geometry_avx512() { return Kernel::geometry(); }
+AttnPath attn_path_avx512() { return Kernel::path(); }
 
 }  // namespace cpu
 }  // namespace bsbert
@@ -70,13 +64,7 @@ AttnGeometry attn_geometry_avx512() { return Kernel::geometry(); }
 #else  // not x86-64: never selected (effective_isa() is portable there)
 namespace bsbert {
 namespace cpu {
-void attn_pack_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-  attn_pack_portable(a, b, h, p0, p1);
-}
-void attn_task_avx512(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* s) {
-  attn_task_portable(a, b, h, i0, s);
-}
-AttnGeometry attn_geometry_avx512() { return attn_geometry_portable(); }
+AttnPath attn_path_avx512() { return attn_path_portable(); }
 }  // namespace cpu
 }  // namespace bsbert
 #endif

@@ -39,21 +39,15 @@ constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
 constexpr int64_t kMaxHeadDim = 1024;  // the pack step's row buffer
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
 
-struct Path {
-  AttnPackFn pack;
-  AttnTaskFn task;
-  AttnGeometry geo;
-};
-
-Path select_path() {
+AttnPath select_path() {
   switch (effective_isa()) {
     case Isa::kAvx512Bf16:
     case Isa::kAvx512:
-      return {attn_pack_avx512, attn_task_avx512, attn_geometry_avx512()};
+      return attn_path_avx512();
     case Isa::kAvx2:
-      return {attn_pack_avx2, attn_task_avx2, attn_geometry_avx2()};
+      return attn_path_avx2();
     default:
-      return {attn_pack_portable, attn_task_portable, attn_geometry_portable()};
+      return attn_path_portable();
   }
 }
 
@@ -92,7 +86,7 @@ struct Seqs {
 
 void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
   const int64_t B = static_cast<int64_t>(sq.len.size());
-  const Path path = select_path();
+  const AttnPath path = select_path();
   const int64_t P = path.geo.panel, R = path.geo.rows;
 
   // Workspace offsets (keys padded to whole panels) and the key bias / live-panel tables.

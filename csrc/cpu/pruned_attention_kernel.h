@@ -21,6 +21,7 @@ struct AttnKernel {
   static constexpr int P = NVK * W;  // keys per K^T panel
 
   static AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
+  static AttnPath path() { return {&pack, &task, geometry()}; }
 
   static constexpr int lcm(int a, int b) {
     int x = a, y = b;

@@ -69,13 +69,7 @@ using Kernel = AttnKernel<Lanes8, 4, 1, 4, 2, 4, 1, 4, 1>;
 
 }  // namespace
 
-void attn_pack_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-  Kernel::pack(a, b, h, p0, p1);
-}
-void attn_task_portable(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* scratch) {
-  Kernel::task(a, b, h, i0, scratch);
-}
-AttnGeometry attn_geometry_portable() { return Kernel::geometry(); }
+AttnPath attn_path_portable() { return Kernel::path(); }
 
 }  // namespace cpu
 }  // namespace bsbert
