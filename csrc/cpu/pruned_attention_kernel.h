@@ -69,25 +69,35 @@ struct AttnKernel {
     return (a.ws_off[b] * a.H + h * lpad(a, b)) * a.D;
   }
 
+  // K^T panels: W keys at a time are widened into rows of blk, then W x W blocks are transposed in
+  // registers (V::transpose) and stored as W consecutive keys of W rows d of the panel.
   static void pack(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
     const int64_t D = a.D, L = a.len[b];
     float* kt = a.kt + head_ws(a, b, h);
     float* vv = a.v + head_ws(a, b, h);
     const uint8_t* live = a.live + a.ws_off[b] / P;
-    float row[1024];  // one K row at a time (D <= 1024, checked by the caller)
+    alignas(64) float blk[W * 1024];  // W key rows (D <= 1024, checked by the caller)
     for (int64_t p = p0; p < p1; ++p) {
       if (!live[p]) continue;  // never read: the products skip dead panels
       float* ktp = kt + p * D * P;
-      for (int j = 0; j < P; ++j) {
-        const int64_t key = p * P + j;
-        float* vr = vv + key * D;
-        if (key < L) {
-          load_row(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, row);
-          load_row(token(a, b, key, (2 * a.H + h) * D), a.bf16, D, 1.f, vr);
-        } else {
-          for (int64_t d = 0; d < D; ++d) row[d] = 0.f, vr[d] = 0.f;
+      for (int g = 0; g < NVK; ++g) {
+        for (int jj = 0; jj < W; ++jj) {
+          const int64_t key = p * P + g * W + jj;
+          float* vr = vv + key * D;
+          if (key < L) {
+            load_row(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, blk + jj * D);
+            load_row(token(a, b, key, (2 * a.H + h) * D), a.bf16, D, 1.f, vr);
+          } else {
+            std::memset(blk + jj * D, 0, D * sizeof(float));
+            std::memset(vr, 0, D * sizeof(float));
+          }
         }
-        for (int64_t d = 0; d < D; ++d) ktp[d * P + j] = row[d];
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          reg r[W];
+          for (int jj = 0; jj < W; ++jj) r[jj] = V::load(blk + jj * D + d0);
+          V::transpose(r);
+          for (int dd = 0; dd < W; ++dd) V::store(ktp + (d0 + dd) * P + g * W, r[dd]);
+        }
       }
     }
   }

@@ -61,6 +61,10 @@ struct Lanes8 {
       return f;
     });
   }
+  static inline void transpose(reg (&r)[8]) {
+    for (int i = 0; i < W; ++i)
+      for (int j = i + 1; j < W; ++j) std::swap(r[i].v[j], r[j].v[i]);
+  }
 };
 
 #include "cpu/pruned_attention_kernel.h"
