@@ -138,6 +138,24 @@ def test_sharp_softmax_and_large_scale():
             check(op(qkv, mask, 2, 64, 0.5), qkv, mask, 2, 64, 0.5, vs_sdpa=vs_sdpa)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_exp_accuracy(monkeypatch, isa):
+    """The kernel's vectorised exp, seen through a two-key softmax: query 1, keys 0 and x, values e0
+    and e1, so context[1] = e^x / (1 + e^x) for x from -80 to 80 (x: exact fp32 inputs). Allowed: a few
+    ulp, plus |x| ulp for rounding x * log2(e) (the kernel works in base 2)."""
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    x = torch.linspace(-80, 80, 4001)
+    qkv = torch.zeros(len(x), 2, 3 * 16)
+    qkv[:, :, 0] = 1.0                   # q = e0 for both tokens
+    qkv[:, 1, 16] = x                    # k1 = x e0 (k0 = 0)
+    qkv[:, 0, 32] = qkv[:, 1, 33] = 1.0  # v0 = e0, v1 = e1
+    out = op(qkv, None, 1, 16, 1.0)[:, 0, :2].double()
+    xd = x.double()
+    want = torch.stack([torch.sigmoid(-xd), torch.sigmoid(xd)], 1)
+    ulps = ((out - want).abs() / want) / torch.finfo(torch.float32).eps
+    assert (ulps <= 4 + xd.abs()[:, None]).all(), f"worst {ulps.max().item():.1f} ulp"
+
+
 def test_same_result_for_any_thread_count():
     gen = torch.Generator().manual_seed(5)
     qkv = rand_qkv(2, 100, 3, 64, torch.float32, gen)
