@@ -177,6 +177,15 @@ class CpuAttention(ExtensionAttention):
     def head_dim_ok(self, head_dim):
         return None if head_dim % 16 == 0 and 16 <= head_dim <= 1024 else "multiples of 16 up to 1024"
 
+    def not_supported_reasons(self, device, dtype, head_dim):
+        reasons = super().not_supported_reasons(device, dtype, head_dim)
+        # The portable path (no AVX2+FMA, or BSBERT_CPU_ISA=portable) is correct but ~8x slower than
+        # SDPA (scripts/bench_cpu_attention.py): never worth choosing, not even by the heuristic.
+        if _ext.available() and _ext.load(warn=False).cpu_isa() == "portable":
+            reasons.append("no AVX2+FMA or AVX-512 path on this CPU (BSBERT_CPU_ISA=portable or older CPU); "
+                           "the portable fallback is slower than torch SDPA")
+        return reasons
+
 
 ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), CpuAttention(), TritonAttention(), TorchSdpa())}
 
