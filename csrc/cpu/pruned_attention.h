@@ -11,10 +11,13 @@
 namespace bsbert {
 namespace cpu {
 
+// Largest head_dim: the pack step widens W key rows into a stack buffer of W * kAttnMaxHeadDim floats.
+constexpr int64_t kAttnMaxHeadDim = 1024;
+
 struct AttnArgs {
   const void* qkv;
   bool bf16;               // qkv and out are bf16 (else fp32); the arithmetic is fp32 either way
-  int64_t H, D;            // D: a multiple of 16
+  int64_t H, D;            // D: a multiple of 16, <= kAttnMaxHeadDim
   int64_t ld_qkv;
   const int64_t* qkv_off;  // [B]
   const int64_t* len;      // [B]

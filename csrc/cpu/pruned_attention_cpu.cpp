@@ -36,7 +36,6 @@ namespace {
 constexpr int64_t kMqMax = 48;         // query rows per task (then rounded to the tile granularity)
 constexpr int64_t kKcDefault = 512;    // keys per online-softmax step
 constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
-constexpr int64_t kMaxHeadDim = 1024;  // the pack step's row buffer
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
 
 AttnPath select_path() {
@@ -64,8 +63,8 @@ void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int6
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
               " (CPU kernel): qkv must be float32 or bfloat16, got ", qkv.scalar_type());
   TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
-  TORCH_CHECK(head_dim >= 16 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim, op,
-              " (CPU kernel): head_dim must be a multiple of 16 in [16, ", kMaxHeadDim, "], got ", head_dim);
+  TORCH_CHECK(head_dim >= 16 && head_dim % 16 == 0 && head_dim <= kAttnMaxHeadDim, op,
+              " (CPU kernel): head_dim must be a multiple of 16 in [16, ", kAttnMaxHeadDim, "], got ", head_dim);
   TORCH_CHECK(qkv.dim() == want_dim, op, ": qkv must be ", want_dim, "-D (",
               want_dim == 3 ? "[B, S, 3*H*D]" : "[T, 3*H*D]", "), got shape ", qkv.sizes());
   TORCH_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, ": qkv last dimension must be 3 * num_heads * ",

@@ -76,7 +76,7 @@ struct AttnKernel {
     float* kt = a.kt + head_ws(a, b, h);
     float* vv = a.v + head_ws(a, b, h);
     const uint8_t* live = a.live + a.ws_off[b] / P;
-    alignas(64) float blk[W * 1024];  // W key rows (D <= 1024, checked by the caller)
+    alignas(64) float blk[W * kAttnMaxHeadDim];  // W key rows (D checked by the caller)
     for (int64_t p = p0; p < p1; ++p) {
       if (!live[p]) continue;  // never read: the products skip dead panels
       float* ktp = kt + p * D * P;
