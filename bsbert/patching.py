@@ -141,9 +141,10 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     are fused into one GEMM, and each remaining linear runs on the fastest backend that fits
     (``select='measure'`` times the candidates on ``tokens`` rows; ``'heuristic'`` uses a block-density
     rule). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
-    ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda') the
-    attention kernel (default: measured among those that fit; torch SDPA on CPU). Returns the model; ``model.bsbert_plan`` holds the
-    plan with every choice and its reason; ``bsbert.unpatch(model)`` restores the original modules.
+    ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda',
+    'cpu') the attention kernel (default: measured among those that fit; on CPU that is bsbert's C++
+    kernel vs torch SDPA). Returns the model; ``model.bsbert_plan`` holds the plan with every choice and
+    its reason; ``bsbert.unpatch(model)`` restores the original modules.
     A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
     ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
     impossible). ``verify=True`` compares the patched model with its masked dense original once on

@@ -36,3 +36,21 @@ def logits(out):
 def rel_err(ref, out) -> float:
     r, o = logits(ref).double(), logits(out).double()
     return float((r - o).abs().max() / r.abs().max())
+
+
+def cpu_isa_levels() -> list[str]:
+    """BSBERT_CPU_ISA values this machine can run (only "portable" without the extension)."""
+    import os
+
+    from bsbert import _ext
+
+    if not _ext.available():
+        return ["portable"]
+    old = os.environ.pop("BSBERT_CPU_ISA", None)
+    try:
+        best = _ext.load(warn=False).cpu_isa()
+    finally:
+        if old is not None:
+            os.environ["BSBERT_CPU_ISA"] = old
+    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 2}[best]
+    return ["portable", "avx2", "avx512"][: top + 1]

@@ -26,10 +26,16 @@ def _hidden(model, inp):
 
 
 @pytest.mark.parametrize("left", [False, True])
-@pytest.mark.parametrize("attention", ["torch-sdpa", "triton"])
+@pytest.mark.parametrize("attention", ["torch-sdpa", "triton", "cpu"])
 def test_unpadded_matches_padded(left, attention):
     if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on cpu needs the interpreter")
+    if attention == "cpu":
+        from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+
+        why = ATTENTION_BACKENDS["cpu"].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
+        if why:
+            pytest.skip(f"cpu attention: {why}")
     model = tiny_pruned(heads=(2, 4, 1), ffn=(50, 20, 7))
     inp = _mixed_batch([1, 17, 31, 9], seq=31, left=left)
     ref = _hidden(model, inp)

@@ -1,5 +1,6 @@
 """Attention backends for PrunedSelfAttention: torch SDPA (everywhere), bsbert's Triton kernel and
-bsbert's CUDA C++ kernel (GPU). Each says why it does not fit; patch() measures the ones that do.
+bsbert's CUDA C++ kernel (GPU), bsbert's SIMD C++ kernel (CPU). Each says why it does not fit; patch()
+measures the ones that do.
 
 The bsbert kernels read the fused QKV output [B, S, 3*H*D] directly (no transpose copies) and take a
 key-padding mask [B, S]; SDPA takes transformers' 4-D mask unchanged.
@@ -113,26 +114,39 @@ class TritonAttention(AttentionBackend):
         return pruned_attention_varlen_triton(qkv, info.cu_seqlens, info.max_seqlen, num_heads, head_dim, scale)
 
 
-class CudaAttention(AttentionBackend):
-    name = "cuda"
+class ExtensionAttention(AttentionBackend):
+    """bsbert's C++ kernels: torch.ops.bsbert.pruned_attention[_varlen], implemented per dispatch key
+    (the dispatcher picks the CUDA or CPU one from the tensor's device). Subclasses say which key,
+    dtypes and head sizes their kernel serves."""
+
+    dispatch_key = "?"
+    dtypes: tuple = ()
+
+    def head_dim_ok(self, head_dim) -> str | None:
+        """None, or the head sizes the kernel supports (for the message)."""
+        raise NotImplementedError
 
     def not_supported_reasons(self, device, dtype, head_dim):
         reasons = []
-        if device.type != "cuda":
-            reasons.append(f"runs on cuda, tensor is on {device.type}")
+        dev = self.dispatch_key.lower()
+        if device.type != dev:
+            reasons.append(f"runs on {dev}, tensor is on {device.type}")
         if not _ext.available():
             reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
         else:
             try:
-                ok = torch._C._dispatch_has_kernel_for_dispatch_key("bsbert::pruned_attention", "CUDA")
+                ok = torch._C._dispatch_has_kernel_for_dispatch_key("bsbert::pruned_attention",
+                                                                    self.dispatch_key)
             except RuntimeError:
                 ok = False
             if not ok:
-                reasons.append("extension was built without the CUDA attention kernel")
-        if dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"dtype {dtype} not supported (float16, bfloat16)")
-        if head_dim not in (32, 64):
-            reasons.append(f"head_dim {head_dim} not supported (32, 64)")
+                reasons.append(f"extension was built without the {self.dispatch_key} attention kernel")
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {dtype} not supported ({names})")
+        supported = self.head_dim_ok(head_dim)
+        if supported:
+            reasons.append(f"head_dim {head_dim} not supported ({supported})")
         return reasons
 
     def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
@@ -144,7 +158,36 @@ class CudaAttention(AttentionBackend):
                                                         head_dim, scale)
 
 
-ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), TritonAttention(), TorchSdpa())}
+class CudaAttention(ExtensionAttention):
+    name = "cuda"
+    dispatch_key = "CUDA"
+    dtypes = (torch.float16, torch.bfloat16)
+
+    def head_dim_ok(self, head_dim):
+        return None if head_dim in (32, 64) else "32, 64"
+
+
+class CpuAttention(ExtensionAttention):
+    """csrc/cpu/pruned_attention*: AVX-512 / AVX2 / portable SIMD, fp32 arithmetic."""
+
+    name = "cpu"
+    dispatch_key = "CPU"
+    dtypes = (torch.float32, torch.bfloat16)
+
+    def head_dim_ok(self, head_dim):
+        return None if head_dim % 16 == 0 and 16 <= head_dim <= 1024 else "multiples of 16 up to 1024"
+
+    def not_supported_reasons(self, device, dtype, head_dim):
+        reasons = super().not_supported_reasons(device, dtype, head_dim)
+        # The portable path (no AVX2+FMA, or BSBERT_CPU_ISA=portable) is correct but ~8x slower than
+        # SDPA (scripts/bench_cpu_attention.py): never worth choosing, not even by the heuristic.
+        if _ext.available() and _ext.load(warn=False).cpu_isa() == "portable":
+            reasons.append("no AVX2+FMA or AVX-512 path on this CPU (BSBERT_CPU_ISA=portable or older CPU); "
+                           "the portable fallback is slower than torch SDPA")
+        return reasons
+
+
+ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), CpuAttention(), TritonAttention(), TorchSdpa())}
 
 
 def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):

@@ -1,0 +1,290 @@
+// Flash-attention style forward for one (sequence, head, query tile), templated over a SIMD wrapper V
+// (W floats per register: zero/load/store/set1/bcast/fma/add/sub/mul/max/hmax/hsum/round/pow2i).
+// Included by pruned_attention_{portable,avx2,avx512}.cpp inside an anonymous namespace, after V.
+//
+// Per task: Q rows are widened and pre-multiplied by scale*log2(e) (so the softmax is a base-2 one),
+// then for each step of kc keys: scores S = Q K^T with an MRS x (NVK*W) register tile over packed K^T
+// panels, running max / sum (online softmax; the previous context is rescaled when the max grows),
+// then ctx += P V with an MR x (NV*W) register tile. Panels without a key to attend to are skipped
+// in both products. Rows of the tile beyond the sequence are zeros (finite scores), never written out.
+//
+// Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
+// in that order for the remaining context columns (wide first).
+
+// The including file provides <algorithm>, <cmath>, <cstdint>, <cstring> and <limits> (headers
+// cannot be included here: this file is read inside a namespace).
+
+template <class V, int MRS, int NVK, int MRA, int NVA, int MRB, int NVB, int MRC, int NVC>
+struct AttnKernel {
+  using reg = typename V::reg;
+  static constexpr int W = V::W;
+  static constexpr int P = NVK * W;  // keys per K^T panel
+
+  static AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
+  static AttnPath path() { return {&pack, &task, geometry()}; }
+
+  static constexpr int lcm(int a, int b) {
+    int x = a, y = b;
+    while (y) {
+      const int t = x % y;
+      x = y;
+      y = t;
+    }
+    return a / x * b;
+  }
+
+  // n values from fp32 or bf16 src (bf16 widened exactly: it is the top half of an fp32), times mul.
+  static void load_row(const void* src, bool bf16, int64_t n, float mul, float* dst) {
+    if (bf16) {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        dst[i] = f * mul;
+      }
+    } else {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * mul;
+    }
+  }
+
+  // fp32 -> bf16 rounding to nearest even; NaN stays a (quiet) NaN.
+  static void store_row_bf16(const float* src, int64_t n, float mul, uint16_t* dst) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float f = src[i] * mul;
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      dst[i] = f != f ? uint16_t(0x7fc0) : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+
+  static const char* token(const AttnArgs& a, int64_t b, int64_t j, int64_t col) {
+    const int64_t esz = a.bf16 ? 2 : 4;
+    return static_cast<const char*>(a.qkv) + (a.qkv_off[b] + j * a.ld_qkv + col) * esz;
+  }
+
+  static int64_t lpad(const AttnArgs& a, int64_t b) { return a.ws_off[b + 1] - a.ws_off[b]; }
+  static int64_t head_ws(const AttnArgs& a, int64_t b, int64_t h) {
+    return (a.ws_off[b] * a.H + h * lpad(a, b)) * a.D;
+  }
+
+  // K^T panels: W keys at a time are widened into rows of blk, then W x W blocks are transposed in
+  // registers (V::transpose) and stored as W consecutive keys of W rows d of the panel.
+  static void pack(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
+    const int64_t D = a.D, L = a.len[b];
+    float* kt = a.kt + head_ws(a, b, h);
+    float* vv = a.v + head_ws(a, b, h);
+    const uint8_t* live = a.live + a.ws_off[b] / P;
+    alignas(64) float blk[W * kAttnMaxHeadDim];  // W key rows (D checked by the caller)
+    for (int64_t p = p0; p < p1; ++p) {
+      if (!live[p]) continue;  // never read: the products skip dead panels
+      float* ktp = kt + p * D * P;
+      for (int g = 0; g < NVK; ++g) {
+        for (int jj = 0; jj < W; ++jj) {
+          const int64_t key = p * P + g * W + jj;
+          float* vr = vv + key * D;
+          if (key < L) {
+            load_row(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, blk + jj * D);
+            load_row(token(a, b, key, (2 * a.H + h) * D), a.bf16, D, 1.f, vr);
+          } else {
+            std::memset(blk + jj * D, 0, D * sizeof(float));
+            std::memset(vr, 0, D * sizeof(float));
+          }
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          reg r[W];
+          for (int jj = 0; jj < W; ++jj) r[jj] = V::load(blk + jj * D + d0);
+          V::transpose(r);
+          for (int dd = 0; dd < W; ++dd) V::store(ktp + (d0 + dd) * P + g * W, r[dd]);
+        }
+      }
+    }
+  }
+
+  // 2^x for x <= 0: round to n, polynomial for 2^(x - n) on [-1/2, 1/2], exponent bits for 2^n.
+  // Clamping at -127 makes masked keys (-inf) exactly 0: pow2i(-127) is the all-zero pattern.
+  // The polynomial is the degree-7 Taylor series of e^(f ln2): truncation error < 1e-8 on the range.
+  static inline reg exp2v(reg x) {
+    constexpr double l = 0.69314718055994530942;
+    constexpr double c2 = l * l / 2, c3 = c2 * l / 3, c4 = c3 * l / 4, c5 = c4 * l / 5, c6 = c5 * l / 6,
+                     c7 = c6 * l / 7;
+    x = V::max(x, V::set1(-127.f));
+    const reg n = V::round(x);
+    const reg f = V::sub(x, n);
+    reg p = V::set1(float(c7));
+    p = V::fma(p, f, V::set1(float(c6)));
+    p = V::fma(p, f, V::set1(float(c5)));
+    p = V::fma(p, f, V::set1(float(c4)));
+    p = V::fma(p, f, V::set1(float(c3)));
+    p = V::fma(p, f, V::set1(float(c2)));
+    p = V::fma(p, f, V::set1(float(l)));
+    p = V::fma(p, f, V::set1(1.f));
+    return V::mul(p, V::pow2i(n));
+  }
+
+  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel, for MRS rows of q (row stride D).
+  static inline void score_tile(const float* q, const float* ktp, int64_t D, float* s, int64_t lds) {
+    reg acc[MRS][NVK];
+#pragma GCC unroll 16
+    for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      reg k[NVK];
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) k[n] = V::load(ktp + d * P + n * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MRS; ++r) {
+        const reg qb = V::bcast(q + r * D + d);
+#pragma GCC unroll 4
+        for (int n = 0; n < NVK; ++n) acc[r][n] = V::fma(qb, k[n], acc[r][n]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) V::store(s + r * lds + n * W, acc[r][n]);
+  }
+
+  // ctx[r][c0 : c0 + NV*W] += sum over the live panels [pa, pb) of p[r][key] * V[key][c0 : ...].
+  template <int MR, int NV>
+  static inline void pv_tile(const float* p, int64_t lds, const float* v, int64_t D, int64_t c0,
+                             const uint8_t* live, int64_t pa, int64_t pb, float* ctx) {
+    reg acc[MR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) acc[r][n] = V::load(ctx + r * D + c0 + n * W);
+    for (int64_t pp = pa; pp < pb; ++pp) {
+      if (!live[pp]) continue;
+      const float* pcol = p + (pp - pa) * P;
+      const float* vrow = v + pp * P * D + c0;
+      for (int j = 0; j < P; ++j) {
+        reg vr[NV];
+#pragma GCC unroll 4
+        for (int n = 0; n < NV; ++n) vr[n] = V::load(vrow + j * D + n * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const reg pr = V::bcast(pcol + r * lds + j);
+#pragma GCC unroll 4
+          for (int n = 0; n < NV; ++n) acc[r][n] = V::fma(pr, vr[n], acc[r][n]);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) V::store(ctx + r * D + c0 + n * W, acc[r][n]);
+  }
+
+  // Runs the widest P V tile that fits the remaining columns over rows [0, rows).
+  static void pv_step(const float* p, int64_t lds, const float* v, int64_t D, const uint8_t* live, int64_t pa,
+                      int64_t pb, float* ctx, int64_t rows) {
+    int64_t c0 = 0;
+    for (; c0 + NVA * W <= D; c0 += NVA * W)
+      for (int64_t r = 0; r < rows; r += MRA)
+        pv_tile<MRA, NVA>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
+    for (; c0 + NVB * W <= D; c0 += NVB * W)
+      for (int64_t r = 0; r < rows; r += MRB)
+        pv_tile<MRB, NVB>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
+    for (; c0 + NVC * W <= D; c0 += NVC * W)
+      for (int64_t r = 0; r < rows; r += MRC)
+        pv_tile<MRC, NVC>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
+  }
+
+  // Online softmax over one step of keys for one row: s (n scores, already -inf where masked) becomes
+  // exp2(s - new max); returns the factor that rescales what was accumulated so far.
+  static inline float softmax_step(float* s, const float* kbias, int64_t n, float& m, float& l) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    reg mx = V::set1(kNegInf);
+    for (int64_t j = 0; j < n; j += W) {
+      const reg x = V::add(V::load(s + j), V::load(kbias + j));
+      V::store(s + j, x);
+      mx = V::max(mx, x);
+    }
+    const float m_new = std::max(m, V::hmax(mx));
+    // Nothing to attend to yet: subtracting 0 keeps exp2(-inf) = 0 (not exp2(-inf - -inf) = NaN).
+    const float ref = m_new == kNegInf ? 0.f : m_new;
+    const float alpha = m == kNegInf ? 0.f : std::exp2(m - ref);
+    const reg sub = V::set1(ref);
+    reg sum = V::zero();
+    for (int64_t j = 0; j < n; j += W) {
+      const reg e = exp2v(V::sub(V::load(s + j), sub));
+      V::store(s + j, e);
+      sum = V::add(sum, e);
+    }
+    l = l * alpha + V::hsum(sum);
+    m = m_new;
+    return alpha;
+  }
+
+  static void task(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* scratch) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const int64_t D = a.D, L = a.len[b], kc = a.kc;
+    const int rows_unit = geometry().rows;
+    const int64_t rows = std::min<int64_t>(a.mq, L - i0);
+    const int64_t rows_pad = (rows + rows_unit - 1) / rows_unit * rows_unit;
+    const int64_t npan = lpad(a, b) / P;
+    const uint8_t* live = a.live + a.ws_off[b] / P;
+    const float* kbias = a.kbias + a.ws_off[b];
+    const float* kt = a.kt + head_ws(a, b, h);
+    const float* vv = a.v + head_ws(a, b, h);
+
+    // Scratch: q [rows_pad][D], ctx [rows_pad][D], s [rows_pad][kc], running max m and sum l.
+    float* q = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+    float* ctx = q + rows_pad * D;
+    float* s = ctx + rows_pad * D;
+    float* m = s + rows_pad * kc;
+    float* l = m + rows_pad;
+    for (int64_t r = 0; r < rows_pad; ++r) {
+      if (r < rows)
+        load_row(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
+      else
+        std::memset(q + r * D, 0, D * sizeof(float));
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::memset(ctx, 0, rows_pad * D * sizeof(float));
+
+    const int64_t step = kc / P;
+    for (int64_t pa = 0; pa < npan; pa += step) {
+      const int64_t pb = std::min(npan, pa + step);
+      bool any = false;
+      for (int64_t pp = pa; pp < pb; ++pp) any |= live[pp] != 0;
+      if (!any) continue;
+      for (int64_t pp = pa; pp < pb; ++pp) {
+        float* sp = s + (pp - pa) * P;
+        if (!live[pp]) {
+          for (int64_t r = 0; r < rows_pad; ++r)
+            for (int j = 0; j < P; ++j) sp[r * kc + j] = kNegInf;
+          continue;
+        }
+        for (int64_t r = 0; r < rows_pad; r += MRS) score_tile(q + r * D, kt + pp * D * P, D, sp + r * kc, kc);
+      }
+      const int64_t n = (pb - pa) * P;
+      for (int64_t r = 0; r < rows_pad; ++r) {
+        const float alpha = softmax_step(s + r * kc, kbias + pa * P, n, m[r], l[r]);
+        if (alpha != 1.f) {
+          const reg al = V::set1(alpha);
+          float* c = ctx + r * D;
+          for (int64_t d = 0; d < D; d += W) V::store(c + d, V::mul(V::load(c + d), al));
+        }
+      }
+      pv_step(s, kc, vv, D, live, pa, pb, ctx, rows_pad);
+    }
+
+    // Normalise; a row with nothing to attend to (l = 0) gets zeros.
+    const int64_t esz = a.bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      char* dst = static_cast<char*>(a.out) + (a.out_off[b] + (i0 + r) * a.ld_out + h * D) * esz;
+      if (a.bf16) {
+        store_row_bf16(ctx + r * D, D, inv, reinterpret_cast<uint16_t*>(dst));
+      } else {
+        float* o = reinterpret_cast<float*>(dst);
+        for (int64_t d = 0; d < D; ++d) o[d] = ctx[r * D + d] * inv;
+      }
+    }
+  }
+};
