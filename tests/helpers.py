@@ -38,8 +38,10 @@ def rel_err(ref, out) -> float:
     return float((r - o).abs().max() / r.abs().max())
 
 
-def cpu_isa_levels() -> list[str]:
-    """BSBERT_CPU_ISA values this machine can run (only "portable" without the extension)."""
+def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
+    """BSBERT_CPU_ISA values this machine can run (only "portable" without the extension).
+    bf16_level: include "avx512_bf16" where the CPU has it (only the block-sparse GEMM has a path of
+    its own for it)."""
     import os
 
     from bsbert import _ext
@@ -52,5 +54,5 @@ def cpu_isa_levels() -> list[str]:
     finally:
         if old is not None:
             os.environ["BSBERT_CPU_ISA"] = old
-    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 2}[best]
-    return ["portable", "avx2", "avx512"][: top + 1]
+    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3 if bf16_level else 2}[best]
+    return ["portable", "avx2", "avx512", "avx512_bf16"][: top + 1]

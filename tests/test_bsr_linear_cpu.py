@@ -15,6 +15,7 @@ from bsbert import _ext
 from bsbert.formats import BlockSparseMatrix
 from bsbert.ops.cpu_reference import bsr_linear_reference
 from bsbert.ops.packing import pack_cpu, unpack_cpu
+from tests.helpers import cpu_isa_levels
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -32,22 +33,7 @@ FP32_TOL = 1e-5
 BF16_TOL = 1e-2
 
 
-def _isa_levels():
-    """ISA caps that this machine can run (BSBERT_CPU_ISA values)."""
-    if not _ext.available():
-        return ["portable"]
-    old = os.environ.pop("BSBERT_CPU_ISA", None)
-    try:
-        best = _ext.load(warn=False).cpu_isa()
-    finally:
-        if old is not None:
-            os.environ["BSBERT_CPU_ISA"] = old
-    order = ["portable", "avx2", "avx512", "avx512_bf16"]
-    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}[best]
-    return order[: top + 1]
-
-
-ISAS = _isa_levels()
+ISAS = cpu_isa_levels(bf16_level=True)
 
 
 def make_bsm(n, k, block, density, *, seed=0, dtype=torch.float32):

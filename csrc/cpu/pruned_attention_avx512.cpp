@@ -22,19 +22,11 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-struct Zmm {
-  using reg = __m512;
-  static constexpr int W = 16;
-  static inline reg zero() { return _mm512_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  static inline reg set1(float f) { return _mm512_set1_ps(f); }
-  static inline reg bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+#include "cpu/simd_avx512.h"
+
+// The GEMM's AVX-512 wrapper plus what the softmax needs.
+struct Zmm : VAvx512 {
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static inline float hmax(reg a) { return _mm512_reduce_max_ps(a); }
   static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -43,31 +35,7 @@ struct Zmm {
     const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
-  // In-place 16 x 16 transpose: 4 x 4 blocks inside 128-bit lanes (unpack, shuffle), then the 4 x 4
-  // arrangement of lanes (two rounds of shuffle_f32x4).
-  static inline void transpose(reg (&r)[16]) {
-    reg t[16], u[16];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    // u[4i + c], lane k: column 4k + c of rows 4i .. 4i + 3
-    for (int i = 0; i < 4; ++i) {
-      u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-      u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
-      u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-      u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const reg v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xee);
-      const reg v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-      const reg v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xee);
-      r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-      r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-      r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-      r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-    }
-  }
+  static inline void transpose(reg (&r)[16]) { transpose16x16(r); }
 };
 
 #include "cpu/pruned_attention_kernel.h"
