@@ -9,13 +9,13 @@ second) of oneDNN (``torch.ops.mkldnn._linear_pointwise`` on a prepacked weight)
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
 from bsbert.formats import BlockSparseMatrix
 from bsbert.ops.packing import pack_cpu
+from bsbert.timing import best_of_interleaved
 
 DEFAULT_SHAPES = ((1024, 1024), (4096, 1024), (1024, 4096))  # (N out, K in)
 DEFAULT_DENSITIES = (1.0, 0.64, 0.5, 0.25, 0.1)
@@ -29,25 +29,6 @@ def block_sparse_weight(n: int, k: int, block: int, density: float, seed: int = 
     if density >= 1.0:
         keep[:] = True
     return w * keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
-
-
-def _time_interleaved(fns, rounds: int, target_s: float = 0.03):
-    for f in fns:  # warm up (allocations, oneDNN primitive cache, packing buffers)
-        f()
-        f()
-    reps = []
-    for f in fns:
-        t0 = time.perf_counter()
-        f()
-        reps.append(max(1, int(target_s / max(time.perf_counter() - t0, 1e-7))))
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(reps[i]):
-                f()
-            best[i] = min(best[i], (time.perf_counter() - t0) / reps[i])
-    return best
 
 
 def _onednn(x, w, bias):
@@ -88,7 +69,7 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
                     dnn = _onednn(x, w, bias)
                     if dnn is not None:
                         fns.append(dnn)
-                    ts = _time_interleaved(fns, rounds)
+                    ts = best_of_interleaved(fns, rounds, target_s=0.03)
                     useful = bsm.useful_flops(m)
                     dense = 2 * m * n * k
                     row = {

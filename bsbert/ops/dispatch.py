@@ -22,10 +22,12 @@ class Choice:
 
 
 def rank_by_time(fns: dict, x: torch.Tensor, what: str) -> tuple[list[str], dict, str]:
-    """Time each ``fns[label](x)`` (warm-up + median of 3); -> (labels fastest first, ms, reason)."""
-    from bsbert.timing import time_fn
+    """Time each ``fns[label](x)`` (interleaved rounds, best round); -> (labels fastest first, ms, reason)."""
+    from bsbert.timing import best_of_interleaved
 
-    ms = {label: time_fn(lambda f=f: f(x), repeats=3, device=x.device)["median_ms"] for label, f in fns.items()}
+    labels = list(fns)
+    secs = best_of_interleaved([lambda f=fns[k]: f(x) for k in labels], rounds=5, device=x.device)
+    ms = {k: 1e3 * t for k, t in zip(labels, secs)}
     order = sorted(ms, key=ms.get)
     return order, ms, f"measured at {what}: " + " < ".join(f"{k} {ms[k]:.2f}ms" for k in order)
 
