@@ -1,0 +1,111 @@
+// Row kernel of bsbert::add_layer_norm, written once over a vector type V and included by each ISA
+// translation unit (add_layer_norm_{portable,avx2,avx512}.cpp) inside its anonymous namespace, after
+// its V. No include guard on purpose: every ISA instantiates its own copy.
+//
+// V provides: reg, W (floats per reg), zero, set1, add, sub, mul, fma(a, b, c) = a*b + c, hsum;
+// load/store of W floats and of W bf16 values (load_bf16 / store_bf16, round to nearest even);
+// the tail forms load_n / load_bf16_n (lanes >= n read as 0), store_n / store_bf16_n (only n lanes
+// written) and keep_n (lanes >= n set to 0).
+//
+// Each row is read from memory once: pass 1 adds x + residual into the fp32 scratch row (which stays
+// in L1 for BERT widths) and sums it; pass 2 sums squared deviations from the mean over the scratch
+// row (the two-pass form: no cancellation when |mean| >> std, unlike E[h^2] - E[h]^2); pass 3
+// normalises, scales and writes y. Four accumulators per pass hide the add latency.
+
+template <class V>
+struct AlnIo {
+  using reg = typename V::reg;
+  static inline reg ld(const float* p) { return V::load(p); }
+  static inline reg ld(const uint16_t* p) { return V::load_bf16(p); }
+  static inline reg ld_n(const float* p, int n) { return V::load_n(p, n); }
+  static inline reg ld_n(const uint16_t* p, int n) { return V::load_bf16_n(p, n); }
+  static inline void st(float* p, reg v) { V::store(p, v); }
+  static inline void st(uint16_t* p, reg v) { V::store_bf16(p, v); }
+  static inline void st_n(float* p, reg v, int n) { V::store_n(p, v, n); }
+  static inline void st_n(uint16_t* p, reg v, int n) { V::store_bf16_n(p, v, n); }
+};
+
+template <class V, class T>
+void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
+  using reg = typename V::reg;
+  using Io = AlnIo<V>;
+  constexpr int W = V::W;
+  const int64_t N = a.N;
+  const int64_t nfull = N / W * W;
+  const int tail = static_cast<int>(N - nfull);
+  const float inv_n = 1.0f / static_cast<float>(N);
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * a.ldx;
+    const T* r = static_cast<const T*>(a.residual) + row * a.ldr;
+    T* y = static_cast<T*>(a.y) + row * a.ldy;
+
+    reg s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+    int64_t i = 0;
+    for (; i + 4 * W <= nfull; i += 4 * W) {
+      const reg v0 = V::add(Io::ld(x + i), Io::ld(r + i));
+      const reg v1 = V::add(Io::ld(x + i + W), Io::ld(r + i + W));
+      const reg v2 = V::add(Io::ld(x + i + 2 * W), Io::ld(r + i + 2 * W));
+      const reg v3 = V::add(Io::ld(x + i + 3 * W), Io::ld(r + i + 3 * W));
+      V::store(h + i, v0);
+      V::store(h + i + W, v1);
+      V::store(h + i + 2 * W, v2);
+      V::store(h + i + 3 * W, v3);
+      s0 = V::add(s0, v0);
+      s1 = V::add(s1, v1);
+      s2 = V::add(s2, v2);
+      s3 = V::add(s3, v3);
+    }
+    for (; i < nfull; i += W) {
+      const reg v = V::add(Io::ld(x + i), Io::ld(r + i));
+      V::store(h + i, v);
+      s0 = V::add(s0, v);
+    }
+    if (tail) {  // missing lanes load as 0 + 0: they add nothing to the sum
+      const reg v = V::add(Io::ld_n(x + i, tail), Io::ld_n(r + i, tail));
+      V::store(h + i, v);
+      s1 = V::add(s1, v);
+    }
+    const float mean = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
+
+    const reg m = V::set1(mean);
+    s0 = s1 = s2 = s3 = V::zero();
+    i = 0;
+    for (; i + 4 * W <= nfull; i += 4 * W) {
+      const reg d0 = V::sub(V::load(h + i), m), d1 = V::sub(V::load(h + i + W), m);
+      const reg d2 = V::sub(V::load(h + i + 2 * W), m), d3 = V::sub(V::load(h + i + 3 * W), m);
+      s0 = V::fma(d0, d0, s0);
+      s1 = V::fma(d1, d1, s1);
+      s2 = V::fma(d2, d2, s2);
+      s3 = V::fma(d3, d3, s3);
+    }
+    for (; i < nfull; i += W) {
+      const reg d = V::sub(V::load(h + i), m);
+      s0 = V::fma(d, d, s0);
+    }
+    if (tail) {  // here the missing lanes would be (0 - mean)^2: zero them
+      const reg d = V::keep_n(V::sub(V::load(h + i), m), tail);
+      s1 = V::fma(d, d, s1);
+    }
+    const float var = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
+    // fp32 like torch's CPU layer_norm (eps is rounded to float there too).
+    const reg rs = V::set1(1.0f / std::sqrt(var + static_cast<float>(a.eps)));
+
+    i = 0;
+    for (; i < nfull; i += W) {
+      const reg n = V::mul(V::sub(V::load(h + i), m), rs);
+      Io::st(y + i, V::fma(n, V::load(a.gamma + i), V::load(a.beta + i)));
+    }
+    if (tail) {
+      const reg n = V::mul(V::sub(V::load(h + i), m), rs);
+      Io::st_n(y + i, V::fma(n, V::load_n(a.gamma + i, tail), V::load_n(a.beta + i, tail)), tail);
+    }
+  }
+}
+
+template <class V>
+void add_layer_norm_rows_dispatch(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
+  if (a.bf16)
+    add_layer_norm_rows_t<V, uint16_t>(a, r0, r1, h);
+  else
+    add_layer_norm_rows_t<V, float>(a, r0, r1, h);
+}
