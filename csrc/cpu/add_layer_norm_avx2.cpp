@@ -1,6 +1,7 @@
 // AVX2 + FMA instantiation of the add + LayerNorm row kernel (add_layer_norm_kernel.h): 8 floats per
 // register. fp32 tails use masked loads/stores; bf16 tails go through an 8-lane stack buffer
 // (AVX2 has no 16-bit masked moves).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

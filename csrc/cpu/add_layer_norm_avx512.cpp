@@ -1,5 +1,6 @@
 // AVX-512 instantiation of the add + LayerNorm row kernel (add_layer_norm_kernel.h): 16 floats per
 // register, row tails through lane masks. Needs avx512f/bw/vl (Isa::kAvx512 or better).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -10,6 +11,8 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+// GCC 12 warns about its own intrinsics (_mm512_undefined_* inside cvtepu16_epi32 and friends).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
 #endif

@@ -8,9 +8,10 @@
 // written) and keep_n (lanes >= n set to 0).
 //
 // Each row is read from memory once: pass 1 adds x + residual into the fp32 scratch row (which stays
-// in L1 for BERT widths) and sums it; pass 2 sums squared deviations from the mean over the scratch
-// row (the two-pass form: no cancellation when |mean| >> std, unlike E[h^2] - E[h]^2); pass 3
-// normalises, scales and writes y. Four accumulators per pass hide the add latency.
+// in L1 for BERT widths) and sums it; pass 2 sums the deviations from that mean and their squares over
+// the scratch row (the corrected two-pass form: no cancellation when |mean| >> std, unlike
+// E[h^2] - E[h]^2, and the mean's own fp32 rounding is corrected); pass 3 normalises, scales and
+// writes y. Four accumulators per sum hide the add latency.
 
 template <class V>
 struct AlnIo {
@@ -67,36 +68,49 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, fl
     }
     const float mean = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
 
+    // Pass 2 sums the deviations d = h - mean as well as d^2: the fp32 mean is off by up to half an
+    // ulp of |mean|, which is not small next to the std when |mean| >> std; sum(d) / N measures that
+    // offset (h - mean is exact there), and var = E[d^2] - E[d]^2 (the corrected two-pass form).
     const reg m = V::set1(mean);
+    reg q0 = V::zero(), q1 = V::zero(), q2 = V::zero(), q3 = V::zero();
     s0 = s1 = s2 = s3 = V::zero();
     i = 0;
     for (; i + 4 * W <= nfull; i += 4 * W) {
       const reg d0 = V::sub(V::load(h + i), m), d1 = V::sub(V::load(h + i + W), m);
       const reg d2 = V::sub(V::load(h + i + 2 * W), m), d3 = V::sub(V::load(h + i + 3 * W), m);
-      s0 = V::fma(d0, d0, s0);
-      s1 = V::fma(d1, d1, s1);
-      s2 = V::fma(d2, d2, s2);
-      s3 = V::fma(d3, d3, s3);
+      s0 = V::add(s0, d0);
+      s1 = V::add(s1, d1);
+      s2 = V::add(s2, d2);
+      s3 = V::add(s3, d3);
+      q0 = V::fma(d0, d0, q0);
+      q1 = V::fma(d1, d1, q1);
+      q2 = V::fma(d2, d2, q2);
+      q3 = V::fma(d3, d3, q3);
     }
     for (; i < nfull; i += W) {
       const reg d = V::sub(V::load(h + i), m);
-      s0 = V::fma(d, d, s0);
+      s0 = V::add(s0, d);
+      q0 = V::fma(d, d, q0);
     }
-    if (tail) {  // here the missing lanes would be (0 - mean)^2: zero them
+    if (tail) {  // here the missing lanes would be 0 - mean: zero them
       const reg d = V::keep_n(V::sub(V::load(h + i), m), tail);
-      s1 = V::fma(d, d, s1);
+      s1 = V::add(s1, d);
+      q1 = V::fma(d, d, q1);
     }
-    const float var = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
+    const float shift = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
+    const float var = std::max(0.f, V::hsum(V::add(V::add(q0, q1), V::add(q2, q3))) * inv_n - shift * shift);
     // fp32 like torch's CPU layer_norm (eps is rounded to float there too).
-    const reg rs = V::set1(1.0f / std::sqrt(var + static_cast<float>(a.eps)));
+    const float rstd = 1.0f / std::sqrt(var + static_cast<float>(a.eps));
+    // (h - mean - shift) * rstd as (h - mean) * rstd - shift * rstd: one fma
+    const reg rs = V::set1(rstd), off = V::set1(-shift * rstd);
 
     i = 0;
     for (; i < nfull; i += W) {
-      const reg n = V::mul(V::sub(V::load(h + i), m), rs);
+      const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
       Io::st(y + i, V::fma(n, V::load(a.gamma + i), V::load(a.beta + i)));
     }
     if (tail) {
-      const reg n = V::mul(V::sub(V::load(h + i), m), rs);
+      const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
       Io::st_n(y + i, V::fma(n, V::load_n(a.gamma + i, tail), V::load_n(a.beta + i, tail)), tail);
     }
   }

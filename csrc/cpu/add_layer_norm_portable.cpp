@@ -1,6 +1,7 @@
 // Portable instantiation of the add + LayerNorm row kernel (add_layer_norm_kernel.h): an 8-float
 // struct whose lane loops the compiler vectorises for the baseline ISA (SSE2 on x86-64, NEON on
 // aarch64) or runs scalar. Also the reference path for BSBERT_CPU_ISA=portable.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
