@@ -36,3 +36,13 @@ def logits(out):
 def rel_err(ref, out) -> float:
     r, o = logits(ref).double(), logits(out).double()
     return float((r - o).abs().max() / r.abs().max())
+
+
+def with_threads(n: int, fn):
+    """fn() run with torch.set_num_threads(n), the previous count restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)

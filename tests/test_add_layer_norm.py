@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bsbert import _ext
+from tests.helpers import with_threads
 from tests.test_bsr_linear_cpu import ISAS
 
 pytestmark = pytest.mark.skipif(not _ext.has_op("add_layer_norm"),
@@ -126,14 +127,8 @@ def test_isas_agree(monkeypatch, isa):
 def test_thread_count_does_not_change_values():
     """Rows are independent: splitting them over threads must give bit-identical results."""
     x, r, w, b = inputs((385, 1024), torch.float32, seed=2)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1 = op(x, r, w, b)
-        torch.set_num_threads(max(2, old))
-        y2 = op(x, r, w, b)
-    finally:
-        torch.set_num_threads(old)
+    y1 = with_threads(1, lambda: op(x, r, w, b))
+    y2 = with_threads(2, lambda: op(x, r, w, b))
     assert torch.equal(y1, y2)
 
 

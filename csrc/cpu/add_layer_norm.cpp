@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t kMinElemsPerTask = int64_t(1) << 14;
 
 AddLayerNormFn select_rows_fn() {
+#if defined(__x86_64__) || defined(_M_X64)  // the AVX translation units are empty elsewhere
   switch (effective_isa()) {
     case Isa::kAvx512Bf16:
     case Isa::kAvx512:
@@ -39,8 +40,10 @@ AddLayerNormFn select_rows_fn() {
     case Isa::kAvx2:
       return add_layer_norm_rows_avx2;
     default:
-      return add_layer_norm_rows_portable;
+      break;
   }
+#endif
+  return add_layer_norm_rows_portable;
 }
 
 // weight / bias as contiguous fp32 (a no-op for BERT's fp32 parameters; bf16 ones are widened).

@@ -88,12 +88,4 @@ void add_layer_norm_rows_avx2(const AddLayerNormArgs& a, int64_t r0, int64_t r1,
 #endif
 #pragma GCC pop_options
 
-#else  // not x86-64: never selected (effective_isa() is portable there)
-namespace bsbert {
-namespace cpu {
-void add_layer_norm_rows_avx2(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
-  add_layer_norm_rows_portable(a, r0, r1, h);
-}
-}  // namespace cpu
-}  // namespace bsbert
-#endif
+#endif  // x86-64 (elsewhere the portable kernel is the only one: see add_layer_norm.cpp)
