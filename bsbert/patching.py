@@ -129,13 +129,14 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
 
 def _output_swap(layer, adapter, dense_path: str, dense: SparseLinear) -> dict[str, nn.Module]:
     """BERT's SelfOutput / Output (dense -> dropout -> LayerNorm(h + input_tensor)) is replaced as a
-    whole by DenseAddLayerNorm (fused add + LayerNorm, reusing the original LayerNorm module); any
-    other parent only gets its linear swapped."""
+    whole by DenseAddLayerNorm (fused add + LayerNorm, reusing the original LayerNorm module). A parent
+    with any other make-up (a variant with extra submodules) only gets its linear swapped."""
     parent_path = dense_path.rpartition(".")[0]
     parent = layer.get_submodule(parent_path) if parent_path else None
-    norm = getattr(parent, "LayerNorm", None)
-    if adapter.layer_style == "bert" and isinstance(norm, nn.LayerNorm):
-        return {parent_path: DenseAddLayerNorm(dense, norm)}
+    children = dict(parent.named_children()) if parent is not None else {}
+    if (adapter.layer_style == "bert" and set(children) == {"dense", "dropout", "LayerNorm"}
+            and isinstance(children["LayerNorm"], nn.LayerNorm)):
+        return {parent_path: DenseAddLayerNorm(dense, children["LayerNorm"])}
     return {dense_path: dense}
 
 

@@ -149,3 +149,20 @@ def test_save_load_keeps_the_fused_modules(tmp_path, keep_original):
     for a, b in zip(_outputs(model), _outputs(loaded)):
         assert isinstance(b, DenseAddLayerNorm)
         assert torch.equal(a.LayerNorm.weight, b.LayerNorm.weight) and a.LayerNorm.eps == b.LayerNorm.eps
+
+
+def test_unfamiliar_output_block_keeps_its_own_forward():
+    """An output block with more than dense/dropout/LayerNorm may compute something else: only its
+    linear is swapped, the block (and its forward) stays."""
+    model = tiny_pruned()
+    odd = model.bert.encoder.layer[1].output
+    odd.extra = torch.nn.Identity()
+    inp = inputs(batch=2, seq=30, pad_from=11)
+    ref, _ = _run(model, inp)
+    bsbert.patch(model, select="heuristic", progress=False)
+    layers = model.bert.encoder.layer
+    assert layers[1].output is odd and type(odd.dense).__name__ == "SparseLinear"
+    assert isinstance(layers[0].output, DenseAddLayerNorm) and isinstance(layers[1].attention.output,
+                                                                          DenseAddLayerNorm)
+    out, _ = _run(model, inp)
+    assert rel_err(ref, out) <= TOL_FP32
