@@ -7,8 +7,6 @@ no compiled extension, a LayerNorm without affine parameters), so these modules 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,11 +16,16 @@ from bsbert.nn.linear import SparseLinear
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
-def fused_kernel_available() -> bool:
-    from bsbert import _ext
+_available: list[bool] = []  # filled on first use (not at import: _ext.load would then run before
+                            # bsbert/__init__.py's own call and swallow its warning)
 
-    return _ext.has_op("add_layer_norm")
+
+def fused_kernel_available() -> bool:
+    if not _available:
+        from bsbert import _ext
+
+        _available.append(_ext.has_op("add_layer_norm"))
+    return _available[0]
 
 
 def _kernel_applies(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> bool:
