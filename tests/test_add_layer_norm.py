@@ -109,10 +109,15 @@ def test_matches_torch_layer_norm(dtype):
         torch.testing.assert_close(y, t, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,affine", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
-                                          (torch.bfloat16, torch.bfloat16)])
-def test_affine_dtypes(dtype, affine):
-    check(*inputs((17, 200), dtype, seed=3, affine_dtype=affine))
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_bf16_affine_dtypes(monkeypatch, isa, w_dtype, b_dtype):
+    """bf16 x with weight / bias in bf16 or fp32, each (read as stored, or widened when mixed)."""
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    for n in (7, 200):
+        x, r, w, b = inputs((17, n), torch.bfloat16, seed=n, affine_dtype=torch.float32)
+        check(x, r, w.to(w_dtype), b.to(b_dtype))
 
 
 @pytest.mark.parametrize("isa", ISAS)

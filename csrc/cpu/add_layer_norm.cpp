@@ -46,15 +46,13 @@ AddLayerNormFn select_rows_fn() {
   return add_layer_norm_rows_portable;
 }
 
-// weight / bias as contiguous fp32 (a no-op for BERT's fp32 parameters; bf16 ones are widened).
-at::Tensor affine_f32(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype) {
+void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype) {
   TORCH_CHECK(t.device().is_cpu(), "add_layer_norm (CPU kernel): ", name, " must be on the CPU, got ",
               t.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "add_layer_norm: ", name, " must have shape [", N,
               "] (the last dim of x), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
               " must be float32 or x's dtype (", x_dtype, "), got ", t.scalar_type());
-  return t.to(at::kFloat).contiguous();
 }
 
 // x viewed as [rows, N] with unit stride along N (any row stride); copies only if needed.
@@ -85,8 +83,13 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, c
               " must equal x's shape ", x.sizes(), " (no broadcasting)");
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "add_layer_norm: eps must be finite and >= 0, got ", eps);
   const int64_t N = x.size(-1);
-  const at::Tensor g = affine_f32(weight, "weight", N, dt);
-  const at::Tensor b = affine_f32(bias, "bias", N, dt);
+  check_affine(weight, "weight", N, dt);
+  check_affine(bias, "bias", N, dt);
+  // The kernels read gamma and beta in one dtype, as stored (BERT's fp32 or bf16 parameters: no
+  // per-call conversion); a mixed pair is widened to fp32.
+  const bool same = weight.scalar_type() == bias.scalar_type();
+  const at::Tensor g = same ? weight.contiguous() : weight.to(at::kFloat).contiguous();
+  const at::Tensor b = same ? bias.contiguous() : bias.to(at::kFloat).contiguous();
 
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
@@ -98,13 +101,14 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, c
   args.ldx = row_stride(x2);
   args.residual = r2.data_ptr();
   args.ldr = row_stride(r2);
-  args.gamma = g.data_ptr<float>();
-  args.beta = b.data_ptr<float>();
+  args.gamma = g.data_ptr();
+  args.beta = b.data_ptr();
   args.y = y.data_ptr();
   args.ldy = N;
   args.N = N;
   args.eps = eps;
   args.bf16 = dt == at::kBFloat16;
+  args.affine_bf16 = g.scalar_type() == at::kBFloat16;
 
   const AddLayerNormFn fn = select_rows_fn();
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / N);

@@ -12,13 +12,14 @@ struct AddLayerNormArgs {
   int64_t ldx;
   const void* residual;  // same dtype and row length as x
   int64_t ldr;
-  const float* gamma;    // [N] fp32 (bf16 weights are widened once per call by the op)
-  const float* beta;     // [N] fp32
+  const void* gamma;     // [N], fp32 or bf16 (see affine_bf16)
+  const void* beta;      // [N], same dtype as gamma
   void* y;               // output rows at y + i * ldy, x's dtype
   int64_t ldy;
   int64_t N;             // row length (> 0)
   double eps;
   bool bf16;             // x, residual and y are bf16 (math is fp32 either way)
+  bool affine_bf16;      // gamma and beta are bf16 (only with bf16 x: the op allows x's dtype or fp32)
 };
 
 // Normalises rows [r0, r1): y = LayerNorm(x + residual) * gamma + beta. scratch holds one row of

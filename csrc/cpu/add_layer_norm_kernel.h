@@ -36,7 +36,7 @@ inline void prefetch_pair(const void* x, const void* r) {
   }
 }
 
-template <class V, class T>
+template <class V, class T, class G>
 void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
   using reg = typename V::reg;
   using Io = AlnIo<V>;
@@ -45,6 +45,8 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, fl
   const int64_t nfull = N / W * W;
   const int tail = static_cast<int>(N - nfull);
   const float inv_n = 1.0f / static_cast<float>(N);
+  const G* gamma = static_cast<const G*>(a.gamma);
+  const G* beta = static_cast<const G*>(a.beta);
   for (int64_t row = r0; row < r1; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * a.ldx;
     const T* r = static_cast<const T*>(a.residual) + row * a.ldr;
@@ -119,19 +121,22 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, fl
     i = 0;
     for (; i < nfull; i += W) {
       const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
-      Io::st(y + i, V::fma(n, V::load(a.gamma + i), V::load(a.beta + i)));
+      Io::st(y + i, V::fma(n, Io::ld(gamma + i), Io::ld(beta + i)));
     }
     if (tail) {
       const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
-      Io::st_n(y + i, V::fma(n, V::load_n(a.gamma + i, tail), V::load_n(a.beta + i, tail)), tail);
+      Io::st_n(y + i, V::fma(n, Io::ld_n(gamma + i, tail), Io::ld_n(beta + i, tail)), tail);
     }
   }
 }
 
+// T: x / residual / y element type, G: gamma / beta element type (uint16_t = bf16 bits).
 template <class V>
 void add_layer_norm_rows_dispatch(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
-  if (a.bf16)
-    add_layer_norm_rows_t<V, uint16_t>(a, r0, r1, h);
+  if (a.bf16 && a.affine_bf16)
+    add_layer_norm_rows_t<V, uint16_t, uint16_t>(a, r0, r1, h);
+  else if (a.bf16)
+    add_layer_norm_rows_t<V, uint16_t, float>(a, r0, r1, h);
   else
-    add_layer_norm_rows_t<V, float>(a, r0, r1, h);
+    add_layer_norm_rows_t<V, float, float>(a, r0, r1, h);
 }
