@@ -23,14 +23,15 @@ struct AddLayerNormArgs {
 };
 
 // Normalises rows [r0, r1): y = LayerNorm(x + residual) * gamma + beta. scratch holds one row of
-// x + residual in fp32 between the passes: >= add_layer_norm_scratch(N) floats.
+// x + residual in fp32 between the passes, then gamma and beta widened to fp32 when they are bf16:
+// add_layer_norm_scratch(N) floats.
 using AddLayerNormFn = void (*)(const AddLayerNormArgs&, int64_t r0, int64_t r1, float* scratch);
 void add_layer_norm_rows_portable(const AddLayerNormArgs&, int64_t, int64_t, float*);
 void add_layer_norm_rows_avx2(const AddLayerNormArgs&, int64_t, int64_t, float*);
 void add_layer_norm_rows_avx512(const AddLayerNormArgs&, int64_t, int64_t, float*);
 
-// Row length rounded up to the widest vector (16 floats): the kernels store whole vectors.
-inline int64_t add_layer_norm_scratch(int64_t N) { return (N + 15) / 16 * 16; }
+// Three rows, each rounded up to the widest vector (16 floats): the kernels store whole vectors.
+inline int64_t add_layer_norm_scratch(int64_t N) { return 3 * ((N + 15) / 16 * 16); }
 
 }  // namespace cpu
 }  // namespace bsbert

@@ -36,8 +36,9 @@ inline void prefetch_pair(const void* x, const void* r) {
   }
 }
 
-template <class V, class T, class G>
-void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
+template <class V, class T>
+void add_layer_norm_rows_t(const AddLayerNormArgs& a, const float* gamma, const float* beta, int64_t r0,
+                           int64_t r1, float* h) {
   using reg = typename V::reg;
   using Io = AlnIo<V>;
   constexpr int W = V::W;
@@ -45,8 +46,6 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, fl
   const int64_t nfull = N / W * W;
   const int tail = static_cast<int>(N - nfull);
   const float inv_n = 1.0f / static_cast<float>(N);
-  const G* gamma = static_cast<const G*>(a.gamma);
-  const G* beta = static_cast<const G*>(a.beta);
   for (int64_t row = r0; row < r1; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * a.ldx;
     const T* r = static_cast<const T*>(a.residual) + row * a.ldr;
@@ -121,22 +120,37 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, int64_t r0, int64_t r1, fl
     i = 0;
     for (; i < nfull; i += W) {
       const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
-      Io::st(y + i, V::fma(n, Io::ld(gamma + i), Io::ld(beta + i)));
+      Io::st(y + i, V::fma(n, V::load(gamma + i), V::load(beta + i)));
     }
     if (tail) {
       const reg n = V::fma(V::sub(V::load(h + i), m), rs, off);
-      Io::st_n(y + i, V::fma(n, Io::ld_n(gamma + i, tail), Io::ld_n(beta + i, tail)), tail);
+      Io::st_n(y + i, V::fma(n, V::load_n(gamma + i, tail), V::load_n(beta + i, tail)), tail);
     }
   }
 }
 
-// T: x / residual / y element type, G: gamma / beta element type (uint16_t = bf16 bits).
+// bf16 gamma / beta are widened once per call of this function (per thread), into the scratch space
+// behind the row: once per row in pass 3 would cost more, once per op call through torch too.
 template <class V>
-void add_layer_norm_rows_dispatch(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
-  if (a.bf16 && a.affine_bf16)
-    add_layer_norm_rows_t<V, uint16_t, uint16_t>(a, r0, r1, h);
-  else if (a.bf16)
-    add_layer_norm_rows_t<V, uint16_t, float>(a, r0, r1, h);
+const float* widen_affine(const void* src, int64_t N, float* dst) {
+  const uint16_t* p = static_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + V::W <= N; i += V::W) V::store(dst + i, V::load_bf16(p + i));
+  if (i < N) V::store_n(dst + i, V::load_bf16_n(p + i, static_cast<int>(N - i)), static_cast<int>(N - i));
+  return dst;
+}
+
+template <class V>
+void add_layer_norm_rows_dispatch(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t row_floats = add_layer_norm_scratch(a.N) / 3;
+  const float* gamma = static_cast<const float*>(a.gamma);
+  const float* beta = static_cast<const float*>(a.beta);
+  if (a.affine_bf16) {
+    gamma = widen_affine<V>(a.gamma, a.N, scratch + row_floats);
+    beta = widen_affine<V>(a.beta, a.N, scratch + 2 * row_floats);
+  }
+  if (a.bf16)
+    add_layer_norm_rows_t<V, uint16_t>(a, gamma, beta, r0, r1, scratch);
   else
-    add_layer_norm_rows_t<V, float, float>(a, r0, r1, h);
+    add_layer_norm_rows_t<V, float>(a, gamma, beta, r0, r1, scratch);
 }
