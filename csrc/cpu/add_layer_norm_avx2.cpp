@@ -31,7 +31,6 @@ struct VAln256 {
   static inline reg set1(float f) { return _mm256_set1_ps(f); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float hsum(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

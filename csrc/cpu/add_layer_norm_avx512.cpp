@@ -29,7 +29,6 @@ struct VAln512 {
   static inline reg set1(float f) { return _mm512_set1_ps(f); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static inline reg load(const float* p) { return _mm512_loadu_ps(p); }

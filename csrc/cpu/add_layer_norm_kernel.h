@@ -2,7 +2,7 @@
 // translation unit (add_layer_norm_{portable,avx2,avx512}.cpp) inside its anonymous namespace, after
 // its V. No include guard on purpose: every ISA instantiates its own copy.
 //
-// V provides: reg, W (floats per reg), zero, set1, add, sub, mul, fma(a, b, c) = a*b + c, hsum;
+// V provides: reg, W (floats per reg), zero, set1, add, sub, fma(a, b, c) = a*b + c, hsum;
 // load/store of W floats and of W bf16 values (load_bf16 / store_bf16, round to nearest even);
 // the tail forms load_n / load_bf16_n (lanes >= n read as 0), store_n / store_bf16_n (only n lanes
 // written) and keep_n (lanes >= n set to 0).

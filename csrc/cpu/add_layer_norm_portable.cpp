@@ -27,7 +27,6 @@ struct VAlnPortable {
   static inline reg set1(float f) { return each([&](int) { return f; }); }
   static inline reg add(const reg& a, const reg& b) { return each([&](int i) { return a.v[i] + b.v[i]; }); }
   static inline reg sub(const reg& a, const reg& b) { return each([&](int i) { return a.v[i] - b.v[i]; }); }
-  static inline reg mul(const reg& a, const reg& b) { return each([&](int i) { return a.v[i] * b.v[i]; }); }
   // Two roundings: std::fma is a libm call without hardware FMA (baseline x86-64), which would stop
   // the vectorisation; the difference to the fused SIMD paths is one fp32 rounding.
   static inline reg fma(const reg& a, const reg& b, const reg& c) {
