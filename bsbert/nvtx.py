@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.nn import DenseAddLayerNorm, FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 
-_OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate, FusedFFN)
+_OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate, FusedFFN, DenseAddLayerNorm)
 
 
 def env_enabled() -> bool:
@@ -27,6 +27,9 @@ def _label(name: str, module) -> str:
         return f"bsbert/{layer}/{op}"
     if isinstance(module, FusedIntermediate):
         return f"bsbert/{module.dense.name.partition('.')[0]}/intermediate"
+    if isinstance(module, DenseAddLayerNorm):  # the linear's range nests inside: the rest is add + norm
+        layer, _, op = module.dense.name.partition(".")
+        return f"bsbert/{layer}/{op}+add_norm"
     if isinstance(module, FusedFFN):
         return f"bsbert/{module.ffn_in.name.partition('.')[0]}/ffn"
     short = name.rsplit(".", 1)[-1]

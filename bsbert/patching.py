@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from bsbert.adapters import check_config, find_encoder, set_submodule
 from bsbert.analyze import analyze, head_rows, layer_linears
 from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
-from bsbert.nn import FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.nn import DenseAddLayerNorm, FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 from bsbert.ops.dispatch import choose_linear
 from bsbert.plan import LinearPlan, Plan
 
@@ -118,13 +118,26 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
                                     backend=attn_backend, reason=attn_reason)
     swaps = {adapter.self_attention: attention}
     if not adapter.attention_includes_output:
-        swaps[adapter.attn_out] = lin["attn_out"]
+        swaps.update(_output_swap(layer, adapter, adapter.attn_out, lin["attn_out"]))
     if adapter.ffn_block:
         swaps[adapter.ffn_block] = FusedFFN(lin["ffn_in"], None if fuse_gelu else act, lin["ffn_out"])
     else:
         swaps[adapter.intermediate] = FusedIntermediate(lin["ffn_in"], None if fuse_gelu else act)
-        swaps[adapter.ffn_out] = lin["ffn_out"]
+        swaps.update(_output_swap(layer, adapter, adapter.ffn_out, lin["ffn_out"]))
     return swaps
+
+
+def _output_swap(layer, adapter, dense_path: str, dense: SparseLinear) -> dict[str, nn.Module]:
+    """BERT's SelfOutput / Output (dense -> dropout -> LayerNorm(h + input_tensor)) is replaced as a
+    whole by DenseAddLayerNorm (fused add + LayerNorm, reusing the original LayerNorm module). A parent
+    with any other make-up (a variant with extra submodules) only gets its linear swapped."""
+    parent_path = dense_path.rpartition(".")[0]
+    parent = layer.get_submodule(parent_path) if parent_path else None
+    children = dict(parent.named_children()) if parent is not None else {}
+    if (adapter.layer_style == "bert" and set(children) == {"dense", "dropout", "LayerNorm"}
+            and isinstance(children["LayerNorm"], nn.LayerNorm)):
+        return {parent_path: DenseAddLayerNorm(dense, children["LayerNorm"])}
+    return {dense_path: dense}
 
 
 def _build_layer(layer, adapter, lp, opts, prefix):

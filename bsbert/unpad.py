@@ -13,20 +13,22 @@ import types
 
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+from bsbert.nn.norm import add_layer_norm
 from bsbert.ops.attention_backends import UnpadInfo, key_padding_mask
 
 
 def _layer_bert(layer, adapter, x, info):
     attn = layer.get_submodule(adapter.self_attention)
     ctx = attn.forward_unpadded(x, info)
-    a = layer.get_submodule(adapter.attn_out.rpartition(".")[0])(ctx, x)      # dense + LayerNorm(residual)
+    a = layer.get_submodule(adapter.attn_out.rpartition(".")[0])(ctx, x)      # dense + add + LayerNorm
     h = layer.get_submodule(adapter.intermediate)(a)
     return layer.get_submodule(adapter.ffn_out.rpartition(".")[0])(h, a)
 
 
 def _layer_distilbert(layer, adapter, x, info):
-    a = layer.sa_layer_norm(layer.get_submodule(adapter.self_attention).forward_unpadded(x, info) + x)
-    return layer.output_layer_norm(layer.get_submodule(adapter.ffn_block)(a) + a)
+    a = add_layer_norm(layer.get_submodule(adapter.self_attention).forward_unpadded(x, info), x,
+                       layer.sa_layer_norm)
+    return add_layer_norm(layer.get_submodule(adapter.ffn_block)(a), a, layer.output_layer_norm)
 
 
 _STYLES = {"bert": _layer_bert, "distilbert": _layer_distilbert}

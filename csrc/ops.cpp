@@ -25,6 +25,11 @@ TORCH_LIBRARY(bsbert, m) {
   m.def(
       "pruned_attention_varlen(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, "
       "int head_dim, float scale) -> Tensor");
+  // y = LayerNorm(x + residual) * weight + bias over the last dim (BERT's SelfOutput / Output tail),
+  // one pass over x and residual. x, residual: same shape [..., N] and dtype, unit stride along N
+  // wanted (other layouts are copied first); weight, bias: [N], x's dtype or float32.
+  // Returns a new contiguous tensor of x's shape and dtype; mean / variance are computed in fp32.
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor");
 }
 
 namespace {

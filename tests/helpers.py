@@ -56,3 +56,13 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
             os.environ["BSBERT_CPU_ISA"] = old
     top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3 if bf16_level else 2}[best]
     return ["portable", "avx2", "avx512", "avx512_bf16"][: top + 1]
+
+
+def with_threads(n: int, fn):
+    """fn() run with torch.set_num_threads(n), the previous count restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)

@@ -55,7 +55,28 @@ def _pruned_attention_varlen_fake(qkv, cu_seqlens, max_seqlen, num_heads, head_d
     return qkv.new_empty((qkv.shape[0], num_heads * head_dim))
 
 
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t.device != x.device:
+            raise RuntimeError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}; "
+                               f"all tensors must share a device")
+    torch._check(x.dim() >= 1, lambda: "add_layer_norm: x must have at least 1 dimension")
+    torch._check(residual.dtype == x.dtype,
+                 lambda: f"add_layer_norm: residual dtype ({residual.dtype}) must match x's dtype ({x.dtype})")
+    torch._check(tuple(residual.shape) == tuple(x.shape),
+                 lambda: f"add_layer_norm: residual shape {tuple(residual.shape)} must equal x's shape "
+                         f"{tuple(x.shape)} (no broadcasting)")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        torch._check(tuple(t.shape) == (n,),
+                     lambda: f"add_layer_norm: {name} must have shape [{n}] (the last dim of x), got {tuple(t.shape)}")
+        torch._check(t.dtype in (x.dtype, torch.float32),
+                     lambda: f"add_layer_norm: {name} must be float32 or x's dtype ({x.dtype}), got {t.dtype}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::add_layer_norm": _add_layer_norm_fake,
           "bsbert::pruned_attention": _pruned_attention_fake,
           "bsbert::pruned_attention_varlen": _pruned_attention_varlen_fake}
 

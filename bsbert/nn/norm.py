@@ -1,0 +1,64 @@
+"""Residual add + LayerNorm, the tail of every BERT sub-block, in one pass on CPU.
+
+torch runs ``LayerNorm(h + input_tensor)`` as two memory passes (the add writes a temporary that
+layer_norm reads back); ``torch.ops.bsbert.add_layer_norm`` reads h and the residual once and writes
+the result once. The torch form stays the fallback wherever the kernel does not apply (CUDA, float16,
+no compiled extension, a LayerNorm without affine parameters), so these modules work everywhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsbert.nn.linear import SparseLinear
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+_available: list[bool] = []  # filled on first use (not at import: _ext.load would then run before
+                            # bsbert/__init__.py's own call and swallow its warning)
+
+
+def fused_kernel_available() -> bool:
+    if not _available:
+        from bsbert import _ext
+
+        _available.append(_ext.has_op("add_layer_norm"))
+    return _available[0]
+
+
+def _kernel_applies(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> bool:
+    w, b = norm.weight, norm.bias
+    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and residual.dtype == x.dtype
+            and residual.shape == x.shape and x.dim() >= 1 and len(norm.normalized_shape) == 1
+            and w is not None and b is not None and w.dtype in (x.dtype, torch.float32)
+            and b.dtype in (x.dtype, torch.float32) and fused_kernel_available())
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x + residual)``: bsbert's fused CPU kernel when it applies, torch's add + layer_norm
+    otherwise (same values within fp32 rounding; for bf16 the fused form is more accurate, as the
+    sum is not rounded to bf16 before the statistics)."""
+    if _kernel_applies(x, residual, norm):
+        return torch.ops.bsbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(x + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class DenseAddLayerNorm(nn.Module):
+    """Replaces BertSelfOutput / BertOutput (``LayerNorm(dropout(dense(h)) + input_tensor)``) for
+    inference: ``dense`` is the kernel-backed linear, then the fused add + LayerNorm; dropout is the
+    identity in eval mode and is dropped. ``LayerNorm`` is the original module itself (same
+    parameters, same state_dict keys), so saving and unpatching see the model they expect."""
+
+    def __init__(self, dense: SparseLinear, LayerNorm: nn.LayerNorm):  # noqa: N803 (transformers' name)
+        super().__init__()
+        self.dense = dense
+        self.LayerNorm = LayerNorm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return add_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm)
+
+    def extra_repr(self) -> str:
+        return "add+LayerNorm: " + ("fused CPU kernel (torch on other devices)" if fused_kernel_available()
+                                    else "torch (bsbert::add_layer_norm unavailable)")

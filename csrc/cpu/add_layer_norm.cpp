@@ -1,0 +1,126 @@
+// CPU implementation of bsbert::add_layer_norm (schema in csrc/ops.cpp):
+//   y = LayerNorm(x + residual) over the last dim, times weight, plus bias.
+//
+// BERT's SelfOutput / Output blocks end in LayerNorm(h + input_tensor); torch runs that as an add
+// (reads two tensors, writes one) and a layer_norm (reads it back, writes again). Here every row of
+// x and residual is read once, kept in fp32 in an L1-sized scratch row, and y is written once.
+//
+// This file owns everything that touches torch (checks, layout, threading); the arithmetic is in
+// add_layer_norm_kernel.h, instantiated per ISA and picked per call with effective_isa() (so
+// BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/add_layer_norm.h"
+#include "cpu/isa.h"
+
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "add_layer_norm.cpp is compiled without -fopenmp: at::parallel_for will run on a single thread"
+#endif
+
+namespace bsbert {
+namespace cpu {
+namespace {
+
+// Rows per task >= this many elements / N: below that the fork/join of the thread pool (a microsecond
+// or two) costs about what a second thread saves (16 rows of 1024 take ~2.5 us on one Zen 5 core).
+// At N = 1024 a second thread joins above 16 rows, so BERT's 128-token sequences use both cores.
+constexpr int64_t kMinElemsPerTask = int64_t(1) << 14;
+
+AddLayerNormFn select_rows_fn() {
+#if defined(__x86_64__) || defined(_M_X64)  // the AVX translation units are empty elsewhere
+  switch (effective_isa()) {
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512:
+      return add_layer_norm_rows_avx512;
+    case Isa::kAvx2:
+      return add_layer_norm_rows_avx2;
+    default:
+      break;
+  }
+#endif
+  return add_layer_norm_rows_portable;
+}
+
+void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "add_layer_norm (CPU kernel): ", name, " must be on the CPU, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "add_layer_norm: ", name, " must have shape [", N,
+              "] (the last dim of x), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
+              " must be float32 or x's dtype (", x_dtype, "), got ", t.scalar_type());
+}
+
+// x viewed as [rows, N] with unit stride along N (any row stride); copies only if needed.
+at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  at::Tensor t2 = t.reshape({-1, N});
+  if (t2.stride(1) != 1 || (t2.size(0) > 1 && t2.stride(0) < N)) t2 = t2.contiguous();
+  return t2;
+}
+
+int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+
+}  // namespace
+
+at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                              const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
+              "add_layer_norm (CPU kernel): x and residual must be on the CPU, got ", x.device(), " and ",
+              residual.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt != at::kHalf,
+              "add_layer_norm (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+              "add_layer_norm (CPU kernel): x must be float32 or bfloat16, got ", dt);
+  TORCH_CHECK(residual.scalar_type() == dt, "add_layer_norm: residual dtype (", residual.scalar_type(),
+              ") must match x's dtype (", dt, ")");
+  TORCH_CHECK(x.dim() >= 1, "add_layer_norm: x must have at least 1 dimension");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "add_layer_norm: residual shape ", residual.sizes(),
+              " must equal x's shape ", x.sizes(), " (no broadcasting)");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "add_layer_norm: eps must be finite and >= 0, got ", eps);
+  const int64_t N = x.size(-1);
+  check_affine(weight, "weight", N, dt);
+  check_affine(bias, "bias", N, dt);
+  // The kernels read gamma and beta in one dtype, as stored (BERT's fp32 or bf16 parameters: no
+  // per-call conversion); a mixed pair is widened to fp32.
+  const bool same = weight.scalar_type() == bias.scalar_type();
+  const at::Tensor g = same ? weight.contiguous() : weight.to(at::kFloat).contiguous();
+  const at::Tensor b = same ? bias.contiguous() : bias.to(at::kFloat).contiguous();
+
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const at::Tensor x2 = as_rows(x, N), r2 = as_rows(residual, N);
+  const int64_t rows = x2.size(0);
+
+  AddLayerNormArgs args;
+  args.x = x2.data_ptr();
+  args.ldx = row_stride(x2);
+  args.residual = r2.data_ptr();
+  args.ldr = row_stride(r2);
+  args.gamma = g.data_ptr();
+  args.beta = b.data_ptr();
+  args.y = y.data_ptr();
+  args.ldy = N;
+  args.N = N;
+  args.eps = eps;
+  args.bf16 = dt == at::kBFloat16;
+  args.affine_bf16 = g.scalar_type() == at::kBFloat16;
+
+  const AddLayerNormFn fn = select_rows_fn();
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / N);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(static_cast<size_t>(add_layer_norm_scratch(N)));
+    fn(args, r0, r1, scratch.data());
+  });
+  return y;
+}
+
+}  // namespace cpu
+}  // namespace bsbert
+
+TORCH_LIBRARY_IMPL(bsbert, CPU, m) { m.impl("add_layer_norm", &bsbert::cpu::add_layer_norm_cpu); }
