@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every CPU figure that benchmarks/results/cpu-*.md quotes, in one call on a quiet machine (nothing
+# else running: a second busy process makes every 2-thread parallel region wait for a time slice).
+# Usage:  OUT=/some/dir bash scripts/cpu_results.sh      (bsbert installed, extension built)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$ROOT/cpu-out}"
+mkdir -p "$OUT"
+log() { echo "== $(date +%T) $*" >&2; }
+
+log "machine"
+{ lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200; python -m bsbert.info; git -C "$ROOT" rev-parse HEAD; } \
+    > "$OUT/machine.txt" 2>&1
+
+log "block-sparse GEMM vs oneDNN (fp32 and bf16; M = 384, 16, 1)"
+python -m bsbert.ops.cpu_kernel_report --m 384 16 1 --dtype float32 bfloat16 > "$OUT/kernels.md"
+
+log "attention vs SDPA (fp32 and bf16)"
+python "$ROOT/scripts/bench_cpu_attention.py" --rounds 100 --heads 2 10 16 > "$OUT/attention-fp32.md"
+python "$ROOT/scripts/bench_cpu_attention.py" --rounds 100 --heads 2 10 16 --dtype bfloat16 > "$OUT/attention-bf16.md"
+
+log "fused add + LayerNorm vs torch"
+(cd "$ROOT" && python -m benchmarks.test_add_layer_norm 40) > "$OUT/add-layer-norm.md"
+
+log "end to end: seed-like BERT-large, batch 1, seq 384 and 128, fp32 then bf16"
+for dt in float32 bfloat16; do
+  bsbert bench --seq 384 128 --dtype "$dt" --repeats 5 --out "$OUT/bench" > "$OUT/bench-$dt.txt" 2>&1
+done
+log "done: $OUT"
