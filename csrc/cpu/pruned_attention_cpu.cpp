@@ -2,7 +2,7 @@
 // layouts in csrc/ops.cpp). Compiled for the baseline ISA: argument checks, the per-sequence view of
 // both layouts, the key bias / live-panel tables from the padding mask, workspace and threading. The
 // arithmetic is pruned_attention_kernel.h, instantiated per ISA and chosen per call with
-// effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512 caps it).
+// effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps it) and the dtype.
 //
 // Work split, in one at::parallel_for region: workers first claim (sequence, head, key group) units
 // that pack K^T and V of a head into fp32 panels (K is reused by every query tile of its head, so it
@@ -38,9 +38,12 @@ constexpr int64_t kKcDefault = 512;    // keys per online-softmax step
 constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
 
-AttnPath select_path() {
+// bf16 qkv on an avx512_bf16 CPU takes the bf16 dot-product path; BSBERT_CPU_ISA=avx512 (or lower)
+// keeps the widening fp32 path, for comparisons and tests.
+AttnPath select_path(bool bf16) {
   switch (effective_isa()) {
     case Isa::kAvx512Bf16:
+      return bf16 ? attn_path_avx512bf16() : attn_path_avx512();
     case Isa::kAvx512:
       return attn_path_avx512();
     case Isa::kAvx2:
@@ -85,7 +88,7 @@ struct Seqs {
 
 void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
   const int64_t B = static_cast<int64_t>(sq.len.size());
-  const AttnPath path = select_path();
+  const AttnPath path = select_path(qkv.scalar_type() == at::kBFloat16);
   const int64_t P = path.geo.panel, R = path.geo.rows;
 
   // Workspace offsets (keys padded to whole panels) and the key bias / live-panel tables.

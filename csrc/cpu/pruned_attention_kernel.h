@@ -9,16 +9,24 @@
 // in both products. Rows of the tile beyond the sequence are zeros (finite scores), never written out.
 //
 // Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
-// in that order for the remaining context columns (wide first).
+// in that order for the remaining context columns (wide first). KP: values per 32-bit element along
+// the reduction dimension of both products. KP = 1: fp32 FMAs (bf16 input widened). KP = 2: bf16 dot
+// products (bf16 input only; V provides dot_bf16 and store_bf16_rounded): K^T, V, Q and P hold bf16
+// pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product runs
+// half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error): the
+// scale is applied to the fp32 scores in the softmax. P is rounded to bf16 and the running sum adds
+// the rounded values, so the normalised weights of a row still sum to 1.
 
 // The including file provides <algorithm>, <cmath>, <cstdint>, <cstring> and <limits> (headers
 // cannot be included here: this file is read inside a namespace).
 
-template <class V, int MRS, int NVK, int MRA, int NVA, int MRB, int NVB, int MRC, int NVC>
+template <class V, int MRS, int NVK, int MRA, int NVA, int MRB, int NVB, int MRC, int NVC, int KP = 1>
 struct AttnKernel {
   using reg = typename V::reg;
   static constexpr int W = V::W;
   static constexpr int P = NVK * W;  // keys per K^T panel
+  static_assert(KP == 1 || KP == 2, "KP: 1 (fp32 values) or 2 (bf16 pairs) per 32-bit element");
+  static_assert(P % KP == 0, "a key pair never straddles two panels");
 
   static AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
   static AttnPath path() { return {&pack, &task, geometry()}; }
@@ -65,38 +73,67 @@ struct AttnKernel {
   }
 
   static int64_t lpad(const AttnArgs& a, int64_t b) { return a.ws_off[b + 1] - a.ws_off[b]; }
+  // 32-bit elements (fp32 values or bf16 pairs) before K^T / V of (b, h) in a.kt / a.v.
   static int64_t head_ws(const AttnArgs& a, int64_t b, int64_t h) {
-    return (a.ws_off[b] * a.H + h * lpad(a, b)) * a.D;
+    return (a.ws_off[b] * a.H + h * lpad(a, b)) * a.D / KP;
   }
 
-  // K^T panels: W keys at a time are widened into rows of blk, then W x W blocks are transposed in
-  // registers (V::transpose) and stored as W consecutive keys of W rows d of the panel.
+  // One token row (n values) into n / KP 32-bit elements: widened fp32 times mul, or (KP = 2) the bf16
+  // pairs as they are (no rounding: the words are copied bit for bit).
+  static void load_elems(const void* src, bool bf16, int64_t n, float mul, float* dst) {
+    if constexpr (KP == 2)
+      std::memcpy(dst, src, n * sizeof(uint16_t));
+    else
+      load_row(src, bf16, n, mul, dst);
+  }
+
+  // V rows of keys k0 and k0 + 1 (nullptr: padding, zeros) as one row of D pairs (KP = 2).
+  static void interleave_pair(const uint16_t* v0, const uint16_t* v1, int64_t D, float* dst) {
+    uint32_t* w = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t d = 0; d < D; ++d)
+      w[d] = (v0 ? uint32_t(v0[d]) : 0u) | (v1 ? uint32_t(v1[d]) << 16 : 0u);
+  }
+
+  // K^T panels: W keys at a time are loaded into rows of blk (D / KP elements, zero-padded to a
+  // multiple of W), then W x W blocks are transposed in registers (V::transpose) and stored as W
+  // consecutive keys of W rows of the panel. V: rows of D fp32 values, or (KP = 2) rows of D pairs,
+  // one per two keys.
   static void pack(const AttnArgs& a, int64_t b, int64_t h, int64_t p0, int64_t p1) {
-    const int64_t D = a.D, L = a.len[b];
+    const int64_t D = a.D, L = a.len[b], DE = D / KP, DEpad = (DE + W - 1) / W * W;
     float* kt = a.kt + head_ws(a, b, h);
     float* vv = a.v + head_ws(a, b, h);
     const uint8_t* live = a.live + a.ws_off[b] / P;
     alignas(64) float blk[W * kAttnMaxHeadDim];  // W key rows (D checked by the caller)
     for (int64_t p = p0; p < p1; ++p) {
       if (!live[p]) continue;  // never read: the products skip dead panels
-      float* ktp = kt + p * D * P;
+      float* ktp = kt + p * DE * P;
       for (int g = 0; g < NVK; ++g) {
         for (int jj = 0; jj < W; ++jj) {
           const int64_t key = p * P + g * W + jj;
-          float* vr = vv + key * D;
-          if (key < L) {
-            load_row(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, blk + jj * D);
-            load_row(token(a, b, key, (2 * a.H + h) * D), a.bf16, D, 1.f, vr);
-          } else {
-            std::memset(blk + jj * D, 0, D * sizeof(float));
-            std::memset(vr, 0, D * sizeof(float));
+          float* br = blk + jj * DEpad;
+          if (key < L)
+            load_elems(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, br);
+          else
+            std::memset(br, 0, DE * sizeof(float));
+          std::memset(br + DE, 0, (DEpad - DE) * sizeof(float));
+          if constexpr (KP == 1) {
+            float* vr = vv + key * D;
+            if (key < L)
+              load_row(token(a, b, key, (2 * a.H + h) * D), a.bf16, D, 1.f, vr);
+            else
+              std::memset(vr, 0, D * sizeof(float));
+          } else if (jj % 2 == 0) {
+            auto vrow = [&](int64_t k) {
+              return k < L ? reinterpret_cast<const uint16_t*>(token(a, b, k, (2 * a.H + h) * D)) : nullptr;
+            };
+            interleave_pair(vrow(key), vrow(key + 1), D, vv + key / 2 * D);
           }
         }
-        for (int64_t d0 = 0; d0 < D; d0 += W) {
+        for (int64_t d0 = 0; d0 < DE; d0 += W) {
           reg r[W];
-          for (int jj = 0; jj < W; ++jj) r[jj] = V::load(blk + jj * D + d0);
+          for (int jj = 0; jj < W; ++jj) r[jj] = V::load(blk + jj * DEpad + d0);
           V::transpose(r);
-          for (int dd = 0; dd < W; ++dd) V::store(ktp + (d0 + dd) * P + g * W, r[dd]);
+          for (int dd = 0; dd < W && d0 + dd < DE; ++dd) V::store(ktp + (d0 + dd) * P + g * W, r[dd]);
         }
       }
     }
@@ -123,14 +160,22 @@ struct AttnKernel {
     return V::mul(p, V::pow2i(n));
   }
 
-  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel, for MRS rows of q (row stride D).
+  // Both products: acc += a * b (fp32), or the sum over the bf16 pairs of a and b.
+  static inline reg madd(reg a, reg b, reg acc) {
+    if constexpr (KP == 2)
+      return V::dot_bf16(acc, a, b);
+    else
+      return V::fma(a, b, acc);
+  }
+
+  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel, for MRS rows of q (row stride D, D / KP elements).
   static inline void score_tile(const float* q, const float* ktp, int64_t D, float* s, int64_t lds) {
     reg acc[MRS][NVK];
 #pragma GCC unroll 16
     for (int r = 0; r < MRS; ++r)
 #pragma GCC unroll 4
       for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = 0; d < D / KP; ++d) {
       reg k[NVK];
 #pragma GCC unroll 4
       for (int n = 0; n < NVK; ++n) k[n] = V::load(ktp + d * P + n * W);
@@ -138,7 +183,7 @@ struct AttnKernel {
       for (int r = 0; r < MRS; ++r) {
         const reg qb = V::bcast(q + r * D + d);
 #pragma GCC unroll 4
-        for (int n = 0; n < NVK; ++n) acc[r][n] = V::fma(qb, k[n], acc[r][n]);
+        for (int n = 0; n < NVK; ++n) acc[r][n] = madd(qb, k[n], acc[r][n]);
       }
     }
 #pragma GCC unroll 16
@@ -148,6 +193,7 @@ struct AttnKernel {
   }
 
   // ctx[r][c0 : c0 + NV*W] += sum over the live panels [pa, pb) of p[r][key] * V[key][c0 : ...].
+  // KP = 2: p[r] holds bf16 key pairs, V rows of D pairs (one row per two keys).
   template <int MR, int NV>
   static inline void pv_tile(const float* p, int64_t lds, const float* v, int64_t D, int64_t c0,
                              const uint8_t* live, int64_t pa, int64_t pb, float* ctx) {
@@ -158,9 +204,9 @@ struct AttnKernel {
       for (int n = 0; n < NV; ++n) acc[r][n] = V::load(ctx + r * D + c0 + n * W);
     for (int64_t pp = pa; pp < pb; ++pp) {
       if (!live[pp]) continue;
-      const float* pcol = p + (pp - pa) * P;
-      const float* vrow = v + pp * P * D + c0;
-      for (int j = 0; j < P; ++j) {
+      const float* pcol = p + (pp - pa) * P / KP;
+      const float* vrow = v + pp * P / KP * D + c0;
+      for (int j = 0; j < P / KP; ++j) {
         reg vr[NV];
 #pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) vr[n] = V::load(vrow + j * D + n * W);
@@ -168,7 +214,7 @@ struct AttnKernel {
         for (int r = 0; r < MR; ++r) {
           const reg pr = V::bcast(pcol + r * lds + j);
 #pragma GCC unroll 4
-          for (int n = 0; n < NV; ++n) acc[r][n] = V::fma(pr, vr[n], acc[r][n]);
+          for (int n = 0; n < NV; ++n) acc[r][n] = madd(pr, vr[n], acc[r][n]);
         }
       }
     }
@@ -193,13 +239,20 @@ struct AttnKernel {
         pv_tile<MRC, NVC>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
   }
 
-  // Online softmax over one step of keys for one row: s (n scores, already -inf where masked) becomes
-  // exp2(s - new max); returns the factor that rescales what was accumulated so far.
-  static inline float softmax_step(float* s, const float* kbias, int64_t n, float& m, float& l) {
+  // Online softmax over one step of keys for one row: s (n scores, times sscale (KP = 2: Q is not
+  // pre-scaled), plus kbias: -inf where masked) becomes exp2(s - new max): n fp32 values in place, or
+  // (KP = 2) n bf16 values in the first half of the row (written behind the reads). Returns the factor
+  // that rescales what was accumulated so far.
+  static inline float softmax_step(float* s, const float* kbias, int64_t n, float sscale, float& m, float& l) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     reg mx = V::set1(kNegInf);
+    [[maybe_unused]] const reg sc = V::set1(sscale);
     for (int64_t j = 0; j < n; j += W) {
-      const reg x = V::add(V::load(s + j), V::load(kbias + j));
+      reg x;
+      if constexpr (KP == 2)
+        x = V::fma(V::load(s + j), sc, V::load(kbias + j));
+      else
+        x = V::add(V::load(s + j), V::load(kbias + j));
       V::store(s + j, x);
       mx = V::max(mx, x);
     }
@@ -211,8 +264,12 @@ struct AttnKernel {
     reg sum = V::zero();
     for (int64_t j = 0; j < n; j += W) {
       const reg e = exp2v(V::sub(V::load(s + j), sub));
-      V::store(s + j, e);
-      sum = V::add(sum, e);
+      if constexpr (KP == 2) {
+        sum = V::add(sum, V::store_bf16_rounded(reinterpret_cast<uint16_t*>(s) + j, e));
+      } else {
+        V::store(s + j, e);
+        sum = V::add(sum, e);
+      }
     }
     l = l * alpha + V::hsum(sum);
     m = m_new;
@@ -232,6 +289,7 @@ struct AttnKernel {
     const float* vv = a.v + head_ws(a, b, h);
 
     // Scratch: q [rows_pad][D], ctx [rows_pad][D], s [rows_pad][kc], running max m and sum l.
+    // (KP = 2: q rows hold D / KP pairs, P rows kc / KP pairs, at the same row strides.)
     float* q = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
     float* ctx = q + rows_pad * D;
     float* s = ctx + rows_pad * D;
@@ -239,9 +297,9 @@ struct AttnKernel {
     float* l = m + rows_pad;
     for (int64_t r = 0; r < rows_pad; ++r) {
       if (r < rows)
-        load_row(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
+        load_elems(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
       else
-        std::memset(q + r * D, 0, D * sizeof(float));
+        std::memset(q + r * D, 0, D / KP * sizeof(float));
       m[r] = kNegInf;
       l[r] = 0.f;
     }
@@ -255,16 +313,16 @@ struct AttnKernel {
       if (!any) continue;
       for (int64_t pp = pa; pp < pb; ++pp) {
         float* sp = s + (pp - pa) * P;
-        if (!live[pp]) {
+        if (!live[pp]) {  // every key's kbias is -inf: finite scores make all of them -inf (any scale)
           for (int64_t r = 0; r < rows_pad; ++r)
-            for (int j = 0; j < P; ++j) sp[r * kc + j] = kNegInf;
+            for (int j = 0; j < P; ++j) sp[r * kc + j] = 0.f;
           continue;
         }
-        for (int64_t r = 0; r < rows_pad; r += MRS) score_tile(q + r * D, kt + pp * D * P, D, sp + r * kc, kc);
+        for (int64_t r = 0; r < rows_pad; r += MRS) score_tile(q + r * D, kt + pp * D / KP * P, D, sp + r * kc, kc);
       }
       const int64_t n = (pb - pa) * P;
       for (int64_t r = 0; r < rows_pad; ++r) {
-        const float alpha = softmax_step(s + r * kc, kbias + pa * P, n, m[r], l[r]);
+        const float alpha = softmax_step(s + r * kc, kbias + pa * P, n, KP == 2 ? a.scale_log2 : 1.f, m[r], l[r]);
         if (alpha != 1.f) {
           const reg al = V::set1(alpha);
           float* c = ctx + r * D;
