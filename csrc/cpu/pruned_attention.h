@@ -55,7 +55,7 @@ struct AttnPath {
 };
 
 inline int64_t attn_scratch_floats(int64_t mq, int64_t D, int64_t kc) {
-  return mq * (2 * D + kc + 2) + 64;
+  return mq * (2 * D + kc + 2 + 16) + 64;  // per row: q, ctx, scores, max, sum, max per lane (W <= 16)
 }
 
 // One per ISA translation unit (the AVX ones fall back to portable off x86-64).

@@ -18,10 +18,10 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), apply_to = function)
 #endif
 
 namespace bsbert {
@@ -35,11 +35,25 @@ struct ZmmBf16 : Zmm {
   static BSB_AVX512_INLINE reg dot_bf16(reg acc, reg a, reg b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
   }
-  // Stores v rounded to bf16 (nearest even) at p; returns the rounded values as fp32.
-  static BSB_AVX512_INLINE reg store_bf16_rounded(uint16_t* p, reg v) {
-    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  // 2^x for x <= 0 with a relative error of 2.7e-6 (bf16 keeps 8 bits: 2^-9 = 2e-3): f = x - floor(x)
+  // in [0, 1) by vreduceps, a degree-4 polynomial fitted to 2^f there (relative minimax), times
+  // 2^floor(x) by vscalefps. Clamping at -160 makes -inf (masked) exactly 0: 2^-160 underflows.
+  static BSB_AVX512_INLINE reg exp2_bf16(reg x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+    const reg f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    reg p = _mm512_set1_ps(0.013534124940633774f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05201142653822899f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24144287407398224f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69300377368927f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000026226043701f));
+    return _mm512_scalef_ps(p, x);
+  }
+  // Stores e0, e1 rounded to bf16 (nearest even) at p[0:16], p[16:32]; returns sum + the rounded
+  // values (added in pairs by a dot product with ones).
+  static BSB_AVX512_INLINE reg store_bf16_sum(uint16_t* p, reg e0, reg e1, reg sum) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(p, (__m512i)h);
+    return _mm512_dpbf16_ps(sum, h, (__m512bh)_mm512_set1_epi32(0x3f803f80));  // bf16 1.0 pairs
   }
 };
 

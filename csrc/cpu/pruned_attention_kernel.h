@@ -11,7 +11,7 @@
 // Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
 // in that order for the remaining context columns (wide first). KP: values per 32-bit element along
 // the reduction dimension of both products. KP = 1: fp32 FMAs (bf16 input widened). KP = 2: bf16 dot
-// products (bf16 input only; V provides dot_bf16 and store_bf16_rounded): K^T, V, Q and P hold bf16
+// products (bf16 input only; V provides dot_bf16, exp2_bf16 and store_bf16_sum): K^T, V, Q and P hold bf16
 // pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product runs
 // half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error): the
 // scale is applied to the fp32 scores in the softmax. P is rounded to bf16 and the running sum adds
@@ -26,7 +26,7 @@ struct AttnKernel {
   static constexpr int W = V::W;
   static constexpr int P = NVK * W;  // keys per K^T panel
   static_assert(KP == 1 || KP == 2, "KP: 1 (fp32 values) or 2 (bf16 pairs) per 32-bit element");
-  static_assert(P % KP == 0, "a key pair never straddles two panels");
+  static_assert(KP == 1 || P % (2 * W) == 0, "KP = 2: P is converted two registers (W key pairs) at a time");
 
   static AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
   static AttnPath path() { return {&pack, &task, geometry()}; }
@@ -168,8 +168,12 @@ struct AttnKernel {
       return V::fma(a, b, acc);
   }
 
-  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel, for MRS rows of q (row stride D, D / KP elements).
-  static inline void score_tile(const float* q, const float* ktp, int64_t D, float* s, int64_t lds) {
+  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel (times sscale for KP = 2: Q is not pre-scaled)
+  // + kb[0:P] (key bias: -inf where masked), for MRS rows of q (row stride D, D / KP elements); the
+  // running max of row r's scores, lane by lane, in mx[r][0:W]. Done here, while the scores are in
+  // registers, rather than in another pass over s.
+  static inline void score_tile(const float* q, const float* ktp, int64_t D, const float* kb, float sscale,
+                                float* s, int64_t lds, float* mx) {
     reg acc[MRS][NVK];
 #pragma GCC unroll 16
     for (int r = 0; r < MRS; ++r)
@@ -186,10 +190,25 @@ struct AttnKernel {
         for (int n = 0; n < NVK; ++n) acc[r][n] = madd(qb, k[n], acc[r][n]);
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < MRS; ++r)
+    reg kbv[NVK];
 #pragma GCC unroll 4
-      for (int n = 0; n < NVK; ++n) V::store(s + r * lds + n * W, acc[r][n]);
+    for (int n = 0; n < NVK; ++n) kbv[n] = V::load(kb + n * W);
+    [[maybe_unused]] const reg sc = V::set1(sscale);
+#pragma GCC unroll 16
+    for (int r = 0; r < MRS; ++r) {
+      reg m = V::load(mx + r * W);
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) {
+        reg x;
+        if constexpr (KP == 2)
+          x = V::fma(acc[r][n], sc, kbv[n]);
+        else
+          x = V::add(acc[r][n], kbv[n]);
+        V::store(s + r * lds + n * W, x);
+        m = V::max(m, x);
+      }
+      V::store(mx + r * W, m);
+    }
   }
 
   // ctx[r][c0 : c0 + NV*W] += sum over the live panels [pa, pb) of p[r][key] * V[key][c0 : ...].
@@ -239,34 +258,29 @@ struct AttnKernel {
         pv_tile<MRC, NVC>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
   }
 
-  // Online softmax over one step of keys for one row: s (n scores, times sscale (KP = 2: Q is not
-  // pre-scaled), plus kbias: -inf where masked) becomes exp2(s - new max): n fp32 values in place, or
-  // (KP = 2) n bf16 values in the first half of the row (written behind the reads). Returns the factor
-  // that rescales what was accumulated so far.
-  static inline float softmax_step(float* s, const float* kbias, int64_t n, float sscale, float& m, float& l) {
+  // Online softmax over one step of keys for one row: s (n scores from score_tile, -inf where masked;
+  // their max lane by lane in mx) becomes exp2(s - new max): n fp32 values in place, or (KP = 2) n bf16
+  // values in the first half of the row (written behind the reads). Returns the factor that rescales
+  // what was accumulated so far.
+  static inline float softmax_step(float* s, const float* mx, int64_t n, float& m, float& l) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    reg mx = V::set1(kNegInf);
-    [[maybe_unused]] const reg sc = V::set1(sscale);
-    for (int64_t j = 0; j < n; j += W) {
-      reg x;
-      if constexpr (KP == 2)
-        x = V::fma(V::load(s + j), sc, V::load(kbias + j));
-      else
-        x = V::add(V::load(s + j), V::load(kbias + j));
-      V::store(s + j, x);
-      mx = V::max(mx, x);
-    }
-    const float m_new = std::max(m, V::hmax(mx));
+    const float m_new = std::max(m, V::hmax(V::load(mx)));
     // Nothing to attend to yet: subtracting 0 keeps exp2(-inf) = 0 (not exp2(-inf - -inf) = NaN).
     const float ref = m_new == kNegInf ? 0.f : m_new;
     const float alpha = m == kNegInf ? 0.f : std::exp2(m - ref);
     const reg sub = V::set1(ref);
     reg sum = V::zero();
-    for (int64_t j = 0; j < n; j += W) {
-      const reg e = exp2v(V::sub(V::load(s + j), sub));
-      if constexpr (KP == 2) {
-        sum = V::add(sum, V::store_bf16_rounded(reinterpret_cast<uint16_t*>(s) + j, e));
-      } else {
+    if constexpr (KP == 2) {
+      // P only needs bf16 precision: V's shorter exp2; the sum adds the rounded values.
+      uint16_t* pb = reinterpret_cast<uint16_t*>(s);
+      for (int64_t j = 0; j < n; j += 2 * W) {
+        const reg e0 = V::exp2_bf16(V::sub(V::load(s + j), sub));
+        const reg e1 = V::exp2_bf16(V::sub(V::load(s + j + W), sub));
+        sum = V::store_bf16_sum(pb + j, e0, e1, sum);
+      }
+    } else {
+      for (int64_t j = 0; j < n; j += W) {
+        const reg e = exp2v(V::sub(V::load(s + j), sub));
         V::store(s + j, e);
         sum = V::add(sum, e);
       }
@@ -288,13 +302,15 @@ struct AttnKernel {
     const float* kt = a.kt + head_ws(a, b, h);
     const float* vv = a.v + head_ws(a, b, h);
 
-    // Scratch: q [rows_pad][D], ctx [rows_pad][D], s [rows_pad][kc], running max m and sum l.
-    // (KP = 2: q rows hold D / KP pairs, P rows kc / KP pairs, at the same row strides.)
+    // Scratch: q [rows_pad][D], ctx [rows_pad][D], s [rows_pad][kc], running max m and sum l, the
+    // step's max lane by lane mx [rows_pad][W]. (KP = 2: q rows hold D / KP pairs, P rows kc / KP
+    // pairs, at the same row strides.)
     float* q = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
     float* ctx = q + rows_pad * D;
     float* s = ctx + rows_pad * D;
     float* m = s + rows_pad * kc;
     float* l = m + rows_pad;
+    float* mx = l + rows_pad;
     for (int64_t r = 0; r < rows_pad; ++r) {
       if (r < rows)
         load_elems(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
@@ -311,18 +327,20 @@ struct AttnKernel {
       bool any = false;
       for (int64_t pp = pa; pp < pb; ++pp) any |= live[pp] != 0;
       if (!any) continue;
+      for (int64_t r = 0; r < rows_pad; ++r) V::store(mx + r * W, V::set1(kNegInf));
       for (int64_t pp = pa; pp < pb; ++pp) {
         float* sp = s + (pp - pa) * P;
-        if (!live[pp]) {  // every key's kbias is -inf: finite scores make all of them -inf (any scale)
+        if (!live[pp]) {
           for (int64_t r = 0; r < rows_pad; ++r)
-            for (int j = 0; j < P; ++j) sp[r * kc + j] = 0.f;
+            for (int j = 0; j < P; ++j) sp[r * kc + j] = kNegInf;
           continue;
         }
-        for (int64_t r = 0; r < rows_pad; r += MRS) score_tile(q + r * D, kt + pp * D / KP * P, D, sp + r * kc, kc);
+        for (int64_t r = 0; r < rows_pad; r += MRS)
+          score_tile(q + r * D, kt + pp * D / KP * P, D, kbias + pp * P, a.scale_log2, sp + r * kc, kc, mx + r * W);
       }
       const int64_t n = (pb - pa) * P;
       for (int64_t r = 0; r < rows_pad; ++r) {
-        const float alpha = softmax_step(s + r * kc, kbias + pa * P, n, KP == 2 ? a.scale_log2 : 1.f, m[r], l[r]);
+        const float alpha = softmax_step(s + r * kc, mx + r * W, n, m[r], l[r]);
         if (alpha != 1.f) {
           const reg al = V::set1(alpha);
           float* c = ctx + r * D;
