@@ -122,11 +122,11 @@ def test_each_isa(monkeypatch, isa, dtype):
 def test_bf16_paths(monkeypatch, isa):
     """Each bf16 path forced (avx512: widening, fp32 FMAs; avx512_bf16: vdpbf16ps dot products, P
     rounded to bf16): odd lengths (a key pair half in the sequence), padding on either side, a fully
-    padded sequence, varlen lengths 0 and 1, large logits, and head_dim 48 (24 pairs: the K^T transpose
-    works on 16 at a time)."""
+    padded sequence, varlen lengths 0 and 1, large logits, head_dim 48 (24 pairs: the K^T transpose
+    works on 16 at a time) and 1100 keys (three online-softmax steps: the rescaling)."""
     monkeypatch.setenv("BSBERT_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(21)
-    for s, h, d in ((1, 1, 64), (3, 2, 64), (33, 3, 64), (127, 2, 48), (385, 2, 64), (65, 1, 16)):
+    for s, h, d in ((1, 1, 64), (3, 2, 64), (33, 3, 64), (127, 2, 48), (385, 2, 64), (65, 1, 16), (1100, 1, 64)):
         qkv = rand_qkv(3, s, h, d, torch.bfloat16, gen)
         for mask in masks(3, s, gen):
             check(op(qkv, mask, h, d, d ** -0.5), qkv, mask, h, d, d ** -0.5)

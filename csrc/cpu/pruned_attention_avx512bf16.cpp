@@ -16,6 +16,9 @@
 
 #include "cpu/pruned_attention.h"
 
+namespace bsbert {
+namespace cpu {
+
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
@@ -24,8 +27,6 @@
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), apply_to = function)
 #endif
 
-namespace bsbert {
-namespace cpu {
 namespace {
 
 #include "cpu/pruned_attention_zmm.h"
@@ -64,18 +65,14 @@ using Kernel = AttnKernel<ZmmBf16, 12, 2, 6, 4, 12, 2, 12, 1, 2>;
 
 AttnPath attn_path_avx512bf16() { return Kernel::path(); }
 
-}  // namespace cpu
-}  // namespace bsbert
-
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
 #pragma GCC pop_options
 
 #else  // not x86-64: never selected (effective_isa() is portable there)
-namespace bsbert {
-namespace cpu {
 AttnPath attn_path_avx512bf16() { return attn_path_portable(); }
+#endif
+
 }  // namespace cpu
 }  // namespace bsbert
-#endif
