@@ -53,6 +53,21 @@ AttnPath select_path(bool bf16) {
   }
 }
 
+// At least n floats owned by the calling thread, kept for its next calls (fresh pages from the OS
+// would cost a fault per 4 KiB on every call, and zeroing them a pass over memory); contents undefined.
+// Slot: one buffer per use (the calling thread is also worker 0).
+template <int Slot>
+float* thread_buffer(int64_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local int64_t cap = 0;
+  if (cap < n) {
+    buf.reset();
+    buf.reset(new float[n]);
+    cap = n;
+  }
+  return buf.get();
+}
+
 int64_t env_int(const char* name, int64_t fallback) {
   const char* s = std::getenv(name);
   if (s == nullptr) return fallback;
@@ -101,15 +116,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   at::Tensor ws_tmp;
   float* ws;
   if (ws_floats <= kWsCacheMax) {
-    // Reused per calling thread: fresh pages from the OS would cost a fault per 4 KiB on every call.
-    thread_local std::unique_ptr<float[]> cache;
-    thread_local int64_t cache_floats = 0;
-    if (cache_floats < ws_floats) {
-      cache.reset();
-      cache.reset(new float[ws_floats]);
-      cache_floats = ws_floats;
-    }
-    ws = cache.get();
+    ws = thread_buffer<0>(ws_floats);
   } else {
     ws_tmp = at::empty({ws_floats}, qkv.options().dtype(at::kFloat));
     ws = ws_tmp.data_ptr<float>();
@@ -181,11 +188,11 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
       packed.fetch_add(1, std::memory_order_release);
     }
     while (packed.load(std::memory_order_acquire) < npack) std::this_thread::yield();
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    float* scratch = thread_buffer<1>(scratch_floats);  // the task writes all it reads
     for (;;) {
       const int64_t t = next_task.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntasks) break;
-      path.task(a, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], scratch.data());
+      path.task(a, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], scratch);
     }
   };
   const int64_t nworkers = std::min(nthreads, std::max(ntasks, npack));

@@ -88,10 +88,16 @@ struct AttnKernel {
   }
 
   // V rows of keys k0 and k0 + 1 (nullptr: padding, zeros) as one row of D pairs (KP = 2).
+  // (Branches outside the loops: the common case vectorises.)
   static void interleave_pair(const uint16_t* v0, const uint16_t* v1, int64_t D, float* dst) {
     uint32_t* w = reinterpret_cast<uint32_t*>(dst);
-    for (int64_t d = 0; d < D; ++d)
-      w[d] = (v0 ? uint32_t(v0[d]) : 0u) | (v1 ? uint32_t(v1[d]) << 16 : 0u);
+    if (v0 && v1) {
+      for (int64_t d = 0; d < D; ++d) w[d] = uint32_t(v0[d]) | uint32_t(v1[d]) << 16;
+    } else if (v0) {
+      for (int64_t d = 0; d < D; ++d) w[d] = v0[d];
+    } else {
+      std::memset(w, 0, D * sizeof(uint32_t));  // (v1 is never set without v0: keys are in order)
+    }
   }
 
   // K^T panels: W keys at a time are loaded into rows of blk (D / KP elements, zero-padded to a
