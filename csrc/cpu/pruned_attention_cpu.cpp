@@ -24,6 +24,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/pruned_attention.h"
+#include "cpu/thread_buffer.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "pruned_attention_cpu.cpp is compiled without -fopenmp: at::parallel_for will run on a single thread"
@@ -51,21 +52,6 @@ AttnPath select_path(bool bf16) {
     default:
       return attn_path_portable();
   }
-}
-
-// At least n floats owned by the calling thread, kept for its next calls (fresh pages from the OS
-// would cost a fault per 4 KiB on every call, and zeroing them a pass over memory); contents undefined.
-// Slot: one buffer per use (the calling thread is also worker 0).
-template <int Slot>
-float* thread_buffer(int64_t n) {
-  thread_local std::unique_ptr<float[]> buf;
-  thread_local int64_t cap = 0;
-  if (cap < n) {
-    buf.reset();
-    buf.reset(new float[n]);
-    cap = n;
-  }
-  return buf.get();
 }
 
 int64_t env_int(const char* name, int64_t fallback) {
@@ -116,7 +102,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   at::Tensor ws_tmp;
   float* ws;
   if (ws_floats <= kWsCacheMax) {
-    ws = thread_buffer<0>(ws_floats);
+    ws = thread_buffer<struct AttnWorkspaceTag>(ws_floats);  // bounded: larger ones are temporary
   } else {
     ws_tmp = at::empty({ws_floats}, qkv.options().dtype(at::kFloat));
     ws = ws_tmp.data_ptr<float>();
@@ -188,7 +174,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
       packed.fetch_add(1, std::memory_order_release);
     }
     while (packed.load(std::memory_order_acquire) < npack) std::this_thread::yield();
-    float* scratch = thread_buffer<1>(scratch_floats);  // the task writes all it reads
+    float* scratch = thread_buffer<struct AttnTaskScratchTag>(scratch_floats);  // the task writes all it reads
     for (;;) {
       const int64_t t = next_task.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntasks) break;
