@@ -28,7 +28,7 @@ struct AttnKernel {
   static_assert(KP == 1 || KP == 2, "KP: 1 (fp32 values) or 2 (bf16 pairs) per 32-bit element");
   static_assert(KP == 1 || P % (2 * W) == 0, "KP = 2: P is converted two registers (W key pairs) at a time");
 
-  static AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
+  static constexpr AttnGeometry geometry() { return {P, lcm(lcm(MRS, MRA), lcm(MRB, MRC))}; }
   static AttnPath path() { return {&pack, &task, geometry()}; }
 
   static constexpr int lcm(int a, int b) {
@@ -264,36 +264,53 @@ struct AttnKernel {
         pv_tile<MRC, NVC>(p + r * lds, lds, v, D, c0, live, pa, pb, ctx + r * D);
   }
 
-  // Online softmax over one step of keys for one row: s (n scores from score_tile, -inf where masked;
-  // their max lane by lane in mx) becomes exp2(s - new max): n fp32 values in place, or (KP = 2) n bf16
-  // values in the first half of the row (written behind the reads). Returns the factor that rescales
-  // what was accumulated so far.
-  static inline float softmax_step(float* s, const float* mx, int64_t n, float& m, float& l) {
+  // Online softmax over one step of keys for G rows (row stride lds; G chains side by side, so that
+  // the reductions at the ends of a row overlap other rows' work): s (n scores from score_tile, -inf
+  // where masked; their max lane by lane in mx, row stride W) becomes exp2(s - new max): n fp32 values
+  // in place, or (KP = 2) n bf16 values in the first half of the row (written behind the reads).
+  // alpha[g]: the factor that rescales what row g accumulated so far.
+  template <int G>
+  static inline void softmax_step(float* s, int64_t lds, const float* mx, int64_t n, float* m, float* l,
+                                  float* alpha) {
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    const float m_new = std::max(m, V::hmax(V::load(mx)));
-    // Nothing to attend to yet: subtracting 0 keeps exp2(-inf) = 0 (not exp2(-inf - -inf) = NaN).
-    const float ref = m_new == kNegInf ? 0.f : m_new;
-    const float alpha = m == kNegInf ? 0.f : std::exp2(m - ref);
-    const reg sub = V::set1(ref);
-    reg sum = V::zero();
+    reg sub[G], sum[G];
+    float m_new[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      m_new[g] = std::max(m[g], V::hmax(V::load(mx + g * W)));
+      // Nothing to attend to yet: subtracting 0 keeps exp2(-inf) = 0 (not exp2(-inf - -inf) = NaN).
+      const float ref = m_new[g] == kNegInf ? 0.f : m_new[g];
+      alpha[g] = m[g] == kNegInf ? 0.f : std::exp2(m[g] - ref);
+      sub[g] = V::set1(ref);
+      sum[g] = V::zero();
+    }
     if constexpr (KP == 2) {
       // P only needs bf16 precision: V's shorter exp2; the sum adds the rounded values.
-      uint16_t* pb = reinterpret_cast<uint16_t*>(s);
       for (int64_t j = 0; j < n; j += 2 * W) {
-        const reg e0 = V::exp2_bf16(V::sub(V::load(s + j), sub));
-        const reg e1 = V::exp2_bf16(V::sub(V::load(s + j + W), sub));
-        sum = V::store_bf16_sum(pb + j, e0, e1, sum);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) {
+          float* sg = s + g * lds;
+          const reg e0 = V::exp2_bf16(V::sub(V::load(sg + j), sub[g]));
+          const reg e1 = V::exp2_bf16(V::sub(V::load(sg + j + W), sub[g]));
+          sum[g] = V::store_bf16_sum(reinterpret_cast<uint16_t*>(sg) + j, e0, e1, sum[g]);
+        }
       }
     } else {
       for (int64_t j = 0; j < n; j += W) {
-        const reg e = exp2v(V::sub(V::load(s + j), sub));
-        V::store(s + j, e);
-        sum = V::add(sum, e);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) {
+          float* sg = s + g * lds;
+          const reg e = exp2v(V::sub(V::load(sg + j), sub[g]));
+          V::store(sg + j, e);
+          sum[g] = V::add(sum[g], e);
+        }
       }
     }
-    l = l * alpha + V::hsum(sum);
-    m = m_new;
-    return alpha;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      l[g] = l[g] * alpha[g] + V::hsum(sum[g]);
+      m[g] = m_new[g];
+    }
   }
 
   static void task(const AttnArgs& a, int64_t b, int64_t h, int64_t i0, float* scratch) {
@@ -345,12 +362,17 @@ struct AttnKernel {
           score_tile(q + r * D, kt + pp * D / KP * P, D, kbias + pp * P, a.scale_log2, sp + r * kc, kc, mx + r * W);
       }
       const int64_t n = (pb - pa) * P;
-      for (int64_t r = 0; r < rows_pad; ++r) {
-        const float alpha = softmax_step(s + r * kc, mx + r * W, n, m[r], l[r]);
-        if (alpha != 1.f) {
-          const reg al = V::set1(alpha);
-          float* c = ctx + r * D;
-          for (int64_t d = 0; d < D; d += W) V::store(c + d, V::mul(V::load(c + d), al));
+      constexpr int G = geometry().rows % 4 == 0 ? 4 : 2;  // rows per softmax_step (divides rows_pad)
+      static_assert(geometry().rows % G == 0, "rows_pad is a multiple of the softmax row group");
+      for (int64_t r = 0; r < rows_pad; r += G) {
+        float alpha[G];
+        softmax_step<G>(s + r * kc, kc, mx + r * W, n, m + r, l + r, alpha);
+        for (int g = 0; g < G; ++g) {
+          if (alpha[g] != 1.f) {
+            const reg al = V::set1(alpha[g]);
+            float* c = ctx + (r + g) * D;
+            for (int64_t d = 0; d < D; d += W) V::store(c + d, V::mul(V::load(c + d), al));
+          }
         }
       }
       pv_step(s, kc, vv, D, live, pa, pb, ctx, rows_pad);
