@@ -5,10 +5,11 @@
 // effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps it) and the dtype.
 //
 // Work split, in one at::parallel_for region: workers first claim (sequence, head, key group) units
-// that pack K^T and V of a head into fp32 panels (K is reused by every query tile of its head, so it
-// is transposed once, not per task), wait until all are packed, then claim (sequence, head, query tile)
-// tasks from an atomic counter, query tile fastest so that both cores work on the same head's K/V.
-// The query tile shrinks until there are >= 4 tasks per thread (B = 1, S = 128 keeps 2 cores busy).
+// that pack K^T and V of a head into panels (fp32, or bf16 pairs on the bf16-dot path; K is reused by
+// every query tile of its head, so it is transposed once, not per task), wait until all are packed,
+// then claim (sequence, head, query tile) tasks from an atomic counter, query tile fastest so that
+// both cores work on the same head's K/V. The query tile shrinks until there are >= 4 tasks per
+// thread (B = 1, S = 128 keeps 2 cores busy).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>

@@ -1,10 +1,12 @@
 // Flash-attention style forward for one (sequence, head, query tile), templated over a SIMD wrapper V
 // (W floats per register: zero/load/store/set1/bcast/fma/add/sub/mul/max/hmax/hsum/round/pow2i).
-// Included by pruned_attention_{portable,avx2,avx512}.cpp inside an anonymous namespace, after V.
+// Included by pruned_attention_{portable,avx2,avx512,avx512bf16}.cpp inside an anonymous namespace,
+// after V.
 //
 // Per task: Q rows are widened and pre-multiplied by scale*log2(e) (so the softmax is a base-2 one),
 // then for each step of kc keys: scores S = Q K^T with an MRS x (NVK*W) register tile over packed K^T
-// panels, running max / sum (online softmax; the previous context is rescaled when the max grows),
+// panels (key bias and running max applied as the tile is stored), then the online softmax (running
+// max / sum, 4 rows side by side; the previous context is rescaled when the max grows),
 // then ctx += P V with an MR x (NV*W) register tile. Panels without a key to attend to are skipped
 // in both products. Rows of the tile beyond the sequence are zeros (finite scores), never written out.
 //
