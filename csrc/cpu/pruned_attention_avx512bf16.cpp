@@ -23,6 +23,8 @@ namespace cpu {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// GCC 12 reports the self-initialised _mm512_undefined_ps() inside its own intrinsics (max, reduce)
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), apply_to = function)
 #endif
