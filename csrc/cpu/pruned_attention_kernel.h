@@ -13,11 +13,11 @@
 // Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
 // in that order for the remaining context columns (wide first). KP: values per 32-bit element along
 // the reduction dimension of both products. KP = 1: fp32 FMAs (bf16 input widened). KP = 2: bf16 dot
-// products (bf16 input only; V provides dot_bf16, exp2_bf16 and store_bf16_sum): K^T, V, Q and P hold bf16
-// pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product runs
-// half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error): the
-// scale is applied to the fp32 scores in the softmax. P is rounded to bf16 and the running sum adds
-// the rounded values, so the normalised weights of a row still sum to 1.
+// products (bf16 input only; V provides dot_bf16, exp2_bf16 and store_bf16_sum): K^T, V, Q and P hold
+// bf16 pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product
+// runs half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error):
+// the score tile scales the fp32 scores as it stores them. P is rounded to bf16 and the running sum
+// adds the rounded values, so the normalised weights of a row still sum to 1.
 
 // The including file provides <algorithm>, <cmath>, <cstdint>, <cstring> and <limits> (headers
 // cannot be included here: this file is read inside a namespace).
@@ -364,7 +364,8 @@ struct AttnKernel {
           continue;
         }
         for (int64_t r = 0; r < rows_pad; r += MRS)
-          score_tile(q + r * D, kt + pp * D / KP * P, D, kbias + pp * P, a.scale_log2, sp + r * kc, kc, mx + r * W);
+          score_tile(q + r * D, kt + pp * D / KP * P, D, kbias + pp * P, a.scale_log2, sp + r * kc, kc,
+                     mx + r * W);
       }
       const int64_t n = (pb - pa) * P;
       constexpr int G = geometry().rows % 4 == 0 ? 4 : 2;  // rows per softmax_step (divides rows_pad)
