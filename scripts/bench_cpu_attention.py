@@ -4,11 +4,16 @@ Each round times every candidate once per configuration (a few calls each, in al
 noise from other work on the machine hits all candidates alike; the table shows the best and median
 round. GFLOP/s counts 4*B*H*S*S*D (the two matmuls).
 
+With --dtype bfloat16 on a CPU with avx512_bf16, bsbert runs its bf16 dot-product path; the widening
+path (bf16 read as fp32, fp32 FMAs; what BSBERT_CPU_ISA=avx512 selects) is timed too, in the same
+rounds, as a third candidate ("bsbert widen").
+
     python scripts/bench_cpu_attention.py [--heads 2 10 16] [--seq 128 384] [--dtype float32] [--rounds 30]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,7 +30,22 @@ def _per_call(fn, calls):
     return (time.perf_counter() - t0) / calls
 
 
-def bench(b, s, h, d, dtype, rounds, padded):
+def _with_isa(isa, fn):
+    """fn with BSBERT_CPU_ISA=isa for the duration of the call (read by the op on every call)."""
+    def call():
+        old = os.environ.get("BSBERT_CPU_ISA")
+        os.environ["BSBERT_CPU_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["BSBERT_CPU_ISA"]
+            else:
+                os.environ["BSBERT_CPU_ISA"] = old
+    return call
+
+
+def bench(b, s, h, d, dtype, rounds, padded, widen):
     qkv = torch.randn(b, s, 3 * h * d).to(dtype)
     scale = d ** -0.5
     mask4, kpm = None, None
@@ -36,6 +56,8 @@ def bench(b, s, h, d, dtype, rounds, padded):
     sdpa, cpu = ATTENTION_BACKENDS["torch-sdpa"], ATTENTION_BACKENDS["cpu"]
     fns = {"torch-sdpa": lambda: sdpa(qkv, mask4, h, d, scale),
            "bsbert-cpu": lambda: torch.ops.bsbert.pruned_attention(qkv, kpm, h, d, scale)}
+    if widen:
+        fns["bsbert-widen"] = _with_isa("avx512", fns["bsbert-cpu"])
     flops = 4 * b * h * s * s * d
     calls = max(1, int(1e8 // flops))  # ~0.5-1 ms per timed sample
     times = {n: [] for n in fns}
@@ -67,15 +89,23 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU ISA {_ext.load().cpu_isa()}, "
           f"B={args.batch} D={args.head_dim} {args.dtype}{' padded' if args.padded else ''}, "
           f"{args.rounds} rounds")
-    print("| S | H | SDPA best ms | SDPA median ms | SDPA GFLOP/s | bsbert best ms | bsbert median ms "
-          "| bsbert GFLOP/s | speed-up (best) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    widen = dtype == torch.bfloat16 and _ext.load().cpu_isa().startswith("avx512_bf16")
+    head = ("| S | H | SDPA best ms | SDPA median ms | SDPA GFLOP/s | bsbert best ms | bsbert median ms "
+            "| bsbert GFLOP/s | speed-up (best) |")
+    if widen:
+        head += " widen best ms | widen median ms | widen GFLOP/s | bsbert vs widen (best) |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for s in args.seq:
         for h in args.heads:
-            r = bench(args.batch, s, h, args.head_dim, dtype, args.rounds, args.padded)
+            r = bench(args.batch, s, h, args.head_dim, dtype, args.rounds, args.padded, widen)
             a, c = r["torch-sdpa"], r["bsbert-cpu"]
-            print(f"| {s} | {h} | {a[0]*1e3:.3f} | {a[1]*1e3:.3f} | {a[2]:.0f} | {c[0]*1e3:.3f} | "
-                  f"{c[1]*1e3:.3f} | {c[2]:.0f} | {a[0]/c[0]:.2f}x |", flush=True)
+            row = (f"| {s} | {h} | {a[0]*1e3:.3f} | {a[1]*1e3:.3f} | {a[2]:.0f} | {c[0]*1e3:.3f} | "
+                   f"{c[1]*1e3:.3f} | {c[2]:.0f} | {a[0]/c[0]:.2f}x |")
+            if widen:
+                w = r["bsbert-widen"]
+                row += f" {w[0]*1e3:.3f} | {w[1]*1e3:.3f} | {w[2]:.0f} | {w[0]/c[0]:.2f}x |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

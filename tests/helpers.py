@@ -40,8 +40,8 @@ def rel_err(ref, out) -> float:
 
 def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     """BSBERT_CPU_ISA values this machine can run (only "portable" without the extension).
-    bf16_level: include "avx512_bf16" where the CPU has it (only the block-sparse GEMM has a path of
-    its own for it)."""
+    bf16_level: include "avx512_bf16" where the CPU has it (for kernels with a bf16 path of their own:
+    the block-sparse GEMM and the attention kernel; elsewhere it is the same as "avx512")."""
     import os
 
     from bsbert import _ext

@@ -1,9 +1,10 @@
 """bsbert's CPU attention kernel (torch.ops.bsbert.pruned_attention[_varlen] on CPU tensors,
 csrc/cpu/pruned_attention*) against a float64 reference on fresh random inputs.
 
-fp32: max error <= 1e-5 x max |reference|. bf16 (fp32 arithmetic inside): at most 2x the error of
-torch's SDPA on the same bf16 inputs (the torch-sdpa backend), both measured against float64, plus
-half a bf16 ulp of the output's magnitude. No timing assertions here (scripts/bench_cpu_attention.py).
+fp32: max error <= 1e-5 x max |reference|. bf16 (fp32 arithmetic inside, or bf16 dot products with P
+rounded to bf16 on avx512_bf16 CPUs): at most 2x the error of torch's SDPA on the same bf16 inputs
+(the torch-sdpa backend), both measured against float64, plus half a bf16 ulp of the output's
+magnitude. No timing assertions here (scripts/bench_cpu_attention.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 FP32_TOL = 1e-5
 
 
-ISAS = cpu_isa_levels()
+ISAS = cpu_isa_levels(bf16_level=True)  # "avx512_bf16": the bf16 dot-product path for bf16 qkv
 
 
 def ref64(qkv, mask, h, d, scale):
@@ -114,6 +115,39 @@ def test_each_isa(monkeypatch, isa, dtype):
             check(op(qkv, mask, h, d, 0.3), qkv, mask, h, d, 0.3)
         lens = [0, 1, s]
         check_varlen(lens, h, d, dtype, gen)
+
+
+@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="CPU without avx512_bf16")
+@pytest.mark.parametrize("isa", ["avx512", "avx512_bf16"])
+def test_bf16_paths(monkeypatch, isa):
+    """Each bf16 path forced (avx512: widening, fp32 FMAs; avx512_bf16: vdpbf16ps dot products, P
+    rounded to bf16): odd lengths (a key pair half in the sequence), padding on either side, a fully
+    padded sequence, varlen lengths 0 and 1, large logits, head_dim 48 (24 pairs: the K^T transpose
+    works on 16 at a time) and 1100 keys (three online-softmax steps: the rescaling)."""
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(21)
+    for s, h, d in ((1, 1, 64), (3, 2, 64), (33, 3, 64), (127, 2, 48), (385, 2, 64), (65, 1, 16), (1100, 1, 64)):
+        qkv = rand_qkv(3, s, h, d, torch.bfloat16, gen)
+        for mask in masks(3, s, gen):
+            check(op(qkv, mask, h, d, d ** -0.5), qkv, mask, h, d, d ** -0.5)
+        check_varlen([0, 1, s, 0, 1], h, d, torch.bfloat16, gen)
+    qkv = rand_qkv(2, 300, 2, 64, torch.bfloat16, gen, spread=4.0)
+    for mask in masks(2, 300, gen)[:2]:
+        check(op(qkv, mask, 2, 64, 0.5), qkv, mask, 2, 64, 0.5)
+
+
+@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="CPU without avx512_bf16")
+def test_bf16_dot_path_is_taken(monkeypatch):
+    """Rounding P to bf16 changes the last bits: if both settings gave identical outputs, the
+    avx512_bf16 setting would not be running a path of its own. fp32 input stays on the fp32 path."""
+    gen = torch.Generator().manual_seed(23)
+    qkv = rand_qkv(2, 200, 3, 64, torch.bfloat16, gen)
+    out = {}
+    for isa in ("avx512", "avx512_bf16"):
+        monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+        out[isa] = (op(qkv, None, 3, 64, 0.125), op(qkv.float(), None, 3, 64, 0.125))
+    assert not torch.equal(out["avx512"][0], out["avx512_bf16"][0])
+    assert torch.equal(out["avx512"][1], out["avx512_bf16"][1])
 
 
 @pytest.mark.parametrize("isa", ISAS)

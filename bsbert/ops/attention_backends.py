@@ -168,7 +168,8 @@ class CudaAttention(ExtensionAttention):
 
 
 class CpuAttention(ExtensionAttention):
-    """csrc/cpu/pruned_attention*: AVX-512 / AVX2 / portable SIMD, fp32 arithmetic."""
+    """csrc/cpu/pruned_attention*: AVX-512 / AVX2 / portable SIMD, fp32 arithmetic (bf16 input on an
+    avx512_bf16 CPU: vdpbf16ps dot products, P rounded to bf16, fp32 softmax and accumulators)."""
 
     name = "cpu"
     dispatch_key = "CPU"

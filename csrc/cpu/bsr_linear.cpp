@@ -25,6 +25,7 @@
 
 #include "cpu/bsr_linear.h"
 #include "cpu/isa.h"
+#include "cpu/thread_buffer.h"
 
 // torch's OpenMP backend implements at::parallel_for inline in its headers: a translation unit
 // compiled without -fopenmp silently runs it on one thread.
@@ -185,14 +186,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   const int64_t xp_elems = std::max<int64_t>(1, npanels * pstride);
   at::Tensor xp_tmp;
   if (xp_elems <= kXpCacheMax) {
-    thread_local std::unique_ptr<float[]> cache;
-    thread_local int64_t cache_elems = 0;
-    if (cache_elems < xp_elems) {
-      cache.reset();
-      cache.reset(new float[xp_elems]);
-      cache_elems = xp_elems;
-    }
-    args.xp = cache.get();
+    args.xp = thread_buffer<struct BsrPanelTag>(xp_elems);
   } else {
     xp_tmp = at::empty({xp_elems}, x.options().dtype(at::kFloat));
     args.xp = xp_tmp.data_ptr<float>();

@@ -16,7 +16,7 @@ constexpr int64_t kAttnMaxHeadDim = 1024;
 
 struct AttnArgs {
   const void* qkv;
-  bool bf16;               // qkv and out are bf16 (else fp32); the arithmetic is fp32 either way
+  bool bf16;               // qkv and out are bf16 (else fp32); fp32 arithmetic except in the bf16-dot path
   int64_t H, D;            // D: a multiple of 16, <= kAttnMaxHeadDim
   int64_t ld_qkv;
   const int64_t* qkv_off;  // [B]
@@ -31,6 +31,7 @@ struct AttnArgs {
   const int64_t* ws_off;   // [B + 1]
   float* kt;               // K^T of (b, h) at kt + (ws_off[b] * H + h * lpad_b) * D: panels [lpad/P][D][P]
   float* v;                // V of (b, h) at the same offset in v: [lpad][D]
+                           // (bf16-dot path: offsets / 2, K^T panels [D/2][P] and V [lpad/2][D] of bf16 pairs)
   const float* kbias;      // [ws_off[B]] at kbias + ws_off[b]: 0 = attend, -inf = masked or padding
   const uint8_t* live;     // [ws_off[B] / P] at live + ws_off[b] / P: panel has a key to attend to
   int64_t kc;              // keys per online-softmax step (a multiple of the panel)
@@ -54,13 +55,15 @@ struct AttnPath {
 };
 
 inline int64_t attn_scratch_floats(int64_t mq, int64_t D, int64_t kc) {
-  return mq * (2 * D + kc + 2) + 64;
+  return mq * (2 * D + kc + 2 + 16) + 64;  // per row: q, ctx, scores, max, sum, max per lane (W <= 16)
 }
 
 // One per ISA translation unit (the AVX ones fall back to portable off x86-64).
 AttnPath attn_path_portable();
 AttnPath attn_path_avx2();
 AttnPath attn_path_avx512();
+// bf16 qkv only (vdpbf16ps products; needs avx512_bf16).
+AttnPath attn_path_avx512bf16();
 
 }  // namespace cpu
 }  // namespace bsbert

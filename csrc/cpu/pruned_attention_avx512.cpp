@@ -14,6 +14,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// GCC 12 reports the self-initialised _mm512_undefined_ps() inside its own intrinsics (max, reduce)
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
 #endif
@@ -22,22 +24,7 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-#include "cpu/simd_avx512.h"
-
-// The GEMM's AVX-512 wrapper plus what the softmax needs.
-struct Zmm : VAvx512 {
-  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static inline float hmax(reg a) { return _mm512_reduce_max_ps(a); }
-  static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
-  static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 2^n for integral n in [-127, 127] through the exponent field (n = -127 gives +0).
-  static inline reg pow2i(reg n) {
-    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-  }
-  static inline void transpose(reg (&r)[16]) { transpose16x16(r); }
-};
-
+#include "cpu/pruned_attention_zmm.h"
 #include "cpu/pruned_attention_kernel.h"
 
 using Kernel = AttnKernel<Zmm, 12, 2, 6, 4, 12, 2, 12, 1>;

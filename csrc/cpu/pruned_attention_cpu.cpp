@@ -2,13 +2,14 @@
 // layouts in csrc/ops.cpp). Compiled for the baseline ISA: argument checks, the per-sequence view of
 // both layouts, the key bias / live-panel tables from the padding mask, workspace and threading. The
 // arithmetic is pruned_attention_kernel.h, instantiated per ISA and chosen per call with
-// effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512 caps it).
+// effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps it) and the dtype.
 //
 // Work split, in one at::parallel_for region: workers first claim (sequence, head, key group) units
-// that pack K^T and V of a head into fp32 panels (K is reused by every query tile of its head, so it
-// is transposed once, not per task), wait until all are packed, then claim (sequence, head, query tile)
-// tasks from an atomic counter, query tile fastest so that both cores work on the same head's K/V.
-// The query tile shrinks until there are >= 4 tasks per thread (B = 1, S = 128 keeps 2 cores busy).
+// that pack K^T and V of a head into panels (fp32, or bf16 pairs on the bf16-dot path; K is reused by
+// every query tile of its head, so it is transposed once, not per task), wait until all are packed,
+// then claim (sequence, head, query tile) tasks from an atomic counter, query tile fastest so that
+// both cores work on the same head's K/V. The query tile shrinks until there are >= 4 tasks per
+// thread (B = 1, S = 128 keeps 2 cores busy).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -24,6 +25,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/pruned_attention.h"
+#include "cpu/thread_buffer.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "pruned_attention_cpu.cpp is compiled without -fopenmp: at::parallel_for will run on a single thread"
@@ -38,9 +40,12 @@ constexpr int64_t kKcDefault = 512;    // keys per online-softmax step
 constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
 
-AttnPath select_path() {
+// bf16 qkv on an avx512_bf16 CPU takes the bf16 dot-product path; BSBERT_CPU_ISA=avx512 (or lower)
+// keeps the widening fp32 path, for comparisons and tests.
+AttnPath select_path(bool bf16) {
   switch (effective_isa()) {
     case Isa::kAvx512Bf16:
+      return bf16 ? attn_path_avx512bf16() : attn_path_avx512();
     case Isa::kAvx512:
       return attn_path_avx512();
     case Isa::kAvx2:
@@ -85,7 +90,7 @@ struct Seqs {
 
 void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
   const int64_t B = static_cast<int64_t>(sq.len.size());
-  const AttnPath path = select_path();
+  const AttnPath path = select_path(qkv.scalar_type() == at::kBFloat16);
   const int64_t P = path.geo.panel, R = path.geo.rows;
 
   // Workspace offsets (keys padded to whole panels) and the key bias / live-panel tables.
@@ -98,15 +103,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   at::Tensor ws_tmp;
   float* ws;
   if (ws_floats <= kWsCacheMax) {
-    // Reused per calling thread: fresh pages from the OS would cost a fault per 4 KiB on every call.
-    thread_local std::unique_ptr<float[]> cache;
-    thread_local int64_t cache_floats = 0;
-    if (cache_floats < ws_floats) {
-      cache.reset();
-      cache.reset(new float[ws_floats]);
-      cache_floats = ws_floats;
-    }
-    ws = cache.get();
+    ws = thread_buffer<struct AttnWorkspaceTag>(ws_floats);  // bounded: larger ones are temporary
   } else {
     ws_tmp = at::empty({ws_floats}, qkv.options().dtype(at::kFloat));
     ws = ws_tmp.data_ptr<float>();
@@ -178,11 +175,11 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
       packed.fetch_add(1, std::memory_order_release);
     }
     while (packed.load(std::memory_order_acquire) < npack) std::this_thread::yield();
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    float* scratch = thread_buffer<struct AttnTaskScratchTag>(scratch_floats);  // the task writes all it reads
     for (;;) {
       const int64_t t = next_task.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntasks) break;
-      path.task(a, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], scratch.data());
+      path.task(a, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], scratch);
     }
   };
   const int64_t nworkers = std::min(nthreads, std::max(ntasks, npack));
