@@ -2,13 +2,17 @@
 one by one with hot (cache-resident) weights, then all in model order (weights streamed as in a
 forward), then the whole forward; best of interleaved rounds. Usage: python scripts/linears_hot_vs_model.py 384
 """
+import sys
+
 import torch
+
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
 from bsbert.nn import SparseLinear
 from bsbert.timing import best_of_interleaved
-import sys; seq = int(sys.argv[1])
+
+seq = int(sys.argv[1]) if len(sys.argv) > 1 else 384
 m = models.seed_like_model().eval()
 inp = _inputs(1, seq, m.config.vocab_size, torch.device("cpu"))
 bsbert.patch(m, tokens=seq, progress=False)
