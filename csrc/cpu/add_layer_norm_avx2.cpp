@@ -21,26 +21,14 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-struct VAln256 {
-  using reg = __m256;
-  static constexpr int W = 8;
+#include "cpu/simd_avx2.h"
+
+// The shared AVX2 wrapper plus the masked row tails and bf16 loads the row kernel needs.
+struct VAln256 : VAvx2 {
   static inline __m256i lanes(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  static inline reg zero() { return _mm256_setzero_ps(); }
-  static inline reg set1(float f) { return _mm256_set1_ps(f); }
-  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline float hsum(reg a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
   static inline reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
-  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static inline void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
   static inline reg keep_n(reg v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes(n))); }
   static inline reg load_bf16(const uint16_t* p) {
@@ -51,18 +39,6 @@ struct VAln256 {
     uint16_t buf[W] = {};
     std::memcpy(buf, p, sizeof(uint16_t) * n);
     return load_bf16(buf);
-  }
-  // Round to nearest even, NaN -> quiet NaN; the 32-bit results fit 16 bits, so the unsigned
-  // saturating pack only moves them (it packs within 128-bit halves: hence the unpack).
-  static inline void store_bf16(uint16_t* p, reg v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, odd), _mm256_set1_epi32(0x7fff)), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    t = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_packus_epi32(t, t);
-    const __m128i out = _mm_unpacklo_epi64(_mm256_castsi256_si128(packed), _mm256_extracti128_si256(packed, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), out);
   }
   static inline void store_bf16_n(uint16_t* p, reg v, int n) {
     uint16_t buf[W];

@@ -21,19 +21,12 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-struct VAln512 {
-  using reg = __m512;
-  static constexpr int W = 16;
+#include "cpu/simd_avx512.h"
+
+// The shared AVX-512 wrapper plus the masked row tails and bf16 loads the row kernel needs.
+struct VAln512 : VAvx512 {
   static inline __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  static inline reg zero() { return _mm512_setzero_ps(); }
-  static inline reg set1(float f) { return _mm512_set1_ps(f); }
-  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
-  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
   static inline reg load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-  static inline void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static inline void store_n(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
   static inline reg keep_n(reg v, int n) { return _mm512_maskz_mov_ps(lanes(n), v); }
   // bf16 -> fp32 is exact: the 16 bits become the high half of the float.
@@ -42,15 +35,6 @@ struct VAln512 {
     return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static inline reg load_bf16_n(const uint16_t* p, int n) { return widen(_mm256_maskz_loadu_epi16(lanes(n), p)); }
-  // fp32 -> bf16, round to nearest even (add 0x7fff plus the kept lsb, drop 16 bits); NaNs stay quiet NaNs.
-  static inline __m256i narrow(reg v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, odd), _mm512_set1_epi32(0x7fff)), 16);
-    t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(t);
-  }
-  static inline void store_bf16(uint16_t* p, reg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v)); }
   static inline void store_bf16_n(uint16_t* p, reg v, int n) { _mm256_mask_storeu_epi16(p, lanes(n), narrow(v)); }
 };
 

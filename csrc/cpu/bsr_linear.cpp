@@ -170,11 +170,10 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   // A claim is a run of g consecutive block rows of one M tile: a thread then streams contiguous
   // packed weights (the kernel prefetches the next group's into L2, which only helps if the same
   // thread computes it) and there are about 8 claims per thread for balance.
-  int64_t g = std::max<int64_t>(1, nbr * nmt / (8 * nthreads));
-  if (m_fastest()) g = 1;
+  const bool mfast = m_fastest();
+  const int64_t g = mfast ? 1 : std::max<int64_t>(1, nbr * nmt / (8 * nthreads));
   const int64_t nchunks = (nbr + g - 1) / g;
   const int64_t nclaims = nmt * nchunks;
-  const bool mfast = m_fastest();
 
   // x is packed into register-tile panels (also widening bf16) one M tile at a time, by the first
   // worker that needs the tile; a worker that finds its tile being packed by another packs a later

@@ -20,19 +20,10 @@ namespace bsbert {
 namespace cpu {
 namespace {
 
-struct Ymm {
-  using reg = __m256;
-  static constexpr int W = 8;
-  static inline reg zero() { return _mm256_setzero_ps(); }
-  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
-  static inline reg set1(float f) { return _mm256_set1_ps(f); }
-  static inline reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+#include "cpu/simd_avx2.h"
+
+// The shared AVX2 wrapper plus what the softmax needs.
+struct Ymm : VAvx2 {
   static inline __m128 fold(reg a, __m128 (*op)(__m128, __m128)) {
     __m128 x = op(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     x = op(x, _mm_movehl_ps(x, x));
@@ -40,9 +31,6 @@ struct Ymm {
   }
   static inline float hmax(reg a) {
     return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_max_ps(x, y); }));
-  }
-  static inline float hsum(reg a) {
-    return _mm_cvtss_f32(fold(a, [](__m128 x, __m128 y) { return _mm_add_ps(x, y); }));
   }
   static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // 2^n for integral n in [-127, 127] through the exponent field (n = -127 gives +0).

@@ -6,9 +6,7 @@
 
 // The GEMM's AVX-512 wrapper plus what the softmax needs.
 struct Zmm : VAvx512 {
-  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline float hmax(reg a) { return _mm512_reduce_max_ps(a); }
-  static inline float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // 2^n for integral n in [-127, 127] through the exponent field (n = -127 gives +0).
   static inline reg pow2i(reg n) {

@@ -16,22 +16,27 @@ struct VAvx512 {
   static BSB_AVX512_INLINE reg set1(float f) { return _mm512_set1_ps(f); }
   static BSB_AVX512_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static BSB_AVX512_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static BSB_AVX512_INLINE reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static BSB_AVX512_INLINE reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static BSB_AVX512_INLINE reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static BSB_AVX512_INLINE reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static BSB_AVX512_INLINE reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static BSB_AVX512_INLINE float hsum(reg a) { return _mm512_reduce_add_ps(a); }
   static BSB_AVX512_INLINE void load_pairs(const int32_t* p, reg& lo, reg& hi) {
     const __m512i r = _mm512_loadu_si512(p);
     lo = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
     hi = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
-  static BSB_AVX512_INLINE void store_bf16(uint16_t* p, reg v) {
+  // fp32 -> bf16, round to nearest even (add 0x7fff plus the kept lsb, drop 16 bits); NaNs stay quiet NaNs.
+  static BSB_AVX512_INLINE __m256i narrow(reg v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static BSB_AVX512_INLINE void store_bf16(uint16_t* p, reg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v));
   }
 };
 
