@@ -4,7 +4,7 @@ r"""Benchmark bsbert's Triton kernels on the GPU and print markdown tables (for 
     python scripts/bench_triton.py [--blocks 32] [--quick] [--no-attention] \
         > benchmarks/results/triton_<gpu>.md
 
-Linear: bsbert BSR GEMM vs cuBLAS dense (F.linear) vs torch.sparse._triton_ops.bsr_dense_mm, fp16,
+Linear: bsbert BSR GEMM (Triton and, when built, CUDA C++) vs cuBLAS dense (F.linear) vs torch.sparse._triton_ops.bsr_dense_mm, fp16,
 densities 1.0/0.64/0.5/0.25/0.1, M = 384, 3072, 12288, (N, K) = 1024x1024, 4096x1024, 1024x4096.
 ``target = cuBLAS x density``; ``ratio`` = bsbert / target (< 1: better than proportional scaling).
 Attention: bsbert pruned-head attention vs F.scaled_dot_product_attention (plus the relayout it
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     from bsbert.triton import _bench
 
+    errors: list[str] = []
     props = torch.cuda.get_device_properties(0)
     print(f"# bsbert Triton kernels on {props.name}\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}; "
@@ -50,33 +51,46 @@ def main(argv=None) -> int:
         ms = (384 * 8,) if args.quick else _bench.MS
         print("## Block-sparse linear y = x @ W.T\n")
         print("target = cuBLAS dense x block density; ratio = bsbert / target (< 1 beats it)\n")
-        print("| block | N | K | M | density | bsbert ms | cuBLAS ms | torch bsr_dense_mm ms | "
-              "target ms | ratio | TFLOP/s (useful) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("Triton = bsbert's Triton kernel, CUDA = bsbert's CUDA C++ kernel (csrc/cuda; n/a if not built)\n")
+        print("| block | N | K | M | density | Triton ms | CUDA ms | cuBLAS ms | torch bsr_dense_mm ms | "
+              "target ms | Triton ratio | CUDA ratio | Triton TFLOP/s | CUDA TFLOP/s | cuBLAS TFLOP/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for block in (int(b) for b in args.blocks.split(",")):
             for n, k in _bench.NK:
                 for m in ms:
                     for d in _bench.DENSITIES:
                         r = _bench.bench_linear(m, n, k, d, block=block)
+                        if "cuda_error" in r:
+                            errors.append(f"linear M={m} N={n} K={k} d={d}: {r['cuda_error']}")
+                        cublas_tflops = 2 * m * n * k / r["cublas_ms"] * 1e-9
                         print(f"| {block} | {n} | {k} | {m} | {r['real_density']:.2f} | "
-                              f"{_fmt(r['bsbert_ms'])} | {_fmt(r['cublas_ms'])} | "
+                              f"{_fmt(r['bsbert_ms'])} | {_fmt(r.get('cuda_ms'))} | {_fmt(r['cublas_ms'])} | "
                               f"{_fmt(r['torch_bsr_ms'])} | {_fmt(r['target_ms'])} | "
-                              f"{_fmt(r['ratio_vs_target'], 2)} | {_fmt(r['tflops'], 1)} |",
-                              flush=True)
+                              f"{_fmt(r['ratio_vs_target'], 2)} | {_fmt(r.get('cuda_ratio_vs_target'), 2)} | "
+                              f"{_fmt(r['tflops'], 1)} | {_fmt(r.get('cuda_tflops'), 1)} | "
+                              f"{_fmt(cublas_tflops, 1)} |", flush=True)
         print()
 
     if not args.no_attention:
         heads = (1, 4, 12) if args.quick else _bench.HEADS
         print(f"## Pruned-head attention (B={_bench.ATTN_BATCH}, D=64)\n")
-        print("| S | H | padding mask | bsbert ms | SDPA (+relayout) ms | speedup |")
-        print("|---|---|---|---|---|---|")
+        print("| S | H | padding mask | Triton ms | CUDA ms | SDPA (+relayout) ms | Triton speedup | "
+              "CUDA speedup |")
+        print("|---|---|---|---|---|---|---|---|")
         for s in _bench.SEQS:
             for h in heads:
                 for padded in (False, True):
                     r = _bench.bench_attention(s, h, padded=padded)
+                    if "cuda_error" in r:
+                        errors.append(f"attention S={s} H={h} padded={padded}: {r['cuda_error']}")
                     print(f"| {s} | {h} | {'yes' if padded else 'no'} | {_fmt(r['bsbert_ms'])} | "
-                          f"{_fmt(r['sdpa_ms'])} | {_fmt(r['speedup_vs_sdpa'], 2)} |", flush=True)
+                          f"{_fmt(r.get('cuda_ms'))} | {_fmt(r['sdpa_ms'])} | {_fmt(r['speedup_vs_sdpa'], 2)} | "
+                          f"{_fmt(r.get('cuda_speedup_vs_sdpa'), 2)} |", flush=True)
         print()
+    if errors:
+        print("## CUDA C++ kernel errors\n")
+        print("\n".join(f"- {e}" for e in errors))
+        return 1
     return 0
 
 

@@ -1,53 +1,97 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see the device tool's METHOD.md): build, test, benchmark, profile.
-# Everything it learns goes under $OUT (the only thing that comes back); commit the .md results into
-# benchmarks/results/ afterwards. Usage:  OUT=/some/dir bash scripts/gpu_run.sh [--quick]
+# One call on a lent GPU machine (see the device tool's METHOD.md): build, test, sanitize, benchmark,
+# profile, in that order of value, each step under its own time limit and all of them under one
+# deadline, so a slow step costs its own results only.
+#
+#   OUT=/some/dir DEADLINE_S=540 bash scripts/gpu_run.sh
+#
+# The device tool returns at most 8 files from $OUT, so every log goes to a work folder that is packed
+# into $OUT/gpu_logs.tgz after each step (a step killed by the deadline leaves the earlier ones), and
+# $OUT/summary.txt collects each step's status and the tail of its log. Commit the markdown results into
+# benchmarks/results/ afterwards.
+# Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0: one arch
+# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/gpu-out}"
-mkdir -p "$OUT"
-QUICK="${1:-}"
+W="${GPU_WORK:-/tmp/bsbert-gpu}"
+PY="${PYTHON:-python3}"
+DEADLINE_S="${DEADLINE_S:-540}"
+START=$(date +%s)
+mkdir -p "$OUT" "$W"
+export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$PATH:$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer"
 status=0
-log() { echo "== $(date +%T) $*"; }
 
-log "machine"
-nvidia-smi | tee "$OUT/nvidia-smi.txt" | head -15
-python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" | tee "$OUT/versions.txt"
-git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
+pack() { tar czf "$OUT/gpu_logs.tgz" -C "$W" . 2>/dev/null || true; }
+# step NAME LIMIT_S CMD...: runs CMD with stdout+stderr to $W/NAME.txt, at most LIMIT_S seconds and never
+# past the deadline (15 s kept for packing); appends status + log tail to $OUT/summary.txt.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local left=$(( DEADLINE_S - ($(date +%s) - START) - 15 ))
+  (( limit > left )) && limit=$left
+  if (( limit < 10 )); then
+    echo "== $name: SKIPPED (deadline)" | tee -a "$OUT/summary.txt"; status=1; return
+  fi
+  local t0=$(date +%s) rc=0
+  timeout --kill-after=5 "$limit" "$@" > "$W/$name.txt" 2>&1 || rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  { echo "== $name: rc=$rc (${took}s, limit ${limit}s)$( ((rc == 124)) && echo ' TIMED OUT')"
+    tail -n "${TAIL:-12}" "$W/$name.txt"; } | tee -a "$OUT/summary.txt"
+  (( rc != 0 )) && status=1
+  pack
+}
 
-log "build (sm_90 only: faster)"
+{ nvidia-smi; "$PY" -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, \
+torch.version.cuda, 'triton', triton.__version__); p = torch.cuda.get_device_properties(0); \
+print(p.name, p.multi_processor_count, 'SMs', p.total_memory >> 20, 'MiB')"; nvcc --version | tail -2
+  git rev-parse HEAD 2>/dev/null; git status --short | head -20; } > "$W/machine.txt" 2>&1
+grep -E "NVIDIA H|torch|SMs|release|Driver" "$W/machine.txt" | head -8 | tee -a "$OUT/summary.txt"
+
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-pip install --no-build-isolation --no-deps -e . > "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
-grep -E "registers|spill" "$OUT/build.txt" > "$OUT/ptxas.txt" || true
-python -m bsbert.info | tee "$OUT/info.txt"
-
-log "tests (CUDA + Triton on the GPU)"
-python -m pytest -q tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
-    tests/test_patch.py -rs > "$OUT/pytest_gpu.txt" 2>&1 || status=1
-tail -5 "$OUT/pytest_gpu.txt"
-
-log "compute-sanitizer + ncu (scripts/gpu_cuda_checks.sh)"
-OUT="$OUT/cuda_checks" bash scripts/gpu_cuda_checks.sh > "$OUT/cuda_checks.txt" 2>&1 || status=1
-tail -5 "$OUT/cuda_checks.txt"
-
-log "kernel benchmarks"
-python scripts/bench_triton.py ${QUICK:+--quick} > "$OUT/triton_kernels.md" 2> "$OUT/triton_kernels.err" || status=1
-tail -30 "$OUT/triton_kernels.md"
-
-log "end to end (fp16, batch 1 and 32, seq 128 and 384)"
-for b in 1 32; do
-  bsbert bench --device cuda --dtype float16 --batch $b --seq 128 384 --repeats 10 --out "$OUT/bench" \
-      > "$OUT/bench_b$b.txt" 2>&1 || status=1
-  tail -12 "$OUT/bench_b$b.txt"
-done
-
-log "nsys (if present)"
-if command -v nsys > /dev/null; then
-  nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop -t cuda,nvtx -o "$OUT/bsbert" -f true \
-      bsbert profile --device cuda --dtype float16 --seq 384 --batch 32 --steps 3 > "$OUT/nsys.txt" 2>&1 || status=1
-  nsys stats --report cuda_gpu_kern_sum "$OUT/bsbert.nsys-rep" > "$OUT/nsys_kernels.txt" 2>&1 || true
-  head -30 "$OUT/nsys_kernels.txt"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  TAIL=4 step build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+  grep -E "registers|spill|bytes stack" "$W/build.txt" > "$W/ptxas.txt" || true
 fi
-log "done (status $status)"
+step info 30 "$PY" -m bsbert.info
+
+# Numerical tests on the GPU (CUDA C++ ops, Triton kernels compiled for real, patch on cuda). conftest
+# sets BSBERT_TRITON_AUTOTUNE=0 there: one fixed config per shape instead of autotuning each.
+TAIL=25 step pytest_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
+  tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
+  tests/test_patch.py tests/test_profile_nvtx.py
+
+if command -v compute-sanitizer > /dev/null; then
+  step sanitizer_memcheck 45 compute-sanitizer --tool memcheck --leak-check no --padding 32 \
+    --error-exitcode 42 "$PY" scripts/cuda_sanitizer_driver.py
+  step sanitizer_racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 42 \
+    "$PY" scripts/cuda_sanitizer_driver.py
+else
+  echo "== compute-sanitizer: not found" | tee -a "$OUT/summary.txt"
+fi
+
+# Kernels: bsbert Triton + CUDA C++ vs cuBLAS dense / torch's Triton BSR, and attention vs SDPA.
+# KERNEL_ARGS="" runs the full sweep (M = 384, 3072, 12288; several minutes with autotuning).
+TAIL=45 step kernels 120 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
+cp "$W/kernels.txt" "$OUT/kernels.md" 2>/dev/null
+
+# End to end, fp16: dense BERT-large vs packing only vs full patch (per-linear backend by measurement).
+export BSBERT_TRITON_AUTOTUNE="${E2E_AUTOTUNE:-0}"
+TAIL=14 step e2e_b1 70 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 128 384 \
+  --repeats 20 --out "$W/bench_b1"
+TAIL=14 step e2e_b32 70 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 32 --seq 128 384 \
+  --repeats 10 --out "$W/bench_b32"
+unset BSBERT_TRITON_AUTOTUNE
+
+# Nsight Compute on the recipe `bsbert profile` prints (2-layer model, one step, first bsbert kernels).
+if command -v ncu > /dev/null; then
+  TAIL=40 step ncu 45 ncu --clock-control none --kernel-name "regex:bsr|pruned_attention|_attn" \
+    --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    "$PY" -m bsbert.profile --device cuda --dtype float16 --seq 384 --batch 8 --small --steps 1 --warmup 1
+else
+  echo "== ncu: not found" | tee -a "$OUT/summary.txt"
+fi
+echo "== done: status $status, $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
+pack
 exit $status

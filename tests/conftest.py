@@ -13,6 +13,10 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # On a GPU, autotuning every test shape would compile and benchmark ~12 configs per shape (minutes);
+    # tests check numbers, so they run one fixed config per shape (benchmarks keep autotuning).
+    os.environ.setdefault("BSBERT_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,6 +25,13 @@ HEADS = (1, 2, 4, 8, 12, 16)
 ATTN_BATCH = 8
 
 
+def _cuda_ext_has(op: str) -> bool:
+    """Whether bsbert._C was built with CUDA and registers ``bsbert::<op>`` for CUDA tensors."""
+    from bsbert.ops.linear_backends import _has_kernel
+
+    return _has_kernel(op, "CUDA")
+
+
 def do_bench(fn) -> float:
     import triton.testing
 
@@ -57,6 +64,17 @@ def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
     torch.testing.assert_close(y, F.linear(x, w), atol=2e-2, rtol=2e-2)
     res["bsbert_ms"] = do_bench(lambda: bsr_linear_triton(x, bsm))
     res["cublas_ms"] = do_bench(lambda: F.linear(x, w))
+    if _cuda_ext_has("bsr_linear"):  # the CUDA C++ kernel (csrc/cuda), same inputs
+        def cuda_cpp():
+            return torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, None,
+                                               n, k, block, False)
+        try:  # a failure is recorded in the row, the sweep goes on
+            torch.testing.assert_close(cuda_cpp(), F.linear(x, w), atol=2e-2, rtol=2e-2)
+            res["cuda_ms"] = do_bench(cuda_cpp)
+            res["cuda_ratio_vs_target"] = res["cuda_ms"] / (res["cublas_ms"] * res["real_density"])
+            res["cuda_tflops"] = bsm.useful_flops(m) / res["cuda_ms"] * 1e-9
+        except Exception as exc:
+            res["cuda_error"] = f"{type(exc).__name__}: {exc}"[:300]
     try:
         from torch.sparse._triton_ops import bsr_dense_mm
 
@@ -103,5 +121,14 @@ def bench_attention(seq, heads, batch=ATTN_BATCH, head_dim=64, dtype=torch.float
     res = {"B": batch, "S": seq, "H": heads, "D": head_dim, "padded": padded}
     res["bsbert_ms"] = do_bench(ours)
     res["sdpa_ms"] = do_bench(sdpa)
+    if _cuda_ext_has("pruned_attention"):  # the CUDA C++ kernel (csrc/cuda), same inputs
+        def cuda_cpp():
+            return torch.ops.bsbert.pruned_attention(qkv, mask, heads, head_dim, scale)
+        try:  # a failure is recorded in the row, the sweep goes on
+            torch.testing.assert_close(cuda_cpp(), ref, atol=2e-2, rtol=2e-2)
+            res["cuda_ms"] = do_bench(cuda_cpp)
+            res["cuda_speedup_vs_sdpa"] = res["sdpa_ms"] / res["cuda_ms"]
+        except Exception as exc:
+            res["cuda_error"] = f"{type(exc).__name__}: {exc}"[:300]
     res["speedup_vs_sdpa"] = res["sdpa_ms"] / res["bsbert_ms"]
     return res

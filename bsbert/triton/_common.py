@@ -11,6 +11,28 @@ def interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def autotune_enabled() -> bool:
+    """False when ``BSBERT_TRITON_AUTOTUNE=0``: the kernels then run one fixed, shape-derived config per
+    launch instead of benchmarking every candidate on each new shape. Autotuning a test suite's dozens
+    of shapes costs minutes of compile + benchmark on a GPU; the fixed config is for tests and quick
+    runs, autotuning (the default) for speed."""
+    return os.environ.get("BSBERT_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fixed_config_kernel(kernel, cache: dict, config_kwargs: dict, num_warps: int, num_stages: int):
+    """``kernel`` wrapped as a one-config autotuner (Triton launches a single config without
+    benchmarking it), cached per config so each one compiles once. Goes through the same
+    ``triton.autotune`` launch path as the tuned kernel, so ``wrap_triton``/``torch.compile`` see the
+    same thing either way."""
+    import triton
+
+    key = (tuple(sorted(config_kwargs.items())), num_warps, num_stages)
+    if key not in cache:
+        cache[key] = triton.autotune(configs=[triton.Config(dict(config_kwargs), num_warps=num_warps,
+                                                            num_stages=num_stages)], key=[])(kernel)
+    return cache[key]
+
+
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` (``triton.jit`` output) runs in the interpreter.
 

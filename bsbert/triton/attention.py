@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from bsbert.triton.bsr_linear import round_to_bf16
-from bsbert.triton._common import (check_device, is_fake, is_interpreted, launcher, make_op,
-                                    next_pow2)
+from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
+                                    is_interpreted, launcher, make_op, next_pow2)
 
 __all__ = ["pruned_attention_triton", "pruned_attention_varlen_triton", "triton_pruned_attention",
            "triton_pruned_attention_varlen"]
@@ -185,7 +185,12 @@ def _launch(qkv, mask, cu, out, s, h, d, scale, strides_q, strides_m, strides_o,
         def grid(meta_):
             return (triton.cdiv(grid_m_len, meta_["BLOCK_M"]), batch * h)
 
-        launcher(_tuned_attn)[grid](*args, **meta)
+        kernel = _tuned_attn if autotune_enabled() else fixed_config_kernel(
+            _attn_kernel, _FIXED, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+        launcher(kernel)[grid](*args, **meta)
+
+
+_FIXED: dict = {}  # BSBERT_TRITON_AUTOTUNE=0: one untuned config
 
 
 def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
