@@ -30,7 +30,7 @@ def _fmt(v, digits=3):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--blocks", default="32", help="comma-separated block sizes (16,32,64)")
-    ap.add_argument("--quick", action="store_true", help="M=384*8 only, fewer heads")
+    ap.add_argument("--quick", action="store_true", help="M = 3072 and 12288 only, fewer heads")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--no-attention", action="store_true")
     args = ap.parse_args(argv)
@@ -48,20 +48,23 @@ def main(argv=None) -> int:
           f"times are triton.testing.do_bench medians (ms), fp16.\n")
 
     if not args.no_linear:
-        ms = (384 * 8,) if args.quick else _bench.MS
+        ms = (384 * 8, 384 * 32) if args.quick else _bench.MS
         print("## Block-sparse linear y = x @ W.T\n")
         print("target = cuBLAS dense x block density; ratio = bsbert / target (< 1 beats it)\n")
         print("Triton = bsbert's Triton kernel, CUDA = bsbert's CUDA C++ kernel (csrc/cuda; n/a if not built)\n")
         print("| block | N | K | M | density | Triton ms | CUDA ms | cuBLAS ms | torch bsr_dense_mm ms | "
               "target ms | Triton ratio | CUDA ratio | Triton TFLOP/s | CUDA TFLOP/s | cuBLAS TFLOP/s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        rows = []
         for block in (int(b) for b in args.blocks.split(",")):
             for n, k in _bench.NK:
                 for m in ms:
                     for d in _bench.DENSITIES:
                         r = _bench.bench_linear(m, n, k, d, block=block)
-                        if "cuda_error" in r:
-                            errors.append(f"linear M={m} N={n} K={k} d={d}: {r['cuda_error']}")
+                        rows.append(r)
+                        for key in ("cuda_error", "triton_graph_error", "cublas_graph_error"):
+                            if key in r:
+                                errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")
                         cublas_tflops = 2 * m * n * k / r["cublas_ms"] * 1e-9
                         print(f"| {block} | {n} | {k} | {m} | {r['real_density']:.2f} | "
                               f"{_fmt(r['bsbert_ms'])} | {_fmt(r.get('cuda_ms'))} | {_fmt(r['cublas_ms'])} | "
@@ -70,6 +73,27 @@ def main(argv=None) -> int:
                               f"{_fmt(r['tflops'], 1)} | {_fmt(r.get('cuda_tflops'), 1)} | "
                               f"{_fmt(cublas_tflops, 1)} |", flush=True)
         print()
+        print("### Same, GPU time only (each call replayed from a CUDA graph: no launch overhead)\n")
+        print("useful TFLOP/s = non-zero-block FLOPs / time; cuBLAS computes the whole dense matrix; "
+              "CUDA bm256 = the 256-row tile variant (BSBERT_CUDA_BSR_BM=256)\n")
+        print("| block | N | K | M | density | Triton ms | CUDA ms | CUDA bm256 ms | cuBLAS ms | "
+              "Triton TFLOP/s | CUDA TFLOP/s | CUDA bm256 TFLOP/s | cuBLAS TFLOP/s | "
+              "best bsbert / (cuBLAS x density) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            fl = 2 * r["M"] * r["N"] * r["K"]
+            useful = fl * r["real_density"]
+            tf = {key: (useful / r[key] * 1e-9 if r.get(key) else None)
+                  for key in ("triton_graph_ms", "cuda_graph_ms", "cuda_bm256_graph_ms")}
+            cub = r.get("cublas_graph_ms")
+            best = min((r[key] for key in tf if r.get(key)), default=None)
+            ratio = best / (cub * r["real_density"]) if best and cub else None
+            print(f"| {r['block']} | {r['N']} | {r['K']} | {r['M']} | {r['real_density']:.2f} | "
+                  f"{_fmt(r.get('triton_graph_ms'))} | {_fmt(r.get('cuda_graph_ms'))} | "
+                  f"{_fmt(r.get('cuda_bm256_graph_ms'))} | {_fmt(cub)} | {_fmt(tf['triton_graph_ms'], 1)} | "
+                  f"{_fmt(tf['cuda_graph_ms'], 1)} | {_fmt(tf['cuda_bm256_graph_ms'], 1)} | "
+                  f"{_fmt(fl / cub * 1e-9 if cub else None, 1)} | {_fmt(ratio, 2)} |")
+        print()
 
     if not args.no_attention:
         heads = (1, 4, 12) if args.quick else _bench.HEADS
@@ -77,18 +101,31 @@ def main(argv=None) -> int:
         print("| S | H | padding mask | Triton ms | CUDA ms | SDPA (+relayout) ms | Triton speedup | "
               "CUDA speedup |")
         print("|---|---|---|---|---|---|---|---|")
+        arows = []
         for s in _bench.SEQS:
             for h in heads:
                 for padded in (False, True):
                     r = _bench.bench_attention(s, h, padded=padded)
-                    if "cuda_error" in r:
-                        errors.append(f"attention S={s} H={h} padded={padded}: {r['cuda_error']}")
+                    arows.append(r)
+                    for key in ("cuda_error", "triton_graph_error", "sdpa_graph_error"):
+                        if key in r:
+                            errors.append(f"attention S={s} H={h} padded={padded} {key}: {r[key]}")
                     print(f"| {s} | {h} | {'yes' if padded else 'no'} | {_fmt(r['bsbert_ms'])} | "
                           f"{_fmt(r.get('cuda_ms'))} | {_fmt(r['sdpa_ms'])} | {_fmt(r['speedup_vs_sdpa'], 2)} | "
                           f"{_fmt(r.get('cuda_speedup_vs_sdpa'), 2)} |", flush=True)
         print()
+        print("### Same, GPU time only (CUDA graph replay)\n")
+        print("| S | H | padding mask | Triton ms | CUDA ms | SDPA (+relayout) ms | Triton speedup | "
+              "CUDA speedup |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in arows:
+            sd, tr, cu = r.get("sdpa_graph_ms"), r.get("triton_graph_ms"), r.get("cuda_graph_ms")
+            print(f"| {r['S']} | {r['H']} | {'yes' if r['padded'] else 'no'} | {_fmt(tr)} | {_fmt(cu)} | "
+                  f"{_fmt(sd)} | {_fmt(sd / tr if sd and tr else None, 2)} | "
+                  f"{_fmt(sd / cu if sd and cu else None, 2)} |")
+        print()
     if errors:
-        print("## CUDA C++ kernel errors\n")
+        print("## Errors\n")
         print("\n".join(f"- {e}" for e in errors))
         return 1
     return 0

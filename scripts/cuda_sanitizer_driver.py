@@ -1,10 +1,11 @@
 """Calls each bsbert CUDA kernel once on small ragged inputs (for compute-sanitizer memcheck/racecheck and
-ncu). Exercises every bsr_linear tile configuration (blocks 16/32/64, 64- and 128-row tiles), M and N/K
+ncu). Exercises every bsr_linear tile configuration (blocks 16/32/64, 64-, 128- and 256-row tiles), M and N/K
 tails, an empty block row, bias+GELU, and attention with padding masks (a fully padded row) and varlen
 lengths 0 and 1. Usage: python scripts/cuda_sanitizer_driver.py [--only bsr|attention] [--big]
 """
 import argparse
 import math
+import os
 
 import torch
 
@@ -28,6 +29,13 @@ def bsr(big: bool):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             bias = torch.randn(n, dtype=dtype, device="cuda")
             y = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k, b, True)
+            if m >= 2000 and not big:  # every tile height, forced (the heuristic picks one per shape)
+                for bm in ((64, 128, 256) if b == 32 else (64, 128)):
+                    os.environ["BSBERT_CUDA_BSR_BM"] = str(bm)
+                    y2 = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k,
+                                                     b, True)
+                    del os.environ["BSBERT_CUDA_BSR_BM"]
+                    torch.testing.assert_close(y2, y)
             if not big:
                 ref = torch.nn.functional.gelu(x.float() @ bsm.to_dense().float().T + bias.float())
                 err = (y.float() - ref).abs().max().item()

@@ -56,9 +56,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 step info 30 "$PY" -m bsbert.info
 
+# The error-message tests first, on their own: they once crashed the process (formatting a tensor
+# shape in nvcc-compiled host code); if they still do, cuda-gdb shows where.
+TAIL=8 step pytest_errors 40 "$PY" -m pytest -q -p no:cacheprovider -k "errors or rejects" tests/test_cuda_ops.py
+if grep -q "Segmentation fault\|Fatal Python error" "$W/pytest_errors.txt" && command -v cuda-gdb > /dev/null; then
+  TAIL=30 step segfault_backtrace 60 cuda-gdb -batch -ex run -ex bt --args "$PY" -m pytest -q -x \
+    -p no:cacheprovider -p no:faulthandler -k "errors or rejects" tests/test_cuda_ops.py
+fi
+
 # Numerical tests on the GPU (CUDA C++ ops, Triton kernels compiled for real, patch on cuda). conftest
 # sets BSBERT_TRITON_AUTOTUNE=0 there: one fixed config per shape instead of autotuning each.
-TAIL=25 step pytest_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
+TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -k "not (errors or rejects)" \
   tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
   tests/test_patch.py tests/test_profile_nvtx.py
 
@@ -73,9 +81,17 @@ fi
 
 # Kernels: bsbert Triton + CUDA C++ vs cuBLAS dense / torch's Triton BSR, and attention vs SDPA.
 # KERNEL_ARGS="" runs the full sweep (M = 384, 3072, 12288; several minutes with autotuning).
-TAIL=45 step kernels 120 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
+TAIL=45 step kernels 150 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
 cp "$W/kernels.txt" "$OUT/kernels.md" 2>/dev/null
 
+# Nsight Compute on the BERT-sized BSR GEMMs: speed of light (SM vs memory), L2/DRAM traffic, occupancy.
+if command -v ncu > /dev/null; then
+  TAIL=60 step ncu_bsr 60 ncu --clock-control none --kernel-name regex:bsr_linear_mma_kernel --launch-count 2 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    "$PY" scripts/cuda_sanitizer_driver.py --only bsr --big
+fi
+
+[ "${SKIP_E2E:-0}" = 1 ] && { echo "== done (no e2e): status $status" | tee -a "$OUT/summary.txt"; pack; exit $status; }
 # End to end, fp16: dense BERT-large vs packing only vs full patch (per-linear backend by measurement).
 export BSBERT_TRITON_AUTOTUNE="${E2E_AUTOTUNE:-0}"
 TAIL=14 step e2e_b1 70 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 128 384 \
@@ -86,7 +102,7 @@ unset BSBERT_TRITON_AUTOTUNE
 
 # Nsight Compute on the recipe `bsbert profile` prints (2-layer model, one step, first bsbert kernels).
 if command -v ncu > /dev/null; then
-  TAIL=40 step ncu 45 ncu --clock-control none --kernel-name "regex:bsr|pruned_attention|_attn" \
+  TAIL=40 step ncu_profile_recipe 60 ncu --clock-control none --kernel-name "regex:bsr|pruned_attention|_attn" \
     --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$PY" -m bsbert.profile --device cuda --dtype float16 --seq 384 --batch 8 --small --steps 1 --warmup 1
 else

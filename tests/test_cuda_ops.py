@@ -102,6 +102,37 @@ def test_bsr_linear_matches_float64(dtype, lead, n, k, block, density, bias_on, 
     torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("block,bm", [(16, 64), (16, 128), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128)])
+def test_bsr_linear_every_tile_height(block, bm, monkeypatch):
+    """BSBERT_CUDA_BSR_BM forces each tile configuration (the default heuristic reaches only some of them
+    on test-sized problems): ragged M over several tiles, ragged N and K, an empty block row, bias+GELU."""
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    monkeypatch.setenv("BSBERT_CUDA_BSR_BM", str(bm))
+    gen = torch.Generator().manual_seed(block * 1000 + bm)
+    n, k = 3 * block + 5, 4 * block + 8
+    w = _random_bsr_weight(n, k, block, 0.6, gen)
+    w[block:2 * block] = 0  # one block row with no stored block
+    for dtype in (torch.float16, torch.bfloat16):
+        bsm = BlockSparseMatrix.from_dense(w.to(dtype), block, pad=True).to(DEV)
+        x = torch.randn(2 * bm + 37, k, generator=gen).to(dtype).to(DEV)
+        bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
+        y = _bsr_call(x, bsm, bias, True)
+        ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
+        torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
+
+
+def test_bsr_linear_rejects_bad_tile_height(monkeypatch):
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    bsm = BlockSparseMatrix.from_dense(torch.randn(64, 64, dtype=torch.float16), 64).to(DEV)
+    monkeypatch.setenv("BSBERT_CUDA_BSR_BM", "256")
+    with pytest.raises(RuntimeError, match="BSBERT_CUDA_BSR_BM"):
+        _bsr_call(torch.randn(8, 64, dtype=torch.float16, device=DEV), bsm, None, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bsr_linear_strided_and_unaligned_x(dtype):
     _require_cuda_kernel("bsr_linear")

@@ -23,7 +23,7 @@ ARCHS = ("sm_80", "sm_90")
 
 # file -> (kernel name fragment of the tensor-core kernels, how many of them, other kernels allowed)
 KERNELS = {
-    "bsr_linear_cuda.cu": ("bsr_linear_mma_kernel", 12, ("bsr_linear_f32_kernel",)),
+    "bsr_linear_cuda.cu": ("bsr_linear_mma_kernel", 14, ("bsr_linear_f32_kernel",)),
     "pruned_attention_cuda.cu": ("pruned_attention_fwd_kernel", 4, ()),
 }
 

@@ -13,6 +13,8 @@ Attention: bsbert's pruned-head attention on the fused qkv ``[B, S, 3*H*D]`` vs
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,23 @@ def _cuda_ext_has(op: str) -> bool:
     from bsbert.ops.linear_backends import _has_kernel
 
     return _has_kernel(op, "CUDA")
+
+
+def do_bench_graph(fn) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph (no Python/launch overhead), in ms."""
+    import triton.testing
+
+    fn()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def _graph_ms(res: dict, key: str, fn) -> None:
+    """res[key] = do_bench_graph(fn); a call that cannot be captured leaves the reason in res."""
+    try:
+        res[key] = do_bench_graph(fn)
+    except Exception as exc:
+        res[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:200]
 
 
 def do_bench(fn) -> float:
@@ -73,8 +92,16 @@ def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
             res["cuda_ms"] = do_bench(cuda_cpp)
             res["cuda_ratio_vs_target"] = res["cuda_ms"] / (res["cublas_ms"] * res["real_density"])
             res["cuda_tflops"] = bsm.useful_flops(m) / res["cuda_ms"] * 1e-9
+            res["cuda_graph_ms"] = do_bench_graph(cuda_cpp)
+            if block == 32:  # the 256-row tile variant (not the default yet)
+                with mock.patch.dict(os.environ, {"BSBERT_CUDA_BSR_BM": "256"}):
+                    torch.testing.assert_close(cuda_cpp(), F.linear(x, w), atol=2e-2, rtol=2e-2)
+                    res["cuda_bm256_graph_ms"] = do_bench_graph(cuda_cpp)
         except Exception as exc:
             res["cuda_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    # GPU time without host launch overhead: the same calls replayed from a CUDA graph
+    _graph_ms(res, "triton_graph_ms", lambda: bsr_linear_triton(x, bsm))
+    _graph_ms(res, "cublas_graph_ms", lambda: F.linear(x, w))
     try:
         from torch.sparse._triton_ops import bsr_dense_mm
 
@@ -128,7 +155,10 @@ def bench_attention(seq, heads, batch=ATTN_BATCH, head_dim=64, dtype=torch.float
             torch.testing.assert_close(cuda_cpp(), ref, atol=2e-2, rtol=2e-2)
             res["cuda_ms"] = do_bench(cuda_cpp)
             res["cuda_speedup_vs_sdpa"] = res["sdpa_ms"] / res["cuda_ms"]
+            res["cuda_graph_ms"] = do_bench_graph(cuda_cpp)
         except Exception as exc:
             res["cuda_error"] = f"{type(exc).__name__}: {exc}"[:300]
     res["speedup_vs_sdpa"] = res["sdpa_ms"] / res["bsbert_ms"]
+    _graph_ms(res, "triton_graph_ms", ours)
+    _graph_ms(res, "sdpa_graph_ms", sdpa)
     return res

@@ -19,12 +19,14 @@
 
 #ifndef BSBERT_KERNELS_ONLY
 #include <ATen/ATen.h>
+#include <cstdlib>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_host_utils.h"
+#include "shape_str.h"
 #endif
 
 namespace bsbert {
@@ -218,6 +220,7 @@ using Cfg16x64 = BsrConfig<16, 64, 4, 1, 4>;
 using Cfg16x128 = BsrConfig<16, 128, 4, 1, 4>;
 using Cfg32x64 = BsrConfig<32, 64, 2, 2, 4>;
 using Cfg32x128 = BsrConfig<32, 128, 4, 1, 4>;
+using Cfg32x256 = BsrConfig<32, 256, 4, 2, 4>;  // 8 warps: halves W's L2 traffic per FLOP vs 128 rows
 using Cfg64x64 = BsrConfig<64, 64, 2, 2, 3>;
 using Cfg64x128 = BsrConfig<64, 128, 2, 2, 3>;
 
@@ -227,6 +230,7 @@ using Cfg64x128 = BsrConfig<64, 128, 2, 2, 3>;
 #define BSBERT_BSR_KERNELS(T)                                                                          \
   (void*)&bsr_linear_mma_kernel<T, Cfg16x64>, (void*)&bsr_linear_mma_kernel<T, Cfg16x128>,           \
       (void*)&bsr_linear_mma_kernel<T, Cfg32x64>, (void*)&bsr_linear_mma_kernel<T, Cfg32x128>,       \
+      (void*)&bsr_linear_mma_kernel<T, Cfg32x256>,                                                   \
       (void*)&bsr_linear_mma_kernel<T, Cfg64x64>, (void*)&bsr_linear_mma_kernel<T, Cfg64x128>
 void* const bsr_linear_kernels_for_sass[] = {BSBERT_BSR_KERNELS(__half), BSBERT_BSR_KERNELS(__nv_bfloat16),
                                              (void*)&bsr_linear_f32_kernel};
@@ -260,18 +264,28 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   const int sms = sm_count();
   const int64_t block_rows = (N + block - 1) / block;
   // 128-row tiles unless that leaves fewer than ~2 CTAs per SM; then 64-row tiles (more CTAs).
+  // BSBERT_CUDA_BSR_BM=64|128|256 forces the tile height (benchmarks and tests): 256-row tiles (block 32
+  // only) fetch each W block half as often; not the default until measured to pay.
   const bool small = ((M + 127) / 128) * block_rows < 2 * static_cast<int64_t>(sms);
+  int bm = small ? 64 : 128;
+  if (const char* env = std::getenv("BSBERT_CUDA_BSR_BM")) {
+    const int want = std::atoi(env);
+    TORCH_CHECK(want == 64 || want == 128 || (want == 256 && block == 32), "bsr_linear (CUDA): "
+                "BSBERT_CUDA_BSR_BM must be 64, 128 or (block 32 only) 256, got '", env, "'");
+    bm = want;
+  }
   switch (block) {
     case 16:
-      if (small) launch_mma<T, Cfg16x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      if (bm == 64) launch_mma<T, Cfg16x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       else launch_mma<T, Cfg16x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       break;
     case 32:
-      if (small) launch_mma<T, Cfg32x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      else launch_mma<T, Cfg32x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      if (bm == 64) launch_mma<T, Cfg32x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      else if (bm == 128) launch_mma<T, Cfg32x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      else launch_mma<T, Cfg32x256>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       break;
     case 64:
-      if (small) launch_mma<T, Cfg64x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+      if (bm == 64) launch_mma<T, Cfg64x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       else launch_mma<T, Cfg64x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       break;
     default:
@@ -295,7 +309,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   TORCH_CHECK(out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31),
               "bsr_linear (CUDA): out_features/in_features too large");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "bsr_linear (CUDA): x must have last dimension "
-              "in_features=", in_features, ", got shape ", x.sizes());
+              "in_features=", in_features, ", got shape ", shape_str(x));
   const int64_t nbr = (out_features + block - 1) / block;
   for (const auto* p : {&crow_indices, &col_indices}) {
     const char* name = p == &crow_indices ? "crow_indices" : "col_indices";
@@ -303,7 +317,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
                 p->device());
     TORCH_CHECK(p->scalar_type() == at::kInt, "bsr_linear (CUDA): ", name, " must be int32, got ",
                 p->scalar_type());
-    TORCH_CHECK(p->dim() == 1, "bsr_linear (CUDA): ", name, " must be 1-D, got shape ", p->sizes());
+    TORCH_CHECK(p->dim() == 1, "bsr_linear (CUDA): ", name, " must be 1-D, got shape ", shape_str(*p));
     TORCH_CHECK(p->is_contiguous(), "bsr_linear (CUDA): ", name, " must be contiguous");
   }
   TORCH_CHECK(crow_indices.numel() == nbr + 1, "bsr_linear (CUDA): crow_indices must have ceil(out_features/"
@@ -316,7 +330,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   TORCH_CHECK(packed_values.dim() == 3 && packed_values.size(0) == nnzb && packed_values.size(1) == block &&
                   packed_values.size(2) == block,
               "bsr_linear (CUDA): packed_values must have shape [nnz_blocks=", nnzb, ", ", block, ", ", block,
-              "] (natural BSR values), got ", packed_values.sizes());
+              "] (natural BSR values), got ", shape_str(packed_values));
   TORCH_CHECK(packed_values.is_contiguous(), "bsr_linear (CUDA): packed_values must be contiguous");
   const at::Tensor* bias_p = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -325,7 +339,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
     TORCH_CHECK(bias->scalar_type() == dtype, "bsr_linear (CUDA): bias dtype ", bias->scalar_type(),
                 " must match x dtype ", dtype);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bsr_linear (CUDA): bias must have shape [",
-                out_features, "], got ", bias->sizes());
+                out_features, "], got ", shape_str(*bias));
     bias_p = &*bias;
   }
 

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_host_utils.h"
+#include "shape_str.h"
 #endif
 
 namespace bsbert {
@@ -252,7 +253,7 @@ void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int6
   TORCH_CHECK(head_dim == 32 || head_dim == 64, op, " (CUDA): head_dim must be 32 or 64, got ", head_dim);
   TORCH_CHECK(num_heads > 0 && num_heads <= 65535, op, " (CUDA): num_heads must be in [1, 65535], got ",
               num_heads);
-  TORCH_CHECK(qkv.dim() == want_dim, op, " (CUDA): qkv must be ", want_dim, "-D, got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.dim() == want_dim, op, " (CUDA): qkv must be ", want_dim, "-D, got shape ", shape_str(qkv));
   TORCH_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, " (CUDA): qkv last dimension must be 3 * num_heads"
               " * head_dim = ", 3 * num_heads * head_dim, ", got ", qkv.size(-1));
 }
@@ -306,7 +307,7 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
     TORCH_CHECK(mask.scalar_type() == at::kBool, "pruned_attention (CUDA): key_padding_mask must be bool "
                 "(true = attend), got ", mask.scalar_type());
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S, "pruned_attention (CUDA): "
-                "key_padding_mask must have shape [", B, ", ", S, "], got ", mask.sizes());
+                "key_padding_mask must have shape [", B, ", ", S, "], got ", shape_str(mask));
   }
   at::Tensor out = at::empty({B, S, num_heads * head_dim}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || S == 0) return out;
@@ -335,7 +336,7 @@ at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tens
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen (CUDA): cu_seqlens must be int32, "
               "got ", cu_seqlens.scalar_type());
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "pruned_attention_varlen (CUDA): cu_seqlens "
-              "must be 1-D [batch + 1], got shape ", cu_seqlens.sizes());
+              "must be 1-D [batch + 1], got shape ", shape_str(cu_seqlens));
   TORCH_CHECK(cu_seqlens.is_contiguous(), "pruned_attention_varlen (CUDA): cu_seqlens must be contiguous");
   TORCH_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): "
               "max_seqlen must be in [0, 2^31), got ", max_seqlen);
