@@ -81,7 +81,7 @@ fi
 
 # Kernels: bsbert Triton + CUDA C++ vs cuBLAS dense / torch's Triton BSR, and attention vs SDPA.
 # KERNEL_ARGS="" runs the full sweep (M = 384, 3072, 12288; several minutes with autotuning).
-TAIL=45 step kernels 150 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
+TAIL=45 step kernels 200 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
 cp "$W/kernels.txt" "$OUT/kernels.md" 2>/dev/null
 
 # Nsight Compute on the BERT-sized BSR GEMMs: speed of light (SM vs memory), L2/DRAM traffic, occupancy.

@@ -8,6 +8,7 @@
 // This file owns everything that touches torch (checks, layout, threading); the arithmetic is in
 // add_layer_norm_kernel.h, instantiated per ISA and picked per call with effective_isa() (so
 // BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
+#include "check.h"
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -48,11 +49,11 @@ AddLayerNormFn select_rows_fn() {
 }
 
 void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "add_layer_norm (CPU kernel): ", name, " must be on the CPU, got ",
+  BSBERT_CHECK(t.device().is_cpu(), "add_layer_norm (CPU kernel): ", name, " must be on the CPU, got ",
               t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "add_layer_norm: ", name, " must have shape [", N,
+  BSBERT_CHECK(t.dim() == 1 && t.size(0) == N, "add_layer_norm: ", name, " must have shape [", N,
               "] (the last dim of x), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
+  BSBERT_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
               " must be float32 or x's dtype (", x_dtype, "), got ", t.scalar_type());
 }
 
@@ -69,20 +70,20 @@ int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) 
 
 at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                               const at::Tensor& bias, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
+  BSBERT_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
               "add_layer_norm (CPU kernel): x and residual must be on the CPU, got ", x.device(), " and ",
               residual.device());
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt != at::kHalf,
+  BSBERT_CHECK(dt != at::kHalf,
               "add_layer_norm (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+  BSBERT_CHECK(dt == at::kFloat || dt == at::kBFloat16,
               "add_layer_norm (CPU kernel): x must be float32 or bfloat16, got ", dt);
-  TORCH_CHECK(residual.scalar_type() == dt, "add_layer_norm: residual dtype (", residual.scalar_type(),
+  BSBERT_CHECK(residual.scalar_type() == dt, "add_layer_norm: residual dtype (", residual.scalar_type(),
               ") must match x's dtype (", dt, ")");
-  TORCH_CHECK(x.dim() >= 1, "add_layer_norm: x must have at least 1 dimension");
-  TORCH_CHECK(residual.sizes() == x.sizes(), "add_layer_norm: residual shape ", residual.sizes(),
+  BSBERT_CHECK(x.dim() >= 1, "add_layer_norm: x must have at least 1 dimension");
+  BSBERT_CHECK(residual.sizes() == x.sizes(), "add_layer_norm: residual shape ", residual.sizes(),
               " must equal x's shape ", x.sizes(), " (no broadcasting)");
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "add_layer_norm: eps must be finite and >= 0, got ", eps);
+  BSBERT_CHECK(std::isfinite(eps) && eps >= 0, "add_layer_norm: eps must be finite and >= 0, got ", eps);
   const int64_t N = x.size(-1);
   check_affine(weight, "weight", N, dt);
   check_affine(bias, "bias", N, dt);

@@ -12,6 +12,7 @@
 // spreads over every core through the block rows. Threads claim runs of consecutive block rows of one
 // M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
 // so a static split would be unbalanced).
+#include "check.h"
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -72,54 +73,54 @@ bool m_fastest() {
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                           const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                           int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
-  TORCH_CHECK(block == 16 || block == 32 || block == 64,
+  BSBERT_CHECK(block == 16 || block == 32 || block == 64,
               "bsr_linear: block must be 16, 32 or 64, got ", block);
-  TORCH_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear: negative out_features (",
+  BSBERT_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear: negative out_features (",
               out_features, ") or in_features (", in_features, ")");
-  TORCH_CHECK(x.device().is_cpu(), "bsr_linear (CPU kernel): x must be on the CPU, got ", x.device());
-  TORCH_CHECK(crow.device().is_cpu() && col.device().is_cpu() && packed.device().is_cpu(),
+  BSBERT_CHECK(x.device().is_cpu(), "bsr_linear (CPU kernel): x must be on the CPU, got ", x.device());
+  BSBERT_CHECK(crow.device().is_cpu() && col.device().is_cpu() && packed.device().is_cpu(),
               "bsr_linear (CPU kernel): crow_indices, col_indices and packed_values must be on the CPU, got ",
               crow.device(), ", ", col.device(), ", ", packed.device());
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt != at::kHalf,
+  BSBERT_CHECK(dt != at::kHalf,
               "bsr_linear (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
+  BSBERT_CHECK(dt == at::kFloat || dt == at::kBFloat16,
               "bsr_linear (CPU kernel): x must be float32 or bfloat16, got ", dt);
-  TORCH_CHECK(packed.scalar_type() == dt, "bsr_linear: packed_values dtype (", packed.scalar_type(),
+  BSBERT_CHECK(packed.scalar_type() == dt, "bsr_linear: packed_values dtype (", packed.scalar_type(),
               ") must match x's dtype (", dt, "); repack with bsbert.ops.packing.pack_cpu(bsm, ", dt, ")");
-  TORCH_CHECK(x.dim() >= 1, "bsr_linear: x must have at least 1 dimension");
-  TORCH_CHECK(x.size(-1) == in_features, "bsr_linear: x.shape[-1] = ", x.size(-1),
+  BSBERT_CHECK(x.dim() >= 1, "bsr_linear: x must have at least 1 dimension");
+  BSBERT_CHECK(x.size(-1) == in_features, "bsr_linear: x.shape[-1] = ", x.size(-1),
               " does not match in_features = ", in_features);
-  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt,
+  BSBERT_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt,
               "bsr_linear: crow_indices and col_indices must be int32, got ", crow.scalar_type(), " and ",
               col.scalar_type());
-  TORCH_CHECK(crow.dim() == 1 && col.dim() == 1, "bsr_linear: crow_indices and col_indices must be 1-D");
+  BSBERT_CHECK(crow.dim() == 1 && col.dim() == 1, "bsr_linear: crow_indices and col_indices must be 1-D");
   const int64_t b = block, N = out_features, K = in_features;
   const int64_t nbr = (N + b - 1) / b, nbc = (K + b - 1) / b;
-  TORCH_CHECK(crow.numel() == nbr + 1, "bsr_linear: crow_indices must have ceil(out_features/block)+1 = ",
+  BSBERT_CHECK(crow.numel() == nbr + 1, "bsr_linear: crow_indices must have ceil(out_features/block)+1 = ",
               nbr + 1, " entries, got ", crow.numel());
   const int64_t nnzb = col.numel();
-  TORCH_CHECK(packed.numel() == nnzb * b * b, "bsr_linear: packed_values must hold nnz_blocks*block*block = ",
+  BSBERT_CHECK(packed.numel() == nnzb * b * b, "bsr_linear: packed_values must hold nnz_blocks*block*block = ",
               nnzb * b * b, " values, got ", packed.numel(), " (shape ", packed.sizes(), ")");
-  TORCH_CHECK(packed.is_contiguous(), "bsr_linear: packed_values must be contiguous");
+  BSBERT_CHECK(packed.is_contiguous(), "bsr_linear: packed_values must be contiguous");
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const int32_t* crow_p = crow_c.data_ptr<int32_t>();
   const int32_t* col_p = col_c.data_ptr<int32_t>();
-  TORCH_CHECK(crow_p[0] == 0 && crow_p[nbr] == nnzb, "bsr_linear: crow_indices must run from 0 to nnz_blocks = ",
+  BSBERT_CHECK(crow_p[0] == 0 && crow_p[nbr] == nnzb, "bsr_linear: crow_indices must run from 0 to nnz_blocks = ",
               nnzb, ", got ", crow_p[0], "..", crow_p[nbr]);
   for (int64_t r = 0; r < nbr; ++r)
-    TORCH_CHECK(crow_p[r] <= crow_p[r + 1], "bsr_linear: crow_indices must be non-decreasing (row ", r, ")");
+    BSBERT_CHECK(crow_p[r] <= crow_p[r + 1], "bsr_linear: crow_indices must be non-decreasing (row ", r, ")");
   for (int64_t i = 0; i < nnzb; ++i)
-    TORCH_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
+    BSBERT_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
                 " is outside [0, ceil(in_features/block) = ", nbc, ")");
 
   at::Tensor bias_pad;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& bt = *bias;
-    TORCH_CHECK(bt.device().is_cpu(), "bsr_linear (CPU kernel): bias must be on the CPU, got ", bt.device());
-    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == N, "bsr_linear: bias must have shape [", N, "], got ",
+    BSBERT_CHECK(bt.device().is_cpu(), "bsr_linear (CPU kernel): bias must be on the CPU, got ", bt.device());
+    BSBERT_CHECK(bt.dim() == 1 && bt.size(0) == N, "bsr_linear: bias must have shape [", N, "], got ",
                 bt.sizes());
-    TORCH_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
+    BSBERT_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
     bias_pad = at::zeros({nbr * b}, x.options().dtype(at::kFloat));
     bias_pad.narrow(0, 0, N).copy_(bt);
   }

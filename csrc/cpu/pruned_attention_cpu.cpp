@@ -10,6 +10,7 @@
 // then claim (sequence, head, query tile) tasks from an atomic counter, query tile fastest so that
 // both cores work on the same head's K/V. The query tile shrinks until there are >= 4 tasks per
 // thread (B = 1, S = 128 keeps 2 cores busy).
+#include "check.h"
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -64,17 +65,17 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim,
                   double scale) {
-  TORCH_CHECK(qkv.device().is_cpu(), op, " (CPU kernel): qkv must be on the CPU, got ", qkv.device());
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
+  BSBERT_CHECK(qkv.device().is_cpu(), op, " (CPU kernel): qkv must be on the CPU, got ", qkv.device());
+  BSBERT_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, op,
               " (CPU kernel): qkv must be float32 or bfloat16, got ", qkv.scalar_type());
-  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
-  TORCH_CHECK(head_dim >= 16 && head_dim % 16 == 0 && head_dim <= kAttnMaxHeadDim, op,
+  BSBERT_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  BSBERT_CHECK(head_dim >= 16 && head_dim % 16 == 0 && head_dim <= kAttnMaxHeadDim, op,
               " (CPU kernel): head_dim must be a multiple of 16 in [16, ", kAttnMaxHeadDim, "], got ", head_dim);
-  TORCH_CHECK(qkv.dim() == want_dim, op, ": qkv must be ", want_dim, "-D (",
+  BSBERT_CHECK(qkv.dim() == want_dim, op, ": qkv must be ", want_dim, "-D (",
               want_dim == 3 ? "[B, S, 3*H*D]" : "[T, 3*H*D]", "), got shape ", qkv.sizes());
-  TORCH_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, ": qkv last dimension must be 3 * num_heads * ",
+  BSBERT_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, ": qkv last dimension must be 3 * num_heads * ",
               "head_dim = ", 3 * num_heads * head_dim, ", got ", qkv.size(-1));
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  BSBERT_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
 // The kernel reads token rows with a stride; only the elements of a row must be adjacent.
@@ -196,11 +197,11 @@ at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at
   Seqs sq;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.device().is_cpu(), "pruned_attention (CPU kernel): key_padding_mask must be on the CPU, got ",
+    BSBERT_CHECK(m.device().is_cpu(), "pruned_attention (CPU kernel): key_padding_mask must be on the CPU, got ",
                 m.device());
-    TORCH_CHECK(m.scalar_type() == at::kBool, "pruned_attention: key_padding_mask must be bool (true = attend), "
+    BSBERT_CHECK(m.scalar_type() == at::kBool, "pruned_attention: key_padding_mask must be bool (true = attend), "
                 "got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == S, "pruned_attention: key_padding_mask must "
+    BSBERT_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == S, "pruned_attention: key_padding_mask must "
                 "have shape [", B, ", ", S, "] (qkv's [B, S]), got ", m.sizes());
     sq.mask = m;
   }
@@ -221,24 +222,24 @@ at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at
 at::Tensor pruned_attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                        int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention_varlen", qkv_in, num_heads, head_dim, 2, scale);
-  TORCH_CHECK(cu_seqlens.device().is_cpu(), "pruned_attention_varlen (CPU kernel): cu_seqlens must be on the ",
+  BSBERT_CHECK(cu_seqlens.device().is_cpu(), "pruned_attention_varlen (CPU kernel): cu_seqlens must be on the ",
               "CPU, got ", cu_seqlens.device());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen: cu_seqlens must be int32, got ",
+  BSBERT_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen: cu_seqlens must be int32, got ",
               cu_seqlens.scalar_type());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "pruned_attention_varlen: cu_seqlens must be ",
+  BSBERT_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "pruned_attention_varlen: cu_seqlens must be ",
               "1-D [batch + 1], got shape ", cu_seqlens.sizes());
-  TORCH_CHECK(max_seqlen >= 0, "pruned_attention_varlen: max_seqlen must be >= 0, got ", max_seqlen);
+  BSBERT_CHECK(max_seqlen >= 0, "pruned_attention_varlen: max_seqlen must be >= 0, got ", max_seqlen);
   const int64_t B = cu_seqlens.numel() - 1, T = qkv_in.size(0);
   const at::Tensor cu_c = cu_seqlens.contiguous();
   const int32_t* cu = cu_c.data_ptr<int32_t>();
-  TORCH_CHECK(cu[0] == 0, "pruned_attention_varlen: cu_seqlens[0] must be 0, got ", cu[0]);
+  BSBERT_CHECK(cu[0] == 0, "pruned_attention_varlen: cu_seqlens[0] must be 0, got ", cu[0]);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(cu[b + 1] >= cu[b], "pruned_attention_varlen: cu_seqlens must be non-decreasing, got ", cu[b],
+    BSBERT_CHECK(cu[b + 1] >= cu[b], "pruned_attention_varlen: cu_seqlens must be non-decreasing, got ", cu[b],
                 " then ", cu[b + 1], " at index ", b);
-    TORCH_CHECK(cu[b + 1] - cu[b] <= max_seqlen, "pruned_attention_varlen: sequence ", b, " has ",
+    BSBERT_CHECK(cu[b + 1] - cu[b] <= max_seqlen, "pruned_attention_varlen: sequence ", b, " has ",
                 cu[b + 1] - cu[b], " tokens, more than max_seqlen = ", max_seqlen);
   }
-  TORCH_CHECK(cu[B] <= T, "pruned_attention_varlen: cu_seqlens[-1] = ", cu[B], " exceeds the ", T,
+  BSBERT_CHECK(cu[B] <= T, "pruned_attention_varlen: cu_seqlens[-1] = ", cu[B], " exceeds the ", T,
               " tokens of qkv");
   // Tokens outside every sequence (only if cu_seqlens[-1] < T) get zeros rather than garbage.
   at::Tensor out = (cu[B] == T ? at::empty({T, num_heads * head_dim}, qkv_in.options())

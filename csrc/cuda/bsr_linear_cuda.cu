@@ -26,7 +26,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_host_utils.h"
-#include "shape_str.h"
+#include "check.h"
 #endif
 
 namespace bsbert {
@@ -243,7 +243,7 @@ void launch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& 
   const int num_m_tiles = (M + Cfg::BM - 1) / Cfg::BM;
   const int num_block_rows = (N + Cfg::BLOCK - 1) / Cfg::BLOCK;
   const int64_t grid = static_cast<int64_t>(num_m_tiles) * num_block_rows;
-  TORCH_CHECK(grid < (int64_t{1} << 31), "bsr_linear: problem too large for one launch (", num_m_tiles,
+  BSBERT_CHECK(grid < (int64_t{1} << 31), "bsr_linear: problem too large for one launch (", num_m_tiles,
               " M tiles x ", num_block_rows, " block rows)");
   auto kernel = bsr_linear_mma_kernel<T, Cfg>;
   if (Cfg::kSmemBytes > 48 * 1024) {
@@ -270,7 +270,7 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   int bm = small ? 64 : 128;
   if (const char* env = std::getenv("BSBERT_CUDA_BSR_BM")) {
     const int want = std::atoi(env);
-    TORCH_CHECK(want == 64 || want == 128 || (want == 256 && block == 32), "bsr_linear (CUDA): "
+    BSBERT_CHECK(want == 64 || want == 128 || (want == 256 && block == 32), "bsr_linear (CUDA): "
                 "BSBERT_CUDA_BSR_BM must be 64, 128 or (block 32 only) 256, got '", env, "'");
     bm = want;
   }
@@ -289,7 +289,7 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
       else launch_mma<T, Cfg64x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
       break;
     default:
-      TORCH_CHECK(false, "bsr_linear: unsupported block size ", block);
+      BSBERT_CHECK(false, "bsr_linear: unsupported block size ", block);
   }
 }
 
@@ -298,48 +298,48 @@ bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data
 at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                            const at::Tensor& packed_values, const std::optional<at::Tensor>& bias,
                            int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
-  TORCH_CHECK(x.is_cuda(), "bsr_linear (CUDA): x must be a CUDA tensor, got device ", x.device());
+  BSBERT_CHECK(x.is_cuda(), "bsr_linear (CUDA): x must be a CUDA tensor, got device ", x.device());
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+  BSBERT_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "bsr_linear (CUDA): x dtype ", dtype, " is not supported (use float16, bfloat16 or float32)");
-  TORCH_CHECK(block == 16 || block == 32 || block == 64, "bsr_linear (CUDA): block must be 16, 32 or 64, got ",
+  BSBERT_CHECK(block == 16 || block == 32 || block == 64, "bsr_linear (CUDA): block must be 16, 32 or 64, got ",
               block);
-  TORCH_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear (CUDA): out_features and in_features must be "
+  BSBERT_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear (CUDA): out_features and in_features must be "
               "non-negative, got ", out_features, " and ", in_features);
-  TORCH_CHECK(out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31),
+  BSBERT_CHECK(out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31),
               "bsr_linear (CUDA): out_features/in_features too large");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "bsr_linear (CUDA): x must have last dimension "
-              "in_features=", in_features, ", got shape ", shape_str(x));
+  BSBERT_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "bsr_linear (CUDA): x must have last dimension "
+              "in_features=", in_features, ", got shape ", x.sizes());
   const int64_t nbr = (out_features + block - 1) / block;
   for (const auto* p : {&crow_indices, &col_indices}) {
     const char* name = p == &crow_indices ? "crow_indices" : "col_indices";
-    TORCH_CHECK(p->device() == x.device(), "bsr_linear (CUDA): ", name, " must be on ", x.device(), ", got ",
+    BSBERT_CHECK(p->device() == x.device(), "bsr_linear (CUDA): ", name, " must be on ", x.device(), ", got ",
                 p->device());
-    TORCH_CHECK(p->scalar_type() == at::kInt, "bsr_linear (CUDA): ", name, " must be int32, got ",
+    BSBERT_CHECK(p->scalar_type() == at::kInt, "bsr_linear (CUDA): ", name, " must be int32, got ",
                 p->scalar_type());
-    TORCH_CHECK(p->dim() == 1, "bsr_linear (CUDA): ", name, " must be 1-D, got shape ", shape_str(*p));
-    TORCH_CHECK(p->is_contiguous(), "bsr_linear (CUDA): ", name, " must be contiguous");
+    BSBERT_CHECK(p->dim() == 1, "bsr_linear (CUDA): ", name, " must be 1-D, got shape ", p->sizes());
+    BSBERT_CHECK(p->is_contiguous(), "bsr_linear (CUDA): ", name, " must be contiguous");
   }
-  TORCH_CHECK(crow_indices.numel() == nbr + 1, "bsr_linear (CUDA): crow_indices must have ceil(out_features/"
+  BSBERT_CHECK(crow_indices.numel() == nbr + 1, "bsr_linear (CUDA): crow_indices must have ceil(out_features/"
               "block)+1 = ", nbr + 1, " entries, got ", crow_indices.numel());
   const int64_t nnzb = col_indices.numel();
-  TORCH_CHECK(packed_values.device() == x.device(), "bsr_linear (CUDA): packed_values must be on ", x.device(),
+  BSBERT_CHECK(packed_values.device() == x.device(), "bsr_linear (CUDA): packed_values must be on ", x.device(),
               ", got ", packed_values.device());
-  TORCH_CHECK(packed_values.scalar_type() == dtype, "bsr_linear (CUDA): packed_values dtype ",
+  BSBERT_CHECK(packed_values.scalar_type() == dtype, "bsr_linear (CUDA): packed_values dtype ",
               packed_values.scalar_type(), " must match x dtype ", dtype);
-  TORCH_CHECK(packed_values.dim() == 3 && packed_values.size(0) == nnzb && packed_values.size(1) == block &&
+  BSBERT_CHECK(packed_values.dim() == 3 && packed_values.size(0) == nnzb && packed_values.size(1) == block &&
                   packed_values.size(2) == block,
               "bsr_linear (CUDA): packed_values must have shape [nnz_blocks=", nnzb, ", ", block, ", ", block,
-              "] (natural BSR values), got ", shape_str(packed_values));
-  TORCH_CHECK(packed_values.is_contiguous(), "bsr_linear (CUDA): packed_values must be contiguous");
+              "] (natural BSR values), got ", packed_values.sizes());
+  BSBERT_CHECK(packed_values.is_contiguous(), "bsr_linear (CUDA): packed_values must be contiguous");
   const at::Tensor* bias_p = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device() == x.device(), "bsr_linear (CUDA): bias must be on ", x.device(), ", got ",
+    BSBERT_CHECK(bias->device() == x.device(), "bsr_linear (CUDA): bias must be on ", x.device(), ", got ",
                 bias->device());
-    TORCH_CHECK(bias->scalar_type() == dtype, "bsr_linear (CUDA): bias dtype ", bias->scalar_type(),
+    BSBERT_CHECK(bias->scalar_type() == dtype, "bsr_linear (CUDA): bias dtype ", bias->scalar_type(),
                 " must match x dtype ", dtype);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bsr_linear (CUDA): bias must have shape [",
-                out_features, "], got ", shape_str(*bias));
+    BSBERT_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bsr_linear (CUDA): bias must have shape [",
+                out_features, "], got ", bias->sizes());
     bias_p = &*bias;
   }
 
@@ -360,7 +360,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   if (dtype == at::kFloat) {
     const int threads = 256;
     const int64_t blocks = (M * N + threads - 1) / threads;
-    TORCH_CHECK(blocks < (int64_t{1} << 31), "bsr_linear (CUDA): problem too large for the fp32 kernel");
+    BSBERT_CHECK(blocks < (int64_t{1} << 31), "bsr_linear (CUDA): problem too large for the fp32 kernel");
     bsr_linear_f32_kernel<<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x2.data_ptr<float>(), crow_indices.data_ptr<int>(), col_indices.data_ptr<int>(),
         packed_values.data_ptr<float>(), bias_p ? bias_p->data_ptr<float>() : nullptr, y.data_ptr<float>(), M,
@@ -369,7 +369,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
     return y.view(out_shape);
   }
 
-  TORCH_CHECK(M < (int64_t{1} << 31), "bsr_linear (CUDA): too many rows (", M, ")");
+  BSBERT_CHECK(M < (int64_t{1} << 31), "bsr_linear (CUDA): too many rows (", M, ")");
   // The tensor-core kernel copies x in aligned 16-byte chunks: rows must be 8-element aligned. When K is
   // not a multiple of 8 the (rare) fallback pads x's rows with zeros; the padding is never multiplied into
   // y because W's padded columns are zero and only the logical K inputs exist in x.

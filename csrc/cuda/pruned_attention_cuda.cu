@@ -19,7 +19,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_host_utils.h"
-#include "shape_str.h"
+#include "check.h"
 #endif
 
 namespace bsbert {
@@ -246,15 +246,15 @@ void launch_attention(const AttnParams<T>& p, int head_dim, int grid_x, int head
 }
 
 void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim) {
-  TORCH_CHECK(qkv.is_cuda(), op, " (CUDA): qkv must be a CUDA tensor, got device ", qkv.device());
-  TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, op,
+  BSBERT_CHECK(qkv.is_cuda(), op, " (CUDA): qkv must be a CUDA tensor, got device ", qkv.device());
+  BSBERT_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, op,
               " (CUDA): qkv dtype ", qkv.scalar_type(),
               " is not supported by the CUDA kernel (use float16 or bfloat16)");
-  TORCH_CHECK(head_dim == 32 || head_dim == 64, op, " (CUDA): head_dim must be 32 or 64, got ", head_dim);
-  TORCH_CHECK(num_heads > 0 && num_heads <= 65535, op, " (CUDA): num_heads must be in [1, 65535], got ",
+  BSBERT_CHECK(head_dim == 32 || head_dim == 64, op, " (CUDA): head_dim must be 32 or 64, got ", head_dim);
+  BSBERT_CHECK(num_heads > 0 && num_heads <= 65535, op, " (CUDA): num_heads must be in [1, 65535], got ",
               num_heads);
-  TORCH_CHECK(qkv.dim() == want_dim, op, " (CUDA): qkv must be ", want_dim, "-D, got shape ", shape_str(qkv));
-  TORCH_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, " (CUDA): qkv last dimension must be 3 * num_heads"
+  BSBERT_CHECK(qkv.dim() == want_dim, op, " (CUDA): qkv must be ", want_dim, "-D, got shape ", qkv.sizes());
+  BSBERT_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, " (CUDA): qkv last dimension must be 3 * num_heads"
               " * head_dim = ", 3 * num_heads * head_dim, ", got ", qkv.size(-1));
 }
 
@@ -295,19 +295,19 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
                                  int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3);
   const int64_t B = qkv_in.size(0), S = qkv_in.size(1);
-  TORCH_CHECK(B <= 65535, "pruned_attention (CUDA): batch size must be <= 65535, got ", B);
-  TORCH_CHECK(S < (int64_t{1} << 31), "pruned_attention (CUDA): sequence too long");
+  BSBERT_CHECK(B <= 65535, "pruned_attention (CUDA): batch size must be <= 65535, got ", B);
+  BSBERT_CHECK(S < (int64_t{1} << 31), "pruned_attention (CUDA): sequence too long");
   c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.contiguous();
   at::Tensor mask;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     mask = *key_padding_mask;
-    TORCH_CHECK(mask.device() == qkv.device(), "pruned_attention (CUDA): key_padding_mask must be on ",
+    BSBERT_CHECK(mask.device() == qkv.device(), "pruned_attention (CUDA): key_padding_mask must be on ",
                 qkv.device(), ", got ", mask.device());
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "pruned_attention (CUDA): key_padding_mask must be bool "
+    BSBERT_CHECK(mask.scalar_type() == at::kBool, "pruned_attention (CUDA): key_padding_mask must be bool "
                 "(true = attend), got ", mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S, "pruned_attention (CUDA): "
-                "key_padding_mask must have shape [", B, ", ", S, "], got ", shape_str(mask));
+    BSBERT_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S, "pruned_attention (CUDA): "
+                "key_padding_mask must have shape [", B, ", ", S, "], got ", mask.sizes());
   }
   at::Tensor out = at::empty({B, S, num_heads * head_dim}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || S == 0) return out;
@@ -331,17 +331,17 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
 at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                         int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention_varlen", qkv_in, num_heads, head_dim, 2);
-  TORCH_CHECK(cu_seqlens.device() == qkv_in.device(), "pruned_attention_varlen (CUDA): cu_seqlens must be on ",
+  BSBERT_CHECK(cu_seqlens.device() == qkv_in.device(), "pruned_attention_varlen (CUDA): cu_seqlens must be on ",
               qkv_in.device(), ", got ", cu_seqlens.device());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen (CUDA): cu_seqlens must be int32, "
+  BSBERT_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen (CUDA): cu_seqlens must be int32, "
               "got ", cu_seqlens.scalar_type());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "pruned_attention_varlen (CUDA): cu_seqlens "
-              "must be 1-D [batch + 1], got shape ", shape_str(cu_seqlens));
-  TORCH_CHECK(cu_seqlens.is_contiguous(), "pruned_attention_varlen (CUDA): cu_seqlens must be contiguous");
-  TORCH_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): "
+  BSBERT_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "pruned_attention_varlen (CUDA): cu_seqlens "
+              "must be 1-D [batch + 1], got shape ", cu_seqlens.sizes());
+  BSBERT_CHECK(cu_seqlens.is_contiguous(), "pruned_attention_varlen (CUDA): cu_seqlens must be contiguous");
+  BSBERT_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): "
               "max_seqlen must be in [0, 2^31), got ", max_seqlen);
   const int64_t B = cu_seqlens.numel() - 1, T = qkv_in.size(0);
-  TORCH_CHECK(B <= 65535, "pruned_attention_varlen (CUDA): batch size must be <= 65535, got ", B);
+  BSBERT_CHECK(B <= 65535, "pruned_attention_varlen (CUDA): batch size must be <= 65535, got ", B);
   c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.contiguous();
   // Every token belongs to a sequence when cu_seqlens[B] == T (the documented contract); zeros make the
