@@ -36,8 +36,19 @@ def _max_rel_diff(ref, out, inp) -> float:
     return max(v["max_rel"] for v in compare_outputs(ref, out, inp["attention_mask"]).values())
 
 
+def _runner(model, compile_mode):
+    """The model itself, or torch.compile of it (a fresh compile per variant: dense, packed, patched).
+    On CUDA ``reduce-overhead`` replays the forward from CUDA graphs, which takes the host launch cost
+    out of the comparison at small batch."""
+    if not compile_mode:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+
+
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
-              repeats=3, out_dir="bench-out", select="measure", small=False, console=None) -> dict:
+              repeats=3, out_dir="bench-out", select="measure", small=False, console=None,
+              compile_mode=None) -> dict:
     console = console or Console(stderr=True)
     if threads:
         torch.set_num_threads(threads)
@@ -59,24 +70,29 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     plan = bsbert.analyze(pruned)
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "bsbert": bsbert.__version__,
-               "dense_gemm": peak, "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
+               "compile": compile_mode, "dense_gemm": peak,
+               "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
                "plan_summary": plan.summary(), "runs": []}
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
-        say(f"\\[seq {seq}] dense BERT-large, torch eager ...")
-        t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)
+        warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
+        say(f"\\[seq {seq}] dense BERT-large, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
+        fwd = _runner(dense, compile_mode)
+        t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         with torch.inference_mode():
             ref = pruned(**inp)
         say(f"\\[seq {seq}] packing only (dense kernels) ...")
         bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, progress=False)
-        t_pack = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
+        fwd = _runner(pruned, compile_mode)
+        t_pack = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         with torch.inference_mode():
             diff_pack = _max_rel_diff(ref, pruned(**inp), inp)
         pack_backends = _backend_counts(pruned.bsbert_plan)
         bsbert.unpatch(pruned)
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
-        t_full = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)
+        fwd = _runner(pruned, compile_mode)
+        t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         with torch.inference_mode():
             diff_full = _max_rel_diff(ref, pruned(**inp), inp)
         full_plan = pruned.bsbert_plan
@@ -138,7 +154,8 @@ def _device_name(dev) -> str:
 def table(results) -> Table:
     t = Table(title=f"bsbert bench — {results['model']} on {results['device_name']} "
                     f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
-                    f"{results['threads']} threads)")
+                    f"{results['threads']} threads"
+                    f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
                 "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "max rel diff"):
         t.add_column(col, justify="right")

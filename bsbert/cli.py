@@ -26,7 +26,7 @@ def _bench(args):
 
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
-                    select=args.select, small=args.small)
+                    select=args.select, small=args.small, compile_mode=args.compile)
     return _print_result(table(res), res, width=140)
 
 
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     b.add_argument("--select", choices=["measure", "heuristic"], default="measure",
                    help="how patch picks each linear's backend")
     b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
+    b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                   help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "
+                        "CUDA graphs, no host launch cost)")
     b.add_argument("--small", action="store_true", help="2-layer models (smoke test)")
     b.add_argument("--sweep", action="store_true",
                    help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory)")

@@ -94,6 +94,10 @@ fi
 [ "${SKIP_E2E:-0}" = 1 ] && { echo "== done (no e2e): status $status" | tee -a "$OUT/summary.txt"; pack; exit $status; }
 # End to end, fp16: dense BERT-large vs packing only vs full patch (per-linear backend by measurement).
 export BSBERT_TRITON_AUTOTUNE="${E2E_AUTOTUNE:-0}"
+# First under torch.compile(mode="reduce-overhead"): CUDA graphs take the host launch cost out, so the
+# batch-1 comparison shows the kernels (eager batch-1 forwards are host-bound on an H100/H200).
+TAIL=14 step e2e_b1_cudagraphs 150 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 384 \
+  --repeats 20 --compile reduce-overhead --out "$W/bench_b1_graphs"
 TAIL=14 step e2e_b1 70 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 128 384 \
   --repeats 20 --out "$W/bench_b1"
 TAIL=14 step e2e_b32 70 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 32 --seq 128 384 \

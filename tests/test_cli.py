@@ -44,3 +44,13 @@ def test_bench_kernels_table(capsys):
     rows = r.run_kernel_report(shapes=((64, 64),), densities=(1.0, 0.5), ms=(8,), rounds=1)
     assert len(rows) == 2 and all(row["ours_gflops"] > 0 for row in rows)
     assert "density" in r.format_table(rows)
+
+
+def test_bench_small_compiled(tmp_path):
+    """--compile times torch.compile of each variant; the outputs still match (checked eagerly)."""
+    assert main(["bench", "--small", "--seq", "8", "--repeats", "1", "--select", "heuristic",
+                 "--compile", "default", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert res["compile"] == "default"
+    run = res["runs"][0]
+    assert run["patched_ms"] > 0 and run["max_rel_diff_patched"] <= 1e-4
