@@ -52,11 +52,12 @@ def main(argv=None) -> int:
         print("## Block-sparse linear y = x @ W.T\n")
         print("Times are GPU time (each call replayed from a CUDA graph, no launch overhead); `wall` is the "
               "plain do_bench time of Triton / CUDA / cuBLAS (includes host overhead). Triton = bsbert's "
-              "Triton kernel, CUDA = bsbert's CUDA C++ kernel (csrc/cuda), bm256 = its 256-row tile variant "
-              "(BSBERT_CUDA_BSR_BM=256). Useful TFLOP/s count non-zero blocks only; cuBLAS computes the whole "
+              "Triton kernel, CUDA = bsbert's CUDA C++ kernel (csrc/cuda) with its default tile, `CUDA tiles` = "
+              "the same forced to each rows x warps tile (BSBERT_CUDA_BSR_TILE), best = the fastest of them. "
+              "Useful TFLOP/s count non-zero blocks only; cuBLAS computes the whole "
               "dense matrix. ratio = best bsbert / (cuBLAS x density): <= 1.43 meets '>= 70% of cuBLAS'.\n")
-        print("| block | N | K | M | density | Triton ms | CUDA ms | CUDA bm256 ms | cuBLAS ms | "
-              "torch bsr_dense_mm ms (wall) | Triton TFLOP/s | CUDA TFLOP/s | CUDA bm256 TFLOP/s | "
+        print("| block | N | K | M | density | Triton ms | CUDA ms | CUDA tiles ms | cuBLAS ms | "
+              "torch bsr_dense_mm ms (wall) | Triton TFLOP/s | CUDA TFLOP/s | CUDA best tile TFLOP/s | "
               "cuBLAS TFLOP/s | ratio | wall ms T / C / cuBLAS |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for block in (int(b) for b in args.blocks.split(",")):
@@ -69,16 +70,20 @@ def main(argv=None) -> int:
                                 errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")
                         fl = 2 * m * n * k
                         useful = fl * r["real_density"]
+                        tiles = r.get("cuda_tiles_graph_ms") or {}
+                        if tiles:
+                            r["cuda_best_tile_graph_ms"] = min(tiles.values())
                         tf = {key: (useful / r[key] * 1e-9 if r.get(key) else None)
-                              for key in ("triton_graph_ms", "cuda_graph_ms", "cuda_bm256_graph_ms")}
+                              for key in ("triton_graph_ms", "cuda_graph_ms", "cuda_best_tile_graph_ms")}
                         cub = r.get("cublas_graph_ms")
                         best = min((r[key] for key in tf if r.get(key)), default=None)
+                        tiles_s = ", ".join(f"{t} {_fmt(v)}" for t, v in tiles.items()) or "n/a"
                         ratio = best / (cub * r["real_density"]) if best and cub else None
                         print(f"| {block} | {n} | {k} | {m} | {r['real_density']:.2f} | "
                               f"{_fmt(r.get('triton_graph_ms'))} | {_fmt(r.get('cuda_graph_ms'))} | "
-                              f"{_fmt(r.get('cuda_bm256_graph_ms'))} | {_fmt(cub)} | {_fmt(r['torch_bsr_ms'])} | "
+                              f"{tiles_s} | {_fmt(cub)} | {_fmt(r['torch_bsr_ms'])} | "
                               f"{_fmt(tf['triton_graph_ms'], 1)} | {_fmt(tf['cuda_graph_ms'], 1)} | "
-                              f"{_fmt(tf['cuda_bm256_graph_ms'], 1)} | {_fmt(fl / cub * 1e-9 if cub else None, 1)} | "
+                              f"{_fmt(tf['cuda_best_tile_graph_ms'], 1)} | {_fmt(fl / cub * 1e-9 if cub else None, 1)} | "
                               f"{_fmt(ratio, 2)} | {_fmt(r['bsbert_ms'])} / {_fmt(r.get('cuda_ms'))} / "
                               f"{_fmt(r['cublas_ms'])} |", flush=True)
         print()

@@ -1,5 +1,5 @@
 """Calls each bsbert CUDA kernel once on small ragged inputs (for compute-sanitizer memcheck/racecheck and
-ncu). Exercises every bsr_linear tile configuration (blocks 16/32/64, 64-, 128- and 256-row tiles), M and N/K
+ncu). Exercises every bsr_linear tile configuration (blocks 16/32/64, every rows x warps tile), M and N/K
 tails, an empty block row, bias+GELU, and attention with padding masks (a fully padded row) and varlen
 lengths 0 and 1. Usage: python scripts/cuda_sanitizer_driver.py [--only bsr|attention] [--big]
 """
@@ -11,6 +11,7 @@ import torch
 
 import bsbert  # noqa: F401  (loads bsbert._C)
 from bsbert.formats import BlockSparseMatrix
+from bsbert.ops.linear_backends import CudaBsr
 
 
 def bsr(big: bool):
@@ -29,12 +30,12 @@ def bsr(big: bool):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
             bias = torch.randn(n, dtype=dtype, device="cuda")
             y = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k, b, True)
-            if m >= 2000 and not big:  # every tile height, forced (the heuristic picks one per shape)
-                for bm in ((64, 128, 256) if b == 32 else (64, 128)):
-                    os.environ["BSBERT_CUDA_BSR_BM"] = str(bm)
+            if m >= 2000 and not big:  # every tile configuration, forced (the heuristic picks one per shape)
+                for tile in CudaBsr.TILES[b]:
+                    os.environ["BSBERT_CUDA_BSR_TILE"] = tile
                     y2 = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k,
                                                      b, True)
-                    del os.environ["BSBERT_CUDA_BSR_BM"]
+                    del os.environ["BSBERT_CUDA_BSR_TILE"]
                     torch.testing.assert_close(y2, y)
             if not big:
                 ref = torch.nn.functional.gelu(x.float() @ bsm.to_dense().float().T + bias.float())

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from bsbert.ops.linear_backends import CudaBsr
+
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
@@ -102,15 +104,16 @@ def test_bsr_linear_matches_float64(dtype, lead, n, k, block, density, bias_on, 
     torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("block,bm", [(16, 64), (16, 128), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128)])
-def test_bsr_linear_every_tile_height(block, bm, monkeypatch):
-    """BSBERT_CUDA_BSR_BM forces each tile configuration (the default heuristic reaches only some of them
+@pytest.mark.parametrize("block,tile", [(b, t) for b, ts in CudaBsr.TILES.items() for t in ts])
+def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
+    """BSBERT_CUDA_BSR_TILE forces each tile configuration (the default heuristic reaches only some of them
     on test-sized problems): ragged M over several tiles, ragged N and K, an empty block row, bias+GELU."""
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
 
-    monkeypatch.setenv("BSBERT_CUDA_BSR_BM", str(bm))
-    gen = torch.Generator().manual_seed(block * 1000 + bm)
+    monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
+    bm = int(tile.split("x")[0])
+    gen = torch.Generator().manual_seed(block * 1000 + bm + int(tile.split("x")[1]))
     n, k = 3 * block + 5, 4 * block + 8
     w = _random_bsr_weight(n, k, block, 0.6, gen)
     w[block:2 * block] = 0  # one block row with no stored block
@@ -123,13 +126,14 @@ def test_bsr_linear_every_tile_height(block, bm, monkeypatch):
         torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
-def test_bsr_linear_rejects_bad_tile_height(monkeypatch):
+@pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16"])
+def test_bsr_linear_rejects_bad_tile_config(tile, monkeypatch):
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
 
     bsm = BlockSparseMatrix.from_dense(torch.randn(64, 64, dtype=torch.float16), 64).to(DEV)
-    monkeypatch.setenv("BSBERT_CUDA_BSR_BM", "256")
-    with pytest.raises(RuntimeError, match="BSBERT_CUDA_BSR_BM"):
+    monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
+    with pytest.raises(RuntimeError, match="BSBERT_CUDA_BSR_TILE"):
         _bsr_call(torch.randn(8, 64, dtype=torch.float16, device=DEV), bsm, None, False)
 
 

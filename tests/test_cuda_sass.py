@@ -17,13 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from bsbert.ops.linear_backends import CudaBsr
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 ARCHS = ("sm_80", "sm_90")
 
 # file -> (kernel name fragment of the tensor-core kernels, how many of them, other kernels allowed)
 KERNELS = {
-    "bsr_linear_cuda.cu": ("bsr_linear_mma_kernel", 14, ("bsr_linear_f32_kernel",)),
+    # fp16 + bf16 for every tile configuration the Python side can force (CudaBsr.TILES mirrors the .cu)
+    "bsr_linear_cuda.cu": ("bsr_linear_mma_kernel", 2 * sum(len(t) for t in CudaBsr.TILES.values()),
+                           ("bsr_linear_f32_kernel",)),
     "pruned_attention_cuda.cu": ("pruned_attention_fwd_kernel", 4, ()),
 }
 

@@ -151,6 +151,10 @@ class CudaBsr(LinearBackend):
     """bsbert's CUDA C++ tensor-core block-sparse kernel (csrc/cuda)."""
     name = "cuda-bsr"
     format = "bsr"
+    # Tile configurations (rows x warps) per block size that BSBERT_CUDA_BSR_TILE can force; mirrors the
+    # BsrConfig list in csrc/cuda/bsr_linear_cuda.cu (tests and benchmarks iterate over it).
+    TILES = {16: ("64x4", "128x4"), 32: ("64x4", "64x8", "128x4", "128x8", "256x8"),
+             64: ("64x4", "128x4", "128x8")}
 
     def not_supported_reasons(self, device, dtype, block):
         reasons = []

@@ -19,6 +19,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from bsbert.ops.linear_backends import CudaBsr
+
 DENSITIES = (1.0, 0.64, 0.5, 0.25, 0.1)
 MS = (384, 384 * 8, 384 * 32)
 NK = ((1024, 1024), (4096, 1024), (1024, 4096))  # (N, K): square, up (K->4K) and down (4K->K)
@@ -93,10 +95,11 @@ def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
             res["cuda_ratio_vs_target"] = res["cuda_ms"] / (res["cublas_ms"] * res["real_density"])
             res["cuda_tflops"] = bsm.useful_flops(m) / res["cuda_ms"] * 1e-9
             res["cuda_graph_ms"] = do_bench_graph(cuda_cpp)
-            if block == 32:  # the 256-row tile variant (not the default yet)
-                with mock.patch.dict(os.environ, {"BSBERT_CUDA_BSR_BM": "256"}):
+            res["cuda_tiles_graph_ms"] = {}
+            for tile in CudaBsr.TILES.get(block, ()):  # every forced tile configuration (rows x warps)
+                with mock.patch.dict(os.environ, {"BSBERT_CUDA_BSR_TILE": tile}):
                     torch.testing.assert_close(cuda_cpp(), F.linear(x, w), atol=2e-2, rtol=2e-2)
-                    res["cuda_bm256_graph_ms"] = do_bench_graph(cuda_cpp)
+                    res["cuda_tiles_graph_ms"][tile] = do_bench_graph(cuda_cpp)
         except Exception as exc:
             res["cuda_error"] = f"{type(exc).__name__}: {exc}"[:300]
     # GPU time without host launch overhead: the same calls replayed from a CUDA graph

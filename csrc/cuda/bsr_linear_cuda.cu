@@ -19,6 +19,7 @@
 
 #ifndef BSBERT_KERNELS_ONLY
 #include <ATen/ATen.h>
+#include <cstdio>
 #include <cstdlib>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -215,23 +216,30 @@ __global__ void bsr_linear_f32_kernel(const float* __restrict__ x, const int* __
   y[idx] = acc;
 }
 
-// The tile configurations (block, BM, warps_m, warps_n, stages): 4 warps each.
+// The tile configurations (block, BM, warps_m, warps_n, stages). The defaults are 64x4 and 128x4
+// (rows x warps); the others are candidates selected with BSBERT_CUDA_BSR_TILE until measured to pay:
+// 8 warps per CTA (more warps to hide latency: ncu found the 4-warp kernel latency-bound at 25%
+// occupancy) and 256-row tiles (each W block fetched half as often).
 using Cfg16x64 = BsrConfig<16, 64, 4, 1, 4>;
 using Cfg16x128 = BsrConfig<16, 128, 4, 1, 4>;
 using Cfg32x64 = BsrConfig<32, 64, 2, 2, 4>;
+using Cfg32x64w8 = BsrConfig<32, 64, 4, 2, 4>;
 using Cfg32x128 = BsrConfig<32, 128, 4, 1, 4>;
-using Cfg32x256 = BsrConfig<32, 256, 4, 2, 4>;  // 8 warps: halves W's L2 traffic per FLOP vs 128 rows
+using Cfg32x128w8 = BsrConfig<32, 128, 4, 2, 4>;
+using Cfg32x256 = BsrConfig<32, 256, 4, 2, 4>;
 using Cfg64x64 = BsrConfig<64, 64, 2, 2, 3>;
 using Cfg64x128 = BsrConfig<64, 128, 2, 2, 3>;
+using Cfg64x128w8 = BsrConfig<64, 128, 4, 2, 3>;
 
 #ifdef BSBERT_KERNELS_ONLY
 }  // namespace
 // Instantiates every kernel the dispatcher can launch (SASS/resource checks); never called.
 #define BSBERT_BSR_KERNELS(T)                                                                          \
   (void*)&bsr_linear_mma_kernel<T, Cfg16x64>, (void*)&bsr_linear_mma_kernel<T, Cfg16x128>,           \
-      (void*)&bsr_linear_mma_kernel<T, Cfg32x64>, (void*)&bsr_linear_mma_kernel<T, Cfg32x128>,       \
-      (void*)&bsr_linear_mma_kernel<T, Cfg32x256>,                                                   \
-      (void*)&bsr_linear_mma_kernel<T, Cfg64x64>, (void*)&bsr_linear_mma_kernel<T, Cfg64x128>
+      (void*)&bsr_linear_mma_kernel<T, Cfg32x64>, (void*)&bsr_linear_mma_kernel<T, Cfg32x64w8>,      \
+      (void*)&bsr_linear_mma_kernel<T, Cfg32x128>, (void*)&bsr_linear_mma_kernel<T, Cfg32x128w8>,    \
+      (void*)&bsr_linear_mma_kernel<T, Cfg32x256>, (void*)&bsr_linear_mma_kernel<T, Cfg64x64>,       \
+      (void*)&bsr_linear_mma_kernel<T, Cfg64x128>, (void*)&bsr_linear_mma_kernel<T, Cfg64x128w8>
 void* const bsr_linear_kernels_for_sass[] = {BSBERT_BSR_KERNELS(__half), BSBERT_BSR_KERNELS(__nv_bfloat16),
                                              (void*)&bsr_linear_f32_kernel};
 #undef BSBERT_BSR_KERNELS
@@ -256,6 +264,16 @@ void launch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Launches Cfg if it is the requested (block, rows, warps); true if it was.
+template <typename T, typename Cfg>
+bool launch_if(int block, int bm, int warps, const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col,
+               const at::Tensor& vals, const T* bias, at::Tensor& y, int M, int N, int K, bool gelu,
+               cudaStream_t stream) {
+  if (block != Cfg::BLOCK || bm != Cfg::BM || warps != Cfg::WARPS_M * Cfg::WARPS_N) return false;
+  launch_mma<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  return true;
+}
+
 template <typename T>
 void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                   const at::Tensor* bias_t, at::Tensor& y, int M, int N, int K, int block, bool gelu) {
@@ -264,33 +282,26 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   const int sms = sm_count();
   const int64_t block_rows = (N + block - 1) / block;
   // 128-row tiles unless that leaves fewer than ~2 CTAs per SM; then 64-row tiles (more CTAs).
-  // BSBERT_CUDA_BSR_BM=64|128|256 forces the tile height (benchmarks and tests): 256-row tiles (block 32
-  // only) fetch each W block half as often; not the default until measured to pay.
+  // BSBERT_CUDA_BSR_TILE=<rows>x<warps> (e.g. 128x8) forces a configuration (benchmarks and tests).
   const bool small = ((M + 127) / 128) * block_rows < 2 * static_cast<int64_t>(sms);
-  int bm = small ? 64 : 128;
-  if (const char* env = std::getenv("BSBERT_CUDA_BSR_BM")) {
-    const int want = std::atoi(env);
-    BSBERT_CHECK(want == 64 || want == 128 || (want == 256 && block == 32), "bsr_linear (CUDA): "
-                "BSBERT_CUDA_BSR_BM must be 64, 128 or (block 32 only) 256, got '", env, "'");
-    bm = want;
-  }
-  switch (block) {
-    case 16:
-      if (bm == 64) launch_mma<T, Cfg16x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      else launch_mma<T, Cfg16x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      break;
-    case 32:
-      if (bm == 64) launch_mma<T, Cfg32x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      else if (bm == 128) launch_mma<T, Cfg32x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      else launch_mma<T, Cfg32x256>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      break;
-    case 64:
-      if (bm == 64) launch_mma<T, Cfg64x64>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      else launch_mma<T, Cfg64x128>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-      break;
-    default:
-      BSBERT_CHECK(false, "bsr_linear: unsupported block size ", block);
-  }
+  int bm = small ? 64 : 128, warps = 4;
+  const char* env = std::getenv("BSBERT_CUDA_BSR_TILE");
+  if (env != nullptr && std::sscanf(env, "%dx%d", &bm, &warps) != 2) bm = -1;
+  const bool ok =
+      launch_if<T, Cfg16x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg16x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg32x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg32x64w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg32x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg32x128w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg32x256>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg64x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg64x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
+      launch_if<T, Cfg64x128w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  BSBERT_CHECK(ok, "bsr_linear (CUDA): no tile configuration for block ", block,
+               env ? msg(" and BSBERT_CUDA_BSR_TILE='", env, "'") : std::string(),
+               " (tiles rows x warps: block 16: 64x4, 128x4; block 32: 64x4, 64x8, 128x4, 128x8, 256x8; "
+               "block 64: 64x4, 128x4, 128x8)");
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) == 0; }
