@@ -116,6 +116,9 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "speedup_vs_packing": t_pack["median_ms"] / t_full["median_ms"],
                "dense_gemm": peak, "flop_bound_speedup": dense_fl / remaining, "packing_flop_bound_speedup": dense_fl / packed,
                "patched_over_bound": t_full["median_ms"] / bound_ms,
+               # the fastest repeat: what the code can do when the machine is quiet (a 2-core VM's
+               # medians move +-5% between processes with nothing else running)
+               "patched_best_over_bound": t_full["min_ms"] / bound_ms,
                "max_rel_diff_packed": diff_pack, "max_rel_diff_patched": diff_full,
                "backends_packed": pack_backends, "backends_patched": full_backends,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
@@ -157,13 +160,14 @@ def table(results) -> Table:
                     f"{results['threads']} threads"
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
-                "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "max rel diff"):
+                "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound", "max rel diff"):
         t.add_column(col, justify="right")
     for r in results["runs"]:
         t.add_row(str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['packed_ms']:.1f}", f"{r['patched_ms']:.1f}",
                   f"{r['speedup_vs_dense']:.2f}x", f"{r['packing_speedup_vs_dense']:.2f}x",
                   f"{r['speedup_vs_packing']:.2f}x", f"{r['flop_bound_speedup']:.2f}x", f"{r['remaining_bound_ms']:.1f}",
-                  f"{r['patched_over_bound']:.2f}", f"{r['max_rel_diff_patched']:.1e}")
+                  f"{r['patched_over_bound']:.2f}", f"{r['patched_best_over_bound']:.2f}",
+                  f"{r['max_rel_diff_patched']:.1e}")
     return t
 
 
