@@ -19,7 +19,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.timing import dense_gemm_gflops, time_fn
+from bsbert.timing import dense_gemm_gflops, dense_gemm_probe, paired_bound_ratio, time_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +93,10 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
         fwd = _runner(pruned, compile_mode)
         t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
+        m_probe = batch * seq if dev.type == "cuda" else peak["shape"][0]  # as for the bound below
+        probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
+        paired = paired_bound_ratio(lambda: fwd(**inp), probe, probe_flops,
+                                    batch * pruned.bsbert_plan.flops(seq, "remaining"), rounds=repeats, device=dev)
         with torch.inference_mode():
             diff_full = _max_rel_diff(ref, pruned(**inp), inp)
         full_plan = pruned.bsbert_plan
@@ -119,6 +123,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                # the fastest repeat: what the code can do when the machine is quiet (a 2-core VM's
                # medians move +-5% between processes with nothing else running)
                "patched_best_over_bound": t_full["min_ms"] / bound_ms,
+               "patched_paired_over_bound": paired,
                "max_rel_diff_packed": diff_pack, "max_rel_diff_patched": diff_full,
                "backends_packed": pack_backends, "backends_patched": full_backends,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
@@ -160,13 +165,15 @@ def table(results) -> Table:
                     f"{results['threads']} threads"
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
-                "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound", "max rel diff"):
+                "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound",
+                "paired/bound", "max rel diff"):
         t.add_column(col, justify="right")
     for r in results["runs"]:
         t.add_row(str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['packed_ms']:.1f}", f"{r['patched_ms']:.1f}",
                   f"{r['speedup_vs_dense']:.2f}x", f"{r['packing_speedup_vs_dense']:.2f}x",
                   f"{r['speedup_vs_packing']:.2f}x", f"{r['flop_bound_speedup']:.2f}x", f"{r['remaining_bound_ms']:.1f}",
                   f"{r['patched_over_bound']:.2f}", f"{r['patched_best_over_bound']:.2f}",
+                  f"{r['patched_paired_over_bound']['median']:.2f}",
                   f"{r['max_rel_diff_patched']:.1e}")
     return t
 

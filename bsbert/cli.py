@@ -27,7 +27,7 @@ def _bench(args):
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
                     select=args.select, small=args.small, compile_mode=args.compile)
-    return _print_result(table(res), res, width=160)
+    return _print_result(table(res), res, width=175)
 
 
 def _print_result(tbl, res, width: int) -> int:

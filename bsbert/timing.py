@@ -51,11 +51,53 @@ def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cp
     return best
 
 
-def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=10) -> dict:
+def paired_bound_ratio(fwd, probe, probe_flops: float, flops: float, rounds: int = 10, device="cpu") -> dict:
+    """Time/bound measured in pairs: each round times one ``fwd()`` and then the dense GEMM ``probe``
+    (repeated for about as long), and the round's ratio is fwd's time over ``flops`` at the probe's
+    rate of that round. A slow stretch of a shared machine slows both halves of a round alike, so the
+    median of the per-round ratios is stable where a median time over a rate measured minutes earlier
+    is not (on a 2-core VM the latter moved 1.06-1.21 between two runs of the same code)."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ratios = []
+    with torch.inference_mode():
+        fwd(), probe()
+        sync()
+        t0 = time.perf_counter()
+        probe()
+        sync()
+        t_probe1 = max(time.perf_counter() - t0, 1e-7)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fwd()
+            sync()
+            t_fwd = time.perf_counter() - t0
+            n = max(1, round(t_fwd / t_probe1))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                probe()
+            sync()
+            rate = probe_flops * n / (time.perf_counter() - t0)
+            ratios.append(t_fwd / (flops / rate))
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds}
+
+
+def dense_gemm_probe(backend: str, device="cpu", dtype=torch.float32, m=384, k=1024, n=4096):
+    """(callable, FLOPs per call): one dense GEMM of the given shape through ``backend``."""
+    from bsbert.ops.linear_backends import BACKENDS
+
+    dev = torch.device(device)
+    x = torch.randn(m, k, device=dev).to(dtype)
+    prepared = BACKENDS[backend].prepare(torch.randn(n, k, device=dev).to(dtype), None, False, None)
+    return (lambda: prepared(x)), 2.0 * m * k * n
+
+
+def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=30) -> dict:
     """The best dense GEMM rate this device offers torch here (oneDNN on CPU when it supports the
     dtype, torch's default F.linear; cuBLAS on CUDA): the denominator of FLOP bounds. The candidates
     are timed in interleaved rounds and the best round counts, so the bound is the machine's rate,
-    not one lowered by a busy moment."""
+    not one lowered by a busy moment (30 rounds: with 10, a 2-core VM gave 417-434 GFLOP/s where the
+    kernel report measured oneDNN at 450-477 the same hour)."""
     from bsbert.ops.linear_backends import BACKENDS
 
     dev = torch.device(device)

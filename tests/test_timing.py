@@ -1,0 +1,23 @@
+"""The measurement helpers behind `bsbert bench`'s ratios."""
+import torch
+
+from bsbert.timing import dense_gemm_probe, paired_bound_ratio
+
+
+def test_paired_ratio_of_the_probe_itself_is_one():
+    probe, flops = dense_gemm_probe("torch-dense", "cpu", torch.float32, m=64, k=256, n=512)
+
+    def twice():
+        probe()
+        probe()
+
+    r = paired_bound_ratio(twice, probe, flops, 2 * flops, rounds=7)
+    assert 0.7 <= r["median"] <= 1.4, r  # same work at the same rate: ratio ~1
+    assert r["min"] <= r["median"] <= r["max"] and r["rounds"] == 7
+
+
+def test_paired_ratio_scales_with_the_claimed_work():
+    probe, flops = dense_gemm_probe("torch-dense", "cpu", torch.float32, m=64, k=256, n=512)
+    # claiming half the FLOPs that were done doubles time / bound
+    r = paired_bound_ratio(probe, probe, flops, flops / 2, rounds=7)
+    assert 1.4 <= r["median"] <= 2.8, r
