@@ -7,15 +7,12 @@
 #include <cstring>
 
 #include "cpu/add_layer_norm.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#endif
+BSBERT_TARGET_PUSH("avx2,fma")
 
 namespace bsbert {
 namespace cpu {
@@ -58,9 +55,6 @@ void add_layer_norm_rows_avx2(const AddLayerNormArgs& a, int64_t r0, int64_t r1,
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 #endif  // x86-64 (elsewhere the portable kernel is the only one: see add_layer_norm.cpp)

@@ -5,17 +5,14 @@
 #include <cstdint>
 
 #include "cpu/add_layer_norm.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* inside cvtepu16_epi32 and friends).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
-#endif
 
 namespace bsbert {
 namespace cpu {
@@ -49,9 +46,6 @@ void add_layer_norm_rows_avx512(const AddLayerNormArgs& a, int64_t r0, int64_t r
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 #endif  // x86-64 (elsewhere the portable kernel is the only one: see add_layer_norm.cpp)

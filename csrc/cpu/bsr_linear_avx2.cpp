@@ -5,14 +5,11 @@
 #include <immintrin.h>
 
 #include "cpu/bsr_linear.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define BSBERT_HAVE_AVX2_TU 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#endif
+BSBERT_TARGET_PUSH("avx2,fma")
 
 namespace bsbert {
 namespace cpu {
@@ -84,10 +81,7 @@ void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 namespace bsbert {
 namespace cpu {

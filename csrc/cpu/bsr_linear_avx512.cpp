@@ -6,15 +6,12 @@
 #include <immintrin.h>
 
 #include "cpu/bsr_linear.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* inside set1/cvtepi32_epi16).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
-#endif
 
 namespace bsbert {
 namespace cpu {
@@ -51,10 +48,7 @@ void bsr_pack_avx512(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) 
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 namespace bsbert {
 namespace cpu {

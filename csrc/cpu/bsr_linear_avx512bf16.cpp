@@ -11,14 +11,11 @@
 #include <immintrin.h>
 
 #include "cpu/bsr_linear.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))), apply_to = function)
-#endif
 
 namespace bsbert {
 namespace cpu {
@@ -70,10 +67,7 @@ void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* 
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 namespace bsbert {
 namespace cpu {

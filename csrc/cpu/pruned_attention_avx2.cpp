@@ -8,13 +8,10 @@
 #include <immintrin.h>
 
 #include "cpu/pruned_attention.h"
+#include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#endif
+BSBERT_TARGET_PUSH("avx2,fma")
 
 namespace bsbert {
 namespace cpu {
@@ -70,10 +67,7 @@ AttnPath attn_path_avx2() { return Kernel::path(); }
 }  // namespace cpu
 }  // namespace bsbert
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 #else  // not x86-64: never selected (effective_isa() is portable there)
 namespace bsbert {

@@ -15,19 +15,16 @@
 #include <immintrin.h>
 
 #include "cpu/pruned_attention.h"
+#include "cpu/isa_target.h"
 
 namespace bsbert {
 namespace cpu {
 
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // GCC 12 reports the self-initialised _mm512_undefined_ps() inside its own intrinsics (max, reduce)
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), apply_to = function)
-#endif
 
 namespace {
 
@@ -67,10 +64,7 @@ using Kernel = AttnKernel<ZmmBf16, 12, 2, 6, 4, 12, 2, 12, 1, 2>;
 
 AttnPath attn_path_avx512bf16() { return Kernel::path(); }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-#pragma GCC pop_options
+BSBERT_TARGET_POP()
 
 #else  // not x86-64: never selected (effective_isa() is portable there)
 AttnPath attn_path_avx512bf16() { return attn_path_portable(); }
