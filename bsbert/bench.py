@@ -73,9 +73,9 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "compile": compile_mode, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
                "plan_summary": plan.summary(), "runs": []}
+    warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
-        warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
         say(f"\\[seq {seq}] dense BERT-large, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
         fwd = _runner(dense, compile_mode)
         t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
@@ -93,13 +93,13 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
         fwd = _runner(pruned, compile_mode)
         t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
+        full_plan = pruned.bsbert_plan
+        remaining = batch * full_plan.flops(seq, "remaining")
         m_probe = batch * seq if dev.type == "cuda" else peak["shape"][0]  # as for the bound below
         probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
-        paired = paired_bound_ratio(lambda: fwd(**inp), probe, probe_flops,
-                                    batch * pruned.bsbert_plan.flops(seq, "remaining"), rounds=repeats, device=dev)
+        paired = paired_bound_ratio(lambda: fwd(**inp), probe, probe_flops, remaining, rounds=repeats, device=dev)
         with torch.inference_mode():
             diff_full = _max_rel_diff(ref, pruned(**inp), inp)
-        full_plan = pruned.bsbert_plan
         full_backends = _backend_counts(full_plan)
         bsbert.unpatch(pruned)
         if dev.type == "cuda":
@@ -107,7 +107,6 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             # the bound for this run uses the rate at this run's M = batch * seq.
             peak = dense_gemm_gflops(dev, dt, m=batch * seq)
             say(f"\\[seq {seq}] {peak['backend']} at M={batch * seq}: {peak['gflops']:.1f} GFLOP/s")
-        remaining = batch * full_plan.flops(seq, "remaining")
         packed = batch * full_plan.flops(seq, "packed")
         dense_fl = batch * full_plan.flops(seq, "dense")
         bound_ms = remaining / (peak["gflops"] * 1e9) * 1e3

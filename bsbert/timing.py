@@ -101,11 +101,9 @@ def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, 
     from bsbert.ops.linear_backends import BACKENDS
 
     dev = torch.device(device)
-    x = torch.randn(m, k, device=dev).to(dtype)
-    w = torch.randn(n, k, device=dev).to(dtype)
     names = [nm for nm in ("onednn-dense", "torch-dense") if not BACKENDS[nm].not_supported_reasons(dev, dtype, None)]
-    prepared = [BACKENDS[nm].prepare(w, None, False, None) for nm in names]
-    secs = best_of_interleaved([lambda p=p: p(x) for p in prepared], rounds=rounds, target_s=0.05, device=dev)
-    rates = {nm: 2 * m * k * n / t / 1e9 for nm, t in zip(names, secs)}
+    probes = [dense_gemm_probe(nm, dev, dtype, m, k, n) for nm in names]
+    secs = best_of_interleaved([probe for probe, _ in probes], rounds=rounds, target_s=0.05, device=dev)
+    rates = {nm: flops / t / 1e9 for nm, (_, flops), t in zip(names, probes, secs)}
     best = max(rates, key=rates.get)
     return {"backend": best, "gflops": rates[best], "all_gflops": rates, "shape": [m, k, n], "dtype": str(dtype)}

@@ -79,18 +79,6 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-if __name__ == "__main__":
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        print(f"no NVIDIA backend in this triton ({exc})")
-        sys.exit(77)
-    errs = _compile_all()
-    print("\n".join(errs) if errs else "all variants compiled")
-    sys.exit(1 if errs else 0)
-
-
 def test_fixed_config_switch(monkeypatch):
     """BSBERT_TRITON_AUTOTUNE=0 (set by conftest on GPUs) gives one cached single-config autotuner per
     config: Triton launches a lone config without benchmarking it."""
@@ -103,10 +91,23 @@ def test_fixed_config_switch(monkeypatch):
     assert not _common.autotune_enabled()
     monkeypatch.setenv("BSBERT_TRITON_AUTOTUNE", "1")
     assert _common.autotune_enabled()
-    cache: dict = {}
-    k1 = _common.fixed_config_kernel(L._bsr_linear_kernel, cache, {"BLOCK_M": 64, "GROUP_M": 8}, 4, 3)
-    k2 = _common.fixed_config_kernel(L._bsr_linear_kernel, cache, {"GROUP_M": 8, "BLOCK_M": 64}, 4, 3)
-    k3 = _common.fixed_config_kernel(L._bsr_linear_kernel, cache, {"BLOCK_M": 16, "GROUP_M": 8}, 2, 3)
-    assert k1 is k2 and k1 is not k3 and len(cache) == 2
+    monkeypatch.setattr(_common, "_FIXED_CONFIG_KERNELS", {})
+    k1 = _common.fixed_config_kernel(L._bsr_linear_kernel, {"BLOCK_M": 64, "GROUP_M": 8}, 4, 3)
+    k2 = _common.fixed_config_kernel(L._bsr_linear_kernel, {"GROUP_M": 8, "BLOCK_M": 64}, 4, 3)
+    k3 = _common.fixed_config_kernel(L._bsr_linear_kernel, {"BLOCK_M": 16, "GROUP_M": 8}, 2, 3)
+    assert k1 is k2 and k1 is not k3 and len(_common._FIXED_CONFIG_KERNELS) == 2
     assert isinstance(k1, triton.runtime.Autotuner) and len(k1.configs) == 1
     assert k1.configs[0].kwargs == {"BLOCK_M": 64, "GROUP_M": 8} and k1.configs[0].num_warps == 4
+
+
+if __name__ == "__main__":
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        print(f"no NVIDIA backend in this triton ({exc})")
+        sys.exit(77)
+    errs = _compile_all()
+    print("\n".join(errs) if errs else "all variants compiled")
+    sys.exit(1 if errs else 0)
+

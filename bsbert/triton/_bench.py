@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from bsbert.ops.linear_backends import CudaBsr
+from bsbert.ops.linear_backends import CudaBsr, _has_kernel
 
 DENSITIES = (1.0, 0.64, 0.5, 0.25, 0.1)
 MS = (384, 384 * 8, 384 * 32)
@@ -27,13 +27,6 @@ NK = ((1024, 1024), (4096, 1024), (1024, 4096))  # (N, K): square, up (K->4K) an
 SEQS = (128, 384, 512)
 HEADS = (1, 2, 4, 8, 12, 16)
 ATTN_BATCH = 8
-
-
-def _cuda_ext_has(op: str) -> bool:
-    """Whether bsbert._C was built with CUDA and registers ``bsbert::<op>`` for CUDA tensors."""
-    from bsbert.ops.linear_backends import _has_kernel
-
-    return _has_kernel(op, "CUDA")
 
 
 def do_bench_graph(fn) -> float:
@@ -85,7 +78,7 @@ def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
     torch.testing.assert_close(y, F.linear(x, w), atol=2e-2, rtol=2e-2)
     res["bsbert_ms"] = do_bench(lambda: bsr_linear_triton(x, bsm))
     res["cublas_ms"] = do_bench(lambda: F.linear(x, w))
-    if _cuda_ext_has("bsr_linear"):  # the CUDA C++ kernel (csrc/cuda), same inputs
+    if _has_kernel("bsr_linear", "CUDA"):  # the CUDA C++ kernel (csrc/cuda), same inputs
         def cuda_cpp():
             return torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, None,
                                                n, k, block, False)
@@ -151,7 +144,7 @@ def bench_attention(seq, heads, batch=ATTN_BATCH, head_dim=64, dtype=torch.float
     res = {"B": batch, "S": seq, "H": heads, "D": head_dim, "padded": padded}
     res["bsbert_ms"] = do_bench(ours)
     res["sdpa_ms"] = do_bench(sdpa)
-    if _cuda_ext_has("pruned_attention"):  # the CUDA C++ kernel (csrc/cuda), same inputs
+    if _has_kernel("pruned_attention", "CUDA"):  # the CUDA C++ kernel (csrc/cuda), same inputs
         def cuda_cpp():
             return torch.ops.bsbert.pruned_attention(qkv, mask, heads, head_dim, scale)
         try:  # a failure is recorded in the row, the sweep goes on

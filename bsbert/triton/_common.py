@@ -19,18 +19,23 @@ def autotune_enabled() -> bool:
     return os.environ.get("BSBERT_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def fixed_config_kernel(kernel, cache: dict, config_kwargs: dict, num_warps: int, num_stages: int):
+_FIXED_CONFIG_KERNELS: dict = {}
+
+
+def fixed_config_kernel(kernel, config_kwargs: dict, num_warps: int, num_stages: int):
     """``kernel`` wrapped as a one-config autotuner (Triton launches a single config without
-    benchmarking it), cached per config so each one compiles once. Goes through the same
+    benchmarking it), cached per kernel and config so each one compiles once. Goes through the same
     ``triton.autotune`` launch path as the tuned kernel, so ``wrap_triton``/``torch.compile`` see the
     same thing either way."""
     import triton
 
-    key = (tuple(sorted(config_kwargs.items())), num_warps, num_stages)
-    if key not in cache:
-        cache[key] = triton.autotune(configs=[triton.Config(dict(config_kwargs), num_warps=num_warps,
-                                                            num_stages=num_stages)], key=[])(kernel)
-    return cache[key]
+    # id(kernel): the kernels are module-level objects that live as long as the process
+    key = (id(kernel), tuple(sorted(config_kwargs.items())), num_warps, num_stages)
+    if key not in _FIXED_CONFIG_KERNELS:
+        _FIXED_CONFIG_KERNELS[key] = triton.autotune(
+            configs=[triton.Config(dict(config_kwargs), num_warps=num_warps, num_stages=num_stages)],
+            key=[])(kernel)
+    return _FIXED_CONFIG_KERNELS[key]
 
 
 def is_interpreted(kernel) -> bool:

@@ -185,12 +185,9 @@ def _launch(qkv, mask, cu, out, s, h, d, scale, strides_q, strides_m, strides_o,
         def grid(meta_):
             return (triton.cdiv(grid_m_len, meta_["BLOCK_M"]), batch * h)
 
-        kernel = _tuned_attn if autotune_enabled() else fixed_config_kernel(
-            _attn_kernel, _FIXED, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+        kernel = _tuned_attn if autotune_enabled() else fixed_config_kernel(  # BSBERT_TRITON_AUTOTUNE=0
+            _attn_kernel, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
         launcher(kernel)[grid](*args, **meta)
-
-
-_FIXED: dict = {}  # BSBERT_TRITON_AUTOTUNE=0: one untuned config
 
 
 def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):

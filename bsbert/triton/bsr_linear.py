@@ -213,17 +213,14 @@ def _bsr_linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * nbr,)
 
-        launcher(_tuned_kernel if autotune_enabled() else _fixed_kernel(m, b))[grid](*args, **meta)
+        launcher(_tuned_kernel if autotune_enabled() else _fixed_kernel(m))[grid](*args, **meta)
     return y.reshape(*lead, n)
 
 
-_FIXED: dict = {}
-
-
-def _fixed_kernel(m: int, block: int):
+def _fixed_kernel(m: int):
     """One untuned config (BSBERT_TRITON_AUTOTUNE=0): 64-row tiles, or shorter ones for small M."""
     bm = 64 if not isinstance(m, int) else min(64, max(16, next_pow2(m)))
-    return fixed_config_kernel(_bsr_linear_kernel, _FIXED, {"BLOCK_M": bm, "GROUP_M": 8},
+    return fixed_config_kernel(_bsr_linear_kernel, {"BLOCK_M": bm, "GROUP_M": 8},
                                num_warps=4 if bm >= 64 else 2, num_stages=3)
 
 

@@ -231,18 +231,24 @@ using Cfg64x64 = BsrConfig<64, 64, 2, 2, 3>;
 using Cfg64x128 = BsrConfig<64, 128, 2, 2, 3>;
 using Cfg64x128w8 = BsrConfig<64, 128, 4, 2, 3>;
 
+// Every configuration, listed once: the dispatcher, the SASS check's instantiations and the error
+// message all come from this list (bsbert.ops.linear_backends.CudaBsr.TILES mirrors it in Python).
+template <typename... Cfgs>
+struct CfgList {};
+using AllBsrConfigs = CfgList<Cfg16x64, Cfg16x128, Cfg32x64, Cfg32x64w8, Cfg32x128, Cfg32x128w8, Cfg32x256,
+                              Cfg64x64, Cfg64x128, Cfg64x128w8>;
+
 #ifdef BSBERT_KERNELS_ONLY
+template <typename... Cfgs>
+void take_kernels(CfgList<Cfgs...>, void** out) {
+  int i = 0;
+  ((out[i++] = (void*)&bsr_linear_mma_kernel<__half, Cfgs>), ...);
+  ((out[i++] = (void*)&bsr_linear_mma_kernel<__nv_bfloat16, Cfgs>), ...);
+  out[i] = (void*)&bsr_linear_f32_kernel;
+}
 }  // namespace
 // Instantiates every kernel the dispatcher can launch (SASS/resource checks); never called.
-#define BSBERT_BSR_KERNELS(T)                                                                          \
-  (void*)&bsr_linear_mma_kernel<T, Cfg16x64>, (void*)&bsr_linear_mma_kernel<T, Cfg16x128>,           \
-      (void*)&bsr_linear_mma_kernel<T, Cfg32x64>, (void*)&bsr_linear_mma_kernel<T, Cfg32x64w8>,      \
-      (void*)&bsr_linear_mma_kernel<T, Cfg32x128>, (void*)&bsr_linear_mma_kernel<T, Cfg32x128w8>,    \
-      (void*)&bsr_linear_mma_kernel<T, Cfg32x256>, (void*)&bsr_linear_mma_kernel<T, Cfg64x64>,       \
-      (void*)&bsr_linear_mma_kernel<T, Cfg64x128>, (void*)&bsr_linear_mma_kernel<T, Cfg64x128w8>
-void* const bsr_linear_kernels_for_sass[] = {BSBERT_BSR_KERNELS(__half), BSBERT_BSR_KERNELS(__nv_bfloat16),
-                                             (void*)&bsr_linear_f32_kernel};
-#undef BSBERT_BSR_KERNELS
+void bsr_linear_kernels_for_sass(void** out) { take_kernels(AllBsrConfigs{}, out); }
 namespace {
 #else
 template <typename T, typename Cfg>
@@ -264,14 +270,26 @@ void launch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Launches Cfg if it is the requested (block, rows, warps); true if it was.
-template <typename T, typename Cfg>
-bool launch_if(int block, int bm, int warps, const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col,
-               const at::Tensor& vals, const T* bias, at::Tensor& y, int M, int N, int K, bool gelu,
-               cudaStream_t stream) {
-  if (block != Cfg::BLOCK || bm != Cfg::BM || warps != Cfg::WARPS_M * Cfg::WARPS_N) return false;
-  launch_mma<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-  return true;
+// Launches the first configuration of the list that is the requested (block, rows, warps); true if one was.
+template <typename T, typename... Cfgs>
+bool launch_matching(CfgList<Cfgs...>, int block, int bm, int warps, const at::Tensor& x2, const at::Tensor& crow,
+                     const at::Tensor& col, const at::Tensor& vals, const T* bias, at::Tensor& y, int M, int N,
+                     int K, bool gelu, cudaStream_t stream) {
+  auto try_one = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    if (block != Cfg::BLOCK || bm != Cfg::BM || warps != Cfg::WARPS_M * Cfg::WARPS_N) return false;
+    launch_mma<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    return true;
+  };
+  return (try_one(Cfgs{}) || ...);
+}
+
+// " block 16: 64x4, ..." for the error message.
+template <typename... Cfgs>
+std::string config_names(CfgList<Cfgs...>) {
+  std::string s;
+  ((s += msg(" block ", Cfgs::BLOCK, ": ", Cfgs::BM, "x", Cfgs::WARPS_M * Cfgs::WARPS_N, ";")), ...);
+  return s;
 }
 
 template <typename T>
@@ -287,21 +305,11 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   int bm = small ? 64 : 128, warps = 4;
   const char* env = std::getenv("BSBERT_CUDA_BSR_TILE");
   if (env != nullptr && std::sscanf(env, "%dx%d", &bm, &warps) != 2) bm = -1;
-  const bool ok =
-      launch_if<T, Cfg16x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg16x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg32x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg32x64w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg32x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg32x128w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg32x256>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg64x64>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg64x128>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream) ||
-      launch_if<T, Cfg64x128w8>(block, bm, warps, x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  const bool ok = launch_matching<T>(AllBsrConfigs{}, block, bm, warps, x2, crow, col, vals, bias, y, M, N, K,
+                                     gelu, stream);
   BSBERT_CHECK(ok, "bsr_linear (CUDA): no tile configuration for block ", block,
                env ? msg(" and BSBERT_CUDA_BSR_TILE='", env, "'") : std::string(),
-               " (tiles rows x warps: block 16: 64x4, 128x4; block 32: 64x4, 64x8, 128x4, 128x8, 256x8; "
-               "block 64: 64x4, 128x4, 128x8)");
+               " (rows x warps:", config_names(AllBsrConfigs{}), ")");
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) == 0; }
