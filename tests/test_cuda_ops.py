@@ -107,7 +107,8 @@ def test_bsr_linear_matches_float64(dtype, lead, n, k, block, density, bias_on, 
 @pytest.mark.parametrize("block,tile", [(b, t) for b, ts in CudaBsr.TILES.items() for t in ts])
 def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
     """BSBERT_CUDA_BSR_TILE forces each tile configuration (the default heuristic reaches only some of them
-    on test-sized problems): ragged M over several tiles, ragged N and K, an empty block row, bias+GELU."""
+    on test-sized problems): M = 1 and ragged M over several tiles, ragged N and K, an empty block row
+    and a fully dense matrix, bias+GELU."""
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
 
@@ -117,13 +118,16 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
     n, k = 3 * block + 5, 4 * block + 8
     w = _random_bsr_weight(n, k, block, 0.6, gen)
     w[block:2 * block] = 0  # one block row with no stored block
-    for dtype in (torch.float16, torch.bfloat16):
-        bsm = BlockSparseMatrix.from_dense(w.to(dtype), block, pad=True).to(DEV)
-        x = torch.randn(2 * bm + 37, k, generator=gen).to(dtype).to(DEV)
-        bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
-        y = _bsr_call(x, bsm, bias, True)
-        ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
-        torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
+    dense_w = torch.randn(n, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
+    for weight in (w, dense_w):
+        for m in (1, 2 * bm + 37):
+            for dtype in (torch.float16, torch.bfloat16):
+                bsm = BlockSparseMatrix.from_dense(weight.to(dtype), block, pad=True).to(DEV)
+                x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+                bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
+                y = _bsr_call(x, bsm, bias, True)
+                ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
+                torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16"])
