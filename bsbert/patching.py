@@ -147,7 +147,7 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
           progress: bool = True, keep_original: bool = True, verify: bool = False,
-          attention: str | None = None, unpad: bool = False) -> nn.Module:
+          attention: str | None = None, unpad: bool = False, fast_layers: bool = True) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
@@ -164,6 +164,9 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     generated inputs and, if it fails, restores the original modules and raises.
     ``unpad=True`` runs the encoder padding-free (bsbert.unpad): linears on real tokens only; real
     tokens' outputs are exact, padded positions come out as zeros.
+    ``fast_layers=True`` (default) gives each BERT-style layer bsbert's lean forward
+    (bsbert.fast_layer: the same modules without transformers' per-layer Python); False keeps
+    transformers' layer forward.
     """
     if verify and not keep_original:
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
@@ -200,6 +203,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
         unpad_mod.install(encoder, adapter)
     plan.unpad = bool(unpad)
+    set_fast_layers(model, plan, layers, adapter, fast_layers)
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
@@ -218,6 +222,16 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     return model
 
 
+def set_fast_layers(model: nn.Module, plan: Plan, layers, adapter, on: bool) -> None:
+    """Install bsbert.fast_layer's lean forward on the patched layers (if ``on`` and it fits); the
+    plan records the outcome and why it is off."""
+    from bsbert import fast_layer
+
+    why = fast_layer.install(layers, adapter, plan.hidden_size) if on else "fast_layers=False"
+    plan.fast_layers, plan.fast_layers_reason = why is None, why or ""
+    model._bsbert_fast_layers = list(layers) if why is None else []  # a plain list: not submodules
+
+
 def swap_modules(model: nn.Module, which: str) -> None:
     """Put the 'original' or the 'patched' modules in place (verify uses this to compare)."""
     from bsbert import unpad as unpad_mod
@@ -230,9 +244,16 @@ def swap_modules(model: nn.Module, which: str) -> None:
         enc.forward = model._bsbert_unpad_forward
         enc._bsbert_unpadded = True
         model._bsbert_unpad_forward = None
+    if any(s[2] is None for s in model._bsbert_swaps):
+        raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
+    from bsbert import fast_layer
+
+    fast = getattr(model, "_bsbert_fast_layers", [])
+    if which == "original":
+        fast_layer.uninstall(fast)
+    else:
+        fast_layer.attach(fast)
     for layer, path, original, new in model._bsbert_swaps:
-        if original is None:
-            raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
         set_submodule(layer, path, original if which == "original" else new)
 
 
@@ -249,6 +270,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     unpad_mod.uninstall(model._bsbert_encoder)
     del model._bsbert_encoder
     del model._bsbert_swaps
+    model.__dict__.pop("_bsbert_fast_layers", None)
     del model.bsbert_plan
     model._bsbert_patched = False
     return model

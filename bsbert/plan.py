@@ -64,6 +64,8 @@ class Plan:
     dtype: str = "float32"
     device: str | None = None     # set by patch
     unpad: bool = False           # padding-free encoder forward (set by patch)
+    fast_layers: bool = False     # bsbert's lean layer forward (bsbert.fast_layer; set by patch)
+    fast_layers_reason: str = ""  # why it is off when it was asked for
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -111,7 +113,8 @@ class Plan:
             layers.append(LayerPlan(**{**ld, "linears": lins}))
         return cls(family=d["family"], encoder_path=d["encoder_path"], hidden_size=d["hidden_size"],
                    layers=layers, dtype=d.get("dtype", "float32"), device=d.get("device"),
-                   unpad=d.get("unpad", False))
+                   unpad=d.get("unpad", False), fast_layers=d.get("fast_layers", False),
+                   fast_layers_reason=d.get("fast_layers_reason", ""))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:
@@ -152,6 +155,10 @@ class Plan:
             f"{self.flops(seq, 'packed') / 1e9:.1f} G, remaining (skipping zero blocks) "
             f"{self.flops(seq, 'remaining') / 1e9:.1f} G -> speedup bound {self.speedup_bound(seq):.2f}x "
             f"(packing only {self.speedup_bound(seq, 'packed'):.2f}x)")
+        if self.device is not None:  # patched: how the layers run
+            how = ("bsbert's lean layer forward" if self.fast_layers else
+                   "transformers' layer forward" + (f" ({self.fast_layers_reason})" if self.fast_layers_reason else ""))
+            lines.append(f"layer forward: {how}{', padding-free encoder' if self.unpad else ''}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -16,6 +16,16 @@ def tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0), task="qa", seed=0, dead_bias_
     return models.prune_like_seed(model, heads, ffn, seed=seed, dead_bias_units=dead_bias_units)
 
 
+def tiny_pruned_distilbert():
+    """A 2-layer DistilBERT (hidden 64, vocab 500) with one dead head and pruned FFNs."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.DistilBertModel(tf.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=256,
+                                                   vocab_size=500, max_position_embeddings=64)).eval()
+    return models.prune_like_seed(model, heads_per_layer=(1, 2), ffn_per_layer=(40, 7))
+
+
 def inputs(batch=2, seq=37, vocab=1000, pad_from=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bsbert
 from bsbert import _ext
 from bsbert.nn import DenseAddLayerNorm, add_layer_norm
-from tests.helpers import inputs, rel_err, tiny_pruned
+from tests.helpers import inputs, rel_err, tiny_pruned, tiny_pruned_distilbert
 
 TOL_FP32 = 1e-4
 needs_kernel = pytest.mark.skipif(not _ext.has_op("add_layer_norm"),
@@ -70,14 +70,7 @@ def test_fused_kernel_runs_and_matches(unpad):
 
 @needs_kernel
 def test_unpadded_distilbert_uses_fused_kernel():
-    import transformers as tf
-
-    from bsbert import models
-
-    torch.manual_seed(0)
-    model = tf.DistilBertModel(tf.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=256,
-                                                   vocab_size=500, max_position_embeddings=64)).eval()
-    models.prune_like_seed(model, heads_per_layer=(1, 2), ffn_per_layer=(40, 7))
+    model = tiny_pruned_distilbert()
     inp = inputs(batch=3, seq=20, vocab=500, pad_from=6)
     ref, _ = _run(model, inp)
     bsbert.patch(model, select="heuristic", progress=False, unpad=True)

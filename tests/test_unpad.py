@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bsbert
-from tests.helpers import tiny_pruned
+from tests.helpers import tiny_pruned, tiny_pruned_distilbert
 
 
 def _mixed_batch(lengths, seq, vocab=1000, seed=0, left=False):
@@ -67,14 +67,7 @@ def test_unpad_verify_and_unpatch_restore_forward():
 
 
 def test_unpadded_distilbert():
-    import transformers as tf
-
-    from bsbert import models
-
-    torch.manual_seed(0)
-    model = tf.DistilBertModel(tf.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=256,
-                                                   vocab_size=500, max_position_embeddings=64)).eval()
-    models.prune_like_seed(model, heads_per_layer=(1, 2), ffn_per_layer=(40, 7))
+    model = tiny_pruned_distilbert()
     inp = _mixed_batch([3, 20, 11], seq=20, vocab=500)
     with torch.inference_mode():
         ref = model(**inp).last_hidden_state
