@@ -12,6 +12,8 @@ def test_bench_small(tmp_path, capsys):
     res = json.loads(js[0].read_text())
     run = res["runs"][0]
     assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
+    # the paired ratio against a probe at the run's own M (16 rows here; the strict one probes M=384)
+    assert run["patched_paired_over_bound_at_m"]["m"] == 16 and run["patched_paired_over_bound_at_m"]["median"] > 0
     assert "speedup" in capsys.readouterr().out
 
 
