@@ -30,6 +30,14 @@ TORCH_LIBRARY(bsbert, m) {
   // wanted (other layouts are copied first); weight, bias: [N], x's dtype or float32.
   // Returns a new contiguous tensor of x's shape and dtype; mean / variance are computed in fp32.
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> Tensor");
+  // add_layer_norm(bsr_linear(x, ..., gelu=False), residual, ln_weight, ln_bias, eps) in one op, the same
+  // values bit for bit: BERT's attention-output and FFN-output projections with their residual +
+  // LayerNorm tail. residual: the output's shape [..., N] and x's dtype. (CPU: each thread computes
+  // whole output rows and normalises them while they are in its cache.)
+  m.def(
+      "bsr_linear_add_layer_norm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor packed_values, "
+      "Tensor? bias, int out_features, int in_features, int block, Tensor residual, Tensor ln_weight, "
+      "Tensor ln_bias, float eps) -> Tensor");
 }
 
 namespace {

@@ -182,6 +182,11 @@ def test_empty_inputs():
     assert y.shape == (0, 64)
     y = run_op(torch.randn(2, 0, 48), bsm, None)
     assert y.shape == (2, 0, 64)
+    # K = 0 (every input feature pruned away): x @ W^T is empty, the bias remains
+    w, bsm = make_bsm(64, 0, 16, 0.5)
+    b = torch.randn(64)
+    y = run_op(torch.randn(3, 5, 0), bsm, b)
+    assert y.shape == (3, 5, 64) and torch.equal(y, b.expand(3, 5, 64))
 
 
 def _check_reads_only_k(k, dtype, rows, seed):

@@ -75,7 +75,15 @@ def _add_layer_norm_fake(x, residual, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _bsr_linear_add_layer_norm_fake(x, crow_indices, col_indices, packed_values, bias, out_features, in_features,
+                                    block, residual, ln_weight, ln_bias, eps):
+    y = _bsr_linear_fake(x, crow_indices, col_indices, packed_values, bias, out_features, in_features, block,
+                         False)
+    return _add_layer_norm_fake(y, residual, ln_weight, ln_bias, eps)
+
+
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::bsr_linear_add_layer_norm": _bsr_linear_add_layer_norm_fake,
           "bsbert::add_layer_norm": _add_layer_norm_fake,
           "bsbert::pruned_attention": _pruned_attention_fake,
           "bsbert::pruned_attention_varlen": _pruned_attention_varlen_fake}

@@ -28,6 +28,9 @@ class PreparedLinear:
 
     def __init__(self, backend: "LinearBackend", fn, tensors: dict, block: int | None):
         self.backend, self.fn, self.tensors, self.block = backend, fn, tensors, block
+        # fn's output followed by residual add + LayerNorm in one kernel, where a backend has one:
+        # add_layer_norm(x, residual, ln_weight, ln_bias, eps)
+        self.add_layer_norm = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -144,7 +147,18 @@ class CpuBsr(LinearBackend):
     def prepare(self, weight, bias, gelu, block):
         from bsbert.ops.packing import pack_cpu
 
-        return _prepare_bsr_op(self, weight, bias, gelu, block, lambda bsm: pack_cpu(bsm, weight.dtype))
+        prep = _prepare_bsr_op(self, weight, bias, gelu, block, lambda bsm: pack_cpu(bsm, weight.dtype))
+        if not gelu and _has_kernel("bsr_linear_add_layer_norm", "CPU"):
+            t = prep.tensors
+            n, k = t["bsm"].shape
+            crow, col, packed = t["crow_indices"], t["col_indices"], t["values"]
+
+            def add_layer_norm(x, residual, ln_weight, ln_bias, eps):
+                return torch.ops.bsbert.bsr_linear_add_layer_norm(x, crow, col, packed, bias, n, k, block,
+                                                                  residual, ln_weight, ln_bias, eps)
+
+            prep.add_layer_norm = add_layer_norm
+        return prep
 
 
 class CudaBsr(LinearBackend):

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/add_layer_norm.h"
+#include "cpu/add_layer_norm_op.h"
 #include "cpu/isa.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -68,8 +69,8 @@ int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) 
 
 }  // namespace
 
-at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                              const at::Tensor& bias, double eps) {
+AddLayerNormCall add_layer_norm_prepare(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                        const at::Tensor& bias, double eps, const at::Tensor& y) {
   BSBERT_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
               "add_layer_norm (CPU kernel): x and residual must be on the CPU, got ", x.device(), " and ",
               residual.device());
@@ -87,36 +88,42 @@ at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, c
   const int64_t N = x.size(-1);
   check_affine(weight, "weight", N, dt);
   check_affine(bias, "bias", N, dt);
+  AddLayerNormCall c;
   // The kernels read gamma and beta in one dtype, as stored (BERT's fp32 or bf16 parameters: no
   // per-call conversion); a mixed pair is widened to fp32.
   const bool same = weight.scalar_type() == bias.scalar_type();
-  const at::Tensor g = same ? weight.contiguous() : weight.to(at::kFloat).contiguous();
-  const at::Tensor b = same ? bias.contiguous() : bias.to(at::kFloat).contiguous();
+  c.gamma = same ? weight.contiguous() : weight.to(at::kFloat).contiguous();
+  c.beta = same ? bias.contiguous() : bias.to(at::kFloat).contiguous();
+  c.x2 = as_rows(x, N);
+  c.r2 = as_rows(residual, N);
+  c.rows = c.x2.size(0);
 
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (y.numel() == 0) return y;
-  const at::Tensor x2 = as_rows(x, N), r2 = as_rows(residual, N);
-  const int64_t rows = x2.size(0);
-
-  AddLayerNormArgs args;
-  args.x = x2.data_ptr();
-  args.ldx = row_stride(x2);
-  args.residual = r2.data_ptr();
-  args.ldr = row_stride(r2);
-  args.gamma = g.data_ptr();
-  args.beta = b.data_ptr();
+  AddLayerNormArgs& args = c.args;
+  args.x = c.x2.data_ptr();
+  args.ldx = row_stride(c.x2);
+  args.residual = c.r2.data_ptr();
+  args.ldr = row_stride(c.r2);
+  args.gamma = c.gamma.data_ptr();
+  args.beta = c.beta.data_ptr();
   args.y = y.data_ptr();
   args.ldy = N;
   args.N = N;
   args.eps = eps;
   args.bf16 = dt == at::kBFloat16;
-  args.affine_bf16 = g.scalar_type() == at::kBFloat16;
+  args.affine_bf16 = c.gamma.scalar_type() == at::kBFloat16;
+  c.rows_fn = select_rows_fn();
+  return c;
+}
 
-  const AddLayerNormFn fn = select_rows_fn();
-  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / N);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch(static_cast<size_t>(add_layer_norm_scratch(N)));
-    fn(args, r0, r1, scratch.data());
+at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                              const at::Tensor& bias, double eps) {
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const AddLayerNormCall c = add_layer_norm_prepare(x, residual, weight, bias, eps, y);
+  if (y.numel() == 0) return y;
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / c.args.N);
+  at::parallel_for(0, c.rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(static_cast<size_t>(add_layer_norm_scratch(c.args.N)));
+    c.rows_fn(c.args, r0, r1, scratch.data());
   });
   return y;
 }

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/add_layer_norm_op.h"
 #include "cpu/bsr_linear.h"
 #include "cpu/isa.h"
 #include "cpu/thread_buffer.h"
@@ -68,11 +69,18 @@ bool m_fastest() {
   return env != nullptr && env[0] == 'm';
 }
 
-}  // namespace
+// One bsr_linear call after its checks: y allocated, args filled (but for args.xp), the path picked.
+struct BsrCall {
+  BsrLinearArgs args;
+  Path path;
+  at::Tensor x2, y, bias_pad, crow_c, col_c;
+  std::vector<int64_t> out_shape;
+  int64_t M = 0, N = 0, K = 0, b = 0, nbr = 0, nbc = 0;
+};
 
-at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                          const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                          int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
+BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& packed,
+                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t block,
+                bool gelu) {
   BSBERT_CHECK(block == 16 || block == 32 || block == 64,
               "bsr_linear: block must be 16, 32 or 64, got ", block);
   BSBERT_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear: negative out_features (",
@@ -95,6 +103,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
               "bsr_linear: crow_indices and col_indices must be int32, got ", crow.scalar_type(), " and ",
               col.scalar_type());
   BSBERT_CHECK(crow.dim() == 1 && col.dim() == 1, "bsr_linear: crow_indices and col_indices must be 1-D");
+  BsrCall c;
   const int64_t b = block, N = out_features, K = in_features;
   const int64_t nbr = (N + b - 1) / b, nbc = (K + b - 1) / b;
   BSBERT_CHECK(crow.numel() == nbr + 1, "bsr_linear: crow_indices must have ceil(out_features/block)+1 = ",
@@ -103,9 +112,10 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   BSBERT_CHECK(packed.numel() == nnzb * b * b, "bsr_linear: packed_values must hold nnz_blocks*block*block = ",
               nnzb * b * b, " values, got ", packed.numel(), " (shape ", packed.sizes(), ")");
   BSBERT_CHECK(packed.is_contiguous(), "bsr_linear: packed_values must be contiguous");
-  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
-  const int32_t* crow_p = crow_c.data_ptr<int32_t>();
-  const int32_t* col_p = col_c.data_ptr<int32_t>();
+  c.crow_c = crow.contiguous();
+  c.col_c = col.contiguous();
+  const int32_t* crow_p = c.crow_c.data_ptr<int32_t>();
+  const int32_t* col_p = c.col_c.data_ptr<int32_t>();
   BSBERT_CHECK(crow_p[0] == 0 && crow_p[nbr] == nnzb, "bsr_linear: crow_indices must run from 0 to nnz_blocks = ",
               nnzb, ", got ", crow_p[0], "..", crow_p[nbr]);
   for (int64_t r = 0; r < nbr; ++r)
@@ -114,33 +124,34 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     BSBERT_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
                 " is outside [0, ceil(in_features/block) = ", nbc, ")");
 
-  at::Tensor bias_pad;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& bt = *bias;
     BSBERT_CHECK(bt.device().is_cpu(), "bsr_linear (CPU kernel): bias must be on the CPU, got ", bt.device());
     BSBERT_CHECK(bt.dim() == 1 && bt.size(0) == N, "bsr_linear: bias must have shape [", N, "], got ",
                 bt.sizes());
     BSBERT_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
-    bias_pad = at::zeros({nbr * b}, x.options().dtype(at::kFloat));
-    bias_pad.narrow(0, 0, N).copy_(bt);
+    c.bias_pad = at::zeros({nbr * b}, x.options().dtype(at::kFloat));
+    c.bias_pad.narrow(0, 0, N).copy_(bt);
   }
 
-  // x as rows of K contiguous values (any row stride); packed into panels (and widened) below.
-  at::Tensor x2 = x.reshape({-1, K});
-  const int64_t M = x2.size(0);
-  if (K > 0 && (x2.stride(1) != 1 || (M > 1 && x2.stride(0) < K))) x2 = x2.contiguous();
-  const int64_t ldx = (M > 1 && K > 0) ? x2.stride(0) : K;
+  // x as rows of K contiguous values (any row stride); packed into panels (and widened) by the run.
+  // (M from the leading dims, not reshape(-1, K): that is ambiguous for K = 0)
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  c.x2 = x.reshape({M, K});
+  if (K > 0 && (c.x2.stride(1) != 1 || (M > 1 && c.x2.stride(0) < K))) c.x2 = c.x2.contiguous();
+  const int64_t ldx = (M > 1 && K > 0) ? c.x2.stride(0) : K;
 
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0 || N == 0) return y.view(out_shape);
+  c.out_shape.assign(x.sizes().begin(), x.sizes().end());
+  c.out_shape.back() = N;
+  c.y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
 
   const bool bf16 = dt == at::kBFloat16;
-  BsrLinearArgs args;
-  args.x = (K > 0 && !bf16) ? x2.data_ptr<float>() : nullptr;
-  args.xraw = K > 0 ? x2.data_ptr() : nullptr;
+  BsrLinearArgs& args = c.args;
+  args.x = (K > 0 && !bf16) ? c.x2.data_ptr<float>() : nullptr;
+  args.xraw = K > 0 ? c.x2.data_ptr() : nullptr;
   args.ldx = ldx;
+  args.xp = nullptr;
   args.M = M;
   args.N = N;
   args.K = K;
@@ -149,13 +160,38 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   args.col = col_p;
   args.w = packed.data_ptr();
   args.w_bf16 = bf16;
-  args.bias = bias_pad.defined() ? bias_pad.data_ptr<float>() : nullptr;
+  args.bias = c.bias_pad.defined() ? c.bias_pad.data_ptr<float>() : nullptr;
   args.gelu = gelu;
-  args.y = y.data_ptr();
+  args.y = c.y.data_ptr();
   args.ldy = N;
   args.y_bf16 = bf16;
+  c.path = select_path(bf16);
+  c.M = M;
+  c.N = N;
+  c.K = K;
+  c.b = b;
+  c.nbr = nbr;
+  c.nbc = nbc;
+  return c;
+}
 
-  const Path path = select_path(bf16);
+// The panel buffer for all of x: reused per calling thread (fresh pages would cost a page fault per
+// 4 KiB every call); very large inputs get a temporary buffer (returned) so that the cache stays bounded.
+at::Tensor panel_buffer(BsrCall& c, int64_t npanels) {
+  const int64_t xp_elems = std::max<int64_t>(1, npanels * c.nbc * c.b * c.path.mr);
+  if (xp_elems <= kXpCacheMax) {
+    c.args.xp = thread_buffer<struct BsrPanelTag>(xp_elems);
+    return at::Tensor();
+  }
+  at::Tensor tmp = at::empty({xp_elems}, c.x2.options().dtype(at::kFloat));
+  c.args.xp = tmp.data_ptr<float>();
+  return tmp;
+}
+
+void run(BsrCall& c) {
+  const BsrLinearArgs& args = c.args;
+  const Path& path = c.path;
+  const int64_t M = c.M, K = c.K, b = c.b, nbr = c.nbr, nbc = c.nbc;
   const int64_t mr = path.mr;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   // M tile: <= kMcMax rows, a multiple of mr, small enough for >= 4 tasks per thread when possible.
@@ -181,16 +217,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   // one meanwhile. There is no global barrier: a descheduled worker only holds up work on its own tile.
   const int64_t npanels = (M + mr - 1) / mr;
   const int64_t pstride = nbc * b * mr;
-  // Panel buffer: reused per calling thread (fresh pages would cost a page fault per 4 KiB every call);
-  // very large inputs get a temporary buffer instead so that the cache stays bounded.
-  const int64_t xp_elems = std::max<int64_t>(1, npanels * pstride);
-  at::Tensor xp_tmp;
-  if (xp_elems <= kXpCacheMax) {
-    args.xp = thread_buffer<struct BsrPanelTag>(xp_elems);
-  } else {
-    xp_tmp = at::empty({xp_elems}, x.options().dtype(at::kFloat));
-    args.xp = xp_tmp.data_ptr<float>();
-  }
+  const at::Tensor xp_tmp = panel_buffer(c, npanels);
   enum : int { kUnpacked = 0, kPacking = 1, kReady = 2 };
   std::unique_ptr<std::atomic<int>[]> tile_state(new std::atomic<int>[nmt]);
   // Small inputs (or one thread) are packed by the calling thread up front: cheaper than sharing.
@@ -215,7 +242,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
     std::vector<float> scratch(static_cast<size_t>(mc * b) + 16);
-    float* c = scratch.data();
+    float* sc = scratch.data();
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= nclaims) break;
@@ -223,7 +250,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
       const int64_t ch = mfast ? t / nmt : t % nchunks;
       wait_tile(mt);
       const int64_t m0 = mt * mc, m1 = std::min(M, m0 + mc);
-      for (int64_t rb = ch * g; rb < std::min(nbr, (ch + 1) * g); ++rb) path.fn(args, m0, m1, rb, c);
+      for (int64_t rb = ch * g; rb < std::min(nbr, (ch + 1) * g); ++rb) path.fn(args, m0, m1, rb, sc);
     }
   };
   const int64_t nworkers = std::min(nthreads, nclaims);
@@ -231,10 +258,76 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
     worker(0, 1);
   else
     at::parallel_for(0, nworkers, 1, worker);
-  return y.view(out_shape);
 }
 
+// Row tiles of the fused op: one thread computes every block row of its rows, so it owns whole output
+// rows and normalises them while they are still in its L2. Used when there are at least two row tiles
+// per thread of mr rows or more; below that (M = 1..16 per thread) the block rows are what spread the
+// work over the cores, and the op runs as bsr_linear then add_layer_norm.
+void run_fused_rows(BsrCall& c, const AddLayerNormArgs& ln, AddLayerNormFn ln_rows) {
+  const BsrLinearArgs& args = c.args;
+  const int64_t M = c.M, b = c.b, nbr = c.nbr, mr = c.path.mr;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t mc = (M + nthreads - 1) / nthreads;  // one tile per thread if it fits kMcMax rows
+  mc = std::min<int64_t>(kMcMax, (mc + mr - 1) / mr * mr);
+  const int64_t nmt = (M + mc - 1) / mc;
+  const int64_t npanels = (M + mr - 1) / mr;
+  const at::Tensor xp_tmp = panel_buffer(c, npanels);
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    std::vector<float> scratch(static_cast<size_t>(mc * b) + 16);
+    std::vector<float> ln_scratch(static_cast<size_t>(add_layer_norm_scratch(c.N)));
+    for (;;) {
+      const int64_t mt = next.fetch_add(1, std::memory_order_relaxed);
+      if (mt >= nmt) break;
+      const int64_t m0 = mt * mc, m1 = std::min(M, m0 + mc);
+      if (c.K > 0) c.path.pack(args, m0 / mr, std::min(npanels, (m1 + mr - 1) / mr), args.xp);
+      for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(args, m0, m1, rb, scratch.data());
+      ln_rows(ln, m0, m1, ln_scratch.data());
+    }
+  };
+  const int64_t nworkers = std::min(nthreads, nmt);
+  if (nworkers <= 1)
+    worker(0, 1);
+  else
+    at::parallel_for(0, nworkers, 1, worker);
+}
+
+}  // namespace
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
+  BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, gelu);
+  if (c.M > 0 && c.N > 0) run(c);
+  return c.y.view(c.out_shape);
+}
+
+// LayerNorm(bsr_linear(x) + residual): the values of bsr_linear followed by add_layer_norm, bit for
+// bit (the GEMM output is rounded to x's dtype before the add, as there).
+at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                         const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                                         int64_t out_features, int64_t in_features, int64_t block,
+                                         const at::Tensor& residual, const at::Tensor& ln_weight,
+                                         const at::Tensor& ln_bias, double eps) {
+  BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, false);
+  BSBERT_CHECK(residual.sizes() == at::IntArrayRef(c.out_shape), "bsr_linear_add_layer_norm: residual shape ",
+              residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape), " (x.shape[:-1] + [",
+              out_features, "])");
+  const at::Tensor y = c.y.view(c.out_shape);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  if (c.M < 2 * nthreads * c.path.mr || c.N == 0) {
+    if (c.M > 0 && c.N > 0) run(c);
+    return add_layer_norm_cpu(y, residual, ln_weight, ln_bias, eps);
+  }
+  AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y);
+  run_fused_rows(c, ln.args, ln.rows_fn);
+  return y;
+}
 }  // namespace cpu
 }  // namespace bsbert
 
-TORCH_LIBRARY_IMPL(bsbert, CPU, m) { m.impl("bsr_linear", &bsbert::cpu::bsr_linear_cpu); }
+TORCH_LIBRARY_IMPL(bsbert, CPU, m) {
+  m.impl("bsr_linear", &bsbert::cpu::bsr_linear_cpu);
+  m.impl("bsr_linear_add_layer_norm", &bsbert::cpu::bsr_linear_add_layer_norm_cpu);
+}

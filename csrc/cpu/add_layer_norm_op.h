@@ -1,0 +1,29 @@
+#pragma once
+// The torch-facing half of add_layer_norm (add_layer_norm.cpp), shared with ops that end in it
+// (bsr_linear_add_layer_norm in bsr_linear.cpp). Baseline-ISA translation units only.
+#include <torch/extension.h>
+
+#include "cpu/add_layer_norm.h"
+
+namespace bsbert {
+namespace cpu {
+
+// One add_layer_norm after its checks: the row kernel of this CPU and its arguments, with the tensors
+// those point into kept alive.
+struct AddLayerNormCall {
+  AddLayerNormArgs args;
+  AddLayerNormFn rows_fn = nullptr;
+  int64_t rows = 0;
+  at::Tensor x2, r2, gamma, beta;
+};
+
+// Checks x / residual / weight / bias (add_layer_norm's errors) and describes y = LayerNorm(x +
+// residual) into y (x's shape, contiguous; may be x itself: a row is read whole before it is written).
+AddLayerNormCall add_layer_norm_prepare(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                        const at::Tensor& bias, double eps, const at::Tensor& y);
+
+at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                              const at::Tensor& bias, double eps);
+
+}  // namespace cpu
+}  // namespace bsbert
