@@ -31,13 +31,14 @@ def _bias(lin: nn.Linear) -> torch.Tensor:
     return torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
 
 
-def _make_linear(name, weight, bias, gelu, lp: LinearPlan, opts, layer_index) -> SparseLinear:
+def _make_linear(name, weight, bias, gelu, lp: LinearPlan, opts, layer_index, ln_tail=False) -> SparseLinear:
     n, k = weight.shape
     choice = None
     if n and k:
         choice = choose_linear(weight.contiguous(), bias, gelu, select=opts["select"],
                                backend=opts["backend"], fmt=opts["format"], blocks=opts["blocks"],
-                               tokens=opts["tokens"], block_density=lp.block_density)
+                               tokens=opts["tokens"], block_density=lp.block_density,
+                               add_layer_norm_tail=ln_tail)
         lp.format, lp.block, lp.backend, lp.reason = choice.format, choice.block, choice.backend, choice.reason
     else:
         lp.format, lp.block, lp.backend, lp.reason = "empty", None, "bias-only", "no weights left"
@@ -104,8 +105,10 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     w = packed["qkv.weight"]
     dev, dt = w.device, w.dtype
     L = lp.linears
+    # BERT-style output projections feed DenseAddLayerNorm: measured with that tail (see _output_swap)
+    ln_tails = {"attn_out", "ffn_out"} if adapter.layer_style == "bert" else set()
     lin = {name: _make_linear(name, packed[f"{name}.weight"], packed[f"{name}.bias"],
-                              fuse_gelu and name == "ffn_in", L[name], opts, lp.index)
+                              fuse_gelu and name == "ffn_in", L[name], opts, lp.index, name in ln_tails)
            for name in ("qkv", "attn_out", "ffn_in", "ffn_out")}
     scale = float(getattr(attn, "scaling", d ** -0.5))
     from bsbert.ops.attention_backends import choose_attention

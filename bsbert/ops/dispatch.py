@@ -58,9 +58,25 @@ def explain(why_not: dict[str, list[str]]) -> str:
     return "; ".join(f"{k}: {', '.join(v)}" for k, v in why_not.items())
 
 
+def _with_add_layer_norm(prepared, tokens: int, n: int, like: torch.Tensor):
+    """x -> LayerNorm(prepared(x) + residual), as DenseAddLayerNorm will run it."""
+    from bsbert.nn.norm import add_layer_norm
+
+    residual = torch.randn(tokens, n, device=like.device).to(like.dtype)
+    norm = torch.nn.LayerNorm(n, device=like.device, dtype=like.dtype)
+    fused = getattr(prepared, "add_layer_norm", None)
+    if fused is not None:
+        return lambda x: fused(x, residual, norm.weight, norm.bias, norm.eps)
+    return lambda x: add_layer_norm(prepared(x), residual, norm)
+
+
 def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *,
                   select: str = "measure", backend: str | None = None, fmt: str | None = None,
-                  blocks=(32,), tokens: int = 384, block_density: float = 1.0) -> Choice:
+                  blocks=(32,), tokens: int = 384, block_density: float = 1.0,
+                  add_layer_norm_tail: bool = False) -> Choice:
+    """``add_layer_norm_tail``: the layer's output goes into a residual add + LayerNorm (BERT's
+    attention-output and FFN-output projections); the measurement then times each candidate with
+    that tail, fused into the GEMM where the backend can (cpu-bsr), so the choice sees what it runs."""
     fits, why_not = candidates(weight.device, weight.dtype, backend=backend, fmt=fmt, blocks=blocks)
     if not fits:
         raise ValueError(
@@ -86,6 +102,11 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
     x = torch.randn(tokens, weight.shape[1], device=weight.device).to(weight.dtype)
     prepared = {(name if blk is None else f"{name}@{blk}"): (BACKENDS[name].prepare(weight, bias, gelu, blk), name, blk)
                 for name, blk in fits}
-    order, ms, reason = rank_by_time({k: v[0] for k, v in prepared.items()}, x, f"M={tokens}")
+    fns = {k: v[0] for k, v in prepared.items()}
+    what = f"M={tokens}"
+    if add_layer_norm_tail:
+        fns = {k: _with_add_layer_norm(p, tokens, weight.shape[0], weight) for k, p in fns.items()}
+        what += " with the add+LayerNorm tail"
+    order, ms, reason = rank_by_time(fns, x, what)
     best, name, blk = prepared[order[0]]
     return Choice(best, name, BACKENDS[name].format, blk, reason, ms)
