@@ -1,0 +1,63 @@
+"""In-process A/B of one patched-model feature on the seed-like BERT-large (CPU): the same patched model
+with the feature off and on, timed in interleaved rounds (best round counts), so a busy shared machine
+slows both alike. Outputs are checked to be identical first.
+
+    python scripts/model_ab.py fused-tail --seq 128 --rounds 30
+    python scripts/model_ab.py fast-layers --seq 384 --rounds 12
+
+fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
+add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
+"""
+import argparse
+
+import torch
+
+import bsbert
+from bsbert import fast_layer, models
+from bsbert.bench import _inputs
+from bsbert.nn import DenseAddLayerNorm
+from bsbert.timing import best_of_interleaved
+
+
+def toggles(model, what):
+    if what == "fast-layers":
+        layers = model._bsbert_fast_layers
+        return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
+    mods = [m for m in model.modules() if isinstance(m, DenseAddLayerNorm) and m._gemm_fused() is not None]
+    fused = [m.dense.choice.prepared.add_layer_norm for m in mods]
+
+    def set_on(on):
+        for m, f in zip(mods, fused):
+            m.dense.choice.prepared.add_layer_norm = f if on else None
+    return set_on, len(mods)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers"])
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=20)
+    args = ap.parse_args()
+    model = models.seed_like_model().eval()
+    inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
+    bsbert.patch(model, tokens=args.seq, progress=False)
+    set_on, count = toggles(model, args.what)
+    with torch.inference_mode():
+        set_on(False)
+        off_out = model(**inp).start_logits
+        set_on(True)
+        on_out = model(**inp).start_logits
+    assert torch.equal(off_out, on_out), "outputs differ between off and on"
+
+    def run(on):
+        set_on(on)
+        model(**inp)
+    t_off, t_on = best_of_interleaved([lambda: run(False), lambda: run(True)], rounds=args.rounds, target_s=0.15)
+    set_on(True)
+    print(f"{args.what} ({count} modules), seq {args.seq}, {torch.get_num_threads()} threads, best of "
+          f"{args.rounds} rounds: off {t_off * 1e3:.2f} ms, on {t_on * 1e3:.2f} ms, "
+          f"saved {(t_off - t_on) * 1e3:.2f} ms ({100 * (t_off - t_on) / t_off:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
