@@ -27,7 +27,7 @@ def _label(name: str, module) -> str:
         return f"bsbert/{layer}/{op}"
     if isinstance(module, FusedIntermediate):
         return f"bsbert/{module.dense.name.partition('.')[0]}/intermediate"
-    if isinstance(module, DenseAddLayerNorm):  # the linear's range nests inside: the rest is add + norm
+    if isinstance(module, DenseAddLayerNorm):  # the linear's range nests inside (unless one fused op runs both)
         layer, _, op = module.dense.name.partition(".")
         return f"bsbert/{layer}/{op}+add_norm"
     if isinstance(module, FusedFFN):

@@ -13,8 +13,9 @@ def test_ranges_named_per_layer_and_removed_after():
     with torch.inference_mode(), nvtx.ranges(model, use_nvtx=False), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs())
     names = {e.key for e in prof.key_averages()}
-    for expected in ("bsbert/layer0/PrunedSelfAttention", "bsbert/layer0/qkv", "bsbert/layer0/attn_out",
-                     "bsbert/layer0/intermediate", "bsbert/layer0/ffn_out"):
+    # (an output projection on cpu-bsr runs inside its +add_norm range as one fused op: no range of its own)
+    for expected in ("bsbert/layer0/PrunedSelfAttention", "bsbert/layer0/qkv", "bsbert/layer0/attn_out+add_norm",
+                     "bsbert/layer0/intermediate", "bsbert/layer0/ffn_out+add_norm"):
         assert expected in names, sorted(n for n in names if n.startswith("bsbert"))
     # zero cost when off: no hooks remain
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -60,7 +60,9 @@ void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarTy
 
 // x viewed as [rows, N] with unit stride along N (any row stride); copies only if needed.
 at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  at::Tensor t2 = t.reshape({-1, N});
+  int64_t rows = 1;  // (not reshape(-1, N): ambiguous for an empty tensor)
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  at::Tensor t2 = t.reshape({rows, N});
   if (t2.stride(1) != 1 || (t2.size(0) > 1 && t2.stride(0) < N)) t2 = t2.contiguous();
   return t2;
 }

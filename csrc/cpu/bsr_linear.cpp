@@ -267,7 +267,7 @@ void run(BsrCall& c) {
 // threads is 64 + 64 rows rather than 72 + 56 (12-row register tiles), which cost 6-9% in balance.
 // Used when there are at least two register tiles per thread; below that (M = 1..16 per thread) the
 // block rows are what spread the work over the cores, and the op runs as bsr_linear then add_layer_norm.
-void run_fused_rows(BsrCall& c, const AddLayerNormArgs& ln, AddLayerNormFn ln_rows) {
+void run_fused_rows(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_rows) {
   const BsrLinearArgs& args = c.args;
   const int64_t M = c.M, b = c.b, nbr = c.nbr, mr = c.path.mr;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
@@ -294,7 +294,7 @@ void run_fused_rows(BsrCall& c, const AddLayerNormArgs& ln, AddLayerNormFn ln_ro
       ta.xp = args.xp + t * tile_panels * pstride;
       if (c.K > 0) c.path.pack(ta, 0, (rows + mr - 1) / mr, ta.xp);
       for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch.data());
-      ln_rows(ln, m0, m0 + rows, ln_scratch.data());
+      if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch.data());
     }
   };
   const int64_t nworkers = std::min(nthreads, ntiles);
@@ -310,7 +310,14 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
                           const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                           int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
   BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, gelu);
-  if (c.M > 0 && c.N > 0) run(c);
+  if (c.M > 0 && c.N > 0) {
+    const char* env = std::getenv("BSBERT_BSR_SPLIT");  // experiment: rows = the fused op's row split
+    const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+    if (env != nullptr && env[0] == 'r' && c.M >= 2 * nthreads * c.path.mr)
+      run_fused_rows(c, nullptr, nullptr);
+    else
+      run(c);
+  }
   return c.y.view(c.out_shape);
 }
 
@@ -332,7 +339,7 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
     return add_layer_norm_cpu(y, residual, ln_weight, ln_bias, eps);
   }
   AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y);
-  run_fused_rows(c, ln.args, ln.rows_fn);
+  run_fused_rows(c, &ln.args, ln.rows_fn);
   return y;
 }
 }  // namespace cpu
