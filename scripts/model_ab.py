@@ -4,11 +4,15 @@ slows both alike. Outputs are checked to be identical first.
 
     python scripts/model_ab.py fused-tail --seq 128 --rounds 30
     python scripts/model_ab.py fast-layers --seq 384 --rounds 12
+    python scripts/model_ab.py row-split --seq 128
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
+row-split: bsr_linear's default work split (whole rows per thread from M = 2 register tiles per thread
+up; on) or BSBERT_BSR_SPLIT=blocks (off).
 """
 import argparse
+import os
 
 import torch
 
@@ -20,6 +24,13 @@ from bsbert.timing import best_of_interleaved
 
 
 def toggles(model, what):
+    if what == "row-split":
+        def set_split(on):
+            if on:
+                os.environ.pop("BSBERT_BSR_SPLIT", None)
+            else:
+                os.environ["BSBERT_BSR_SPLIT"] = "blocks"
+        return set_split, sum(1 for m in model.modules() if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr")
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
@@ -34,7 +45,7 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers"])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", "row-split"])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()

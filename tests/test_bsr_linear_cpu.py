@@ -234,7 +234,9 @@ def test_thread_count_does_not_change_result():
 @pytest.mark.parametrize("env", [{}, {"BSBERT_BSR_MC": "24"}, {"BSBERT_BSR_ORDER": "m"}])
 def test_parallel_packing_per_m_tile(monkeypatch, dtype, env):
     # x large enough to be packed by the workers, one M tile at a time (partial last tile, several
-    # tiles per worker, more workers than cores): same result as one thread and as the reference
+    # tiles per worker, more workers than cores): same result as one thread and as the reference.
+    # (The block-row split: at this M the row split would be chosen, see test_row_and_block_row_splits_agree.)
+    monkeypatch.setenv("BSBERT_BSR_SPLIT", "blocks")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     w, bsm = make_bsm(200, 517, 32, 0.6, seed=11, dtype=dtype)
@@ -250,6 +252,27 @@ def test_parallel_packing_per_m_tile(monkeypatch, dtype, env):
         torch.set_num_threads(old)
     assert torch.equal(y1, y4)
     check(y4, ref64(x, w, b, True), dtype, x.shape, 200)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 23, 24, 47, 48, 64, 97, 128, 385])
+def test_row_and_block_row_splits_agree(monkeypatch, threads, dtype, m):
+    # the row split (whole rows per thread, from 2 register tiles per thread up) and the block-row split
+    # (BSBERT_BSR_SPLIT=blocks) compute every output with the same kernel over the same blocks: equal bits
+    w, bsm = make_bsm(160, 300, 32, 0.5, seed=m, dtype=dtype)
+    x = torch.randn(m, 300).to(dtype)
+    b = torch.randn(160).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y_rows = run_op(x, bsm, b, True)
+        monkeypatch.setenv("BSBERT_BSR_SPLIT", "blocks")
+        y_blocks = run_op(x, bsm, b, True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y_rows, y_blocks)
+    check(y_rows, ref64(x, w, b, True), dtype, x.shape, 160)
 
 
 def test_matches_reference_module():

@@ -7,7 +7,9 @@
 // bsr_linear_{portable,avx2,avx512,avx512bf16}.cpp and selected per call with effective_isa() (so
 // BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 takes effect immediately).
 //
-// Work split: tasks = (M tiles of mc rows) x (block rows). mc is at most 96 rows and shrinks (in
+// Work split, two schemes (split_rows() picks): with at least two 12-row register tiles per thread, each
+// thread takes whole rows (run_row_tiles: every block row of an even share of M, x packed by the thread
+// that uses it). Below that, tasks = (M tiles of mc rows) x (block rows) (run): mc is at most 96 rows and shrinks (in
 // multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
 // spreads over every core through the block rows. Threads claim runs of consecutive block rows of one
 // M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
@@ -260,14 +262,13 @@ void run(BsrCall& c) {
     at::parallel_for(0, nworkers, 1, worker);
 }
 
-// Row tiles of the fused op: one thread computes every block row of its rows, so it owns whole output
-// rows and normalises them while they are still in its L2. The rows are split evenly (nthreads tiles,
+// Row tiles: one thread computes every block row of its rows, so it owns whole output rows (the fused
+// op normalises them while they are still in its L2: ln != nullptr). The rows are split evenly (nthreads tiles,
 // or a multiple when a tile would exceed kMcMax rows), not in multiples of the register tile: each tile
 // runs as a GEMM of its own (x, y and its panel buffer offset to its first row), so M = 128 on two
 // threads is 64 + 64 rows rather than 72 + 56 (12-row register tiles), which cost 6-9% in balance.
-// Used when there are at least two register tiles per thread; below that (M = 1..16 per thread) the
-// block rows are what spread the work over the cores, and the op runs as bsr_linear then add_layer_norm.
-void run_fused_rows(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_rows) {
+// Used when split_rows(); otherwise the fused op runs as bsr_linear's block-row split then add_layer_norm.
+void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_rows) {
   const BsrLinearArgs& args = c.args;
   const int64_t M = c.M, b = c.b, nbr = c.nbr, mr = c.path.mr;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
@@ -304,6 +305,19 @@ void run_fused_rows(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_ro
     at::parallel_for(0, nworkers, 1, worker);
 }
 
+// Row tiles (run_row_tiles) once every thread gets at least two register tiles of rows; block rows
+// (run) below that, where they are what spreads M = 1..16 per thread over the cores.
+// BSBERT_BSR_SPLIT=blocks keeps the block-row split at every M (for comparisons and tests).
+// Why rows: hot, 2 threads, the row split ran 1.02-1.09x faster at M = 128 and 384 on BERT shapes
+// (1.5x for a 74-wide FFN, where every block-row task waited on a shared x packing), and the rows a
+// thread writes are the rows it reads next (FFN-in -> FFN-out, output block -> next QKV).
+bool split_rows(const BsrCall& c) {
+  const char* env = std::getenv("BSBERT_BSR_SPLIT");
+  if (env != nullptr && env[0] == 'b') return false;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  return c.M >= 2 * nthreads * c.path.mr;
+}
+
 }  // namespace
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -311,10 +325,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
                           int64_t out_features, int64_t in_features, int64_t block, bool gelu) {
   BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, gelu);
   if (c.M > 0 && c.N > 0) {
-    const char* env = std::getenv("BSBERT_BSR_SPLIT");  // experiment: rows = the fused op's row split
-    const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-    if (env != nullptr && env[0] == 'r' && c.M >= 2 * nthreads * c.path.mr)
-      run_fused_rows(c, nullptr, nullptr);
+    if (split_rows(c))
+      run_row_tiles(c, nullptr, nullptr);
     else
       run(c);
   }
@@ -333,13 +345,12 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
               residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape), " (x.shape[:-1] + [",
               out_features, "])");
   const at::Tensor y = c.y.view(c.out_shape);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  if (c.M < 2 * nthreads * c.path.mr || c.N == 0) {
+  if (!split_rows(c) || c.N == 0) {
     if (c.M > 0 && c.N > 0) run(c);
     return add_layer_norm_cpu(y, residual, ln_weight, ln_bias, eps);
   }
   AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y);
-  run_fused_rows(c, &ln.args, ln.rows_fn);
+  run_row_tiles(c, &ln.args, ln.rows_fn);
   return y;
 }
 }  // namespace cpu
