@@ -202,6 +202,20 @@ def test_same_result_for_any_thread_count():
     assert torch.equal(op(qkv, None, 3, 64, 0.125), a)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefetch_distance_does_not_change_values(monkeypatch, dtype):
+    # BSBERT_ATTN_PREFETCH=n: token rows prefetched ahead in pack / task (0 = off); the last rows of a
+    # sequence (S = 37, not a whole panel) must not prefetch past it. Values are the same bits.
+    gen = torch.Generator().manual_seed(6)
+    qkv = rand_qkv(3, 37, 2, 64, dtype, gen)
+    outs = []
+    for dist in ("0", "1", "8", "64"):
+        monkeypatch.setenv("BSBERT_ATTN_PREFETCH", dist)
+        outs.append(op(qkv, None, 2, 64, 0.125))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    check(outs[-1], qkv, None, 2, 64, 0.125)
+
+
 def check_varlen(lens, h, d, dtype, gen):
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     qkv = rand_qkv(1, int(cu[-1]), h, d, dtype, gen)[0]

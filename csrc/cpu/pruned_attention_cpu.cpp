@@ -40,6 +40,7 @@ constexpr int64_t kMqMax = 48;         // query rows per task (then rounded to t
 constexpr int64_t kKcDefault = 512;    // keys per online-softmax step
 constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
+constexpr int64_t kPrefetchRows = 8;   // token rows ahead that pack / task prefetch (0 turns it off)
 
 // bf16 qkv on an avx512_bf16 CPU takes the bf16 dot-product path; BSBERT_CPU_ISA=avx512 (or lower)
 // keeps the widening fp32 path, for comparisons and tests.
@@ -54,6 +55,14 @@ AttnPath select_path(bool bf16) {
     default:
       return attn_path_portable();
   }
+}
+
+// BSBERT_ATTN_PREFETCH=n (n >= 0), for experiments; read every call so that A/B runs can toggle it.
+int64_t env_int_or_zero(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  if (s == nullptr) return fallback;
+  const int64_t v = std::atoll(s);
+  return v >= 0 ? v : fallback;
 }
 
 int64_t env_int(const char* name, int64_t fallback) {
@@ -153,6 +162,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.live = live.data();
   a.kc = kc;
   a.mq = mq;
+  a.pf_rows = env_int_or_zero("BSBERT_ATTN_PREFETCH", kPrefetchRows);
 
   // Units of work: (b, h, first panel) packs and (b, h, first query row) tasks, in claim order.
   const int64_t pack_panels = std::max<int64_t>(1, kPackKeys / P);

@@ -74,6 +74,15 @@ struct AttnKernel {
     return static_cast<const char*>(a.qkv) + (a.qkv_off[b] + j * a.ld_qkv + col) * esz;
   }
 
+  // The cache lines of one token row's D values at col (a head's Q, K or V), for a later read. Token
+  // rows are ld_qkv apart (several KiB: every row of a head is on another page, which the hardware
+  // prefetchers do not follow), so without this each row read in pack and task waits on L3 or memory.
+  static void prefetch_row(const AttnArgs& a, int64_t b, int64_t j, int64_t col) {
+    const char* p = token(a, b, j, col);
+    const int64_t bytes = a.D * (a.bf16 ? 2 : 4);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+
   static int64_t lpad(const AttnArgs& a, int64_t b) { return a.ws_off[b + 1] - a.ws_off[b]; }
   // 32-bit elements (fp32 values or bf16 pairs) before K^T / V of (b, h) in a.kt / a.v.
   static int64_t head_ws(const AttnArgs& a, int64_t b, int64_t h) {
@@ -121,6 +130,10 @@ struct AttnKernel {
       for (int g = 0; g < NVK; ++g) {
         for (int jj = 0; jj < W; ++jj) {
           const int64_t key = p * P + g * W + jj;
+          if (a.pf_rows > 0 && key + a.pf_rows < L) {
+            prefetch_row(a, b, key + a.pf_rows, (a.H + h) * D);
+            prefetch_row(a, b, key + a.pf_rows, (2 * a.H + h) * D);
+          }
           float* br = blk + jj * DEpad;
           if (key < L)
             load_elems(token(a, b, key, (a.H + h) * D), a.bf16, D, 1.f, br);
@@ -340,6 +353,7 @@ struct AttnKernel {
     float* l = m + rows_pad;
     float* mx = l + rows_pad;
     for (int64_t r = 0; r < rows_pad; ++r) {
+      if (a.pf_rows > 0 && r + a.pf_rows < rows) prefetch_row(a, b, i0 + r + a.pf_rows, h * D);
       if (r < rows)
         load_elems(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
       else
