@@ -216,6 +216,31 @@ def test_prefetch_distance_does_not_change_values(monkeypatch, dtype):
     check(outs[-1], qkv, None, 2, 64, 0.125)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_head_and_shared_schedules_agree(monkeypatch, threads, dtype):
+    # default: a worker packs a head and computes its tiles, idle workers take the tail; shared
+    # (BSBERT_ATTN_SCHED=shared): all packs, then every tile on any worker. Same tasks: same bits,
+    # padded with masks (incl. a fully padded sequence) and varlen (incl. empty and 1-token sequences).
+    gen = torch.Generator().manual_seed(7)
+    qkv = rand_qkv(3, 75, 5, 64, dtype, gen)
+    cu = torch.tensor([0, 0, 1, 40, 40, 130], dtype=torch.int32)
+    flat = rand_qkv(1, 130, 5, 64, dtype, gen)[0]
+    ms = masks(3, 75, gen)
+    n = torch.get_num_threads()
+    outs = {}
+    try:
+        torch.set_num_threads(threads)
+        for sched in ("shared", "head"):
+            monkeypatch.setenv("BSBERT_ATTN_SCHED", sched)
+            outs[sched] = [op(qkv, m, 5, 64, 0.125) for m in ms]
+            outs[sched].append(torch.ops.bsbert.pruned_attention_varlen(flat, cu, 90, 5, 64, 0.125))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(x, y) for x, y in zip(outs["shared"], outs["head"]))
+    check(outs["head"][0], qkv, None, 5, 64, 0.125)
+
+
 def check_varlen(lens, h, d, dtype, gen):
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     qkv = rand_qkv(1, int(cu[-1]), h, d, dtype, gen)[0]

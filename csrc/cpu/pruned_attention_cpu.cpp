@@ -4,12 +4,11 @@
 // arithmetic is pruned_attention_kernel.h, instantiated per ISA and chosen per call with
 // effective_isa() (BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps it) and the dtype.
 //
-// Work split, in one at::parallel_for region: workers first claim (sequence, head, key group) units
-// that pack K^T and V of a head into panels (fp32, or bf16 pairs on the bf16-dot path; K is reused by
-// every query tile of its head, so it is transposed once, not per task), wait until all are packed,
-// then claim (sequence, head, query tile) tasks from an atomic counter, query tile fastest so that
-// both cores work on the same head's K/V. The query tile shrinks until there are >= 4 tasks per
-// thread (B = 1, S = 128 keeps 2 cores busy).
+// Work split, in one at::parallel_for region: K^T and V of a head are packed once into panels (fp32, or
+// bf16 pairs on the bf16-dot path; K is reused by every query tile of its head, so it is transposed
+// once, not per task). By default (run_by_head) the worker that packs a head also computes its query
+// tiles, and idle workers take the remaining tiles of packed heads at the end. The query tile shrinks
+// until there are >= 4 tiles per thread (B = 1, S = 128 keeps 2 cores busy at the tail).
 #include "check.h"
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -98,6 +97,61 @@ struct Seqs {
   at::Tensor mask;
 };
 
+// Default schedule: a worker claims a (sequence, head), packs its K^T and V and computes its query
+// tiles itself, so the packed K/V are read from the cache of the core that wrote them. When no head is
+// left it helps with the remaining tiles of heads others packed (only the tail crosses cores). No
+// barrier. On the seed model's 24 attention calls (S = 128, 4-16 heads, 2 threads) the shared schedule
+// (all packs, a barrier, then tiles of every head on both cores) scaled 1.16x from one thread to two.
+// BSBERT_ATTN_SCHED=shared selects the shared schedule (comparisons and tests).
+bool head_affinity() {
+  const char* env = std::getenv("BSBERT_ATTN_SCHED");
+  return env == nullptr || env[0] != 's';
+}
+
+void run_by_head(const AttnArgs& a, const AttnPath& path, const Seqs& sq, const std::vector<int64_t>& ws_off,
+                 int64_t H, int64_t mq, int64_t nthreads, int64_t scratch_floats) {
+  const int64_t B = static_cast<int64_t>(sq.len.size()), P = path.geo.panel;
+  const int64_t nunits = B * H;
+  struct Head {
+    std::atomic<int> packed{0};
+    std::atomic<int64_t> next_tile{0};
+  };
+  std::unique_ptr<Head[]> heads(new Head[nunits]);
+  auto ntiles = [&](int64_t b) { return (sq.len[b] + mq - 1) / mq; };
+  std::atomic<int64_t> next_unit{0};
+  auto tiles_of = [&](int64_t u, float* scratch) {
+    const int64_t b = u / H, h = u % H, n = ntiles(b);
+    for (;;) {
+      const int64_t t = heads[u].next_tile.fetch_add(1, std::memory_order_relaxed);
+      if (t >= n) break;
+      path.task(a, b, h, t * mq, scratch);
+    }
+  };
+  auto worker = [&](int64_t, int64_t) {
+    float* scratch = thread_buffer<struct AttnTaskScratchTag>(scratch_floats);  // the task writes all it reads
+    for (;;) {
+      const int64_t u = next_unit.fetch_add(1, std::memory_order_relaxed);
+      if (u >= nunits) break;
+      const int64_t b = u / H;
+      path.pack(a, b, u % H, 0, (ws_off[b + 1] - ws_off[b]) / P);
+      heads[u].packed.store(1, std::memory_order_release);
+      tiles_of(u, scratch);
+    }
+    for (int64_t u = 0; u < nunits; ++u) {  // the tail: tiles left in heads that others packed
+      if (heads[u].next_tile.load(std::memory_order_relaxed) >= ntiles(u / H)) continue;
+      while (heads[u].packed.load(std::memory_order_acquire) == 0) std::this_thread::yield();
+      tiles_of(u, scratch);
+    }
+  };
+  int64_t total_tiles = 0;
+  for (int64_t b = 0; b < B; ++b) total_tiles += H * ntiles(b);
+  const int64_t nworkers = std::min(nthreads, total_tiles);
+  if (nworkers <= 1)
+    worker(0, 1);
+  else
+    at::parallel_for(0, nworkers, 1, worker);
+}
+
 void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
   const int64_t B = static_cast<int64_t>(sq.len.size());
   const AttnPath path = select_path(qkv.scalar_type() == at::kBFloat16);
@@ -164,7 +218,13 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.mq = mq;
   a.pf_rows = env_int_or_zero("BSBERT_ATTN_PREFETCH", kPrefetchRows);
 
-  // Units of work: (b, h, first panel) packs and (b, h, first query row) tasks, in claim order.
+  const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
+  if (head_affinity()) {
+    run_by_head(a, path, sq, ws_off, H, mq, nthreads, scratch_floats);
+    return;
+  }
+  // (BSBERT_ATTN_SCHED=shared) Units of work: (b, h, first panel) packs and (b, h, first query row)
+  // tasks, in claim order; every pack before any task.
   const int64_t pack_panels = std::max<int64_t>(1, kPackKeys / P);
   std::vector<int64_t> packs, tasks;
   for (int64_t b = 0; b < B; ++b) {
@@ -176,7 +236,6 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   }
   const int64_t npack = static_cast<int64_t>(packs.size() / 3), ntasks = static_cast<int64_t>(tasks.size() / 3);
   std::atomic<int64_t> next_pack{0}, packed{0}, next_task{0};
-  const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
   auto worker = [&](int64_t, int64_t) {
     for (;;) {
       const int64_t i = next_pack.fetch_add(1, std::memory_order_relaxed);
