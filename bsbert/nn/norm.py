@@ -34,23 +34,26 @@ def fused_kernel_available() -> bool:
     return _available[0]
 
 
-def _kernel_applies(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> bool:
+def _norm_fits(norm: nn.LayerNorm, dtype: torch.dtype) -> bool:
+    """The kernels take this LayerNorm for inputs of ``dtype``: one normalised dim, affine, parameters
+    in ``dtype`` or fp32."""
     w, b = norm.weight, norm.bias
+    return (len(norm.normalized_shape) == 1 and w is not None and b is not None
+            and w.dtype in (dtype, torch.float32) and b.dtype in (dtype, torch.float32))
+
+
+def _kernel_applies(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> bool:
     return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and residual.dtype == x.dtype
-            and residual.shape == x.shape and x.dim() >= 1 and len(norm.normalized_shape) == 1
-            and w is not None and b is not None and w.dtype in (x.dtype, torch.float32)
-            and b.dtype in (x.dtype, torch.float32) and fused_kernel_available())
+            and residual.shape == x.shape and x.dim() >= 1 and _norm_fits(norm, x.dtype)
+            and fused_kernel_available())
 
 
 def _gemm_fused_applies(x: torch.Tensor, residual: torch.Tensor, dense: SparseLinear, norm: nn.LayerNorm) -> bool:
     """The GEMM + add + LayerNorm kernel takes this call: what _kernel_applies asks of the GEMM's
     output, asked of x before the GEMM (output shape = x.shape[:-1] + [out_features])."""
-    w, b = norm.weight, norm.bias
     return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and residual.dtype == x.dtype
-            and residual.dim() == x.dim() and residual.shape[:-1] == x.shape[:-1]
-            and residual.shape[-1] == dense.out_features and len(norm.normalized_shape) == 1
-            and w is not None and b is not None and w.dtype in (x.dtype, torch.float32)
-            and b.dtype in (x.dtype, torch.float32))
+            and x.dim() >= 1 and residual.shape == (*x.shape[:-1], dense.out_features)
+            and _norm_fits(norm, x.dtype))
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:

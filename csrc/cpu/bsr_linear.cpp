@@ -29,6 +29,7 @@
 #include "cpu/add_layer_norm_op.h"
 #include "cpu/bsr_linear.h"
 #include "cpu/isa.h"
+#include "cpu/run_workers.h"
 #include "cpu/thread_buffer.h"
 
 // torch's OpenMP backend implements at::parallel_for inline in its headers: a translation unit
@@ -255,11 +256,7 @@ void run(BsrCall& c) {
       for (int64_t rb = ch * g; rb < std::min(nbr, (ch + 1) * g); ++rb) path.fn(args, m0, m1, rb, sc);
     }
   };
-  const int64_t nworkers = std::min(nthreads, nclaims);
-  if (nworkers <= 1)
-    worker(0, 1);
-  else
-    at::parallel_for(0, nworkers, 1, worker);
+  run_workers(std::min(nthreads, nclaims), worker);
 }
 
 // Row tiles: one thread computes every block row of its rows, so it owns whole output rows (the fused
@@ -282,7 +279,7 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
     std::vector<float> scratch(static_cast<size_t>(max_rows * b) + 16);
-    std::vector<float> ln_scratch(static_cast<size_t>(add_layer_norm_scratch(c.N)));
+    std::vector<float> ln_scratch(ln ? static_cast<size_t>(add_layer_norm_scratch(c.N)) : 0);
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntiles) break;
@@ -298,11 +295,7 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
       if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch.data());
     }
   };
-  const int64_t nworkers = std::min(nthreads, ntiles);
-  if (nworkers <= 1)
-    worker(0, 1);
-  else
-    at::parallel_for(0, nworkers, 1, worker);
+  run_workers(std::min(nthreads, ntiles), worker);
 }
 
 // Row tiles (run_row_tiles) once every thread gets at least two register tiles of rows; block rows
@@ -353,6 +346,7 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
   run_row_tiles(c, &ln.args, ln.rows_fn);
   return y;
 }
+
 }  // namespace cpu
 }  // namespace bsbert
 

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/run_workers.h"
 #include "cpu/pruned_attention.h"
 #include "cpu/thread_buffer.h"
 
@@ -56,19 +57,13 @@ AttnPath select_path(bool bf16) {
   }
 }
 
-// BSBERT_ATTN_PREFETCH=n (n >= 0), for experiments; read every call so that A/B runs can toggle it.
-int64_t env_int_or_zero(const char* name, int64_t fallback) {
+// Tuning switches (BSBERT_ATTN_MQ, _KC, _PREFETCH), read every call so that A/B runs can toggle them;
+// a value below min_value falls back.
+int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
   const char* s = std::getenv(name);
   if (s == nullptr) return fallback;
   const int64_t v = std::atoll(s);
-  return v >= 0 ? v : fallback;
-}
-
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* s = std::getenv(name);
-  if (s == nullptr) return fallback;
-  const int64_t v = std::atoll(s);
-  return v > 0 ? v : fallback;
+  return v >= min_value ? v : fallback;
 }
 
 void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim,
@@ -145,11 +140,7 @@ void run_by_head(const AttnArgs& a, const AttnPath& path, const Seqs& sq, const 
   };
   int64_t total_tiles = 0;
   for (int64_t b = 0; b < B; ++b) total_tiles += H * ntiles(b);
-  const int64_t nworkers = std::min(nthreads, total_tiles);
-  if (nworkers <= 1)
-    worker(0, 1);
-  else
-    at::parallel_for(0, nworkers, 1, worker);
+  run_workers(std::min(nthreads, total_tiles), worker);
 }
 
 void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
@@ -216,7 +207,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.live = live.data();
   a.kc = kc;
   a.mq = mq;
-  a.pf_rows = env_int_or_zero("BSBERT_ATTN_PREFETCH", kPrefetchRows);
+  a.pf_rows = env_int("BSBERT_ATTN_PREFETCH", kPrefetchRows, 0);
 
   const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
   if (head_affinity()) {
@@ -252,11 +243,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
       path.task(a, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], scratch);
     }
   };
-  const int64_t nworkers = std::min(nthreads, std::max(ntasks, npack));
-  if (nworkers <= 1)
-    worker(0, 1);
-  else
-    at::parallel_for(0, nworkers, 1, worker);
+  run_workers(std::min(nthreads, std::max(ntasks, npack)), worker);
 }
 
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
