@@ -10,7 +10,8 @@
 # $OUT/summary.txt collects each step's status and the tail of its log. Commit the markdown results into
 # benchmarks/results/ afterwards.
 # Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0: one arch
-# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place).
+# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), GPU_STEPS="build
+# pytest_gpu ..." (run only the named steps: a short call spends the lease on what it has to show).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -29,6 +30,7 @@ pack() { tar czf "$OUT/gpu_logs.tgz" -C "$W" . 2>/dev/null || true; }
 # past the deadline (15 s kept for packing); appends status + log tail to $OUT/summary.txt.
 step() {
   local name="$1" limit="$2"; shift 2
+  if [ -n "${GPU_STEPS:-}" ] && [[ " $GPU_STEPS " != *" $name "* ]]; then return; fi
   local left=$(( DEADLINE_S - ($(date +%s) - START) - 15 ))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
