@@ -22,3 +22,26 @@ def test_compiled_patched_model_matches(backend):
     with torch.inference_mode():
         out = compiled(**inp)
     assert rel_err(ref, out) <= 1e-4
+
+
+@pytest.mark.parametrize("attention", ["cpu", "torch-sdpa"])
+@pytest.mark.parametrize("pad_from", [None, 20])
+def test_patched_model_compiles_to_one_graph(attention, pad_from):
+    """No graph break anywhere in a patched forward. A break inside the attention (once: a data-dependent
+    'is there any padding?' check) made every layer's attention a frame of its own; with a different
+    head count per layer those frames hit dynamo's recompile limit and ran eager behind guards, so the
+    compiled patched BERT-large was 6x slower than eager on an H200 (benchmarks/results/gpu-h200.md)."""
+    torch._dynamo.reset()
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64))
+    bsbert.patch(model, attention=attention, progress=False)
+    inp = inputs(pad_from=pad_from)
+    with torch.inference_mode():
+        ref = model(**inp)
+        explained = torch._dynamo.explain(model)(**inp)
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(model)(**inp)
+    assert rel_err(ref, out) <= 1e-4

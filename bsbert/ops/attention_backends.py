@@ -37,6 +37,12 @@ def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> tor
         pass
     else:
         raise ValueError(f"unsupported attention mask shape {tuple(attention_mask.shape)}")
+    # Eager: no padding -> None, so the kernels take their unmasked path. Under torch.compile that
+    # check is data-dependent (a graph break in every layer; each attention module then compiles as a
+    # frame of its own and, with a different head count per layer, hits dynamo's recompile limit), so
+    # the mask is always passed there: an all-true mask gives the same result.
+    if torch.compiler.is_compiling():
+        return keep.contiguous()
     return None if bool(keep.all()) else keep.contiguous()
 
 
