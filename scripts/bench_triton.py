@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--blocks", default="32", help="comma-separated block sizes (16,32,64)")
     ap.add_argument("--quick", action="store_true", help="M = 12288 only, fewer heads")
+    ap.add_argument("--ms", default="", help="comma-separated M values for the linear sweep (overrides --quick)")
+    ap.add_argument("--densities", default="", help="comma-separated block densities (default: 1,0.64,0.5,0.25,0.1)")
+    ap.add_argument("--nk", default="", help="comma-separated NxK shapes, e.g. 1024x1024,4096x1024 (default: all)")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--no-attention", action="store_true")
     args = ap.parse_args(argv)
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
           f"times are medians (ms), fp16.\n")
 
     if not args.no_linear:
-        ms = (384 * 32,) if args.quick else _bench.MS
+        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else (384 * 32,) if args.quick else _bench.MS
         print("## Block-sparse linear y = x @ W.T\n")
         print("Times are GPU time (each call replayed from a CUDA graph, no launch overhead); `wall` is the "
               "plain do_bench time of Triton / CUDA / cuBLAS (includes host overhead). Triton = bsbert's "
@@ -61,18 +64,22 @@ def main(argv=None) -> int:
               "cuBLAS TFLOP/s | ratio | wall ms T / C / cuBLAS |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for block in (int(b) for b in args.blocks.split(",")):
-            for n, k in _bench.NK:
+            nks = [tuple(int(v) for v in nk.split("x")) for nk in args.nk.split(",")] if args.nk else _bench.NK
+            for n, k in nks:
                 for m in ms:
-                    for d in _bench.DENSITIES:
+                    for d in (tuple(float(v) for v in args.densities.split(",")) if args.densities
+                              else _bench.DENSITIES):
                         r = _bench.bench_linear(m, n, k, d, block=block)
                         for key in ("cuda_error", "triton_graph_error", "cublas_graph_error"):
                             if key in r:
                                 errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")
+                        for tile, err in (r.get("cuda_tile_errors") or {}).items():
+                            errors.append(f"linear M={m} N={n} K={k} d={d} tile {tile}: {err}")
                         fl = 2 * m * n * k
                         useful = fl * r["real_density"]
                         tiles = r.get("cuda_tiles_graph_ms") or {}
-                        if tiles:
-                            r["cuda_best_tile_graph_ms"] = min(tiles.values())
+                        if any(v is not None for v in tiles.values()):
+                            r["cuda_best_tile_graph_ms"] = min(v for v in tiles.values() if v is not None)
                         tf = {key: (useful / r[key] * 1e-9 if r.get(key) else None)
                               for key in ("triton_graph_ms", "cuda_graph_ms", "cuda_best_tile_graph_ms")}
                         cub = r.get("cublas_graph_ms")

@@ -2,6 +2,7 @@
 ncu). Exercises every bsr_linear tile configuration (blocks 16/32/64, every rows x warps tile), M and N/K
 tails, an empty block row, bias+GELU, and attention with padding masks (a fully padded row) and varlen
 lengths 0 and 1. Usage: python scripts/cuda_sanitizer_driver.py [--only bsr|attention] [--big]
+[--shape M,N,K,density] (one block-32 bsr_linear of that shape, e.g. for ncu; BSBERT_CUDA_BSR_TILE picks the tile)
 """
 import argparse
 import math
@@ -14,16 +15,20 @@ from bsbert.formats import BlockSparseMatrix
 from bsbert.ops.linear_backends import CudaBsr
 
 
-def bsr(big: bool):
+def bsr(big: bool, shape: str = ""):
     gen = torch.Generator().manual_seed(0)
+    density = 0.5
     shapes = [(1, 64, 64, 32), (37, 100, 90, 32), (130, 200, 136, 16), (150, 130, 200, 64),
               (2000, 768, 768, 32), (2000, 256, 256, 64), (2000, 256, 256, 16)]
     if big:
         shapes = [(4096, 3072, 768, 32), (4096, 768, 3072, 32)]
+    if shape:
+        m, n, k, density = (float(v) for v in shape.split(","))
+        shapes, big = [(int(m), int(n), int(k), 32)], True
     for dtype in (torch.float16, torch.bfloat16):
         for m, n, k, b in shapes:
             w = torch.randn(n, k, generator=gen) / math.sqrt(k)
-            keep = (torch.rand(-(-n // b), -(-k // b), generator=gen) < 0.5)
+            keep = (torch.rand(-(-n // b), -(-k // b), generator=gen) < density)
             keep[keep.shape[0] // 2] = False
             w = w * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
             bsm = BlockSparseMatrix.from_dense(w.to(dtype), b, pad=True).to("cuda")
@@ -67,9 +72,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["bsr", "attention"])
     ap.add_argument("--big", action="store_true", help="BERT-sized bsr_linear only (for ncu)")
+    ap.add_argument("--shape", default="", help="M,N,K,density: one block-32 bsr_linear of that shape only")
     a = ap.parse_args()
     if a.only in (None, "bsr"):
-        bsr(a.big)
-    if a.only in (None, "attention") and not a.big:
+        bsr(a.big, a.shape)
+    if a.only in (None, "attention") and not (a.big or a.shape):
         attention()
     torch.cuda.synchronize()

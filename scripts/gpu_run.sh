@@ -72,6 +72,11 @@ TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --duratio
   tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
   tests/test_patch.py tests/test_profile_nvtx.py
 
+# Only when named in GPU_STEPS (the full pytest_gpu above includes it): the CUDA op tests alone.
+if [[ " ${GPU_STEPS:-} " == *" pytest_cuda_ops "* ]]; then
+  TAIL=20 step pytest_cuda_ops 90 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_cuda_ops.py
+fi
+
 if command -v compute-sanitizer > /dev/null; then
   step sanitizer_memcheck 45 compute-sanitizer --tool memcheck --leak-check no --padding 32 \
     --error-exitcode 42 "$PY" scripts/cuda_sanitizer_driver.py
@@ -91,6 +96,15 @@ if command -v ncu > /dev/null; then
   TAIL=60 step ncu_bsr 60 ncu --clock-control none --kernel-name regex:bsr_linear_mma_kernel --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     "$PY" scripts/cuda_sanitizer_driver.py --only bsr --big
+  # The same question for the x-slab kernel and the default tile on one BERT-large shape (M = 32 x 384,
+  # 1024 x 1024, block density 0.25), so the two reports compare directly.
+  for t in default slab64x8; do
+    tile_env=(-u BSBERT_CUDA_BSR_TILE); [ "$t" != default ] && tile_env=("BSBERT_CUDA_BSR_TILE=$t")
+    TAIL=60 step "ncu_bsr_$t" 60 env "${tile_env[@]}" ncu --clock-control none \
+      --kernel-name "regex:bsr_linear_(mma|slab)_kernel" --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy "$PY" scripts/cuda_sanitizer_driver.py \
+      --shape 12288,1024,1024,0.25
+  done
 fi
 
 [ "${SKIP_E2E:-0}" = 1 ] && { echo "== done (no e2e): status $status" | tee -a "$OUT/summary.txt"; pack; exit $status; }

@@ -113,8 +113,8 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
     from bsbert.formats import BlockSparseMatrix
 
     monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
-    bm = int(tile.split("x")[0])
-    gen = torch.Generator().manual_seed(block * 1000 + bm + int(tile.split("x")[1]))
+    bm, warps = (int(v) for v in tile.removeprefix("slab").split("x"))
+    gen = torch.Generator().manual_seed(block * 1000 + bm + warps + 7 * tile.startswith("slab"))
     n, k = 3 * block + 5, 4 * block + 8
     w = _random_bsr_weight(n, k, block, 0.6, gen)
     w[block:2 * block] = 0  # one block row with no stored block
@@ -130,7 +130,54 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
                 torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16"])
+SLAB_TILES = [t for t in CudaBsr.TILES[32] if t.startswith("slab")]
+
+
+@pytest.mark.parametrize("tile", SLAB_TILES)
+@pytest.mark.parametrize("pattern", ["random", "skewed"])
+def test_bsr_linear_slab_long_runs(tile, pattern, monkeypatch):
+    """The x-slab kernel's persistent grid: with more (M tile, block row) units than CTAs, each CTA's run
+    crosses M tiles (several slab loads) and its warps take several block rows each (W rings prefetching
+    across block rows). 'skewed': all blocks in three block rows, so the weight-balanced split hands some
+    CTAs a single heavy row and others many empty ones. Checked against float64 and the default tile."""
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    gen = torch.Generator().manual_seed(len(tile) * 31 + len(pattern))
+    m, n, k = 3000, 1000, 1000  # K % 64 != 0: the slab's last columns are zero-filled
+    if pattern == "random":
+        w = _random_bsr_weight(n, k, 32, 0.3, gen)
+    else:
+        w = torch.zeros(n, k, dtype=torch.float64)
+        for rb in (0, 7, 31):
+            w[rb * 32:(rb + 1) * 32] = torch.randn(min(32, n - rb * 32), k, generator=gen, dtype=torch.float64)
+        w /= math.sqrt(k)
+    for dtype in (torch.float16, torch.bfloat16):
+        bsm = BlockSparseMatrix.from_dense(w.to(dtype), 32, pad=True).to(DEV)
+        x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+        bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
+        monkeypatch.delenv("BSBERT_CUDA_BSR_TILE", raising=False)
+        y_default = _bsr_call(x, bsm, bias, True)
+        monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
+        y = _bsr_call(x, bsm, bias, True)
+        ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
+        torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
+        torch.testing.assert_close(y, y_default)
+
+
+def test_bsr_linear_slab_too_wide_names_the_limit(monkeypatch):
+    """A slab that cannot fit in shared memory (64 rows x K=8192 x 2 bytes = 1 MiB) is an error naming the
+    shared-memory need, not a failed launch or a wrong answer."""
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    bsm = BlockSparseMatrix.from_dense(torch.randn(64, 8192, dtype=torch.float16), 32).to(DEV)
+    monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", "slab64x8")
+    with pytest.raises(RuntimeError, match="shared memory for in_features=8192"):
+        _bsr_call(torch.randn(8, 8192, dtype=torch.float16, device=DEV), bsm, None, False)
+
+
+@pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16", "slab128x8", "slab64x8x"])
 def test_bsr_linear_rejects_bad_tile_config(tile, monkeypatch):
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix

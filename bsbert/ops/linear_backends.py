@@ -166,8 +166,11 @@ class CudaBsr(LinearBackend):
     name = "cuda-bsr"
     format = "bsr"
     # Tile configurations (rows x warps) per block size that BSBERT_CUDA_BSR_TILE can force; mirrors the
-    # BsrConfig list in csrc/cuda/bsr_linear_cuda.cu (tests and benchmarks iterate over it).
-    TILES = {16: ("64x4", "128x4"), 32: ("64x4", "64x8", "128x4", "128x8", "256x8"),
+    # BsrConfig and SlabConfig lists in csrc/cuda/bsr_linear_cuda.cu (tests and benchmarks iterate over it).
+    # "slab..." = the x-slab kernel (csrc/cuda/bsr_linear_slab.cuh): x's [rows, K] slab stays in shared
+    # memory, so it needs rows * K * 2 bytes + the W rings (it raises a clear error when K is too large).
+    TILES = {16: ("64x4", "128x4"),
+             32: ("64x4", "64x8", "128x4", "128x8", "256x8", "slab64x8", "slab64x4", "slab32x8"),
              64: ("64x4", "128x4", "128x8")}
 
     def not_supported_reasons(self, device, dtype, block):

@@ -15,12 +15,16 @@
 //
 // -DBSBERT_KERNELS_ONLY compiles the kernels alone (no torch headers, no host code): tests/test_cuda_sass.py
 // uses it to check registers/spills/SASS quickly without a GPU.
+#include "cuda/bsr_linear_slab.cuh"
+#include "cuda/bsr_tile_fragments.cuh"
 #include "cuda/mma_utils.cuh"
 
 #ifndef BSBERT_KERNELS_ONLY
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -139,19 +143,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const int ch = kk * 2 + (lane >> 4);
         ldmatrix_x4(a[i], smem_u32(sx + Swz::chunk_offset(r, ch)));
       }
-#pragma unroll
-      for (int j = 0; j < NT / 2; ++j) {
-        // W block rows are output features (n), columns k: non-transposed ldmatrix yields the col-major
-        // B fragments of two n8 tiles directly.
-        const int r = wn * Cfg::WTN + j * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int ch = kk * 2 + ((lane >> 3) & 1);
-        uint32_t t[4];
-        ldmatrix_x4(t, smem_u32(sw + Swz::chunk_offset(r, ch)));
-        b[2 * j][0] = t[0];
-        b[2 * j][1] = t[1];
-        b[2 * j + 1][0] = t[2];
-        b[2 * j + 1][1] = t[3];
-      }
+      load_w_fragments<BLOCK, NT>(b, sw, wn * Cfg::WTN, kk, lane);
 #pragma unroll
       for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -160,37 +152,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
   cp_async_wait<0>();  // no copy may be in flight when the CTA exits
 
-  // ---- epilogue: bias, GELU, predicated stores ----
-  const bool pair_ok = (N % 2) == 0;  // 4-byte aligned pair stores
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int gn = n0 + wn * Cfg::WTN + j * 8 + (lane & 3) * 2;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      if (gn < N) b0 = Ty::to_float(bias[gn]);
-      if (gn + 1 < N) b1 = Ty::to_float(bias[gn + 1]);
-    }
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int gm = m0 + wm * Cfg::WTM + i * 16 + (lane >> 2) + h * 8;
-        if (gm >= M) continue;
-        float v0 = acc[i][j][2 * h] + b0, v1 = acc[i][j][2 * h + 1] + b1;
-        if (gelu) {
-          v0 = gelu_erf(v0);
-          v1 = gelu_erf(v1);
-        }
-        T* dst = y + static_cast<int64_t>(gm) * N + gn;
-        if (pair_ok && gn + 1 < N) {
-          *reinterpret_cast<uint32_t*>(dst) = Ty::pack(v0, v1);
-        } else {
-          if (gn < N) dst[0] = Ty::from_float(v0);
-          if (gn + 1 < N) dst[1] = Ty::from_float(v1);
-        }
-      }
-    }
-  }
+  store_acc_tile<T, MT, NT>(acc, y, bias, M, N, m0 + wm * Cfg::WTM, n0 + wn * Cfg::WTN, lane, gelu);
 }
 
 // fp32: one thread per output element (SIMT, fp32 accumulate). Correct for any shape; not tuned.
@@ -238,19 +200,74 @@ struct CfgList {};
 using AllBsrConfigs = CfgList<Cfg16x64, Cfg16x128, Cfg32x64, Cfg32x64w8, Cfg32x128, Cfg32x128w8, Cfg32x256,
                               Cfg64x64, Cfg64x128, Cfg64x128w8>;
 
+// The x-slab kernels (bsr_linear_slab.cuh), block 32 only, forced with BSBERT_CUDA_BSR_TILE=slab<rows>x<warps>
+// until measured to pay: 64 rows x 8 warps (K=1024: 128 KB slab + 64 KB of W rings, one CTA per SM),
+// 64 x 4 (fewer warps, 160 KB) and 32 x 8 (half the slab: two CTAs per SM up to K=1024 on an H100/H200).
+using Slab64x8 = SlabConfig<64, 8, 4>;
+using Slab64x4 = SlabConfig<64, 4, 4>;
+using Slab32x8 = SlabConfig<32, 8, 4>;
+using AllSlabConfigs = CfgList<Slab64x8, Slab64x4, Slab32x8>;
+
 #ifdef BSBERT_KERNELS_ONLY
-template <typename... Cfgs>
-void take_kernels(CfgList<Cfgs...>, void** out) {
+template <typename... Cfgs, typename... Slabs>
+void take_kernels(CfgList<Cfgs...>, CfgList<Slabs...>, void** out) {
   int i = 0;
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__half, Cfgs>), ...);
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__nv_bfloat16, Cfgs>), ...);
+  ((out[i++] = (void*)&bsr_linear_slab_kernel<__half, Slabs>), ...);
+  ((out[i++] = (void*)&bsr_linear_slab_kernel<__nv_bfloat16, Slabs>), ...);
   out[i] = (void*)&bsr_linear_f32_kernel;
 }
 }  // namespace
 // Instantiates every kernel the dispatcher can launch (SASS/resource checks); never called.
-void bsr_linear_kernels_for_sass(void** out) { take_kernels(AllBsrConfigs{}, out); }
+void bsr_linear_kernels_for_sass(void** out) { take_kernels(AllBsrConfigs{}, AllSlabConfigs{}, out); }
 namespace {
 #else
+// Launches the x-slab kernel: a persistent grid of as many CTAs as fit on the GPU at once (never more than
+// there are (M tile, block row) units); a clear error when the slab does not fit in shared memory.
+template <typename T, typename Cfg>
+void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                 const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+  const int64_t smem = Cfg::smem_bytes(K);
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=slab", Cfg::BM, "x", Cfg::WARPS,
+              " needs ", smem, " bytes of shared memory for in_features=", K, " (a ", Cfg::BM, " x ",
+              Cfg::slab_cols(K), " slab of x plus the W rings); this GPU allows ", optin,
+              " per block: use a smaller slab or a rows x warps tile");
+  auto kernel = bsr_linear_slab_kernel<T, Cfg>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
+  BSBERT_CHECK(per_sm > 0, "bsr_linear (CUDA): the slab kernel cannot be resident with ", smem,
+              " bytes of shared memory");
+  const int num_m_tiles = (M + Cfg::BM - 1) / Cfg::BM;
+  const int nbr = (N + Cfg::BLOCK - 1) / Cfg::BLOCK;
+  const int64_t units = static_cast<int64_t>(num_m_tiles) * nbr;
+  BSBERT_CHECK(units < (int64_t{1} << 31), "bsr_linear (CUDA): ", units, " (M tile, block row) units are too many "
+              "for the slab kernel (at most 2^31 - 1)");
+  const int64_t grid = std::min<int64_t>(units, static_cast<int64_t>(per_sm) * sm_count());
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
+      reinterpret_cast<const T*>(vals.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
+      num_m_tiles, nbr, gelu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename... Slabs>
+bool launch_matching_slab(CfgList<Slabs...>, int bm, int warps, const at::Tensor& x2, const at::Tensor& crow,
+                          const at::Tensor& col, const at::Tensor& vals, const T* bias, at::Tensor& y, int M, int N,
+                          int K, bool gelu, cudaStream_t stream) {
+  auto try_one = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    if (bm != Cfg::BM || warps != Cfg::WARPS) return false;
+    launch_slab<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    return true;
+  };
+  return (try_one(Slabs{}) || ...);
+}
+
 template <typename T, typename Cfg>
 void launch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                 const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
@@ -292,6 +309,13 @@ std::string config_names(CfgList<Cfgs...>) {
   return s;
 }
 
+template <typename... Slabs>
+std::string config_names_slab(CfgList<Slabs...>) {
+  std::string s;
+  ((s += msg(" slab", Slabs::BM, "x", Slabs::WARPS, ";")), ...);
+  return s;
+}
+
 template <typename T>
 void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                   const at::Tensor* bias_t, at::Tensor& y, int M, int N, int K, int block, bool gelu) {
@@ -304,12 +328,21 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   const bool small = ((M + 127) / 128) * block_rows < 2 * static_cast<int64_t>(sms);
   int bm = small ? 64 : 128, warps = 4;
   const char* env = std::getenv("BSBERT_CUDA_BSR_TILE");
-  if (env != nullptr && std::sscanf(env, "%dx%d", &bm, &warps) != 2) bm = -1;
-  const bool ok = launch_matching<T>(AllBsrConfigs{}, block, bm, warps, x2, crow, col, vals, bias, y, M, N, K,
-                                     gelu, stream);
+  bool slab = false;
+  if (env != nullptr) {
+    slab = std::strncmp(env, "slab", 4) == 0;
+    int used = 0;
+    const char* spec = slab ? env + 4 : env;
+    if (std::sscanf(spec, "%dx%d%n", &bm, &warps, &used) != 2 || spec[used] != '\0') bm = -1;
+  }
+  const bool ok = slab ? block == 32 && launch_matching_slab<T>(AllSlabConfigs{}, bm, warps, x2, crow, col, vals,
+                                                                bias, y, M, N, K, gelu, stream)
+                       : launch_matching<T>(AllBsrConfigs{}, block, bm, warps, x2, crow, col, vals, bias, y, M, N,
+                                            K, gelu, stream);
   BSBERT_CHECK(ok, "bsr_linear (CUDA): no tile configuration for block ", block,
                env ? msg(" and BSBERT_CUDA_BSR_TILE='", env, "'") : std::string(),
-               " (rows x warps:", config_names(AllBsrConfigs{}), ")");
+               " (rows x warps:", config_names(AllBsrConfigs{}), " block 32 x-slab: ", config_names_slab(AllSlabConfigs{}),
+               ")");
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) == 0; }
