@@ -165,6 +165,25 @@ def test_bsr_linear_slab_long_runs(tile, pattern, monkeypatch):
         torch.testing.assert_close(y, y_default)
 
 
+def test_bsr_linear_default_tile_at_bert_large_sizes(monkeypatch):
+    """The default dispatch at sizes where it picks the x-slab kernel (M = 12288, N = 1024: >= 32 units per
+    SM) and where the slab cannot fit (K = 4096): float64 reference and a forced rows x warps tile agree."""
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    gen = torch.Generator().manual_seed(11)
+    for m, n, k in ((12288, 1024, 1024), (12288, 256, 4096)):
+        w = _random_bsr_weight(n, k, 32, 0.25, gen)
+        bsm = BlockSparseMatrix.from_dense(w.half(), 32, pad=True).to(DEV)
+        x = torch.randn(m, k, generator=gen).half().to(DEV)
+        monkeypatch.delenv("BSBERT_CUDA_BSR_TILE", raising=False)
+        y = _bsr_call(x, bsm, None, False)
+        monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", "128x4")
+        torch.testing.assert_close(y, _bsr_call(x, bsm, None, False))
+        ref = _ref_linear(x[:512].cpu(), bsm.to_dense().cpu(), None, False)
+        torch.testing.assert_close(y[:512].cpu().double(), ref, **TOL[torch.float16])
+
+
 def test_bsr_linear_slab_too_wide_names_the_limit(monkeypatch):
     """A slab that cannot fit in shared memory (64 rows x K=8192 x 2 bytes = 1 MiB) is an error naming the
     shared-memory need, not a failed launch or a wrong answer."""

@@ -229,9 +229,7 @@ template <typename T, typename Cfg>
 void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                  const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
   const int64_t smem = Cfg::smem_bytes(K);
-  int dev = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const int optin = max_smem_optin();
   BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=slab", Cfg::BM, "x", Cfg::WARPS,
               " needs ", smem, " bytes of shared memory for in_features=", K, " (a ", Cfg::BM, " x ",
               Cfg::slab_cols(K), " slab of x plus the W rings); this GPU allows ", optin,
@@ -323,12 +321,19 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count();
   const int64_t block_rows = (N + block - 1) / block;
-  // 128-row tiles unless that leaves fewer than ~2 CTAs per SM; then 64-row tiles (more CTAs).
-  // BSBERT_CUDA_BSR_TILE=<rows>x<warps> (e.g. 128x8) forces a configuration (benchmarks and tests).
+  // Block 32: the x-slab kernel (64 rows x 8 warps) when its slab fits in shared memory and there are at
+  // least 32 (64-row M tile, block row) units per SM, i.e. ~4 block rows per warp. On the H200 (fp16,
+  // benchmarks/results/gpu-h200.md, stop 11) that rule picks it exactly where it beat the default tile:
+  // M = 12288 with N = 1024 or 4096 and M = 3072 with N = 4096 (1.17-1.84x at densities 1/0.5/0.25);
+  // at M = 3072, N = 1024 (12 units per SM) it was slower at density 0.25.
+  // Otherwise 128-row tiles unless that leaves fewer than ~2 CTAs per SM; then 64-row tiles (more CTAs).
+  // BSBERT_CUDA_BSR_TILE=<rows>x<warps> (e.g. 128x8) or slab<rows>x<warps> forces a configuration.
   const bool small = ((M + 127) / 128) * block_rows < 2 * static_cast<int64_t>(sms);
   int bm = small ? 64 : 128, warps = 4;
   const char* env = std::getenv("BSBERT_CUDA_BSR_TILE");
-  bool slab = false;
+  bool slab = block == 32 && ((M + Slab64x8::BM - 1) / Slab64x8::BM) * block_rows >= 32 * static_cast<int64_t>(sms) &&
+              Slab64x8::smem_bytes(K) <= max_smem_optin();
+  if (slab) bm = Slab64x8::BM, warps = Slab64x8::WARPS;
   if (env != nullptr) {
     slab = std::strncmp(env, "slab", 4) == 0;
     int used = 0;

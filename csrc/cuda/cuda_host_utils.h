@@ -12,8 +12,10 @@
 namespace bsbert {
 namespace cuda {
 
-// Number of SMs of the current device (cached per device id; up to 64 devices).
-inline int sm_count() {
+// A device attribute of the current device, cached per device id (up to 64 devices): the dispatchers
+// ask on every call.
+template <cudaDeviceAttr Attr>
+inline int cached_device_attr() {
   static std::atomic<int> cache[64] = {};
   const int dev = static_cast<int>(c10::cuda::current_device());
   if (dev >= 0 && dev < 64) {
@@ -21,10 +23,14 @@ inline int sm_count() {
     if (v > 0) return v;
   }
   int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, dev));
   if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
+
+inline int sm_count() { return cached_device_attr<cudaDevAttrMultiProcessorCount>(); }
+// Largest dynamic shared memory one block may opt in to.
+inline int max_smem_optin() { return cached_device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
 
