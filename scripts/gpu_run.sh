@@ -10,7 +10,8 @@
 # $OUT/summary.txt collects each step's status and the tail of its log. Commit the markdown results into
 # benchmarks/results/ afterwards.
 # Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0: one arch
-# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), GPU_STEPS="build
+# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), KERNEL_ARGS /
+# KERNEL_AUTOTUNE (the kernel bench's arguments and Triton autotuning, default off), GPU_STEPS="build
 # pytest_gpu ..." (run only the named steps: a short call spends the lease on what it has to show).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -87,9 +88,15 @@ else
 fi
 
 # Kernels: bsbert Triton + CUDA C++ vs cuBLAS dense / torch's Triton BSR, and attention vs SDPA.
-# KERNEL_ARGS="" runs the full sweep (M = 384, 3072, 12288; several minutes with autotuning).
-TAIL=45 step kernels 200 "$PY" scripts/bench_triton.py ${KERNEL_ARGS---quick}
+# The default linear sweep is the one stop 11 ran in 141 s (12 rows x every tile, Triton autotuning off);
+# KERNEL_ARGS="" runs the full sweep (M = 384, 3072, 12288; several minutes with autotuning). Attention
+# (Triton, CUDA, SDPA; 3 head counts) is a step of its own so a slow linear sweep cannot starve it.
+BSBERT_TRITON_AUTOTUNE="${KERNEL_AUTOTUNE:-0}" TAIL=45 step kernels 200 "$PY" scripts/bench_triton.py \
+  ${KERNEL_ARGS---ms 3072,12288 --nk 1024x1024,4096x1024 --densities 1,0.5,0.25 --no-attention}
 cp "$W/kernels.txt" "$OUT/kernels.md" 2>/dev/null
+BSBERT_TRITON_AUTOTUNE="${KERNEL_AUTOTUNE:-0}" TAIL=25 step kernels_attention 90 "$PY" scripts/bench_triton.py \
+  --no-linear --quick
+cp "$W/kernels_attention.txt" "$OUT/kernels_attention.md" 2>/dev/null
 
 # Nsight Compute on the BERT-sized BSR GEMMs: speed of light (SM vs memory), L2/DRAM traffic, occupancy.
 if command -v ncu > /dev/null; then
