@@ -200,9 +200,12 @@ struct CfgList {};
 using AllBsrConfigs = CfgList<Cfg16x64, Cfg16x128, Cfg32x64, Cfg32x64w8, Cfg32x128, Cfg32x128w8, Cfg32x256,
                               Cfg64x64, Cfg64x128, Cfg64x128w8>;
 
-// The x-slab kernels (bsr_linear_slab.cuh), block 32 only, forced with BSBERT_CUDA_BSR_TILE=slab<rows>x<warps>
-// until measured to pay: 64 rows x 8 warps (K=1024: 128 KB slab + 64 KB of W rings, one CTA per SM),
-// 64 x 4 (fewer warps, 160 KB) and 32 x 8 (half the slab: two CTAs per SM up to K=1024 on an H100/H200).
+// The x-slab kernels (bsr_linear_slab.cuh), block 32 only: 64 rows x 8 warps (K=1024: 128 KB slab + 64 KB
+// of W rings, one CTA per SM; dispatch_mma's default for large M), and, forced with
+// BSBERT_CUDA_BSR_TILE=slab<rows>x<warps>, 64 x 4 (fewer warps, 160 KB) and 32 x 8 (half the slab, but with
+// its 64 KB of W rings still one CTA per SM at K=1024). On the H200 both were slower than 64 x 8 except
+// 32 x 8 at M = 3072, N = 1024, density 0.5 / 0.25: 0.032 / 0.022 ms (64 x 8: 0.033 / 0.024; default tile
+// 0.035 / 0.021).
 using Slab64x8 = SlabConfig<64, 8, 4>;
 using Slab64x4 = SlabConfig<64, 4, 4>;
 using Slab32x8 = SlabConfig<32, 8, 4>;

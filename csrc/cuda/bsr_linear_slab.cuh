@@ -1,5 +1,5 @@
-// The "x slab" variant of bsbert::bsr_linear for block 32, fp16/bf16 (selected with
-// BSBERT_CUDA_BSR_TILE=slab<rows>x<warps>; see bsr_linear_cuda.cu for the format and the default kernel).
+// The "x slab" variant of bsbert::bsr_linear for block 32, fp16/bf16 (the dispatcher in bsr_linear_cuda.cu
+// picks slab64x8 for large M, BSBERT_CUDA_BSR_TILE=slab<rows>x<warps> forces one; the format is described there).
 //
 // Why: the default kernel gives each CTA one M tile x one 32-wide block row, so each k-step brings a
 // [BM, 32] x tile (8 KB at BM=128) into shared memory for one 32x32 W block (2 KB): at most ~32 FLOP per
@@ -90,7 +90,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int units = num_m_tiles * nbr;
   // CTA c starts at weight ~ c * total / P. Any rule monotone in c that gives 0 for c = 0 and total for
   // c = P partitions the units consistently (the end of CTA c is the start of CTA c+1); multiplying by a
-  // reciprocal is monotone and, unlike a 64-bit or double division, is not a call (which needs a stack).
+  // reciprocal is monotone. (An exact 64-bit ceil division would serve as well: the stack frame once blamed
+  // on it came from ptxas capping registers, fixed by __launch_bounds__(..., 1); this form is the one that
+  // ran on the GPU.)
   const int64_t total = static_cast<int64_t>(num_m_tiles) * per_tile;
   const double inv_p = static_cast<double>(__frcp_rn(static_cast<float>(gridDim.x)));
   auto start_weight = [&](unsigned cta) -> int64_t {
