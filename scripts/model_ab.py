@@ -5,11 +5,13 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py fused-tail --seq 128 --rounds 30
     python scripts/model_ab.py fast-layers --seq 384 --rounds 12
     python scripts/model_ab.py row-split --seq 128
+    python scripts/model_ab.py balanced-panels --seq 128
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
 row-split: bsr_linear's default work split (whole rows per thread from M = 2 register tiles per thread
-up; on) or BSBERT_BSR_SPLIT=blocks (off).
+up; on) or BSBERT_BSR_SPLIT=blocks (off). balanced-panels: a row-split tile's rows in near-equal
+register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows and a short last one).
 """
 import argparse
 import os
@@ -23,14 +25,19 @@ from bsbert.nn import DenseAddLayerNorm
 from bsbert.timing import best_of_interleaved
 
 
+ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned")}
+
+
 def toggles(model, what):
-    if what == "row-split":
-        def set_split(on):
+    if what in ENV_TOGGLES:
+        var, off_value = ENV_TOGGLES[what]
+
+        def set_env(on):
             if on:
-                os.environ.pop("BSBERT_BSR_SPLIT", None)
+                os.environ.pop(var, None)
             else:
-                os.environ["BSBERT_BSR_SPLIT"] = "blocks"
-        return set_split, sum(1 for m in model.modules() if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr")
+                os.environ[var] = off_value
+        return set_env, sum(1 for m in model.modules() if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr")
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
@@ -45,7 +52,7 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers", "row-split"])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()

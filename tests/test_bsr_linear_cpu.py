@@ -257,22 +257,28 @@ def test_parallel_packing_per_m_tile(monkeypatch, dtype, env):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 23, 24, 47, 48, 64, 97, 128, 385])
-def test_row_and_block_row_splits_agree(monkeypatch, threads, dtype, m):
-    # the row split (whole rows per thread, from 2 register tiles per thread up) and the block-row split
-    # (BSBERT_BSR_SPLIT=blocks) compute every output with the same kernel over the same blocks: equal bits
-    w, bsm = make_bsm(160, 300, 32, 0.5, seed=m, dtype=dtype)
+@pytest.mark.parametrize("n", [160, 150])
+def test_row_and_block_row_splits_agree(monkeypatch, threads, dtype, m, n):
+    # the row split (whole rows per thread, from 2 register tiles per thread up; its rows in near-equal
+    # register-tile panels, or in panels of mr rows with BSBERT_BSR_PANELS=aligned) and the block-row
+    # split (BSBERT_BSR_SPLIT=blocks) compute every output with the same kernel over the same blocks:
+    # equal bits. n = 150: the last block row is partial (the scratch epilogue path).
+    w, bsm = make_bsm(n, 300, 32, 0.5, seed=m, dtype=dtype)
     x = torch.randn(m, 300).to(dtype)
-    b = torch.randn(160).to(dtype)
+    b = torch.randn(n).to(dtype)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         y_rows = run_op(x, bsm, b, True)
+        monkeypatch.setenv("BSBERT_BSR_PANELS", "aligned")
+        y_aligned = run_op(x, bsm, b, True)
         monkeypatch.setenv("BSBERT_BSR_SPLIT", "blocks")
         y_blocks = run_op(x, bsm, b, True)
     finally:
         torch.set_num_threads(old)
+    assert torch.equal(y_rows, y_aligned)
     assert torch.equal(y_rows, y_blocks)
-    check(y_rows, ref64(x, w, b, True), dtype, x.shape, 160)
+    check(y_rows, ref64(x, w, b, True), dtype, x.shape, n)
 
 
 def test_matches_reference_module():

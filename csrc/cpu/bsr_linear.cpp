@@ -168,6 +168,7 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   args.y = c.y.data_ptr();
   args.ldy = N;
   args.y_bf16 = bf16;
+  args.balanced_panels = 0;
   c.path = select_path(bf16);
   c.M = M;
   c.N = N;
@@ -259,6 +260,13 @@ void run(BsrCall& c) {
   run_workers(std::min(nthreads, nclaims), worker);
 }
 
+// Register-tile rows of a row-split tile in near-equal panels (BsrLinearArgs::balanced_panels; on by
+// default). BSBERT_BSR_PANELS=aligned keeps panels of mr rows and a short last one (for A/B runs).
+bool balanced_row_panels() {
+  const char* env = std::getenv("BSBERT_BSR_PANELS");
+  return env == nullptr || env[0] != 'a';
+}
+
 // Row tiles: one thread computes every block row of its rows, so it owns whole output rows (the fused
 // op normalises them while they are still in its L2: ln != nullptr). The rows are split evenly (nthreads tiles,
 // or a multiple when a tile would exceed kMcMax rows), not in multiples of the register tile: each tile
@@ -276,6 +284,7 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
   const int64_t pstride = c.nbc * b * mr;
   const at::Tensor xp_tmp = panel_buffer(c, ntiles * tile_panels);
   const int64_t esz = args.y_bf16 ? 2 : 4;
+  const bool balanced = balanced_row_panels();
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
     std::vector<float> scratch(static_cast<size_t>(max_rows * b) + 16);
@@ -290,7 +299,9 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
       ta.y = static_cast<char*>(args.y) + m0 * args.ldy * esz;
       ta.M = rows;
       ta.xp = args.xp + t * tile_panels * pstride;
-      if (c.K > 0) c.path.pack(ta, 0, (rows + mr - 1) / mr, ta.xp);
+      const int64_t npan = (rows + mr - 1) / mr;
+      if (balanced && npan > 1) ta.balanced_panels = npan;
+      if (c.K > 0) c.path.pack(ta, 0, npan, ta.xp);
       for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch.data());
       if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch.data());
     }

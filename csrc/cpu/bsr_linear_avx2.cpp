@@ -41,8 +41,10 @@ void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   const int64_t k8 = a.K / 8 * 8;
   const __m256i mask6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t m0 = p * MRP;
-    if (a.M - m0 < MRP) {
+    int64_t m0;
+    int rows;
+    panel_rows(a, p, MRP, &m0, &rows);
+    if (rows < MRP) {
       pack_x_impl<MRP, false>(a, p, p + 1, xp);
       continue;
     }

@@ -37,10 +37,10 @@ void bsr_pack_avx512(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) 
   const int64_t kpad = (a.K + a.block - 1) / a.block * a.block;
   for (int64_t p = p0; p < p1; ++p) {
     const void* src[MRP];
-    for (int r = 0; r < MRP; ++r) {
-      const int64_t m = p * MRP + r;
-      src[r] = m < a.M ? static_cast<const void*>(a.x + m * a.ldx) : nullptr;
-    }
+    int64_t m0;
+    int rows;
+    panel_rows(a, p, MRP, &m0, &rows);
+    for (int r = 0; r < MRP; ++r) src[r] = r < rows ? static_cast<const void*>(a.x + (m0 + r) * a.ldx) : nullptr;
     pack_words_avx512<MRP>(src, a.K, kpad, xp + p * kpad * MRP);
   }
 }

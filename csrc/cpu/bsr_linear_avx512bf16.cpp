@@ -42,10 +42,10 @@ void pack_pairs(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   const uint16_t* x = static_cast<const uint16_t*>(a.xraw);
   for (int64_t p = p0; p < p1; ++p) {
     const void* src[kMr];
-    for (int r = 0; r < kMr; ++r) {
-      const int64_t m = p * kMr + r;
-      src[r] = m < a.M ? static_cast<const void*>(x + m * a.ldx) : nullptr;
-    }
+    int64_t m0;
+    int rows;
+    panel_rows(a, p, kMr, &m0, &rows);
+    for (int r = 0; r < kMr; ++r) src[r] = r < rows ? static_cast<const void*>(x + (m0 + r) * a.ldx) : nullptr;
     float* dst = xp + p * kpad_words * kMr;
     pack_words_avx512<kMr>(src, full_words, kpad_words, dst);
     if (a.K % 2) {  // odd K: the last pair is (x[r, K-1], 0); reading a whole word would pass column K

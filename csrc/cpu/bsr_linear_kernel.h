@@ -211,7 +211,8 @@ struct RowTail<V, 0, MRP, NV, WM> {
                              const TileOut&) {}
 };
 
-// Packs activation rows [p0*MRP, p1*MRP) into micro-panels: xp[p][cb][k][r] = x[p*MRP + r, cb*b + k]
+// Packs activation panels [p0, p1) into micro-panels: xp[p][cb][k][r] = x[row0(p) + r, cb*b + k]
+// (rows of panel p: panel_rows in bsr_linear.h)
 // (fp32; zero where the row is >= M or the column is >= K), so the micro-kernel's broadcasts of one k
 // are MRP consecutive floats and a block of a panel is one contiguous b*MRP run. x is never read at or
 // beyond column K or row M.
@@ -222,8 +223,9 @@ void pack_x_impl(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   const int64_t pstride = nbc * b * MRP;
   for (int64_t p = p0; p < p1; ++p) {
     float* dst = xp + p * pstride;
-    const int64_t m0 = p * MRP;
-    const int rows = (a.M - m0) < MRP ? static_cast<int>(a.M - m0) : MRP;
+    int64_t m0;
+    int rows;
+    panel_rows(a, p, MRP, &m0, &rows);
     for (int64_t k0 = 0; k0 < nbc * b; k0 += 8) {
       const int64_t kn = (a.K - k0) < 8 ? (a.K - k0) : 8;
       float tmp[8][MRP];
@@ -336,7 +338,7 @@ void epilogue(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, const 
 
 template <class V, int MR, int NV, int WM>
 void tile(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
-  // m0 is a multiple of MR (= the packing stride of a.xp).
+  // m0 is a multiple of MR (= the packing stride of a.xp), or 0 with balanced panels.
   constexpr int NR = NV * V::W;
   const int b = a.block;
   const int64_t s = a.crow[rb];
@@ -350,7 +352,10 @@ void tile(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) 
   const int esize = a.y_bf16 ? 2 : 4;
   const int wsize = WM == kWF32 ? 4 : 2;
   const int64_t w_end = static_cast<int64_t>(a.crow[(a.N + b - 1) / b]) * bsz * wsize;  // bytes
-  const int nrt = static_cast<int>((m1 - m0 + MR - 1) / MR);                          // row tiles
+  // Balanced panels (run_row_tiles) cover rows [0, M) of this call: m0 = 0, m1 = M.
+  const bool balanced = a.balanced_panels > 0;
+  const int nrt = balanced ? static_cast<int>(a.balanced_panels)
+                           : static_cast<int>((m1 - m0 + MR - 1) / MR);  // row tiles
   if (nblk == 0) {
     const int64_t total = (m1 - m0) * b;
     for (int64_t i = 0; i < total; ++i) c[i] = 0.f;
@@ -377,20 +382,26 @@ void tile(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) 
       const int64_t pf_bytes = imin(kcb * bsz * wsize, w_end - pf_begin);
       const int64_t pf_total = n0 == 0 && pf_bytes > 0 ? pf_bytes / 64 : 0;
       const int pf_per_tile = nrt > 1 ? static_cast<int>((pf_total + nrt - 2) / (nrt - 1)) : 0;
-      int64_t m = m0;
-      for (int t = 0; m < m1; m += MR, ++t) {
+      for (int t = 0; t < nrt; ++t) {
+        int64_t m;
+        int rows;
+        if (balanced) {
+          balanced_panel_rows(a.M, a.balanced_panels, t, &m, &rows);
+        } else {
+          m = m0 + static_cast<int64_t>(t) * MR;
+          rows = static_cast<int>(imin(MR, m1 - m));
+        }
         o.c = c + (m - m0) * b + n0;
         o.y = static_cast<char*>(a.y) + (m * a.ldy + n_begin + n0) * esize;
-        const float* xpanel = a.xp + (m / MR) * pstride;
-        o.pf_w = m == m0;
+        const float* xpanel = a.xp + (balanced ? t : m / MR) * pstride;
+        o.pf_w = t == 0;
         const int64_t l0 = t == 0 ? pf_total : static_cast<int64_t>(t - 1) * pf_per_tile;
         o.pf_lines = static_cast<int>(imax(0, imin(pf_per_tile, pf_total - l0)));
         o.pf_next = static_cast<const char*>(a.w) + pf_begin + l0 * 64;
-        if (m + MR <= m1)
+        if (rows == MR)
           ukernel<V, MR, MR, NV, WM>(xpanel, cols, j1 - j0, wg, b, n0, o);
         else
-          RowTail<V, MR - 1, MR, NV, WM>::run(static_cast<int>(m1 - m), xpanel, cols, j1 - j0, wg, b,
-                                              n0, o);
+          RowTail<V, MR - 1, MR, NV, WM>::run(rows, xpanel, cols, j1 - j0, wg, b, n0, o);
       }
     }
   }
