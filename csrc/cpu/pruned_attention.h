@@ -36,6 +36,7 @@ struct AttnArgs {
   const uint8_t* live;     // [ws_off[B] / P] at live + ws_off[b] / P: panel has a key to attend to
   int64_t kc;              // keys per online-softmax step (a multiple of the panel)
   int64_t mq;              // query rows per task (a multiple of AttnGeometry::rows)
+  bool pf_q;                // pack also prefetches the head's Q rows (into L2)
   int64_t pf_rows;         // software prefetch distance in token rows (0 = off), see the kernel's pack
 };
 

@@ -208,6 +208,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.kc = kc;
   a.mq = mq;
   a.pf_rows = env_int("BSBERT_ATTN_PREFETCH", kPrefetchRows, 0);
+  a.pf_q = a.pf_rows > 0;
 
   const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
   if (head_affinity()) {

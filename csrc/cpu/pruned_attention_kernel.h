@@ -77,10 +77,12 @@ struct AttnKernel {
   // The cache lines of one token row's D values at col (a head's Q, K or V), for a later read. Token
   // rows are ld_qkv apart (several KiB: every row of a head is on another page, which the hardware
   // prefetchers do not follow), so without this each row read in pack and task waits on L3 or memory.
+  // Loc: the __builtin_prefetch locality (3: into L1, 2: into L2).
+  template <int Loc = 3>
   static void prefetch_row(const AttnArgs& a, int64_t b, int64_t j, int64_t col) {
     const char* p = token(a, b, j, col);
     const int64_t bytes = a.D * (a.bf16 ? 2 : 4);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, Loc);
   }
 
   static int64_t lpad(const AttnArgs& a, int64_t b) { return a.ws_off[b + 1] - a.ws_off[b]; }
@@ -133,6 +135,8 @@ struct AttnKernel {
           if (a.pf_rows > 0 && key + a.pf_rows < L) {
             prefetch_row(a, b, key + a.pf_rows, (a.H + h) * D);
             prefetch_row(a, b, key + a.pf_rows, (2 * a.H + h) * D);
+            // and the head's Q rows into L2, for the query tiles that follow the pack
+            if (a.pf_q) prefetch_row<2>(a, b, key + a.pf_rows, h * D);
           }
           float* br = blk + jj * DEpad;
           if (key < L)
