@@ -150,7 +150,8 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
           progress: bool = True, keep_original: bool = True, verify: bool = False,
-          attention: str | None = None, unpad: bool = False, fast_layers: bool = True) -> nn.Module:
+          attention: str | None = None, unpad: bool = False, fast_layers: bool = True,
+          fused_encoder: bool = True) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
@@ -170,6 +171,10 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     ``fast_layers=True`` (default) gives each BERT-style layer bsbert's lean forward
     (bsbert.fast_layer: the same modules without transformers' per-layer Python); False keeps
     transformers' layer forward.
+    ``fused_encoder=True`` (default) runs the whole encoder as one C++ op on CPU when every layer fits
+    (bsbert.fused_encoder: the same kernels, no Python between them; calls it does not cover, such as
+    torch.compile or collected hidden states, take the per-layer path); ``model.bsbert_plan`` says
+    whether it is on and why not.
     """
     if verify and not keep_original:
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
@@ -207,6 +212,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         unpad_mod.install(encoder, adapter)
     plan.unpad = bool(unpad)
     set_fast_layers(model, plan, layers, adapter, fast_layers)
+    set_fused_encoder(plan, encoder, layers, fused_encoder)
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
@@ -235,6 +241,23 @@ def set_fast_layers(model: nn.Module, plan: Plan, layers, adapter, on: bool) -> 
     model._bsbert_fast_layers = list(layers) if why is None else []  # a plain list: not submodules
 
 
+def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool) -> None:
+    """Install bsbert.fused_encoder's one-op forward on the encoder (if ``on`` and it fits); the plan
+    records the outcome and why it is off."""
+    from bsbert import fused_encoder
+
+    if not on:
+        why = "fused_encoder=False"
+    elif plan.unpad:
+        why = "unpad=True (the padding-free encoder forward)"
+    elif not plan.fast_layers:
+        why = "the lean layer forward is off"
+    else:
+        dtype = next(encoder.parameters()).dtype
+        why = fused_encoder.install(encoder, layers, plan.hidden_size, dtype)
+    plan.fused_encoder, plan.fused_encoder_reason = why is None, why or ""
+
+
 def swap_modules(model: nn.Module, which: str) -> None:
     """Put the 'original' or the 'patched' modules in place (verify uses this to compare)."""
     from bsbert import unpad as unpad_mod
@@ -251,11 +274,17 @@ def swap_modules(model: nn.Module, which: str) -> None:
         raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
     from bsbert import fast_layer
 
+    from bsbert import fused_encoder
+
     fast = getattr(model, "_bsbert_fast_layers", [])
     if which == "original":
         fast_layer.uninstall(fast)
+        if enc is not None:
+            fused_encoder.detach(enc)
     else:
         fast_layer.attach(fast)
+        if enc is not None and getattr(enc, "_bsbert_program", None) is not None:
+            fused_encoder.attach(enc)
     for layer, path, original, new in model._bsbert_swaps:
         set_submodule(layer, path, original if which == "original" else new)
 
@@ -271,6 +300,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     from bsbert import unpad as unpad_mod
 
     unpad_mod.uninstall(model._bsbert_encoder)
+    from bsbert import fused_encoder
+
+    fused_encoder.uninstall(model._bsbert_encoder)
     del model._bsbert_encoder
     del model._bsbert_swaps
     model.__dict__.pop("_bsbert_fast_layers", None)

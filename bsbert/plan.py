@@ -66,6 +66,8 @@ class Plan:
     unpad: bool = False           # padding-free encoder forward (set by patch)
     fast_layers: bool = False     # bsbert's lean layer forward (bsbert.fast_layer; set by patch)
     fast_layers_reason: str = ""  # why it is off when it was asked for
+    fused_encoder: bool = False   # the whole encoder as one op (bsbert.fused_encoder; set by patch)
+    fused_encoder_reason: str = ""  # why it is off
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -114,7 +116,9 @@ class Plan:
         return cls(family=d["family"], encoder_path=d["encoder_path"], hidden_size=d["hidden_size"],
                    layers=layers, dtype=d.get("dtype", "float32"), device=d.get("device"),
                    unpad=d.get("unpad", False), fast_layers=d.get("fast_layers", False),
-                   fast_layers_reason=d.get("fast_layers_reason", ""))
+                   fast_layers_reason=d.get("fast_layers_reason", ""),
+                   fused_encoder=d.get("fused_encoder", False),
+                   fused_encoder_reason=d.get("fused_encoder_reason", ""))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:
@@ -159,6 +163,8 @@ class Plan:
             how = ("bsbert's lean layer forward" if self.fast_layers else
                    "transformers' layer forward" + (f" ({self.fast_layers_reason})" if self.fast_layers_reason else ""))
             lines.append(f"layer forward: {how}{', padding-free encoder' if self.unpad else ''}")
+            lines.append("encoder: " + ("one C++ op for all layers (bsbert::bert_encoder)" if self.fused_encoder
+                                        else f"layer by layer ({self.fused_encoder_reason or 'fused encoder off'})"))
         return "\n".join(lines)
 
     def __str__(self) -> str:

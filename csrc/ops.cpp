@@ -38,6 +38,19 @@ TORCH_LIBRARY(bsbert, m) {
       "bsr_linear_add_layer_norm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor packed_values, "
       "Tensor? bias, int out_features, int in_features, int block, Tensor residual, Tensor ln_weight, "
       "Tensor ln_bias, float eps) -> Tensor");
+  // A stack of patched BERT encoder layers in one call (CPU): per layer qkv = linear(x),
+  // ctx = pruned_attention(qkv, key_padding_mask), a = LayerNorm(linear(ctx) + x),
+  // h = gelu(linear(a)), x = LayerNorm(linear(h) + a); the same kernels and values as the per-layer
+  // ops, without the Python between them. hidden: [B, S, hidden_size]. Per layer, in order:
+  //   tensors (20): 4 linears (qkv, attention output, FFN in, FFN out) x [crow_indices, col_indices,
+  //     packed_values, bias] for a block-sparse linear or [weight, None, None, bias] for a dense one
+  //     (oneDNN), then attention-LayerNorm weight, bias, output-LayerNorm weight, bias;
+  //   ints (18): num_heads, head_dim, then per linear: kind (0 block-sparse, 1 dense), out_features,
+  //     in_features, block;
+  //   floats (3): attention scale, attention-LayerNorm eps, output-LayerNorm eps.
+  m.def(
+      "bert_encoder(Tensor hidden, Tensor? key_padding_mask, Tensor?[] tensors, int[] ints, float[] floats) "
+      "-> Tensor");
 }
 
 namespace {

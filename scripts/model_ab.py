@@ -6,12 +6,14 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py fast-layers --seq 384 --rounds 12
     python scripts/model_ab.py row-split --seq 128
     python scripts/model_ab.py balanced-panels --seq 128
+    python scripts/model_ab.py fused-encoder --seq 128
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
 row-split: bsr_linear's default work split (whole rows per thread from M = 2 register tiles per thread
 up; on) or BSBERT_BSR_SPLIT=blocks (off). balanced-panels: a row-split tile's rows in near-equal
 register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows and a short last one).
+fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off).
 """
 import argparse
 import os
@@ -38,6 +40,13 @@ def toggles(model, what):
             else:
                 os.environ[var] = off_value
         return set_env, sum(1 for m in model.modules() if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr")
+    if what == "fused-encoder":
+        from bsbert import fused_encoder
+
+        enc = model.bert.encoder
+        if not fused_encoder.installed(enc):
+            raise SystemExit(f"fused encoder is off: {model.bsbert_plan.fused_encoder_reason}")
+        return lambda on: (fused_encoder.attach if on else fused_encoder.detach)(enc), len(enc.layer)
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
@@ -52,7 +61,7 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers", *ENV_TOGGLES])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()

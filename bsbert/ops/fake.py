@@ -82,7 +82,16 @@ def _bsr_linear_add_layer_norm_fake(x, crow_indices, col_indices, packed_values,
     return _add_layer_norm_fake(y, residual, ln_weight, ln_bias, eps)
 
 
+def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
+    torch._check(hidden.dim() == 3, lambda: f"bert_encoder: hidden must be [B, S, hidden_size], got {tuple(hidden.shape)}")
+    layers = len(floats) // 3
+    torch._check(len(floats) == 3 * layers and len(ints) == 18 * layers and len(tensors) == 20 * layers,
+                 lambda: "bert_encoder: expected 20 tensors, 18 ints and 3 floats per layer")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::bert_encoder": _bert_encoder_fake,
           "bsbert::bsr_linear_add_layer_norm": _bsr_linear_add_layer_norm_fake,
           "bsbert::add_layer_norm": _add_layer_norm_fake,
           "bsbert::pruned_attention": _pruned_attention_fake,

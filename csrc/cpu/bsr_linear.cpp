@@ -31,6 +31,7 @@
 #include "cpu/isa.h"
 #include "cpu/run_workers.h"
 #include "cpu/thread_buffer.h"
+#include "cpu/torch_ops_cpu.h"
 
 // torch's OpenMP backend implements at::parallel_for inline in its headers: a translation unit
 // compiled without -fopenmp silently runs it on one thread.

@@ -27,6 +27,7 @@
 #include "cpu/run_workers.h"
 #include "cpu/pruned_attention.h"
 #include "cpu/thread_buffer.h"
+#include "cpu/torch_ops_cpu.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "pruned_attention_cpu.cpp is compiled without -fopenmp: at::parallel_for will run on a single thread"
@@ -247,6 +248,8 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   run_workers(std::min(nthreads, std::max(ntasks, npack)), worker);
 }
 
+}  // namespace
+
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                 int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3, scale);
@@ -316,7 +319,6 @@ at::Tensor pruned_attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tenso
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace bsbert
 

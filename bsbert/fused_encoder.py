@@ -1,0 +1,228 @@
+"""The whole patched encoder as one C++ op call on CPU (``torch.ops.bsbert.bert_encoder``).
+
+Why: a patched BERT-large forward at seq 128 on the 2-core CPU makes ~120 kernel calls, and the
+Python and torch dispatch between them (module calls, argument parsing, in caches the GEMMs have just
+flushed) kept the main thread busy while the other core waited: perf counted 10% of the main
+thread outside the kernels and 14% of the worker idle. ``bert_encoder`` runs the same kernels over the
+same tensors from a C++ loop, so the values are bit for bit those of the per-layer path.
+
+:func:`install` gives the encoder module an instance-level ``forward`` that calls the op when the call
+is a plain encoder forward, and the class's own forward (bsbert's per-layer path) otherwise: under
+torch.compile (which traces the per-layer ops), for tensors on another device or dtype, cross-attention
+or cache arguments, while transformers collects hidden states / attentions, and when any forward hook
+(NVTX ranges, a user's hook) sits on a layer's modules, since those would not run. The encoder stays
+what it was (``print(model)`` says the forward changed); :func:`uninstall` restores it.
+
+It applies to BERT-style layers on bsbert's lean layer forward whose four linears run on ``cpu-bsr``
+or ``onednn-dense`` with the exact GELU fused, whose attention runs on bsbert's CPU kernel, and whose
+output blocks end in an affine LayerNorm; :func:`program` says why not otherwise.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+_BACKEND_KIND = {"cpu-bsr": 0, "onednn-dense": 1}
+
+
+@dataclass
+class Program:
+    """The flat argument lists of ``bert_encoder`` (layout: csrc/ops.cpp) for one patched encoder."""
+    tensors: list
+    ints: list[int]
+    floats: list[float]
+    dtype: torch.dtype
+    layers: list = field(repr=False)          # the layer modules (still on the lean forward?)
+    modules: list = field(repr=False)         # every module inside them (hooks would be skipped)
+    output_type: type | None = None           # what the encoder's own forward returns
+
+
+def _linear_args(lin, gelu: bool, where: str):
+    """tensors, ints of one SparseLinear, or a str saying why it cannot be part of the program."""
+    choice = getattr(lin, "choice", None)
+    if choice is None:
+        return f"{where}: no weight left (bias only)"
+    kind = _BACKEND_KIND.get(choice.backend)
+    if kind is None:
+        return f"{where}: backend {choice.backend} (the fused encoder runs cpu-bsr and onednn-dense)"
+    if lin.gelu != gelu:
+        return f"{where}: GELU {'not ' if gelu else ''}fused as expected"
+    t = choice.prepared.tensors
+    if kind == 0:
+        n, k = t["bsm"].shape
+        return [t["crow_indices"], t["col_indices"], t["values"], t["bias"]], [0, n, k, choice.block]
+    return [t["weight"], None, None, t["bias"]], [1, lin.out_features, lin.in_features, 0]
+
+
+def program(layers, dtype: torch.dtype) -> Program | str:
+    """The op's arguments for ``layers`` (patched BERT layers), or why they do not fit it."""
+    from bsbert import fast_layer
+    from bsbert.nn import DenseAddLayerNorm, FusedIntermediate, PrunedSelfAttention
+
+    tensors, ints, floats, modules = [], [], [], []
+    for i, layer in enumerate(layers):
+        if not fast_layer.installed(layer):
+            return f"layer {i} is not on bsbert's lean layer forward"
+        try:
+            sa, so = layer.attention.self, layer.attention.output
+            inter, out = layer.intermediate, layer.output
+        except AttributeError as exc:
+            return f"layer {i}: not a BERT layer ({exc})"
+        if not isinstance(sa, PrunedSelfAttention) or sa.out_proj is not None:
+            return f"layer {i}: attention is not bsbert's PrunedSelfAttention"
+        if sa.backend.name != "cpu":
+            return f"layer {i}: attention backend {sa.backend.name} (the fused encoder runs bsbert's cpu kernel)"
+        if sa.num_heads == 0:
+            return f"layer {i}: every head removed"
+        if not (isinstance(so, DenseAddLayerNorm) and isinstance(out, DenseAddLayerNorm)
+                and isinstance(inter, FusedIntermediate) and inter.act is None):
+            return f"layer {i}: output blocks / intermediate are not bsbert's fused modules"
+        lt, li = [], [sa.num_heads, sa.head_dim]
+        for lin, gelu, where in ((sa.qkv, False, "qkv"), (so.dense, False, "attention output"),
+                                 (inter.dense, True, "FFN in"), (out.dense, False, "FFN out")):
+            got = _linear_args(lin, gelu, f"layer {i} {where}")
+            if isinstance(got, str):
+                return got
+            lt += got[0]
+            li += got[1]
+        for norm in (so.LayerNorm, out.LayerNorm):
+            if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
+                return f"layer {i}: LayerNorm without affine weights"
+            lt += [norm.weight, norm.bias]
+        tensors += lt
+        ints += li
+        floats += [float(sa.scale), float(so.LayerNorm.eps), float(out.LayerNorm.eps)]
+        modules += list(layer.modules())
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return "weights are not on the CPU"
+    if not _op_available():
+        return "bsbert::bert_encoder has no CPU kernel in this build"
+    return Program(tensors, ints, floats, dtype, list(layers), modules)
+
+
+def _op_available() -> bool:
+    from bsbert import _ext
+
+    if not _ext.available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("bsbert::bert_encoder", "CPU")
+    except RuntimeError:
+        return False
+
+
+def _capturing() -> bool:
+    """transformers (>= 5) is collecting hidden states / attentions through its layer hooks."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    return bool(_active_collector.get())
+
+
+def _is_capture_hook(hook) -> bool:
+    # transformers' output-capturing hooks stay installed once used and do nothing while no capture runs
+    return (getattr(hook, "__name__", "") == "output_capturing_hook"
+            and getattr(hook, "__module__", "").startswith("transformers."))
+
+
+def _hooked(modules) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    for m in modules:
+        if m._forward_pre_hooks:
+            return True
+        if m._forward_hooks and not all(_is_capture_hook(h) for h in m._forward_hooks.values()):
+            return True
+    return False
+
+
+def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> str | None:
+    """None if this call can run as one op, else why it takes the per-layer path."""
+    from bsbert import fast_layer
+
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the per-layer ops"
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.device.type != "cpu" \
+            or hidden.dtype != prog.dtype:
+        return "hidden states are not a [B, S, H] CPU tensor of the model's dtype"
+    if encoder_hidden_states is not None or args or any(
+            kwargs.get(k) is not None for k in ("encoder_attention_mask", "cache", "past_key_values", "head_mask")):
+        return "cross-attention, cache or head-mask arguments"
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or _capturing():
+        return "hidden states / attentions are being collected"
+    if not fast_layer.installed(prog.layers[0]):
+        return "the original layers are in place (bsbert.verify / unpatch)"
+    if _hooked(prog.modules):
+        return "forward hooks on the layers' modules"
+    return None
+
+
+def _fused_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+    from bsbert.ops.attention_backends import key_padding_mask
+
+    prog = self._bsbert_program
+    if why_not_now(prog, hidden_states, encoder_hidden_states, args, kwargs) is not None:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+    b, s, _ = hidden_states.shape
+    kpm = key_padding_mask(attention_mask, b, s)
+    out = torch.ops.bsbert.bert_encoder(hidden_states, kpm, prog.tensors, prog.ints, prog.floats)
+    return out if prog.output_type is None else prog.output_type(last_hidden_state=out)
+
+
+def _extra_repr(self) -> str:
+    n = len(self._bsbert_program.layers)
+    return f"forward=bsbert fused encoder ({n} layers in one op, bsbert::bert_encoder; bsbert.fused_encoder)"
+
+
+@torch.inference_mode()
+def _output_type(encoder: nn.Module, hidden_size: int, dtype: torch.dtype):
+    """The type of the encoder class's own output (one token through it), so that the fused forward
+    returns the same kind of object; None when that is a plain tensor."""
+    probe = torch.zeros(1, 1, hidden_size, dtype=dtype)
+    out = type(encoder).forward(encoder, probe)
+    if isinstance(out, torch.Tensor):
+        return None
+    if not hasattr(out, "last_hidden_state"):
+        raise TypeError(f"{type(encoder).__name__}.forward returns {type(out).__name__}")
+    return type(out)
+
+
+def install(encoder: nn.Module, layers, hidden_size: int, dtype: torch.dtype) -> str | None:
+    """Give ``encoder`` the fused forward; returns None, or why not (then nothing is changed)."""
+    prog = program(list(layers), dtype)
+    if isinstance(prog, str):
+        return prog
+    try:
+        prog.output_type = _output_type(encoder, hidden_size, dtype)
+    except Exception as exc:  # the probe must never leave a half-patched model behind
+        return f"probe forward of {type(encoder).__name__} failed: {exc}"
+    encoder._bsbert_program = prog
+    attach(encoder)
+    return None
+
+
+def attach(encoder: nn.Module) -> None:
+    encoder.forward = types.MethodType(_fused_forward, encoder)
+    encoder.extra_repr = types.MethodType(_extra_repr, encoder)
+
+
+def detach(encoder: nn.Module) -> None:
+    """Back to the class's forward (the program is kept for :func:`attach`)."""
+    for name in ("forward", "extra_repr"):
+        if getattr(encoder.__dict__.get(name), "__func__", None) in (_fused_forward, _extra_repr):
+            delattr(encoder, name)
+
+
+def uninstall(encoder: nn.Module) -> None:
+    detach(encoder)
+    encoder.__dict__.pop("_bsbert_program", None)
+
+
+def installed(encoder: nn.Module) -> bool:
+    return getattr(encoder.__dict__.get("forward"), "__func__", None) is _fused_forward

@@ -1,0 +1,138 @@
+// CPU implementation of bsbert::bert_encoder (schema and argument layout in csrc/ops.cpp): a stack of
+// patched BERT encoder layers in one op call, each layer
+//   qkv = linear(x)                    fused Q/K/V projection
+//   ctx = pruned_attention(qkv)        kept heads only
+//   a   = LayerNorm(linear(ctx) + x)   attention output (bsr_linear_add_layer_norm when block-sparse)
+//   h   = gelu(linear(a))              FFN in
+//   x   = LayerNorm(linear(h) + a)     FFN out
+// calling the same C++ kernels as the per-layer ops (so the values are bit for bit those of the
+// per-layer path), but with no Python between them. Why: on the 2-core CPU the Python and torch
+// dispatch between the ~120 ops of a seq-128 forward kept one core busy and the other spinning for
+// ~10% of the forward (perf: 10% of the main thread outside the kernels, 14% of the worker idle); the
+// same op sequence driven by a C++ loop was 4.6% faster there (a TorchScript prototype).
+//
+// A linear is either bsbert's block-sparse kernel (kind 0) or oneDNN's dense inner product on a plain
+// weight (kind 1, mkldnn::_linear_pointwise through the dispatcher, as bsbert.ops.linear_backends'
+// onednn-dense does), whichever `patch` measured faster for it.
+#include "check.h"
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/add_layer_norm_op.h"
+#include "cpu/torch_ops_cpu.h"
+
+namespace bsbert {
+namespace cpu {
+
+namespace {
+
+// Per-layer layout of the three lists (see the schema's comment in csrc/ops.cpp).
+constexpr int64_t kLinears = 4;             // qkv, attention output, FFN in, FFN out
+constexpr int64_t kTensorsPerLinear = 4;    // bsr: crow, col, packed, bias; dense: weight, -, -, bias
+constexpr int64_t kTensorsPerLayer = kLinears * kTensorsPerLinear + 4;  // + two LayerNorms' weight, bias
+constexpr int64_t kIntsPerLinear = 4;       // kind, out_features, in_features, block
+constexpr int64_t kIntsPerLayer = 2 + kLinears * kIntsPerLinear;        // heads, head_dim, linears
+constexpr int64_t kFloatsPerLayer = 3;      // attention scale, the two LayerNorms' eps
+enum Kind : int64_t { kBsr = 0, kDense = 1 };
+
+const char* const kLinearNames[kLinears] = {"qkv", "attention output", "FFN in", "FFN out"};
+
+struct Linear {
+  int64_t kind, n, k, block;
+  at::Tensor a, b, c;  // bsr: crow, col, packed; dense: weight (b, c undefined)
+  std::optional<at::Tensor> bias;
+};
+
+at::Tensor required(const c10::List<std::optional<at::Tensor>>& t, int64_t i, int64_t layer, const char* what) {
+  const std::optional<at::Tensor> v = t.get(i);
+  BSBERT_CHECK(v.has_value() && v->defined(), "bert_encoder: layer ", layer, ": ", what, " (tensors[", i,
+               "]) is None");
+  return *v;
+}
+
+Linear linear_of(const c10::List<std::optional<at::Tensor>>& t, c10::IntArrayRef ints, int64_t layer, int64_t j) {
+  const int64_t ti = layer * kTensorsPerLayer + j * kTensorsPerLinear;
+  const int64_t ii = layer * kIntsPerLayer + 2 + j * kIntsPerLinear;
+  Linear l{ints[ii], ints[ii + 1], ints[ii + 2], ints[ii + 3], {}, {}, {}, t.get(ti + 3)};
+  BSBERT_CHECK(l.kind == kBsr || l.kind == kDense, "bert_encoder: layer ", layer, " ", kLinearNames[j],
+               ": linear kind must be 0 (block-sparse) or 1 (oneDNN dense), got ", l.kind);
+  l.a = required(t, ti, layer, l.kind == kBsr ? "crow_indices" : "weight");
+  if (l.kind == kBsr) {
+    l.b = required(t, ti + 1, layer, "col_indices");
+    l.c = required(t, ti + 2, layer, "packed_values");
+  }
+  if (l.bias.has_value() && !l.bias->defined()) l.bias.reset();
+  return l;
+}
+
+// oneDNN's inner product, as torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], algorithm) from
+// Python (boxed: the schema's str / Scalar?[] arguments need no exact C++ signature here).
+at::Tensor dense_linear(const at::Tensor& x, const Linear& l, bool gelu) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(l.a);
+  stack.emplace_back(l.bias.has_value() ? c10::IValue(*l.bias) : c10::IValue());
+  stack.emplace_back(std::string(gelu ? "gelu" : "none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::string(gelu ? "none" : ""));
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+at::Tensor linear(const at::Tensor& x, const Linear& l, bool gelu) {
+  if (l.kind == kDense) return dense_linear(x, l, gelu);
+  return bsr_linear_cpu(x, l.a, l.b, l.c, l.bias, l.n, l.k, l.block, gelu);
+}
+
+at::Tensor linear_add_layer_norm(const at::Tensor& x, const Linear& l, const at::Tensor& residual,
+                                 const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
+  if (l.kind == kDense) return add_layer_norm_cpu(dense_linear(x, l, false), residual, ln_w, ln_b, eps);
+  return bsr_linear_add_layer_norm_cpu(x, l.a, l.b, l.c, l.bias, l.n, l.k, l.block, residual, ln_w, ln_b, eps);
+}
+
+}  // namespace
+
+at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
+                            const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
+                            c10::ArrayRef<double> floats) {
+  BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
+  BSBERT_CHECK(hidden.device().is_cpu(), "bert_encoder (CPU kernel): hidden must be on the CPU, got ",
+               hidden.device());
+  const int64_t layers = static_cast<int64_t>(floats.size()) / kFloatsPerLayer;
+  BSBERT_CHECK(static_cast<int64_t>(floats.size()) == layers * kFloatsPerLayer &&
+                   static_cast<int64_t>(ints.size()) == layers * kIntsPerLayer &&
+                   static_cast<int64_t>(tensors.size()) == layers * kTensorsPerLayer,
+               "bert_encoder: expected ", kTensorsPerLayer, " tensors, ", kIntsPerLayer, " ints and ",
+               kFloatsPerLayer, " floats per layer, got ", tensors.size(), ", ", ints.size(), " and ",
+               floats.size());
+  at::Tensor x = hidden;
+  for (int64_t i = 0; i < layers; ++i) {
+    const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
+    const double scale = floats[i * kFloatsPerLayer];
+    const double eps_attn = floats[i * kFloatsPerLayer + 1], eps_out = floats[i * kFloatsPerLayer + 2];
+    BSBERT_CHECK(heads > 0, "bert_encoder: layer ", i, " has ", heads,
+                 " heads (a layer without heads runs on the per-layer path)");
+    const int64_t ln = i * kTensorsPerLayer + kLinears * kTensorsPerLinear;
+    const Linear qkv_l = linear_of(tensors, ints, i, 0), out_l = linear_of(tensors, ints, i, 1);
+    const Linear in_l = linear_of(tensors, ints, i, 2), ffo_l = linear_of(tensors, ints, i, 3);
+    const at::Tensor qkv = linear(x, qkv_l, false);
+    const at::Tensor ctx = pruned_attention_cpu(qkv, key_padding_mask, heads, head_dim, scale);
+    const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, required(tensors, ln, i, "attention LayerNorm weight"),
+                                               required(tensors, ln + 1, i, "attention LayerNorm bias"), eps_attn);
+    const at::Tensor h = linear(a, in_l, true);
+    x = linear_add_layer_norm(h, ffo_l, a, required(tensors, ln + 2, i, "output LayerNorm weight"),
+                              required(tensors, ln + 3, i, "output LayerNorm bias"), eps_out);
+  }
+  return layers == 0 ? hidden.clone() : x;
+}
+
+}  // namespace cpu
+}  // namespace bsbert
+
+TORCH_LIBRARY_IMPL(bsbert, CPU, m) { m.impl("bert_encoder", &bsbert::cpu::bert_encoder_cpu); }

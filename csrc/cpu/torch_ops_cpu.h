@@ -1,0 +1,24 @@
+#pragma once
+// The CPU kernels' torch-facing entry points that other ops call directly (bert_encoder.cpp runs a
+// whole encoder through them, with no dispatcher or Python in between). Defined in bsr_linear.cpp and
+// pruned_attention_cpu.cpp; add_layer_norm_cpu is in add_layer_norm_op.h. Baseline-ISA units only.
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace bsbert {
+namespace cpu {
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          int64_t out_features, int64_t in_features, int64_t block, bool gelu);
+at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                         const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                                         int64_t out_features, int64_t in_features, int64_t block,
+                                         const at::Tensor& residual, const at::Tensor& ln_weight,
+                                         const at::Tensor& ln_bias, double eps);
+at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
+                                int64_t num_heads, int64_t head_dim, double scale);
+
+}  // namespace cpu
+}  // namespace bsbert

@@ -1,0 +1,158 @@
+"""patch(fused_encoder=...): the whole encoder as one op (bsbert::bert_encoder) computes bit for bit what
+the per-layer path computes, steps aside for calls it does not cover (hooks, collected hidden states,
+torch.compile, other dtypes), and comes off with verify's swap and unpatch."""
+import pytest
+import torch
+
+import bsbert
+from bsbert import _ext, fused_encoder
+from tests.helpers import inputs, tiny_pruned
+
+needs_op = pytest.mark.skipif(not _ext.has_op("bert_encoder"),
+                              reason=f"bsbert::bert_encoder unavailable: {_ext.reason_unavailable()}")
+
+HEADS, FFN = (2, 3, 4), (100, 37, 64)  # every layer keeps heads and neurons
+
+
+def _patched(dtype=torch.float32, **kw):
+    model = tiny_pruned(heads=HEADS, ffn=FFN).to(dtype)
+    kw.setdefault("select", "heuristic")
+    bsbert.patch(model, progress=False, attention="cpu", **kw)
+    return model
+
+
+def _run(model, inp, **kw):
+    with torch.inference_mode():
+        return model(**inp, **kw)
+
+
+def _both(model, inp, **kw):
+    """(fused, per-layer) outputs of the same patched model."""
+    enc = model.bert.encoder
+    assert fused_encoder.installed(enc)
+    fused = _run(model, inp, **kw)
+    fused_encoder.detach(enc)
+    try:
+        per_layer = _run(model, inp, **kw)
+    finally:
+        fused_encoder.attach(enc)
+    return fused, per_layer
+
+
+def _called(monkeypatch):
+    """Counts calls of the op (wrapping the namespace attribute the fused forward looks up)."""
+    calls = []
+    op = torch.ops.bsbert.bert_encoder
+
+    def counting(*args):
+        calls.append(1)
+        return op(*args)
+    monkeypatch.setattr(torch.ops.bsbert, "bert_encoder", counting)
+    return calls
+
+
+@needs_op
+@pytest.mark.parametrize("backend", ["cpu-bsr", "onednn-dense", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad_from", [None, 9])
+def test_bit_for_bit_the_per_layer_path(monkeypatch, backend, dtype, pad_from):
+    model = _patched(dtype, backend=backend)
+    assert model.bsbert_plan.fused_encoder, model.bsbert_plan.fused_encoder_reason
+    inp = inputs(batch=2, seq=23, pad_from=pad_from)
+    calls = _called(monkeypatch)
+    fused, per_layer = _both(model, inp)
+    assert calls == [1]  # the fused run went through the op, the per-layer run did not
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+    assert torch.equal(fused.end_logits, per_layer.end_logits)
+
+
+@needs_op
+def test_mixed_backends_and_masked_dense_reference():
+    inp = inputs(batch=2, seq=19, pad_from=4)
+    model = tiny_pruned(heads=HEADS, ffn=FFN)
+    ref = _run(model, inp)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
+    # one layer's FFN on oneDNN, the rest as chosen: both kinds in one program
+    from bsbert.ops.linear_backends import OneDnnDense
+
+    lin = model.bert.encoder.layer[1].intermediate.dense
+    w = lin.packed_weight()
+    lin.choice.prepared = OneDnnDense().prepare(w, lin.bias, True, None)
+    lin.choice.backend = "onednn-dense"
+    fused_encoder.uninstall(model.bert.encoder)
+    assert fused_encoder.install(model.bert.encoder, model.bert.encoder.layer, 128, torch.float32) is None
+    ints = model.bert.encoder._bsbert_program.ints
+    kinds = [ints[layer * 18 + 2 + 4 * j] for layer in range(len(HEADS)) for j in range(4)]
+    assert kinds[1 * 4 + 2] == 1 and 0 in kinds  # layer 1's FFN in is dense, others block-sparse
+    fused, per_layer = _both(model, inp)
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+    scale = ref.start_logits.abs().max()
+    assert ((fused.start_logits - ref.start_logits).abs().max() / scale).item() < 1e-4
+
+
+@needs_op
+def test_steps_aside_for_hooks_and_collected_outputs(monkeypatch):
+    model = _patched()
+    inp = inputs(batch=1, seq=15)
+    calls = _called(monkeypatch)
+    out = _run(model, inp, output_hidden_states=True)
+    assert calls == [] and len(out.hidden_states) == len(HEADS) + 1
+    base = _run(model, inp)
+    assert calls == [1]  # transformers' capture hooks stay installed but are inactive: fused again
+    seen = []
+    h = model.bert.encoder.layer[1].intermediate.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    try:
+        hooked = _run(model, inp)
+    finally:
+        h.remove()
+    assert seen and calls == [1]
+    assert torch.equal(hooked.start_logits, base.start_logits)
+    with torch.inference_mode():  # another dtype than the model's: the per-layer path says what is wrong
+        emb = model.bert.embeddings(inp["input_ids"])
+        assert fused_encoder.why_not_now(model.bert.encoder._bsbert_program, emb.double(), None, (), {})
+
+
+@needs_op
+def test_plan_repr_verify_unpatch():
+    model = _patched(verify=True)
+    assert model.bsbert_verify_report.passed
+    enc = model.bert.encoder
+    assert fused_encoder.installed(enc)  # back after verify swapped the original modules in and out
+    assert "fused encoder" in repr(enc) and "one C++ op" in model.bsbert_plan.table(16)
+    bsbert.unpatch(model)
+    assert not fused_encoder.installed(enc) and "_bsbert_program" not in vars(enc)
+    off = _patched(fused_encoder=False)
+    assert not off.bsbert_plan.fused_encoder and off.bsbert_plan.fused_encoder_reason == "fused_encoder=False"
+    assert not fused_encoder.installed(off.bert.encoder)
+
+
+def test_declines_with_a_reason():
+    model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0))  # a layer without heads
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
+    assert not model.bsbert_plan.fused_encoder
+    assert model.bsbert_plan.fused_encoder_reason
+    model = tiny_pruned(heads=HEADS, ffn=FFN)
+    bsbert.patch(model, progress=False, attention="torch-sdpa", select="heuristic")
+    assert "attention backend torch-sdpa" in model.bsbert_plan.fused_encoder_reason
+
+
+@needs_op
+def test_op_errors_name_the_problem():
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match="20 tensors, 18 ints and 3 floats per layer"):
+        torch.ops.bsbert.bert_encoder(x, None, [None] * 19, [0] * 18, [1.0, 1e-12, 1e-12])
+    with pytest.raises(RuntimeError, match=r"hidden must be \[B, S, hidden_size\]"):
+        torch.ops.bsbert.bert_encoder(x[0], None, [], [], [])
+    with pytest.raises(RuntimeError, match="crow_indices .* is None"):
+        torch.ops.bsbert.bert_encoder(x, None, [None] * 20, [1, 8] + [0, 8, 8, 32] * 4, [1.0, 1e-12, 1e-12])
+
+
+@needs_op
+def test_opcheck():
+    model = _patched()
+    prog = model.bert.encoder._bsbert_program
+    hidden = torch.randn(2, 7, 128)
+    kpm = torch.ones(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = False
+    torch.library.opcheck(torch.ops.bsbert.bert_encoder.default, (hidden, kpm, prog.tensors, prog.ints, prog.floats),
+                          test_utils=("test_schema", "test_faketensor"))
