@@ -409,3 +409,16 @@ def test_single_openmp_runtime():
     with open("/proc/self/maps") as f:
         libs = {line.split()[-1] for line in f if "gomp" in line or "libomp" in line or "iomp" in line}
     assert len(libs) <= 1, f"more than one OpenMP runtime loaded: {sorted(libs)}"
+
+
+@pytest.mark.parametrize("bias_kind", ["strided", "float64", "bfloat16-x-float32-bias", "bfloat16"])
+def test_bias_layouts_and_dtypes(bias_kind):
+    # the bias is copied (widened) into a padded fp32 buffer per call: every layout / dtype path of that
+    # copy gives the reference (N = 150: the last block row is partial, its padding must be zero)
+    dtype = torch.bfloat16 if bias_kind.startswith("bfloat16") else torch.float32
+    w, bsm = make_bsm(150, 70, 32, 0.6, seed=21, dtype=dtype)
+    x = torch.randn(33, 70).to(dtype)
+    b = {"strided": torch.randn(300)[::2], "float64": torch.randn(150, dtype=torch.float64),
+         "bfloat16-x-float32-bias": torch.randn(150), "bfloat16": torch.randn(150).bfloat16()}[bias_kind]
+    y = run_op(x, bsm, b, True)
+    check(y, ref64(x, w, b, True), dtype, x.shape, 150)

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <thread>
@@ -77,7 +78,8 @@ bool m_fastest() {
 struct BsrCall {
   BsrLinearArgs args;
   Path path;
-  at::Tensor x2, y, bias_pad, crow_c, col_c;
+  at::Tensor x2, y, crow_c, col_c;
+  const float* bias = nullptr;  // fp32, padded to whole blocks (the calling thread's buffer) or nullptr
   std::vector<int64_t> out_shape;
   int64_t M = 0, N = 0, K = 0, b = 0, nbr = 0, nbc = 0;
 };
@@ -134,8 +136,22 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
     BSBERT_CHECK(bt.dim() == 1 && bt.size(0) == N, "bsr_linear: bias must have shape [", N, "], got ",
                 bt.sizes());
     BSBERT_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
-    c.bias_pad = at::zeros({nbr * b}, x.options().dtype(at::kFloat));
-    c.bias_pad.narrow(0, 0, N).copy_(bt);
+    // fp32 and zero-padded to whole blocks (the epilogue reads whole vectors), in a per-thread buffer:
+    // an at::zeros + copy_ per call was two allocations and three dispatcher calls.
+    float* bp = thread_buffer<struct BsrBiasTag>(nbr * b);
+    if (bt.scalar_type() == at::kFloat && bt.is_contiguous()) {
+      std::memcpy(bp, bt.data_ptr<float>(), N * sizeof(float));
+    } else if (bt.scalar_type() == at::kBFloat16 && bt.is_contiguous()) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(bt.data_ptr());
+      for (int64_t i = 0; i < N; ++i) {
+        const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+        std::memcpy(bp + i, &u, 4);
+      }
+    } else {
+      at::from_blob(bp, {N}, x.options().dtype(at::kFloat)).copy_(bt);
+    }
+    std::fill(bp + N, bp + nbr * b, 0.f);
+    c.bias = bp;
   }
 
   // x as rows of K contiguous values (any row stride); packed into panels (and widened) by the run.
@@ -164,7 +180,7 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   args.col = col_p;
   args.w = packed.data_ptr();
   args.w_bf16 = bf16;
-  args.bias = c.bias_pad.defined() ? c.bias_pad.data_ptr<float>() : nullptr;
+  args.bias = c.bias;
   args.gelu = gelu;
   args.y = c.y.data_ptr();
   args.ldy = N;
