@@ -38,6 +38,12 @@ class Program:
     layers: list = field(repr=False)          # the layer modules (still on the lean forward?)
     modules: list = field(repr=False)         # every module inside them (hooks would be skipped)
     output_type: type | None = None           # what the encoder's own forward returns
+    # the modules' pre-hook and hook dicts themselves (registering a hook adds to the same dict), so
+    # that the per-call check is a truth test per dict rather than two attribute lookups per module
+    hook_dicts: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self.hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
 
 
 def _linear_args(lin, gelu: bool, where: str):
@@ -129,17 +135,12 @@ def _is_capture_hook(hook) -> bool:
             and getattr(hook, "__module__", "").startswith("transformers."))
 
 
-def _hooked(modules) -> bool:
+def _hooked(prog: Program) -> bool:
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    for m in modules:
-        if m._forward_pre_hooks:
-            return True
-        if m._forward_hooks and not all(_is_capture_hook(h) for h in m._forward_hooks.values()):
-            return True
-    return False
+    return any(d and not all(_is_capture_hook(h) for h in d.values()) for d in prog.hook_dicts)
 
 
 def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> str | None:
@@ -158,7 +159,7 @@ def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> s
         return "hidden states / attentions are being collected"
     if not fast_layer.installed(prog.layers[0]):
         return "the original layers are in place (bsbert.verify / unpatch)"
-    if _hooked(prog.modules):
+    if _hooked(prog):
         return "forward hooks on the layers' modules"
     return None
 

@@ -107,6 +107,14 @@ def test_steps_aside_for_hooks_and_collected_outputs(monkeypatch):
         h.remove()
     assert seen and calls == [1]
     assert torch.equal(hooked.start_logits, base.start_logits)
+    p = model.bert.encoder.layer[2].attention.self.qkv.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    try:
+        _run(model, inp)
+    finally:
+        p.remove()
+    assert seen[-1] == "pre" and calls == [1]
+    _run(model, inp)
+    assert calls == [1, 1]  # hooks removed: fused again
     with torch.inference_mode():  # another dtype than the model's: the per-layer path says what is wrong
         emb = model.bert.embeddings(inp["input_ids"])
         assert fused_encoder.why_not_now(model.bert.encoder._bsbert_program, emb.double(), None, (), {})
@@ -124,6 +132,17 @@ def test_plan_repr_verify_unpatch():
     off = _patched(fused_encoder=False)
     assert not off.bsbert_plan.fused_encoder and off.bsbert_plan.fused_encoder_reason == "fused_encoder=False"
     assert not fused_encoder.installed(off.bert.encoder)
+
+
+@needs_op
+def test_save_load_keeps_it(tmp_path):
+    model = _patched()
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    ref = _run(model, inp)
+    bsbert.save(model, str(tmp_path))
+    loaded = bsbert.load(str(tmp_path), select="heuristic")
+    assert loaded.bsbert_plan.fused_encoder and fused_encoder.installed(loaded.bert.encoder)
+    assert torch.equal(_run(loaded, inp).start_logits, ref.start_logits)
 
 
 def test_declines_with_a_reason():
