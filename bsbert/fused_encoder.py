@@ -140,6 +140,8 @@ def _hooked(prog: Program) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
+    if not any(prog.hook_dicts):  # the common case, as one C-level loop
+        return False
     return any(d and not all(_is_capture_hook(h) for h in d.values()) for d in prog.hook_dicts)
 
 

@@ -262,8 +262,7 @@ void run(BsrCall& c) {
   };
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(mc * b) + 16);
-    float* sc = scratch.data();
+    float* sc = thread_buffer<struct BsrTileScratchTag>(mc * b + 16);  // written before it is read
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= nclaims) break;
@@ -304,8 +303,9 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
   const bool balanced = balanced_row_panels();
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(max_rows * b) + 16);
-    std::vector<float> ln_scratch(ln ? static_cast<size_t>(add_layer_norm_scratch(c.N)) : 0);
+    // per-thread buffers, written before they are read (a zeroed std::vector per call cost a pass over 20 KB)
+    float* scratch = thread_buffer<struct BsrTileScratchTag>(max_rows * b + 16);
+    float* ln_scratch = ln ? thread_buffer<struct BsrLnScratchTag>(add_layer_norm_scratch(c.N)) : nullptr;
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntiles) break;
@@ -319,8 +319,8 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
       const int64_t npan = (rows + mr - 1) / mr;
       if (balanced && npan > 1) ta.balanced_panels = npan;
       if (c.K > 0) c.path.pack(ta, 0, npan, ta.xp);
-      for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch.data());
-      if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch.data());
+      for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch);
+      if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch);
     }
   };
   run_workers(std::min(nthreads, ntiles), worker);
