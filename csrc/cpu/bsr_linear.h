@@ -54,7 +54,7 @@ static inline void panel_rows(const BsrLinearArgs& a, int64_t p, int mr, int64_t
 }
 
 // Computes output rows [m0, m1) of block row rb (columns rb*block .. min(N, (rb+1)*block)), including
-// the bias + GELU epilogue. scratch: >= (m1 - m0) * block floats, 64-byte aligned.
+// the bias + GELU epilogue. scratch: >= (m1 - m0) * block floats (any alignment: the kernels use unaligned loads and stores).
 // Packs panels [p0, p1) of x into xp (see BsrLinearArgs::xp); must run before the tiles.
 using BsrPackFn = void (*)(const BsrLinearArgs&, int64_t p0, int64_t p1, float* xp);
 void bsr_pack_portable(const BsrLinearArgs&, int64_t, int64_t, float*);
