@@ -28,6 +28,18 @@ def collect() -> dict:
     info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s)" % (
         mod.torch_version(), "yes" if mod.with_cuda() else "no", mod.cpu_isa())) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
+    # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
+    ops = ("bsr_linear", "bsr_linear_add_layer_norm", "add_layer_norm", "pruned_attention",
+           "pruned_attention_varlen", "bert_encoder")
+    for key in ("CPU", "CUDA"):
+        have = []
+        for op in ops:
+            try:
+                if mod and torch._C._dispatch_has_kernel_for_dispatch_key(f"bsbert::{op}", key):
+                    have.append(op)
+            except RuntimeError:  # the op is not defined in this build
+                pass
+        info[f"{key.lower()}_ops"] = ", ".join(have) or "none"
     backends = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -32,6 +32,11 @@ def test_info(capsys):
     info_main()
     out = capsys.readouterr().out
     assert "cpu/float32/torch-dense" in out and "extension" in out
+    from bsbert import _ext
+
+    if _ext.has_op("bert_encoder"):  # the ops line names the kernels this build has per device
+        line = next(x for x in out.splitlines() if "cpu_ops:" in x)
+        assert "bsr_linear" in line and "bert_encoder" in line
 
 
 def test_bench_kernels_table(capsys):
