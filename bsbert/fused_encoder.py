@@ -97,6 +97,8 @@ def program(layers, dtype: torch.dtype) -> Program | str:
         for norm in (so.LayerNorm, out.LayerNorm):
             if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
                 return f"layer {i}: LayerNorm without affine weights"
+            if norm.weight.dtype not in (dtype, torch.float32) or norm.bias.dtype not in (dtype, torch.float32):
+                return f"layer {i}: LayerNorm weights in {norm.weight.dtype} (the kernel takes {dtype} or float32)"
             lt += [norm.weight, norm.bias]
         tensors += lt
         ints += li

@@ -156,6 +156,15 @@ def test_declines_with_a_reason():
 
 
 @needs_op
+def test_declines_layer_norm_weights_the_kernel_does_not_take():
+    model = _patched()
+    ln = model.bert.encoder.layer[2].output.LayerNorm
+    ln.weight.data = ln.weight.data.half()
+    why = fused_encoder.program(model.bert.encoder.layer, torch.float32)
+    assert isinstance(why, str) and "layer 2: LayerNorm weights in torch.float16" in why
+
+
+@needs_op
 def test_op_errors_name_the_problem():
     x = torch.randn(1, 4, 8)
     with pytest.raises(RuntimeError, match="20 tensors, 18 ints and 3 floats per layer"):
