@@ -212,7 +212,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         unpad_mod.install(encoder, adapter)
     plan.unpad = bool(unpad)
     set_fast_layers(model, plan, layers, adapter, fast_layers)
-    set_fused_encoder(plan, encoder, layers, fused_encoder)
+    set_fused_encoder(plan, encoder, layers, fused_encoder, _encoder_owner(model, enc_path))
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
@@ -241,10 +241,15 @@ def set_fast_layers(model: nn.Module, plan: Plan, layers, adapter, on: bool) -> 
     model._bsbert_fast_layers = list(layers) if why is None else []  # a plain list: not submodules
 
 
-def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool) -> None:
-    """Install bsbert.fused_encoder's one-op forward on the encoder (if ``on`` and it fits); the plan
-    records the outcome and why it is off."""
-    from bsbert import fused_encoder
+def _encoder_owner(model: nn.Module, enc_path: str) -> nn.Module:
+    """The module whose attribute the encoder is (BertModel for 'bert.encoder')."""
+    return model.get_submodule(enc_path.rpartition(".")[0]) if "." in enc_path else model
+
+
+def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: nn.Module | None = None) -> None:
+    """Install bsbert.fused_encoder's one-op forward on the encoder (if ``on`` and it fits), and then
+    bsbert.lean_model's forward on its owner (a BertModel); the plan records the outcome and why not."""
+    from bsbert import fused_encoder, lean_model
 
     if not on:
         why = "fused_encoder=False"
@@ -256,6 +261,9 @@ def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool) -> None:
         dtype = next(encoder.parameters()).dtype
         why = fused_encoder.install(encoder, layers, plan.hidden_size, dtype)
     plan.fused_encoder, plan.fused_encoder_reason = why is None, why or ""
+    if why is None:
+        why = lean_model.install(owner, encoder) if owner is not None else "no owner module given"
+    plan.lean_model, plan.lean_model_reason = why is None, why or ""
 
 
 def swap_modules(model: nn.Module, which: str) -> None:
@@ -276,15 +284,22 @@ def swap_modules(model: nn.Module, which: str) -> None:
 
     from bsbert import fused_encoder
 
+    from bsbert import lean_model
+
     fast = getattr(model, "_bsbert_fast_layers", [])
+    owners = [m for m in model.modules() if "_bsbert_output_type" in vars(m)]  # lean model forwards
     if which == "original":
         fast_layer.uninstall(fast)
         if enc is not None:
             fused_encoder.detach(enc)
+        for m in owners:
+            lean_model.detach(m)
     else:
         fast_layer.attach(fast)
         if enc is not None and getattr(enc, "_bsbert_program", None) is not None:
             fused_encoder.attach(enc)
+        for m in owners:
+            lean_model.attach(m)
     for layer, path, original, new in model._bsbert_swaps:
         set_submodule(layer, path, original if which == "original" else new)
 
@@ -303,6 +318,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     from bsbert import fused_encoder
 
     fused_encoder.uninstall(model._bsbert_encoder)
+    from bsbert import lean_model
+
+    for m in [m for m in model.modules() if "_bsbert_output_type" in vars(m)]:
+        lean_model.uninstall(m)
     del model._bsbert_encoder
     del model._bsbert_swaps
     model.__dict__.pop("_bsbert_fast_layers", None)

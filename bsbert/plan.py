@@ -68,6 +68,8 @@ class Plan:
     fast_layers_reason: str = ""  # why it is off when it was asked for
     fused_encoder: bool = False   # the whole encoder as one op (bsbert.fused_encoder; set by patch)
     fused_encoder_reason: str = ""  # why it is off
+    lean_model: bool = False      # BertModel's lean forward (bsbert.lean_model; set by patch)
+    lean_model_reason: str = ""
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -118,7 +120,8 @@ class Plan:
                    unpad=d.get("unpad", False), fast_layers=d.get("fast_layers", False),
                    fast_layers_reason=d.get("fast_layers_reason", ""),
                    fused_encoder=d.get("fused_encoder", False),
-                   fused_encoder_reason=d.get("fused_encoder_reason", ""))
+                   fused_encoder_reason=d.get("fused_encoder_reason", ""),
+                   lean_model=d.get("lean_model", False), lean_model_reason=d.get("lean_model_reason", ""))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:
@@ -164,7 +167,8 @@ class Plan:
                    "transformers' layer forward" + (f" ({self.fast_layers_reason})" if self.fast_layers_reason else ""))
             lines.append(f"layer forward: {how}{', padding-free encoder' if self.unpad else ''}")
             lines.append("encoder: " + ("one C++ op for all layers (bsbert::bert_encoder)" if self.fused_encoder
-                                        else f"layer by layer ({self.fused_encoder_reason or 'fused encoder off'})"))
+                                        else f"layer by layer ({self.fused_encoder_reason or 'fused encoder off'})")
+                         + ("; BertModel: bsbert's lean forward for plain calls" if self.lean_model else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -7,6 +7,7 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py row-split --seq 128
     python scripts/model_ab.py balanced-panels --seq 128
     python scripts/model_ab.py fused-encoder --seq 128
+    python scripts/model_ab.py lean-model --seq 128
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -14,6 +15,7 @@ row-split: bsr_linear's default work split (whole rows per thread from M = 2 reg
 up; on) or BSBERT_BSR_SPLIT=blocks (off). balanced-panels: a row-split tile's rows in near-equal
 register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows and a short last one).
 fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off).
+lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 """
 import argparse
 import os
@@ -47,6 +49,12 @@ def toggles(model, what):
         if not fused_encoder.installed(enc):
             raise SystemExit(f"fused encoder is off: {model.bsbert_plan.fused_encoder_reason}")
         return lambda on: (fused_encoder.attach if on else fused_encoder.detach)(enc), len(enc.layer)
+    if what == "lean-model":
+        from bsbert import lean_model
+
+        if not lean_model.installed(model.bert):
+            raise SystemExit(f"lean model forward is off: {model.bsbert_plan.lean_model_reason}")
+        return lambda on: (lean_model.attach if on else lean_model.detach)(model.bert), 1
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
@@ -61,7 +69,7 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", *ENV_TOGGLES])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()

@@ -1,0 +1,106 @@
+"""bsbert.lean_model: a patched BertModel's lean forward gives bit for bit what transformers' forward gives
+with the same modules, and hands every call it does not reproduce to transformers."""
+import pytest
+import torch
+
+import bsbert
+from bsbert import _ext, fused_encoder, lean_model
+from tests.helpers import inputs, tiny_pruned
+
+needs_op = pytest.mark.skipif(not _ext.has_op("bert_encoder"),
+                              reason=f"bsbert::bert_encoder unavailable: {_ext.reason_unavailable()}")
+
+
+def _patched(**kw):
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64))
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic", **kw)
+    return model
+
+
+def _both(model, inp, **kw):
+    """(lean, transformers') outputs of the same patched model, and whether the lean run used the op."""
+    bert = model.bert
+    assert lean_model.installed(bert)
+    with torch.inference_mode():
+        lean = model(**inp, **kw)
+        lean_model.detach(bert)
+        try:
+            ref = model(**inp, **kw)
+        finally:
+            lean_model.attach(bert)
+    return lean, ref
+
+
+def _count_fallbacks(monkeypatch, bert):
+    calls = []
+    orig = type(bert).forward
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(type(bert), "forward", counting)
+    return calls
+
+
+@needs_op
+@pytest.mark.parametrize("pad_from", [None, 7])
+@pytest.mark.parametrize("with_types", [False, True])
+def test_bit_for_bit_transformers_forward(monkeypatch, pad_from, with_types):
+    model = _patched()
+    assert model.bsbert_plan.lean_model, model.bsbert_plan.lean_model_reason
+    inp = inputs(batch=2, seq=21, pad_from=pad_from)
+    if with_types:
+        inp["token_type_ids"] = (torch.arange(21) > 10).long().expand(2, 21).contiguous()
+        inp["position_ids"] = torch.arange(21).expand(2, 21).contiguous()
+    calls = _count_fallbacks(monkeypatch, model.bert)
+    lean, ref = _both(model, inp)
+    assert len(calls) == 1  # the lean run did not call transformers' forward, the reference did
+    assert torch.equal(lean.start_logits, ref.start_logits) and torch.equal(lean.end_logits, ref.end_logits)
+
+
+@needs_op
+def test_hands_other_calls_to_transformers(monkeypatch):
+    model = _patched()
+    inp = inputs(batch=1, seq=12, pad_from=9)
+    calls = _count_fallbacks(monkeypatch, model.bert)
+    with torch.inference_mode():
+        out = model(**inp, output_hidden_states=True)
+        assert len(calls) == 1 and len(out.hidden_states) == 4
+        emb = model.bert.embeddings.word_embeddings(inp["input_ids"])
+        model(inputs_embeds=emb, attention_mask=inp["attention_mask"])
+        assert len(calls) == 2
+        tup = model(**inp, return_dict=False)  # the QA head makes the tuple: BertModel still returns a dict
+        assert len(calls) == 2 and isinstance(tup, tuple)
+        assert isinstance(model.bert(**inp, return_dict=False), tuple)
+        assert len(calls) == 3
+        four_d = inp["attention_mask"][:, None, None, :].bool()
+        model(input_ids=inp["input_ids"], attention_mask=four_d)
+        assert len(calls) == 4
+        h = model.bert.encoder.layer[0].output.register_forward_hook(lambda *a: None)
+        try:
+            model(**inp)  # the fused encoder steps aside for hooks, so the lean form does too
+        finally:
+            h.remove()
+        assert len(calls) == 5
+        model(**inp)
+        assert len(calls) == 5
+
+
+@needs_op
+def test_repr_verify_unpatch_and_off_switch():
+    model = _patched(verify=True)
+    assert model.bsbert_verify_report.passed and lean_model.installed(model.bert)
+    assert "lean model forward" in repr(model.bert).splitlines()[0] + repr(model.bert)
+    assert "lean forward" in model.bsbert_plan.table(16)
+    bsbert.unpatch(model)
+    assert not lean_model.installed(model.bert) and "_bsbert_output_type" not in vars(model.bert)
+    off = _patched(fused_encoder=False)
+    assert not off.bsbert_plan.lean_model and not lean_model.installed(off.bert)
+    assert not fused_encoder.installed(off.bert.encoder)
+
+
+def test_other_model_classes_keep_their_forward():
+    from tests.helpers import tiny_pruned_distilbert
+
+    model = tiny_pruned_distilbert()
+    assert lean_model.applies(model, getattr(model, "transformer", None)) is not None
