@@ -41,9 +41,21 @@ class Program:
     # the modules' pre-hook and hook dicts themselves (registering a hook adds to the same dict), so
     # that the per-call check is a truth test per dict rather than two attribute lookups per module
     hook_dicts: list = field(default_factory=list, repr=False)
+    # (dict, key, object) for every module / choice the tensors were taken from: a module or backend
+    # choice replaced after patch would otherwise leave the op computing with the old one
+    watch: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+
+    def stale(self) -> bool:
+        return any(d.get(k) is not v for d, k, v in self.watch)
+
+
+def _watch(owner, name: str) -> tuple:
+    """(the dict that holds owner.name, name, its current value), for Program.stale."""
+    d = owner._modules if isinstance(owner, nn.Module) and name in owner._modules else vars(owner)
+    return d, name, d[name]
 
 
 def _linear_args(lin, gelu: bool, where: str):
@@ -57,6 +69,8 @@ def _linear_args(lin, gelu: bool, where: str):
     if lin.gelu != gelu:
         return f"{where}: GELU {'not ' if gelu else ''}fused as expected"
     t = choice.prepared.tensors
+    if not all(k in t for k in (("bsm", "crow_indices", "col_indices", "values") if kind == 0 else ("weight",))):
+        return f"{where}: prepared tensors do not match backend {choice.backend}"
     if kind == 0:
         n, k = t["bsm"].shape
         return [t["crow_indices"], t["col_indices"], t["values"], t["bias"]], [0, n, k, choice.block]
@@ -68,7 +82,7 @@ def program(layers, dtype: torch.dtype) -> Program | str:
     from bsbert import fast_layer
     from bsbert.nn import DenseAddLayerNorm, FusedIntermediate, PrunedSelfAttention
 
-    tensors, ints, floats, modules = [], [], [], []
+    tensors, ints, floats, modules, watch = [], [], [], [], []
     for i, layer in enumerate(layers):
         if not fast_layer.installed(layer):
             return f"layer {i} is not on bsbert's lean layer forward"
@@ -102,13 +116,20 @@ def program(layers, dtype: torch.dtype) -> Program | str:
             lt += [norm.weight, norm.bias]
         tensors += lt
         ints += li
+        watch += [_watch(layer, "attention"), _watch(layer.attention, "self"), _watch(layer.attention, "output"),
+                  _watch(layer, "intermediate"), _watch(layer, "output"), _watch(sa, "backend"),
+                  _watch(so, "LayerNorm"), _watch(out, "LayerNorm")]
+        for owner in (sa, so, inter, out):
+            lin = owner.qkv if owner is sa else owner.dense
+            watch += [_watch(owner, "qkv" if owner is sa else "dense"), _watch(lin, "choice"),
+                      _watch(lin.choice, "prepared")]
         floats += [float(sa.scale), float(so.LayerNorm.eps), float(out.LayerNorm.eps)]
         modules += list(layer.modules())
     if any(t is not None and t.device.type != "cpu" for t in tensors):
         return "weights are not on the CPU"
     if not _op_available():
         return "bsbert::bert_encoder has no CPU kernel in this build"
-    return Program(tensors, ints, floats, dtype, list(layers), modules)
+    return Program(tensors, ints, floats, dtype, list(layers), modules, watch=watch)
 
 
 def _op_available() -> bool:
@@ -165,6 +186,8 @@ def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> s
         return "the original layers are in place (bsbert.verify / unpatch)"
     if _hooked(prog):
         return "forward hooks on the layers' modules"
+    if prog.stale():
+        return "a module or backend choice was replaced after patch (reinstall with bsbert.fused_encoder.install)"
     return None
 
 

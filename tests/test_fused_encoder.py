@@ -91,6 +91,29 @@ def test_mixed_backends_and_masked_dense_reference():
 
 
 @needs_op
+def test_a_replaced_choice_or_module_is_never_computed_with_the_old_tensors(monkeypatch):
+    from bsbert.ops.linear_backends import OneDnnDense
+
+    model = _patched()
+    inp = inputs(batch=1, seq=11)
+    calls = _called(monkeypatch)
+    lin = model.bert.encoder.layer[0].attention.self.qkv
+    w = lin.packed_weight()
+    lin.choice.prepared = OneDnnDense().prepare(w * 2, lin.bias, False, None)  # a different weight
+    out = _run(model, inp)
+    assert calls == []  # the op's tensors are stale: the per-layer path ran, with the new weight
+    assert "do not match backend cpu-bsr" in fused_encoder.program(model.bert.encoder.layer, torch.float32)
+    lin.choice.backend = "onednn-dense"
+    assert calls == []  # the op's tensors are stale: the per-layer path ran, with the new weight
+    fused_encoder.detach(model.bert.encoder)
+    assert torch.equal(out.start_logits, _run(model, inp).start_logits)
+    fused_encoder.uninstall(model.bert.encoder)
+    assert fused_encoder.install(model.bert.encoder, model.bert.encoder.layer, 128, torch.float32) is None
+    _run(model, inp)
+    assert calls == [1]
+
+
+@needs_op
 def test_steps_aside_for_hooks_and_collected_outputs(monkeypatch):
     model = _patched()
     inp = inputs(batch=1, seq=15)
