@@ -16,9 +16,9 @@ the same values unchunked.
 """
 from __future__ import annotations
 
-import types
-
 import torch
+
+from bsbert import instance_forward
 
 
 def _lean_bert_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
@@ -77,16 +77,13 @@ def install(layers, adapter, hidden_size: int) -> str | None:
 def attach(layers) -> None:
     """The lean forward on each layer (no checks: :func:`install` made them)."""
     for layer in layers:
-        layer.forward = types.MethodType(_lean_bert_forward, layer)
-        layer.extra_repr = types.MethodType(_extra_repr, layer)
+        instance_forward.attach(layer, _lean_bert_forward, _extra_repr)
 
 
 def uninstall(layers) -> None:
     for layer in layers:
-        for name in ("forward", "extra_repr"):
-            if name in vars(layer):
-                delattr(layer, name)
+        instance_forward.detach(layer, _lean_bert_forward, _extra_repr)
 
 
 def installed(layer) -> bool:
-    return "forward" in vars(layer)
+    return instance_forward.installed(layer, _lean_bert_forward)

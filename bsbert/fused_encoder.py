@@ -19,13 +19,17 @@ output blocks end in an affine LayerNorm; :func:`program` says why not otherwise
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from bsbert import instance_forward
+
 _BACKEND_KIND = {"cpu-bsr": 0, "onednn-dense": 1}
+# the op's per-layer argument layout (csrc/ops.cpp, csrc/cpu/bert_encoder.cpp): 4 linears x 4 tensors +
+# 2 LayerNorms x 2; heads, head_dim + 4 linears x (kind, out, in, block); scale + 2 eps
+TENSORS_PER_LAYER, INTS_PER_LAYER, FLOATS_PER_LAYER = 20, 18, 3
 
 
 @dataclass
@@ -236,15 +240,12 @@ def install(encoder: nn.Module, layers, hidden_size: int, dtype: torch.dtype) ->
 
 
 def attach(encoder: nn.Module) -> None:
-    encoder.forward = types.MethodType(_fused_forward, encoder)
-    encoder.extra_repr = types.MethodType(_extra_repr, encoder)
+    instance_forward.attach(encoder, _fused_forward, _extra_repr)
 
 
 def detach(encoder: nn.Module) -> None:
     """Back to the class's forward (the program is kept for :func:`attach`)."""
-    for name in ("forward", "extra_repr"):
-        if getattr(encoder.__dict__.get(name), "__func__", None) in (_fused_forward, _extra_repr):
-            delattr(encoder, name)
+    instance_forward.detach(encoder, _fused_forward, _extra_repr)
 
 
 def uninstall(encoder: nn.Module) -> None:
@@ -253,4 +254,4 @@ def uninstall(encoder: nn.Module) -> None:
 
 
 def installed(encoder: nn.Module) -> bool:
-    return getattr(encoder.__dict__.get("forward"), "__func__", None) is _fused_forward
+    return instance_forward.installed(encoder, _fused_forward)

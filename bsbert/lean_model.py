@@ -16,10 +16,10 @@ itself would run; every other call goes to the class's forward unchanged. Only t
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn as nn
+
+from bsbert import instance_forward
 
 # kwargs a plain call may carry, and the values that keep it plain
 _NONE_KWARGS = ("inputs_embeds", "encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values",
@@ -108,14 +108,11 @@ def install(base: nn.Module, encoder: nn.Module) -> str | None:
 
 
 def attach(base: nn.Module) -> None:
-    base.forward = types.MethodType(_lean_forward, base)
-    base.extra_repr = types.MethodType(_extra_repr, base)
+    instance_forward.attach(base, _lean_forward, _extra_repr)
 
 
 def detach(base: nn.Module) -> None:
-    for name in ("forward", "extra_repr"):
-        if getattr(base.__dict__.get(name), "__func__", None) in (_lean_forward, _extra_repr):
-            delattr(base, name)
+    instance_forward.detach(base, _lean_forward, _extra_repr)
 
 
 def uninstall(base: nn.Module) -> None:
@@ -124,4 +121,4 @@ def uninstall(base: nn.Module) -> None:
 
 
 def installed(base: nn.Module) -> bool:
-    return getattr(base.__dict__.get("forward"), "__func__", None) is _lean_forward
+    return instance_forward.installed(base, _lean_forward)

@@ -82,7 +82,7 @@ def test_mixed_backends_and_masked_dense_reference():
     fused_encoder.uninstall(model.bert.encoder)
     assert fused_encoder.install(model.bert.encoder, model.bert.encoder.layer, 128, torch.float32) is None
     ints = model.bert.encoder._bsbert_program.ints
-    kinds = [ints[layer * 18 + 2 + 4 * j] for layer in range(len(HEADS)) for j in range(4)]
+    kinds = [ints[layer * fused_encoder.INTS_PER_LAYER + 2 + 4 * j] for layer in range(len(HEADS)) for j in range(4)]
     assert kinds[1 * 4 + 2] == 1 and 0 in kinds  # layer 1's FFN in is dense, others block-sparse
     fused, per_layer = _both(model, inp)
     assert torch.equal(fused.start_logits, per_layer.start_logits)

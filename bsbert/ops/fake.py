@@ -84,9 +84,13 @@ def _bsr_linear_add_layer_norm_fake(x, crow_indices, col_indices, packed_values,
 
 def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
     torch._check(hidden.dim() == 3, lambda: f"bert_encoder: hidden must be [B, S, hidden_size], got {tuple(hidden.shape)}")
-    layers = len(floats) // 3
-    torch._check(len(floats) == 3 * layers and len(ints) == 18 * layers and len(tensors) == 20 * layers,
-                 lambda: "bert_encoder: expected 20 tensors, 18 ints and 3 floats per layer")
+    from bsbert.fused_encoder import FLOATS_PER_LAYER, INTS_PER_LAYER, TENSORS_PER_LAYER
+
+    layers = len(floats) // FLOATS_PER_LAYER
+    torch._check(len(floats) == FLOATS_PER_LAYER * layers and len(ints) == INTS_PER_LAYER * layers
+                 and len(tensors) == TENSORS_PER_LAYER * layers,
+                 lambda: f"bert_encoder: expected {TENSORS_PER_LAYER} tensors, {INTS_PER_LAYER} ints and "
+                         f"{FLOATS_PER_LAYER} floats per layer")
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
