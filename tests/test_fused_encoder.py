@@ -67,6 +67,15 @@ def test_bit_for_bit_the_per_layer_path(monkeypatch, backend, dtype, pad_from):
 
 
 @needs_op
+@pytest.mark.parametrize("batch,seq", [(1, 1), (3, 1), (1, 2)])
+def test_one_token_rows(batch, seq):
+    # M = 1..3 rows: the GEMMs take their block-row split, the attention a single key
+    model = _patched()
+    fused, per_layer = _both(model, inputs(batch=batch, seq=seq))
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+
+
+@needs_op
 def test_mixed_backends_and_masked_dense_reference():
     inp = inputs(batch=2, seq=19, pad_from=4)
     model = tiny_pruned(heads=HEADS, ffn=FFN)
