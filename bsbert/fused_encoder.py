@@ -13,8 +13,8 @@ or cache arguments, while transformers collects hidden states / attentions, and 
 (NVTX ranges, a user's hook) sits on a layer's modules, since those would not run. The encoder stays
 what it was (``print(model)`` says the forward changed); :func:`uninstall` restores it.
 
-It applies to BERT-style layers on bsbert's lean layer forward whose four linears run on ``cpu-bsr``
-or ``onednn-dense`` with the exact GELU fused, whose attention runs on bsbert's CPU kernel, and whose
+It applies to BERT-style layers on bsbert's lean layer forward whose four linears run on ``cpu-bsr``,
+``onednn-dense`` or ``torch-dense`` (the FFN-in one with the exact GELU), whose attention runs on bsbert's CPU kernel, and whose
 output blocks end in an affine LayerNorm; :func:`program` says why not otherwise.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from bsbert import instance_forward
 
-_BACKEND_KIND = {"cpu-bsr": 0, "onednn-dense": 1}
+_BACKEND_KIND = {"cpu-bsr": 0, "onednn-dense": 1, "torch-dense": 2}
 # the op's per-layer argument layout (csrc/ops.cpp, csrc/cpu/bert_encoder.cpp): 4 linears x 4 tensors +
 # 2 LayerNorms x 2; heads, head_dim + 4 linears x (kind, out, in, block); scale + 2 eps
 TENSORS_PER_LAYER, INTS_PER_LAYER, FLOATS_PER_LAYER = 20, 18, 3
@@ -69,7 +69,7 @@ def _linear_args(lin, gelu: bool, where: str):
         return f"{where}: no weight left (bias only)"
     kind = _BACKEND_KIND.get(choice.backend)
     if kind is None:
-        return f"{where}: backend {choice.backend} (the fused encoder runs cpu-bsr and onednn-dense)"
+        return f"{where}: backend {choice.backend} (the fused encoder runs {', '.join(_BACKEND_KIND)})"
     if lin.gelu != gelu:
         return f"{where}: GELU {'not ' if gelu else ''}fused as expected"
     t = choice.prepared.tensors
@@ -78,7 +78,7 @@ def _linear_args(lin, gelu: bool, where: str):
     if kind == 0:
         n, k = t["bsm"].shape
         return [t["crow_indices"], t["col_indices"], t["values"], t["bias"]], [0, n, k, choice.block]
-    return [t["weight"], None, None, t["bias"]], [1, lin.out_features, lin.in_features, 0]
+    return [t["weight"], None, None, t["bias"]], [kind, lin.out_features, lin.in_features, 0]
 
 
 def program(layers, dtype: torch.dtype) -> Program | str:

@@ -44,8 +44,9 @@ TORCH_LIBRARY(bsbert, m) {
   // ops, without the Python between them. hidden: [B, S, hidden_size]. Per layer, in order:
   //   tensors (20): 4 linears (qkv, attention output, FFN in, FFN out) x [crow_indices, col_indices,
   //     packed_values, bias] for a block-sparse linear or [weight, None, None, bias] for a dense one
-  //     (oneDNN), then attention-LayerNorm weight, bias, output-LayerNorm weight, bias;
-  //   ints (18): num_heads, head_dim, then per linear: kind (0 block-sparse, 1 dense), out_features,
+  //     (oneDNN or torch's linear), then attention-LayerNorm weight, bias, output-LayerNorm weight, bias;
+  //   ints (18): num_heads, head_dim, then per linear: kind (0 block-sparse, 1 oneDNN dense, 2 torch linear),
+  //     out_features,
   //     in_features, block;
   //   floats (3): attention scale, attention-LayerNorm eps, output-LayerNorm eps.
   m.def(

@@ -8,6 +8,7 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py balanced-panels --seq 128
     python scripts/model_ab.py fused-encoder --seq 128
     python scripts/model_ab.py lean-model --seq 128
+    python scripts/model_ab.py row-split --seq 128 --dtype bfloat16
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -72,8 +73,9 @@ def main():
     ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    model = models.seed_like_model().eval()
+    model = models.seed_like_model().eval().to(getattr(torch, args.dtype))
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=args.seq, progress=False)
     set_on, count = toggles(model, args.what)
@@ -89,7 +91,7 @@ def main():
         model(**inp)
     t_off, t_on = best_of_interleaved([lambda: run(False), lambda: run(True)], rounds=args.rounds, target_s=0.15)
     set_on(True)
-    print(f"{args.what} ({count} modules), seq {args.seq}, {torch.get_num_threads()} threads, best of "
+    print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, best of "
           f"{args.rounds} rounds: off {t_off * 1e3:.2f} ms, on {t_on * 1e3:.2f} ms, "
           f"saved {(t_off - t_on) * 1e3:.2f} ms ({100 * (t_off - t_on) / t_off:.1f}%)")
 

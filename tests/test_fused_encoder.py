@@ -52,7 +52,7 @@ def _called(monkeypatch):
 
 
 @needs_op
-@pytest.mark.parametrize("backend", ["cpu-bsr", "onednn-dense", None])
+@pytest.mark.parametrize("backend", ["cpu-bsr", "onednn-dense", "torch-dense", None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pad_from", [None, 9])
 def test_bit_for_bit_the_per_layer_path(monkeypatch, backend, dtype, pad_from):
@@ -81,18 +81,20 @@ def test_mixed_backends_and_masked_dense_reference():
     model = tiny_pruned(heads=HEADS, ffn=FFN)
     ref = _run(model, inp)
     bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
-    # one layer's FFN on oneDNN, the rest as chosen: both kinds in one program
-    from bsbert.ops.linear_backends import OneDnnDense
+    # layer 1's FFN on oneDNN, layer 2's attention output on torch's linear, the rest as chosen:
+    # every kind in one program
+    from bsbert.ops.linear_backends import OneDnnDense, TorchDense
 
-    lin = model.bert.encoder.layer[1].intermediate.dense
-    w = lin.packed_weight()
-    lin.choice.prepared = OneDnnDense().prepare(w, lin.bias, True, None)
-    lin.choice.backend = "onednn-dense"
+    layers = model.bert.encoder.layer
+    for lin, backend, gelu in ((layers[1].intermediate.dense, OneDnnDense(), True),
+                               (layers[2].attention.output.dense, TorchDense(), False)):
+        lin.choice.prepared = backend.prepare(lin.packed_weight(), lin.bias, gelu, None)
+        lin.choice.backend = backend.name
     fused_encoder.uninstall(model.bert.encoder)
     assert fused_encoder.install(model.bert.encoder, model.bert.encoder.layer, 128, torch.float32) is None
     ints = model.bert.encoder._bsbert_program.ints
     kinds = [ints[layer * fused_encoder.INTS_PER_LAYER + 2 + 4 * j] for layer in range(len(HEADS)) for j in range(4)]
-    assert kinds[1 * 4 + 2] == 1 and 0 in kinds  # layer 1's FFN in is dense, others block-sparse
+    assert kinds[1 * 4 + 2] == 1 and kinds[2 * 4 + 1] == 2 and 0 in kinds
     fused, per_layer = _both(model, inp)
     assert torch.equal(fused.start_logits, per_layer.start_logits)
     scale = ref.start_logits.abs().max()
@@ -205,6 +207,10 @@ def test_op_errors_name_the_problem():
         torch.ops.bsbert.bert_encoder(x[0], None, [], [], [])
     with pytest.raises(RuntimeError, match="crow_indices .* is None"):
         torch.ops.bsbert.bert_encoder(x, None, [None] * 20, [1, 8] + [0, 8, 8, 32] * 4, [1.0, 1e-12, 1e-12])
+    with pytest.raises(RuntimeError, match="linear kind must be 0 .*, 1 .* or 2 .*, got 3"):
+        torch.ops.bsbert.bert_encoder(x, None, [None] * 20, [1, 8] + [3, 8, 8, 0] * 4, [1.0, 1e-12, 1e-12])
+    with pytest.raises(RuntimeError, match="weight .* is None"):
+        torch.ops.bsbert.bert_encoder(x, None, [None] * 20, [1, 8] + [2, 8, 8, 0] * 4, [1.0, 1e-12, 1e-12])
 
 
 @needs_op

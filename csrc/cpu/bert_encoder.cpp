@@ -11,9 +11,10 @@
 // ~10% of the forward (perf: 10% of the main thread outside the kernels, 14% of the worker idle); the
 // same op sequence driven by a C++ loop was 4.6% faster there (a TorchScript prototype).
 //
-// A linear is either bsbert's block-sparse kernel (kind 0) or oneDNN's dense inner product on a plain
-// weight (kind 1, mkldnn::_linear_pointwise through the dispatcher, as bsbert.ops.linear_backends'
-// onednn-dense does), whichever `patch` measured faster for it.
+// A linear is bsbert's block-sparse kernel (kind 0), oneDNN's dense inner product on a plain weight
+// (kind 1, mkldnn::_linear_pointwise through the dispatcher, as bsbert.ops.linear_backends'
+// onednn-dense does) or torch's own linear (kind 2, at::linear then at::gelu, as torch-dense does),
+// whichever `patch` measured faster for it.
 #include "check.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
@@ -36,7 +37,7 @@ constexpr int64_t kTensorsPerLayer = kLinears * kTensorsPerLinear + 4;  // + two
 constexpr int64_t kIntsPerLinear = 4;       // kind, out_features, in_features, block
 constexpr int64_t kIntsPerLayer = 2 + kLinears * kIntsPerLinear;        // heads, head_dim, linears
 constexpr int64_t kFloatsPerLayer = 3;      // attention scale, the two LayerNorms' eps
-enum Kind : int64_t { kBsr = 0, kDense = 1 };
+enum Kind : int64_t { kBsr = 0, kDense = 1, kTorchDense = 2 };
 
 const char* const kLinearNames[kLinears] = {"qkv", "attention output", "FFN in", "FFN out"};
 
@@ -57,8 +58,9 @@ Linear linear_of(const c10::List<std::optional<at::Tensor>>& t, c10::IntArrayRef
   const int64_t ti = layer * kTensorsPerLayer + j * kTensorsPerLinear;
   const int64_t ii = layer * kIntsPerLayer + 2 + j * kIntsPerLinear;
   Linear l{ints[ii], ints[ii + 1], ints[ii + 2], ints[ii + 3], {}, {}, {}, t.get(ti + 3)};
-  BSBERT_CHECK(l.kind == kBsr || l.kind == kDense, "bert_encoder: layer ", layer, " ", kLinearNames[j],
-               ": linear kind must be 0 (block-sparse) or 1 (oneDNN dense), got ", l.kind);
+  BSBERT_CHECK(l.kind == kBsr || l.kind == kDense || l.kind == kTorchDense, "bert_encoder: layer ", layer, " ",
+               kLinearNames[j], ": linear kind must be 0 (block-sparse), 1 (oneDNN dense) or 2 (torch linear), got ",
+               l.kind);
   l.a = required(t, ti, layer, l.kind == kBsr ? "crow_indices" : "weight");
   if (l.kind == kBsr) {
     l.b = required(t, ti + 1, layer, "col_indices");
@@ -87,12 +89,16 @@ at::Tensor dense_linear(const at::Tensor& x, const Linear& l, bool gelu) {
 
 at::Tensor linear(const at::Tensor& x, const Linear& l, bool gelu) {
   if (l.kind == kDense) return dense_linear(x, l, gelu);
+  if (l.kind == kTorchDense) {  // F.linear then F.gelu (exact erf), as the torch-dense backend
+    const at::Tensor y = at::linear(x, l.a, l.bias);
+    return gelu ? at::gelu(y) : y;
+  }
   return bsr_linear_cpu(x, l.a, l.b, l.c, l.bias, l.n, l.k, l.block, gelu);
 }
 
 at::Tensor linear_add_layer_norm(const at::Tensor& x, const Linear& l, const at::Tensor& residual,
                                  const at::Tensor& ln_w, const at::Tensor& ln_b, double eps) {
-  if (l.kind == kDense) return add_layer_norm_cpu(dense_linear(x, l, false), residual, ln_w, ln_b, eps);
+  if (l.kind != kBsr) return add_layer_norm_cpu(linear(x, l, false), residual, ln_w, ln_b, eps);
   return bsr_linear_add_layer_norm_cpu(x, l.a, l.b, l.c, l.bias, l.n, l.k, l.block, residual, ln_w, ln_b, eps);
 }
 
