@@ -211,6 +211,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
         unpad_mod.install(encoder, adapter)
     plan.unpad = bool(unpad)
+    set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, fast_layers)
     set_fused_encoder(plan, encoder, layers, fused_encoder, _encoder_owner(model, enc_path))
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
@@ -229,6 +230,14 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         for s in swaps:
             s[2] = None
     return model
+
+
+def set_huge_pages(plan: Plan, layers) -> None:
+    """Move the block-sparse CPU kernel's packed weights into 2 MiB pages (bsbert.hugepages); the plan
+    records how many bytes and why none."""
+    from bsbert import hugepages
+
+    plan.huge_page_bytes, plan.huge_pages_reason = hugepages.place_packed_weights(layers)
 
 
 def set_fast_layers(model: nn.Module, plan: Plan, layers, adapter, on: bool) -> None:

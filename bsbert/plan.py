@@ -70,6 +70,8 @@ class Plan:
     fused_encoder_reason: str = ""  # why it is off
     lean_model: bool = False      # BertModel's lean forward (bsbert.lean_model; set by patch)
     lean_model_reason: str = ""
+    huge_page_bytes: int = 0      # packed CPU weights moved to 2 MiB pages (bsbert.hugepages; set by patch)
+    huge_pages_reason: str = ""   # why none were
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -121,7 +123,8 @@ class Plan:
                    fast_layers_reason=d.get("fast_layers_reason", ""),
                    fused_encoder=d.get("fused_encoder", False),
                    fused_encoder_reason=d.get("fused_encoder_reason", ""),
-                   lean_model=d.get("lean_model", False), lean_model_reason=d.get("lean_model_reason", ""))
+                   lean_model=d.get("lean_model", False), lean_model_reason=d.get("lean_model_reason", ""),
+                   huge_page_bytes=d.get("huge_page_bytes", 0), huge_pages_reason=d.get("huge_pages_reason", ""))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:
@@ -169,6 +172,10 @@ class Plan:
             lines.append("encoder: " + ("one C++ op for all layers (bsbert::bert_encoder)" if self.fused_encoder
                                         else f"layer by layer ({self.fused_encoder_reason or 'fused encoder off'})")
                          + ("; BertModel: bsbert's lean forward for plain calls" if self.lean_model else ""))
+            if self.device.startswith("cpu"):
+                lines.append("packed CPU weights: " + (f"{self.huge_page_bytes / 1e6:.1f} MB in 2 MiB pages"
+                                                       if self.huge_page_bytes else
+                                                       f"4 KiB pages ({self.huge_pages_reason or 'none placed'})"))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -84,7 +84,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
 
     from bsbert.adapters import find_encoder, set_submodule
     from bsbert.errors import BsbertError
-    from bsbert.patching import _encoder_owner, modules_from_packed, set_fast_layers, set_fused_encoder
+    from bsbert.patching import _encoder_owner, modules_from_packed, set_fast_layers, set_fused_encoder, set_huge_pages
     from bsbert.plan import Plan
 
     meta_path, w_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -177,6 +177,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
         from bsbert import unpad as unpad_mod
 
         unpad_mod.install(encoder, adapter)
+    set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, plan.fast_layers_reason != "fast_layers=False")
     set_fused_encoder(plan, encoder, layers, plan.fused_encoder_reason != "fused_encoder=False",
                       _encoder_owner(model, plan.encoder_path))

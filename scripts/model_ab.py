@@ -9,6 +9,7 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py fused-encoder --seq 128
     python scripts/model_ab.py lean-model --seq 128
     python scripts/model_ab.py row-split --seq 128 --dtype bfloat16
+    python scripts/model_ab.py huge-pages --seq 128 --dtype bfloat16
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -16,6 +17,8 @@ row-split: bsr_linear's default work split (whole rows per thread from M = 2 reg
 up; on) or BSBERT_BSR_SPLIT=blocks (off). balanced-panels: a row-split tile's rows in near-equal
 register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows and a short last one).
 fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off).
+huge-pages: the block-sparse linears' packed weights in the 2 MiB pages patch put them in (on) or in
+copies from torch's allocator (off; bsbert.hugepages).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 """
 import argparse
@@ -56,6 +59,19 @@ def toggles(model, what):
         if not lean_model.installed(model.bert):
             raise SystemExit(f"lean model forward is off: {model.bsbert_plan.lean_model_reason}")
         return lambda on: (lean_model.attach if on else lean_model.detach)(model.bert), 1
+    if what == "huge-pages":
+        vals = [m.choice.prepared.tensors["values"] for m in model.modules()
+                if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr"]
+        if not model.bsbert_plan.huge_page_bytes:
+            raise SystemExit(f"packed weights are not in huge pages: {model.bsbert_plan.huge_pages_reason}")
+        huge = [v.view(v.shape) for v in vals]  # the placed storages
+        small = [v.clone() for v in vals]       # torch's allocator: 4 KiB pages
+
+        def set_pages(on):
+            with torch.inference_mode():
+                for v, h, s in zip(vals, huge, small):
+                    v.set_(h if on else s)
+        return set_pages, len(vals)
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
@@ -70,7 +86,8 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", *ENV_TOGGLES])
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "huge-pages",
+                                     *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
