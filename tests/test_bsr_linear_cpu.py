@@ -281,6 +281,27 @@ def test_row_and_block_row_splits_agree(monkeypatch, threads, dtype, m, n):
     check(y_rows, ref64(x, w, b, True), dtype, x.shape, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_weight_group_size_does_not_change_a_bit(monkeypatch, dtype, block):
+    # the K blocking (BSBERT_BSR_KC k values per weight group; defaults 256 fp32, 1024 bf16) only
+    # changes where partial sums wait between groups (fp32, exact): the same bits for any group size,
+    # including groups of one block and a whole block row in one group
+    n, k = 3 * block + 8, 40 * block - 5
+    w, bsm = make_bsm(n, k, block, 0.8, seed=block, dtype=dtype)
+    x = torch.randn(50, k).to(dtype)
+    b = torch.randn(n).to(dtype)
+    outs = []
+    for kc in (None, block, 2 * block, 256, 1024, 64 * block):
+        if kc is None:
+            monkeypatch.delenv("BSBERT_BSR_KC", raising=False)
+        else:
+            monkeypatch.setenv("BSBERT_BSR_KC", str(kc))
+        outs.append(run_op(x, bsm, b, True))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    check(outs[0], ref64(x, w, b, True), dtype, x.shape, n)
+
+
 def test_matches_reference_module():
     w, bsm = make_bsm(130, 70, 32, 0.5, seed=8)
     x = torch.randn(3, 11, 70)

@@ -186,6 +186,8 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   args.ldy = N;
   args.y_bf16 = bf16;
   args.balanced_panels = 0;
+  args.kc = 0;
+  if (const char* env = std::getenv("BSBERT_BSR_KC")) args.kc = std::max(0, std::atoi(env));  // A/B runs
   c.path = select_path(bf16);
   c.M = M;
   c.N = N;

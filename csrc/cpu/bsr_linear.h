@@ -29,6 +29,9 @@ struct BsrLinearArgs {
   // rows [0, M)): M is cut into this many near-equal panels (sizes M/n and M/n + 1, in that order of
   // rows; see balanced_panel_rows), each packed like a short panel of mr rows.
   int64_t balanced_panels;
+  // k values per weight group (the kernel's L1/L2 blocking of a block row, a multiple of block);
+  // 0 = the path's default (bsr_linear_kernel.h: kKc, kKcDot).
+  int kc;
 };
 
 // First row and row count of balanced panel p (BsrLinearArgs::balanced_panels = n): the first M % n
