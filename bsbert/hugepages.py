@@ -1,17 +1,19 @@
 """Packed CPU weights in 2 MiB pages (Linux transparent huge pages, ``madvise`` mode or ``always``).
 
 Why: a patched BERT-large streams all its packed weights from DRAM once per forward (~160 MB in bf16,
-five times the L3 here), 4 KiB page after 4 KiB page, so every few block rows of a GEMM start with a
-TLB miss that the weight prefetches wait on. Measured on the 2-core Zen 5 (``bsbert::bert_encoder`` with
-the same tensors in 4 KiB vs 2 MiB pages, interleaved best-of, six runs): bf16 at seq 128, where a weight
-byte serves the fewest FLOPs, 0.7-3.9% faster (mean ~2%); fp32 at seq 128 and bf16 at seq 384 within
-+-0.2%. torch's CPU allocator gives 4 KiB pages unless ``THP_MEM_ALLOC_ENABLE=1`` was set before it
-started, and then only to allocations of 2 MiB and more.
+five times the L3 here), 4 KiB page after 4 KiB page (likely a TLB miss every few block rows that the
+weight prefetches then wait on). Measured on the 2-core Zen 5, bf16 at seq 128 (where a weight byte
+serves the fewest FLOPs): ``bsbert::bert_encoder`` with the same tensors in 2 MiB vs 4 KiB pages +0.7 to
++3.9% over five interleaved runs, the whole model (``scripts/model_ab.py huge-pages``) +0.7, -2.1, +2.0,
++1.9%; fp32 at seq 128 and bf16 at seq 384 within noise. Small, but free per call. torch's CPU allocator
+gives 4 KiB pages unless ``THP_MEM_ALLOC_ENABLE=1`` was set before it started, and then only to
+allocations of 2 MiB and more.
 
 How: :func:`place` moves a tensor's data into an arena of anonymous mmaps (64 MiB chunks, 2 MiB aligned,
 advised ``MADV_HUGEPAGE``) *in place* (``Tensor.set_``), so every closure and fused-encoder program
 holding the tensor object keeps working, bit for bit. A chunk is unmapped when the last tensor in it
-dies (``torch.frombuffer`` keeps the mmap alive). ``patch`` places the block-sparse CPU kernel's packed
+dies (``torch.frombuffer`` keeps the mmap alive); each ``patch`` seals its last chunk, so deleting a model
+frees its weights. ``patch`` places the block-sparse CPU kernel's packed
 weights (:func:`place_packed_weights`); ``BSBERT_HUGEPAGES=0`` turns that off, and it is off where
 ``madvise`` or transparent huge pages are unavailable (the plan says why).
 """
@@ -77,6 +79,7 @@ class Arena:
         self.chunk_bytes = chunk_bytes
         self._chunk = None  # uint8 tensor over the current mmap's aligned part
         self._used = 0
+        self._bases = set()  # storage addresses of every chunk made (an int each; for owns())
 
     def _new_chunk(self, need: int) -> None:
         size = max(self.chunk_bytes, -(-need // HUGE) * HUGE)
@@ -91,6 +94,7 @@ class Arena:
         with torch.inference_mode(False):  # a normal tensor: placed tensors may be either kind
             self._chunk = torch.frombuffer(buf, dtype=torch.uint8)[skip:skip + size]
         self._used = 0
+        self._bases.add(self._chunk.untyped_storage().data_ptr())
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` uint8 in huge-page memory, ALIGN-aligned (contents undefined)."""
@@ -102,8 +106,15 @@ class Arena:
         with torch.inference_mode(False):
             return self._chunk[start:start + nbytes]
 
+    def seal(self) -> None:
+        """Start the next allocation in a new chunk: the arena no longer holds the current one, which is
+        then unmapped with its last tensor (an untouched tail of it was never resident)."""
+        self._chunk = None
+
     def owns(self, t: torch.Tensor) -> bool:
-        return self._chunk is not None and t.untyped_storage().data_ptr() == self._chunk.untyped_storage().data_ptr()
+        """t's storage is one of this arena's chunks (an address of a chunk since unmapped and reused
+        could match: then a tensor is merely left where it is)."""
+        return t.untyped_storage().data_ptr() in self._bases
 
 
 _arena = Arena()
@@ -146,5 +157,7 @@ def place_packed_weights(modules) -> tuple[int, str]:
                 if place(values):
                     placed += values.numel() * values.element_size()
             except (OSError, RuntimeError) as exc:  # no memory for a mapping, an odd tensor: stay in 4 KiB pages
+                _arena.seal()
                 return placed, f"stopped after {placed} bytes: {exc}"
+    _arena.seal()  # this model's weights alone keep its chunks alive
     return placed, "" if placed else "no block-sparse CPU weights to place"

@@ -50,6 +50,9 @@ def test_placed_tensors_outlive_the_arena_and_span_chunks():
     for t in ts:
         assert hugepages.place(t, arena)
     assert len({t.untyped_storage().data_ptr() for t in ts}) >= 3  # several chunks
+    arena.seal()
+    t5 = torch.randn(10)
+    assert hugepages.place(t5, arena) and t5.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in ts}
     del arena
     gc.collect()
     for t, r in zip(ts, refs):
