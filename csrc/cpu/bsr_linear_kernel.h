@@ -36,7 +36,7 @@
 // block 32, reused from L2): four times fewer partial-sum round trips through the scratch and a
 // next-group weight prefetch issued over a longer stretch of compute. Hot, 2 threads, block 32 (M = 128
 // / 384): 1024x1024 dense 871 -> 921 / 922 -> 950 GFLOP/s, 4096x1024 at 0.64 835 -> 905 / 813 -> 824,
-// 1024x4096 at 0.25 805 -> 874 / 797 -> 845; the bf16 seed-like model at seq 128 2.0-2.3% faster.
+// 1024x4096 at 0.25 805 -> 874 / 797 -> 845; the bf16 seed-like model 2-5% faster at seq 128 and 384.
 // (fp32 at 512 / 1024: within +-3% either way, so it stays.) BSBERT_BSR_KC overrides both (A/B runs).
 constexpr int kKc = 256;
 constexpr int kKcDot = 1024;
