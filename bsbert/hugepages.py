@@ -136,28 +136,33 @@ def place(t: torch.Tensor, arena: Arena | None = None) -> bool:
     return True
 
 
-def place_packed_weights(modules) -> tuple[int, str]:
-    """Place the packed values of every ``cpu-bsr`` linear among ``modules`` (and their children);
-    returns (bytes placed, why none were placed or "")."""
-    why = unavailable_reason()
-    if why:
-        return 0, why
-    placed = 0
-    seen = set()
+def packed_values(modules) -> list[torch.Tensor]:
+    """The packed values of every ``cpu-bsr`` linear among ``modules`` (and their children), each once."""
+    out, seen = [], set()
     for root in modules:
         for m in root.modules():
             choice = getattr(m, "choice", None)
             if choice is None or choice.backend != "cpu-bsr":
                 continue
             values = choice.prepared.tensors.get("values")
-            if values is None or id(values) in seen:
-                continue
-            seen.add(id(values))
-            try:
-                if place(values):
-                    placed += values.numel() * values.element_size()
-            except (OSError, RuntimeError) as exc:  # no memory for a mapping, an odd tensor: stay in 4 KiB pages
-                _arena.seal()
-                return placed, f"stopped after {placed} bytes: {exc}"
+            if values is not None and id(values) not in seen:
+                seen.add(id(values))
+                out.append(values)
+    return out
+
+
+def place_packed_weights(modules) -> tuple[int, str]:
+    """Place :func:`packed_values` of ``modules``; returns (bytes placed, why none were placed or "")."""
+    why = unavailable_reason()
+    if why:
+        return 0, why
+    placed = 0
+    for values in packed_values(modules):
+        try:
+            if place(values):
+                placed += values.numel() * values.element_size()
+        except (OSError, RuntimeError) as exc:  # no memory for a mapping, an odd tensor: stay in 4 KiB pages
+            _arena.seal()
+            return placed, f"stopped after {placed} bytes: {exc}"
     _arena.seal()  # this model's weights alone keep its chunks alive
     return placed, "" if placed else "no block-sparse CPU weights to place"

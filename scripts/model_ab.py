@@ -60,8 +60,9 @@ def toggles(model, what):
             raise SystemExit(f"lean model forward is off: {model.bsbert_plan.lean_model_reason}")
         return lambda on: (lean_model.attach if on else lean_model.detach)(model.bert), 1
     if what == "huge-pages":
-        vals = [m.choice.prepared.tensors["values"] for m in model.modules()
-                if getattr(getattr(m, "choice", None), "backend", "") == "cpu-bsr"]
+        from bsbert import hugepages
+
+        vals = hugepages.packed_values([model])
         if not model.bsbert_plan.huge_page_bytes:
             raise SystemExit(f"packed weights are not in huge pages: {model.bsbert_plan.huge_pages_reason}")
         huge = [v.view(v.shape) for v in vals]  # the placed storages
