@@ -10,6 +10,7 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py lean-model --seq 128
     python scripts/model_ab.py row-split --seq 128 --dtype bfloat16
     python scripts/model_ab.py huge-pages --seq 128 --dtype bfloat16
+    python scripts/model_ab.py encoder-chain --seq 128 --dtype bfloat16
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -19,6 +20,9 @@ register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows a
 fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off).
 huge-pages: the block-sparse linears' packed weights in the 2 MiB pages patch put them in (on) or in
 copies from torch's allocator (off; bsbert.hugepages).
+encoder-chain: inside the fused encoder, each layer's attention output, FFN in, FFN out and the next
+layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op call each
+(BSBERT_ENCODER_CHAIN=0).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 """
 import argparse
@@ -33,7 +37,8 @@ from bsbert.nn import DenseAddLayerNorm
 from bsbert.timing import best_of_interleaved
 
 
-ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned")}
+ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned"),
+               "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0")}
 
 
 def toggles(model, what):

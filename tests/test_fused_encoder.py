@@ -101,6 +101,63 @@ def test_mixed_backends_and_masked_dense_reference():
     assert ((fused.start_logits - ref.start_logits).abs().max() / scale).item() < 1e-4
 
 
+def _chains_and_output(model, inp):
+    """(how many row chains the encoder op ran, start logits); the chains from their profiler ranges."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = _run(model, inp)
+    return sum(e.name == "bsbert::bsr_row_chain" for e in prof.events()), out.start_logits
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads,batch,seq,pad_from,chains", [
+    (1, 1, 24, None, 3),   # the smallest M that takes row tiles on one thread (2 register tiles)
+    (2, 2, 25, 7, 3),      # odd rows per thread, padding
+    (2, 1, 47, None, 0),   # one row short of row tiles on two threads: every linear its own call
+    (3, 3, 70, 11, 3),     # 210 rows: 3 tiles of 70, three threads
+    (2, 2, 400, None, 3),  # 800 rows: 4 tiles of 200 (two per thread, each at most 192 rows + 8)
+])
+def test_row_chain_bit_for_bit(monkeypatch, dtype, threads, batch, seq, pad_from, chains):
+    # attention output, FFN in, FFN out and the next layer's QKV of each thread's rows in one region
+    # (bsbert::cpu::BsrRowChain), with the intermediates in per-thread buffers: the same bits as one op
+    # call per linear (BSBERT_ENCODER_CHAIN=0) and as the per-layer path, over two calls (buffers reused)
+    model = _patched(dtype, backend="cpu-bsr")
+    inp = inputs(batch=batch, seq=seq, pad_from=pad_from)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, chained = _chains_and_output(model, inp)
+        n2, again = _chains_and_output(model, inp)
+        monkeypatch.setenv("BSBERT_ENCODER_CHAIN", "0")
+        n_off, unchained = _chains_and_output(model, inp)
+        monkeypatch.delenv("BSBERT_ENCODER_CHAIN")
+        _, per_layer = _both(model, inp)
+    finally:
+        torch.set_num_threads(old)
+    assert (n, n2, n_off) == (chains, chains, 0)
+    assert torch.equal(chained, unchained) and torch.equal(again, chained)
+    assert torch.equal(chained, per_layer.start_logits)
+
+
+@needs_op
+def test_row_chain_skips_layers_with_other_linears():
+    # layer 1's FFN in on oneDNN: layer 1 runs one call per linear (layer 0's chain still computes its
+    # QKV), layers 0 and 2 chain; the same bits as the per-layer path
+    model = _patched(backend="cpu-bsr")
+    from bsbert.ops.linear_backends import OneDnnDense
+
+    lin = model.bert.encoder.layer[1].intermediate.dense
+    lin.choice.prepared = OneDnnDense().prepare(lin.packed_weight(), lin.bias, True, None)
+    lin.choice.backend = OneDnnDense.name
+    fused_encoder.uninstall(model.bert.encoder)
+    assert fused_encoder.install(model.bert.encoder, model.bert.encoder.layer, 128, torch.float32) is None
+    inp = inputs(batch=2, seq=30)
+    n, chained = _chains_and_output(model, inp)
+    _, per_layer = _both(model, inp)
+    assert n == 2
+    assert torch.equal(chained, per_layer.start_logits)
+
+
 @needs_op
 def test_a_replaced_choice_or_module_is_never_computed_with_the_old_tensors(monkeypatch):
     from bsbert.ops.linear_backends import OneDnnDense

@@ -17,12 +17,19 @@
 // whichever `patch` measured faster for it.
 #include "check.h"
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <vector>
 
 #include "cpu/add_layer_norm_op.h"
+#include "cpu/bsr_row_chain.h"
+#include "cpu/thread_buffer.h"
 #include "cpu/torch_ops_cpu.h"
 
 namespace bsbert {
@@ -102,6 +109,55 @@ at::Tensor linear_add_layer_norm(const at::Tensor& x, const Linear& l, const at:
   return bsr_linear_add_layer_norm_cpu(x, l.a, l.b, l.c, l.bias, l.n, l.k, l.block, residual, ln_w, ln_b, eps);
 }
 
+// Whether BsrRowChain takes a linear: block-sparse, with outputs and inputs (a layer with every FFN
+// neuron pruned has N = 0 for FFN in and K = 0 for FFN out: the per-op path handles those).
+bool chainable(const Linear& l) { return l.kind == kBsr && l.n > 0 && l.k > 0; }
+
+// BSBERT_ENCODER_CHAIN=0 calls every linear on its own (the per-op regions; read per call, for A/B runs).
+bool chain_enabled() {
+  const char* env = std::getenv("BSBERT_ENCODER_CHAIN");
+  return env == nullptr || env[0] != '0';
+}
+
+// The chained layers' intermediates (QKV, context, the attention LayerNorm's output, the FFN hidden
+// layer and every layer output but the last, in two alternating slots) in memory kept per calling
+// thread between calls, cut into tensors without an allocation each: per layer those were five
+// 0.25-1 MB mallocs, part of the ~22 us of main-thread work per layer during which the other thread
+// waits (bf16, seq 128). Nothing of it escapes the op: the last layer's output is a new tensor.
+// Bounded like the kernels' other per-thread buffers: a larger call allocates as before.
+class Intermediates {
+ public:
+  enum Slot { kQkv, kCtx, kAttnOut, kFfnHidden, kX0, kX1, kSlots };
+
+  // widths[s]: the widest row slot s holds (elements); M rows of dtype dt.
+  Intermediates(int64_t M, const int64_t (&widths)[kSlots], at::ScalarType dt) : M_(M), dt_(dt) {
+    const int64_t esz = at::elementSize(dt);
+    int64_t bytes = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      offset_[s] = bytes;
+      width_[s] = widths[s];
+      bytes += (M * widths[s] * esz + 63) / 64 * 64;
+    }
+    if (bytes / 4 + 16 <= kMaxFloats)
+      base_ = reinterpret_cast<char*>(
+          (reinterpret_cast<uintptr_t>(thread_buffer<struct EncoderIntermediatesTag>(bytes / 4 + 16)) + 63) &
+          ~uintptr_t(63));
+  }
+  // Slot s as an [M, width] tensor, or an undefined one (the op allocates) when the buffer is off or
+  // the slot narrower (a layer whose shapes the op's own checks will reject).
+  at::Tensor get(Slot s, int64_t width) const {
+    if (base_ == nullptr || width > width_[s]) return at::Tensor();
+    return at::from_blob(base_ + offset_[s], {M_, width}, at::TensorOptions().dtype(dt_));
+  }
+
+ private:
+  static constexpr int64_t kMaxFloats = int64_t(16) << 20;  // 64 MiB, as the GEMM's panel buffer
+  int64_t M_;
+  at::ScalarType dt_;
+  int64_t offset_[kSlots] = {}, width_[kSlots] = {};
+  char* base_ = nullptr;
+};
+
 }  // namespace
 
 at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
@@ -118,6 +174,17 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
                kFloatsPerLayer, " floats per layer, got ", tensors.size(), ", ", ints.size(), " and ",
                floats.size());
   at::Tensor x = hidden;
+  at::Tensor qkv;  // this layer's, when the previous layer's chain computed it
+  const bool chain = chain_enabled() && BsrRowChain::applies(hidden);
+  int64_t widths[Intermediates::kSlots] = {0, 0, hidden.size(-1), 0, hidden.size(-1), hidden.size(-1)};
+  for (int64_t i = 0; chain && i < layers; ++i) {
+    const int64_t* li = ints.data() + i * kIntsPerLayer;  // heads, head_dim, then (kind, n, k, block) x 4
+    widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], li[2 + 1]);
+    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], std::max<int64_t>(0, li[0] * li[1]));
+    widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], li[2 + 2 * kIntsPerLinear + 1]);
+  }
+  const Intermediates buf(chain ? hidden.numel() / std::max<int64_t>(1, hidden.size(-1)) : 0, widths,
+                          hidden.scalar_type());
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
     const double scale = floats[i * kFloatsPerLayer];
@@ -127,13 +194,40 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
     const int64_t ln = i * kTensorsPerLayer + kLinears * kTensorsPerLinear;
     const Linear qkv_l = linear_of(tensors, ints, i, 0), out_l = linear_of(tensors, ints, i, 1);
     const Linear in_l = linear_of(tensors, ints, i, 2), ffo_l = linear_of(tensors, ints, i, 3);
-    const at::Tensor qkv = linear(x, qkv_l, false);
-    const at::Tensor ctx = pruned_attention_cpu(qkv, key_padding_mask, heads, head_dim, scale);
-    const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, required(tensors, ln, i, "attention LayerNorm weight"),
-                                               required(tensors, ln + 1, i, "attention LayerNorm bias"), eps_attn);
-    const at::Tensor h = linear(a, in_l, true);
-    x = linear_add_layer_norm(h, ffo_l, a, required(tensors, ln + 2, i, "output LayerNorm weight"),
-                              required(tensors, ln + 3, i, "output LayerNorm bias"), eps_out);
+    if (!qkv.defined()) qkv = linear(x, qkv_l, false);
+    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, heads, head_dim, scale,
+                                                    buf.get(Intermediates::kCtx, heads * head_dim));
+    qkv = at::Tensor();
+    const at::Tensor ln_attn_w = required(tensors, ln, i, "attention LayerNorm weight");
+    const at::Tensor ln_attn_b = required(tensors, ln + 1, i, "attention LayerNorm bias");
+    const at::Tensor ln_out_w = required(tensors, ln + 2, i, "output LayerNorm weight");
+    const at::Tensor ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
+    if (chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l)) {
+      // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region
+      RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
+      BsrRowChain ch;
+      const bool last = i + 1 == layers;
+      const at::Tensor a = ch.linear_add_layer_norm(ctx, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
+                                                    out_l.block, x, ln_attn_w, ln_attn_b, eps_attn,
+                                                    buf.get(Intermediates::kAttnOut, out_l.n));
+      const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
+                                     buf.get(Intermediates::kFfnHidden, in_l.n));
+      // (the last output is returned: a tensor of its own)
+      x = ch.linear_add_layer_norm(h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a,
+                                   ln_out_w, ln_out_b, eps_out,
+                                   last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
+      if (!last) {
+        const Linear next = linear_of(tensors, ints, i + 1, 0);
+        if (chainable(next))
+          qkv = ch.linear(x, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
+                          buf.get(Intermediates::kQkv, next.n));
+      }
+      ch.run();
+    } else {
+      const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, ln_attn_w, ln_attn_b, eps_attn);
+      const at::Tensor h = linear(a, in_l, true);
+      x = linear_add_layer_norm(h, ffo_l, a, ln_out_w, ln_out_b, eps_out);
+    }
   }
   return layers == 0 ? hidden.clone() : x;
 }

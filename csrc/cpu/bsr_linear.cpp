@@ -23,12 +23,14 @@
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "cpu/add_layer_norm_op.h"
 #include "cpu/bsr_linear.h"
+#include "cpu/bsr_row_chain.h"
 #include "cpu/isa.h"
 #include "cpu/run_workers.h"
 #include "cpu/thread_buffer.h"
@@ -89,9 +91,12 @@ struct BsrCall {
   int64_t M = 0, N = 0, K = 0, b = 0, nbr = 0, nbc = 0;
 };
 
+// bias_buf: where the fp32 padded bias goes (>= ceil(N/block)*block floats); nullptr: the calling
+// thread's buffer, valid until its next prepare (a chain of calls gives each its own).
+// out (defined): y goes there (contiguous, M x N values of x's dtype) instead of a new tensor.
 BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& packed,
                 const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t block,
-                bool gelu) {
+                bool gelu, float* bias_buf = nullptr, const at::Tensor* out = nullptr) {
   BSBERT_CHECK(block == 16 || block == 32 || block == 64,
               "bsr_linear: block must be 16, 32 or 64, got ", block);
   BSBERT_CHECK(out_features >= 0 && in_features >= 0, "bsr_linear: negative out_features (",
@@ -129,11 +134,19 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   const int32_t* col_p = c.col_c.data_ptr<int32_t>();
   BSBERT_CHECK(crow_p[0] == 0 && crow_p[nbr] == nnzb, "bsr_linear: crow_indices must run from 0 to nnz_blocks = ",
               nnzb, ", got ", crow_p[0], "..", crow_p[nbr]);
-  for (int64_t r = 0; r < nbr; ++r)
-    BSBERT_CHECK(crow_p[r] <= crow_p[r + 1], "bsr_linear: crow_indices must be non-decreasing (row ", r, ")");
-  for (int64_t i = 0; i < nnzb; ++i)
-    BSBERT_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
-                " is outside [0, ceil(in_features/block) = ", nbc, ")");
+  // Branch-free scans first (they vectorise: a check with its message per element did not, ~1 us of
+  // every call at BERT sizes), then the per-element checks only to name the offender.
+  int decreasing = 0;
+  for (int64_t r = 0; r < nbr; ++r) decreasing |= crow_p[r] > crow_p[r + 1];
+  if (decreasing)
+    for (int64_t r = 0; r < nbr; ++r)
+      BSBERT_CHECK(crow_p[r] <= crow_p[r + 1], "bsr_linear: crow_indices must be non-decreasing (row ", r, ")");
+  uint32_t col_max = 0;  // a negative index is a huge unsigned one
+  for (int64_t i = 0; i < nnzb; ++i) col_max = std::max(col_max, static_cast<uint32_t>(col_p[i]));
+  if (nnzb > 0 && col_max >= static_cast<uint64_t>(nbc))
+    for (int64_t i = 0; i < nnzb; ++i)
+      BSBERT_CHECK(col_p[i] >= 0 && col_p[i] < nbc, "bsr_linear: col_indices[", i, "] = ", col_p[i],
+                  " is outside [0, ceil(in_features/block) = ", nbc, ")");
 
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& bt = *bias;
@@ -143,7 +156,7 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
     BSBERT_CHECK(bt.is_floating_point(), "bsr_linear: bias must be floating point, got ", bt.scalar_type());
     // fp32 and zero-padded to whole blocks (the epilogue reads whole vectors), in a per-thread buffer:
     // an at::zeros + copy_ per call was two allocations and three dispatcher calls.
-    float* bp = thread_buffer<struct BsrBiasTag>(nbr * b);
+    float* bp = bias_buf ? bias_buf : thread_buffer<struct BsrBiasTag>(nbr * b);
     if (bt.scalar_type() == at::kFloat && bt.is_contiguous()) {
       std::memcpy(bp, bt.data_ptr<float>(), N * sizeof(float));
     } else if (bt.scalar_type() == at::kBFloat16 && bt.is_contiguous()) {
@@ -169,7 +182,14 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
 
   c.out_shape.assign(x.sizes().begin(), x.sizes().end());
   c.out_shape.back() = N;
-  c.y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out != nullptr && out->defined()) {
+    BSBERT_CHECK(out->device().is_cpu() && out->scalar_type() == dt && out->is_contiguous() && out->numel() == M * N,
+                 "bsr_linear: out must be a contiguous ", dt, " CPU tensor of ", M, " x ", N, " values, got ",
+                 out->scalar_type(), " ", out->sizes(), " on ", out->device());
+    c.y = out->view({M, N});
+  } else {
+    c.y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
 
   const bool bf16 = dt == at::kBFloat16;
   BsrLinearArgs& args = c.args;
@@ -205,14 +225,14 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
 
 // The panel buffer for all of x: reused per calling thread (fresh pages would cost a page fault per
 // 4 KiB every call); very large inputs get a temporary buffer (returned) so that the cache stays bounded.
-at::Tensor panel_buffer(BsrCall& c, int64_t npanels) {
-  const int64_t xp_elems = std::max<int64_t>(1, npanels * c.nbc * c.b * c.path.mr);
+at::Tensor panel_buffer(int64_t xp_elems, float** xp) {
+  xp_elems = std::max<int64_t>(1, xp_elems);
   if (xp_elems <= kXpCacheMax) {
-    c.args.xp = thread_buffer<struct BsrPanelTag>(xp_elems);
+    *xp = thread_buffer<struct BsrPanelTag>(xp_elems);
     return at::Tensor();
   }
-  at::Tensor tmp = at::empty({xp_elems}, c.x2.options().dtype(at::kFloat));
-  c.args.xp = tmp.data_ptr<float>();
+  at::Tensor tmp = at::empty({xp_elems}, at::TensorOptions().dtype(at::kFloat));
+  *xp = tmp.data_ptr<float>();
   return tmp;
 }
 
@@ -245,7 +265,7 @@ void run(BsrCall& c) {
   // one meanwhile. There is no global barrier: a descheduled worker only holds up work on its own tile.
   const int64_t npanels = (M + mr - 1) / mr;
   const int64_t pstride = nbc * b * mr;
-  const at::Tensor xp_tmp = panel_buffer(c, npanels);
+  const at::Tensor xp_tmp = panel_buffer(npanels * pstride, &c.args.xp);
   enum : int { kUnpacked = 0, kPacking = 1, kReady = 2 };
   std::unique_ptr<std::atomic<int>[]> tile_state(new std::atomic<int>[nmt]);
   // Small inputs (or one thread) are packed by the calling thread up front: cheaper than sharing.
@@ -290,44 +310,66 @@ bool balanced_row_panels() {
   return env == nullptr || env[0] != 'a';
 }
 
+// One GEMM of a row-tile run, and the LayerNorm over its rows for the fused op (ln != nullptr).
+struct RowStep {
+  BsrCall* call;
+  const AddLayerNormArgs* ln = nullptr;
+  AddLayerNormFn ln_rows = nullptr;
+};
+
 // Row tiles: one thread computes every block row of its rows, so it owns whole output rows (the fused
 // op normalises them while they are still in its L2: ln != nullptr). The rows are split evenly (nthreads tiles,
 // or a multiple when a tile would exceed kRowTileMax rows), not in multiples of the register tile: each tile
 // runs as a GEMM of its own (x, y and its panel buffer offset to its first row), so M = 128 on two
 // threads is 64 + 64 rows rather than 72 + 56 (12-row register tiles), which cost 6-9% in balance.
 // Used when split_rows(); otherwise the fused op runs as bsr_linear's block-row split then add_layer_norm.
-void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_rows) {
-  const BsrLinearArgs& args = c.args;
-  const int64_t M = c.M, b = c.b, nbr = c.nbr, mr = c.path.mr;
+//
+// Several steps (a chain, BsrRowChain: a step reads only the same rows of earlier steps' outputs) run
+// tile by tile in this one region: the thread that claims a tile runs every step on its rows, in order,
+// so the chain needs no barrier between its GEMMs. All steps share M and the register tile.
+void run_row_tiles(const std::vector<RowStep>& steps) {
+  const BsrCall& c0 = *steps.front().call;
+  const int64_t M = c0.M, mr = c0.path.mr;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t ntiles = nthreads * ((M + nthreads * kRowTileMax - 1) / (nthreads * kRowTileMax));
   const int64_t base = M / ntiles, extra = M % ntiles;  // tile t: base + (t < extra) rows
   const int64_t max_rows = base + (extra > 0);
   const int64_t tile_panels = (max_rows + mr - 1) / mr;
-  const int64_t pstride = c.nbc * b * mr;
-  const at::Tensor xp_tmp = panel_buffer(c, ntiles * tile_panels);
-  const int64_t esz = args.y_bf16 ? 2 : 4;
+  int64_t pstride = 0, scratch_floats = 16, ln_floats = 0;
+  for (const RowStep& s : steps) {
+    BSBERT_CHECK(s.call->M == M && s.call->path.mr == mr, "bsr_linear (internal): row-tile steps must share M and mr");
+    pstride = std::max(pstride, s.call->nbc * s.call->b * mr);
+    scratch_floats = std::max(scratch_floats, max_rows * s.call->b + 16);
+    if (s.ln) ln_floats = std::max(ln_floats, add_layer_norm_scratch(s.call->N));
+  }
+  float* xp = nullptr;  // tile t's panels at xp + t * tile_panels * pstride, reused by its steps
+  const at::Tensor xp_tmp = panel_buffer(ntiles * tile_panels * pstride, &xp);
   const bool balanced = balanced_row_panels();
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
     // per-thread buffers, written before they are read (a zeroed std::vector per call cost a pass over 20 KB)
-    float* scratch = thread_buffer<struct BsrTileScratchTag>(max_rows * b + 16);
-    float* ln_scratch = ln ? thread_buffer<struct BsrLnScratchTag>(add_layer_norm_scratch(c.N)) : nullptr;
+    float* scratch = thread_buffer<struct BsrTileScratchTag>(scratch_floats);
+    float* ln_scratch = ln_floats > 0 ? thread_buffer<struct BsrLnScratchTag>(ln_floats) : nullptr;
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntiles) break;
       const int64_t m0 = t * base + std::min(t, extra), rows = base + (t < extra);
-      BsrLinearArgs ta = args;  // rows [m0, m0 + rows) as a GEMM of their own
-      ta.x = args.x ? args.x + m0 * args.ldx : nullptr;
-      ta.xraw = args.xraw ? static_cast<const char*>(args.xraw) + m0 * args.ldx * esz : nullptr;
-      ta.y = static_cast<char*>(args.y) + m0 * args.ldy * esz;
-      ta.M = rows;
-      ta.xp = args.xp + t * tile_panels * pstride;
-      const int64_t npan = (rows + mr - 1) / mr;
-      if (balanced && npan > 1) ta.balanced_panels = npan;
-      if (c.K > 0) c.path.pack(ta, 0, npan, ta.xp);
-      for (int64_t rb = 0; rb < nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch);
-      if (ln) ln_rows(*ln, m0, m0 + rows, ln_scratch);
+      for (const RowStep& s : steps) {
+        const BsrCall& c = *s.call;
+        const BsrLinearArgs& args = c.args;
+        const int64_t esz = args.y_bf16 ? 2 : 4;
+        BsrLinearArgs ta = args;  // rows [m0, m0 + rows) as a GEMM of their own
+        ta.x = args.x ? args.x + m0 * args.ldx : nullptr;
+        ta.xraw = args.xraw ? static_cast<const char*>(args.xraw) + m0 * args.ldx * esz : nullptr;
+        ta.y = static_cast<char*>(args.y) + m0 * args.ldy * esz;
+        ta.M = rows;
+        ta.xp = xp + t * tile_panels * pstride;
+        const int64_t npan = (rows + mr - 1) / mr;
+        if (balanced && npan > 1) ta.balanced_panels = npan;
+        if (c.K > 0) c.path.pack(ta, 0, npan, ta.xp);
+        for (int64_t rb = 0; rb < c.nbr; ++rb) c.path.fn(ta, 0, rows, rb, scratch);
+        if (s.ln) s.ln_rows(*s.ln, m0, m0 + rows, ln_scratch);
+      }
     }
   };
   run_workers(std::min(nthreads, ntiles), worker);
@@ -339,12 +381,13 @@ void run_row_tiles(BsrCall& c, const AddLayerNormArgs* ln, AddLayerNormFn ln_row
 // Why rows: hot, 2 threads, the row split ran 1.02-1.09x faster at M = 128 and 384 on BERT shapes
 // (1.5x for a 74-wide FFN, where every block-row task waited on a shared x packing), and the rows a
 // thread writes are the rows it reads next (FFN-in -> FFN-out, output block -> next QKV).
-bool split_rows(const BsrCall& c) {
+bool split_rows(int64_t M, int64_t mr) {
   const char* env = std::getenv("BSBERT_BSR_SPLIT");
   if (env != nullptr && env[0] == 'b') return false;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  return c.M >= 2 * nthreads * c.path.mr;
+  return M >= 2 * nthreads * mr;
 }
+bool split_rows(const BsrCall& c) { return split_rows(c.M, c.path.mr); }
 
 }  // namespace
 
@@ -354,7 +397,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, gelu);
   if (c.M > 0 && c.N > 0) {
     if (split_rows(c))
-      run_row_tiles(c, nullptr, nullptr);
+      run_row_tiles({RowStep{&c}});
     else
       run(c);
   }
@@ -378,8 +421,69 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
     return add_layer_norm_cpu(y, residual, ln_weight, ln_bias, eps);
   }
   AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y);
-  run_row_tiles(c, &ln.args, ln.rows_fn);
+  run_row_tiles({RowStep{&c, &ln.args, ln.rows_fn}});
   return y;
+}
+
+struct BsrRowChain::Impl {
+  // deques: the steps point at calls and LayerNorm arguments added earlier
+  std::deque<BsrCall> calls;
+  std::deque<AddLayerNormCall> lns;
+  std::deque<std::vector<float>> biases;
+  std::vector<RowStep> steps;
+
+  BsrCall& prepare_step(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& packed,
+                        const std::optional<at::Tensor>& bias, int64_t n, int64_t k, int64_t block, bool gelu,
+                        const at::Tensor& out) {
+    float* bias_buf = nullptr;
+    if (bias.has_value() && bias->defined() && block > 0 && n >= 0)
+      bias_buf = biases.emplace_back((n + block - 1) / block * block).data();
+    calls.push_back(prepare(x, crow, col, packed, bias, n, k, block, gelu, bias_buf, &out));
+    BsrCall& c = calls.back();
+    BSBERT_CHECK(c.M > 0 && c.N > 0 && c.K > 0 && split_rows(c),
+                 "BsrRowChain: a linear with M = ", c.M, ", N = ", c.N, ", K = ", c.K,
+                 " does not run on row tiles (check BsrRowChain::applies and the sizes before chaining)");
+    BSBERT_CHECK(steps.empty() || (c.M == steps.front().call->M && c.path.mr == steps.front().call->path.mr),
+                 "BsrRowChain: every linear of a chain must have the same rows and dtype");
+    return c;
+  }
+};
+
+BsrRowChain::BsrRowChain() : impl_(new Impl) {}
+BsrRowChain::~BsrRowChain() = default;
+
+bool BsrRowChain::applies(const at::Tensor& x) {
+  if (x.dim() < 1 || !(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) return false;
+  const int64_t M = x.numel() / std::max<int64_t>(1, x.size(-1));
+  return split_rows(M, select_path(x.scalar_type() == at::kBFloat16).mr);
+}
+
+at::Tensor BsrRowChain::linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& packed, const std::optional<at::Tensor>& bias, int64_t out_features,
+                               int64_t in_features, int64_t block, bool gelu, const at::Tensor& out) {
+  BsrCall& c = impl_->prepare_step(x, crow, col, packed, bias, out_features, in_features, block, gelu, out);
+  impl_->steps.push_back(RowStep{&c});
+  return c.y.view(c.out_shape);
+}
+
+at::Tensor BsrRowChain::linear_add_layer_norm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                                              const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                                              int64_t out_features, int64_t in_features, int64_t block,
+                                              const at::Tensor& residual, const at::Tensor& ln_weight,
+                                              const at::Tensor& ln_bias, double eps, const at::Tensor& out) {
+  BsrCall& c = impl_->prepare_step(x, crow, col, packed, bias, out_features, in_features, block, false, out);
+  BSBERT_CHECK(residual.sizes() == at::IntArrayRef(c.out_shape), "bsr_linear_add_layer_norm: residual shape ",
+               residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape),
+               " (x.shape[:-1] + [", out_features, "])");
+  const at::Tensor y = c.y.view(c.out_shape);
+  AddLayerNormCall& ln = impl_->lns.emplace_back(add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y));
+  impl_->steps.push_back(RowStep{&c, &ln.args, ln.rows_fn});
+  return y;
+}
+
+void BsrRowChain::run() {
+  if (!impl_->steps.empty()) run_row_tiles(impl_->steps);
+  impl_->steps.clear();
 }
 
 }  // namespace cpu

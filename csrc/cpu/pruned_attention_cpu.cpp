@@ -252,6 +252,11 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
 
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                 int64_t num_heads, int64_t head_dim, double scale) {
+  return pruned_attention_out_cpu(qkv_in, key_padding_mask, num_heads, head_dim, scale, at::Tensor());
+}
+
+at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
+                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out_buf) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3, scale);
   const int64_t B = qkv_in.size(0), S = qkv_in.size(1);
   Seqs sq;
@@ -265,7 +270,16 @@ at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at
                 "have shape [", B, ", ", S, "] (qkv's [B, S]), got ", m.sizes());
     sq.mask = m;
   }
-  at::Tensor out = at::empty({B, S, num_heads * head_dim}, qkv_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out;
+  if (out_buf.defined()) {
+    BSBERT_CHECK(out_buf.device().is_cpu() && out_buf.scalar_type() == qkv_in.scalar_type() &&
+                     out_buf.is_contiguous() && out_buf.numel() == B * S * num_heads * head_dim,
+                 "pruned_attention: out must be a contiguous ", qkv_in.scalar_type(), " CPU tensor of ", B, " x ", S,
+                 " x ", num_heads * head_dim, " values, got ", out_buf.scalar_type(), " ", out_buf.sizes());
+    out = out_buf.view({B, S, num_heads * head_dim});
+  } else {
+    out = at::empty({B, S, num_heads * head_dim}, qkv_in.options().memory_format(at::MemoryFormat::Contiguous));
+  }
   if (B == 0 || S == 0) return out;
   const at::Tensor qkv = rows_dense(qkv_in);
   sq.ld_qkv = qkv.stride(1);

@@ -19,6 +19,9 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& ln_bias, double eps);
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                 int64_t num_heads, int64_t head_dim, double scale);
+// The same into out (if defined: contiguous, B * S * num_heads * head_dim values of qkv's dtype).
+at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
+                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out);
 
 }  // namespace cpu
 }  // namespace bsbert
