@@ -183,8 +183,8 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
     widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], std::max<int64_t>(0, li[0] * li[1]));
     widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], li[2 + 2 * kIntsPerLinear + 1]);
   }
-  const Intermediates buf(chain ? hidden.numel() / std::max<int64_t>(1, hidden.size(-1)) : 0, widths,
-                          hidden.scalar_type());
+  const int64_t M = hidden.size(0) * hidden.size(1);
+  const Intermediates buf(chain ? M : 0, widths, hidden.scalar_type());
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
     const double scale = floats[i * kFloatsPerLayer];
@@ -195,38 +195,53 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
     const Linear qkv_l = linear_of(tensors, ints, i, 0), out_l = linear_of(tensors, ints, i, 1);
     const Linear in_l = linear_of(tensors, ints, i, 2), ffo_l = linear_of(tensors, ints, i, 3);
     if (!qkv.defined()) qkv = linear(x, qkv_l, false);
-    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, heads, head_dim, scale,
-                                                    buf.get(Intermediates::kCtx, heads * head_dim));
-    qkv = at::Tensor();
     const at::Tensor ln_attn_w = required(tensors, ln, i, "attention LayerNorm weight");
     const at::Tensor ln_attn_b = required(tensors, ln + 1, i, "attention LayerNorm bias");
     const at::Tensor ln_out_w = required(tensors, ln + 2, i, "output LayerNorm weight");
     const at::Tensor ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
-    if (chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l)) {
-      // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region
+    const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
+    // the attention's output, made here when chained: the chain is prepared while the attention runs
+    at::Tensor ctx_out = buf.get(Intermediates::kCtx, heads * head_dim);
+    if (chained && !ctx_out.defined()) ctx_out = at::empty({M, heads * head_dim}, hidden.options());
+    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), heads * head_dim});
+
+    // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
+    // their checks and arguments are prepared by this thread inside the attention's region
+    BsrRowChain ch;
+    at::Tensor x_next, qkv_next;
+    SideWork prepare_chain;
+    if (chained) {
+      prepare_chain = [&] {
+        const bool last = i + 1 == layers;
+        const at::Tensor a = ch.linear_add_layer_norm(ctx_out, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
+                                                      out_l.block, x, ln_attn_w, ln_attn_b, eps_attn,
+                                                      buf.get(Intermediates::kAttnOut, out_l.n));
+        const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
+                                       buf.get(Intermediates::kFfnHidden, in_l.n));
+        // (the last output is returned: a tensor of its own)
+        x_next = ch.linear_add_layer_norm(
+            h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a, ln_out_w, ln_out_b, eps_out,
+            last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
+        if (!last) {
+          const Linear next = linear_of(tensors, ints, i + 1, 0);
+          if (chainable(next))
+            qkv_next = ch.linear(x_next, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
+                                 buf.get(Intermediates::kQkv, next.n));
+        }
+      };
+    }
+    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, heads, head_dim, scale, ctx_out,
+                                                    prepare_chain);
+    if (chained) {
       RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
-      BsrRowChain ch;
-      const bool last = i + 1 == layers;
-      const at::Tensor a = ch.linear_add_layer_norm(ctx, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
-                                                    out_l.block, x, ln_attn_w, ln_attn_b, eps_attn,
-                                                    buf.get(Intermediates::kAttnOut, out_l.n));
-      const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
-                                     buf.get(Intermediates::kFfnHidden, in_l.n));
-      // (the last output is returned: a tensor of its own)
-      x = ch.linear_add_layer_norm(h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a,
-                                   ln_out_w, ln_out_b, eps_out,
-                                   last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
-      if (!last) {
-        const Linear next = linear_of(tensors, ints, i + 1, 0);
-        if (chainable(next))
-          qkv = ch.linear(x, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
-                          buf.get(Intermediates::kQkv, next.n));
-      }
       ch.run();
+      x = x_next;
+      qkv = qkv_next;
     } else {
       const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, ln_attn_w, ln_attn_b, eps_attn);
       const at::Tensor h = linear(a, in_l, true);
       x = linear_add_layer_norm(h, ffo_l, a, ln_out_w, ln_out_b, eps_out);
+      qkv = at::Tensor();
     }
   }
   return layers == 0 ? hidden.clone() : x;

@@ -104,8 +104,10 @@ bool head_affinity() {
   return env == nullptr || env[0] != 's';
 }
 
+// side (if set): the calling thread's own work, done inside the region before it takes heads (the other
+// workers take more heads meanwhile). The worker that gets chunk 0 of at::parallel_for is the calling thread.
 void run_by_head(const AttnArgs& a, const AttnPath& path, const Seqs& sq, const std::vector<int64_t>& ws_off,
-                 int64_t H, int64_t mq, int64_t nthreads, int64_t scratch_floats) {
+                 int64_t H, int64_t mq, int64_t nthreads, int64_t scratch_floats, const SideWork& side) {
   const int64_t B = static_cast<int64_t>(sq.len.size()), P = path.geo.panel;
   const int64_t nunits = B * H;
   struct Head {
@@ -123,7 +125,8 @@ void run_by_head(const AttnArgs& a, const AttnPath& path, const Seqs& sq, const 
       path.task(a, b, h, t * mq, scratch);
     }
   };
-  auto worker = [&](int64_t, int64_t) {
+  auto worker = [&](int64_t begin, int64_t) {
+    if (begin == 0 && side) side();
     float* scratch = thread_buffer<struct AttnTaskScratchTag>(scratch_floats);  // the task writes all it reads
     for (;;) {
       const int64_t u = next_unit.fetch_add(1, std::memory_order_relaxed);
@@ -144,7 +147,8 @@ void run_by_head(const AttnArgs& a, const AttnPath& path, const Seqs& sq, const 
   run_workers(std::min(nthreads, total_tiles), worker);
 }
 
-void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale) {
+void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int64_t D, double scale,
+         const SideWork& side) {
   const int64_t B = static_cast<int64_t>(sq.len.size());
   const AttnPath path = select_path(qkv.scalar_type() == at::kBFloat16);
   const int64_t P = path.geo.panel, R = path.geo.rows;
@@ -153,7 +157,10 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   std::vector<int64_t> ws_off(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) ws_off[b + 1] = ws_off[b] + (sq.len[b] + P - 1) / P * P;
   const int64_t keys = ws_off[B];
-  if (keys == 0) return;
+  if (keys == 0) {
+    if (side) side();
+    return;
+  }
   const int64_t kv_floats = keys * H * D;
   const int64_t ws_floats = 2 * kv_floats + keys;
   at::Tensor ws_tmp;
@@ -213,7 +220,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
 
   const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
   if (head_affinity()) {
-    run_by_head(a, path, sq, ws_off, H, mq, nthreads, scratch_floats);
+    run_by_head(a, path, sq, ws_off, H, mq, nthreads, scratch_floats, side);
     return;
   }
   // (BSBERT_ATTN_SCHED=shared) Units of work: (b, h, first panel) packs and (b, h, first query row)
@@ -229,7 +236,8 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   }
   const int64_t npack = static_cast<int64_t>(packs.size() / 3), ntasks = static_cast<int64_t>(tasks.size() / 3);
   std::atomic<int64_t> next_pack{0}, packed{0}, next_task{0};
-  auto worker = [&](int64_t, int64_t) {
+  auto worker = [&](int64_t begin, int64_t) {
+    if (begin == 0 && side) side();
     for (;;) {
       const int64_t i = next_pack.fetch_add(1, std::memory_order_relaxed);
       if (i >= npack) break;
@@ -252,11 +260,12 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
 
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                 int64_t num_heads, int64_t head_dim, double scale) {
-  return pruned_attention_out_cpu(qkv_in, key_padding_mask, num_heads, head_dim, scale, at::Tensor());
+  return pruned_attention_out_cpu(qkv_in, key_padding_mask, num_heads, head_dim, scale, at::Tensor(), nullptr);
 }
 
 at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
-                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out_buf) {
+                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out_buf,
+                                    const SideWork& side) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3, scale);
   const int64_t B = qkv_in.size(0), S = qkv_in.size(1);
   Seqs sq;
@@ -280,7 +289,10 @@ at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optiona
   } else {
     out = at::empty({B, S, num_heads * head_dim}, qkv_in.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  if (B == 0 || S == 0) return out;
+  if (B == 0 || S == 0) {
+    if (side) side();
+    return out;
+  }
   const at::Tensor qkv = rows_dense(qkv_in);
   sq.ld_qkv = qkv.stride(1);
   sq.ld_out = out.stride(1);
@@ -289,7 +301,7 @@ at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optiona
     sq.out_off.push_back(b * out.stride(0));
     sq.len.push_back(S);
   }
-  run(sq, qkv, out, num_heads, head_dim, scale);
+  run(sq, qkv, out, num_heads, head_dim, scale, side);
   return out;
 }
 
@@ -329,7 +341,7 @@ at::Tensor pruned_attention_varlen_cpu(const at::Tensor& qkv_in, const at::Tenso
     sq.out_off.push_back(cu[b] * out.stride(0));
     sq.len.push_back(cu[b + 1] - cu[b]);
   }
-  run(sq, qkv, out, num_heads, head_dim, scale);
+  run(sq, qkv, out, num_heads, head_dim, scale, nullptr);
   return out;
 }
 

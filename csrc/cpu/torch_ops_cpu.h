@@ -4,6 +4,7 @@
 // pruned_attention_cpu.cpp; add_layer_norm_cpu is in add_layer_norm_op.h. Baseline-ISA units only.
 #include <torch/extension.h>
 
+#include <functional>
 #include <optional>
 
 namespace bsbert {
@@ -19,9 +20,15 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& ln_bias, double eps);
 at::Tensor pruned_attention_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                 int64_t num_heads, int64_t head_dim, double scale);
-// The same into out (if defined: contiguous, B * S * num_heads * head_dim values of qkv's dtype).
+// Work for the calling thread to do while the other threads start on a parallel region.
+using SideWork = std::function<void()>;
+// The same into out (if defined: contiguous, B * S * num_heads * head_dim values of qkv's dtype). side
+// (if set) runs once on the calling thread, inside the attention's region before that thread takes
+// heads, or before returning when there is nothing to compute: bert_encoder prepares the next linears
+// there (their checks and arguments, ~15 us a layer) while the other threads compute.
 at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
-                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out);
+                                    int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out,
+                                    const SideWork& side);
 
 }  // namespace cpu
 }  // namespace bsbert
