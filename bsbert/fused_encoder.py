@@ -4,7 +4,12 @@ Why: a patched BERT-large forward at seq 128 on the 2-core CPU makes ~120 kernel
 Python and torch dispatch between them (module calls, argument parsing, in caches the GEMMs have just
 flushed) kept the main thread busy while the other core waited: perf counted 10% of the main
 thread outside the kernels and 14% of the worker idle. ``bert_encoder`` runs the same kernels over the
-same tensors from a C++ loop, so the values are bit for bit those of the per-layer path.
+same tensors from a C++ loop, so the values are bit for bit those of the per-layer path. Inside it,
+a layer whose linears are all block-sparse runs its attention output, FFN in, FFN out and the next
+layer's QKV as one parallel region over each thread's rows (``bsbert::cpu::BsrRowChain``: a thread's
+rows of each GEMM need only its own rows of the one before), prepared by the calling thread while the
+attention runs, with the intermediates in per-thread buffers; torch.profiler shows each as a
+``bsbert::bsr_row_chain`` range, and ``BSBERT_ENCODER_CHAIN=0`` calls every linear on its own.
 
 :func:`install` gives the encoder module an instance-level ``forward`` that calls the op when the call
 is a plain encoder forward, and the class's own forward (bsbert's per-layer path) otherwise: under
