@@ -271,6 +271,21 @@ def test_op_errors_name_the_problem():
 
 
 @needs_op
+def test_chained_layer_errors_are_raised_from_inside_the_attention_region():
+    # a chained layer's linears are checked by the calling thread inside the attention's parallel region:
+    # a bad argument there still surfaces as the op's own error, naming the problem
+    model = _patched(backend="cpu-bsr")
+    prog = model.bert.encoder._bsbert_program
+    hidden = torch.randn(2, 30, 128)
+    tensors = list(prog.tensors)
+    tensors[fused_encoder.TENSORS_PER_LAYER - 4] = torch.ones(127)  # layer 0's attention LayerNorm weight
+    with pytest.raises(RuntimeError, match=r"add_layer_norm: weight must have shape \[128\]"):
+        torch.ops.bsbert.bert_encoder(hidden, None, tensors, prog.ints, prog.floats)
+    out = torch.ops.bsbert.bert_encoder(hidden, None, prog.tensors, prog.ints, prog.floats)  # still fine after
+    assert torch.isfinite(out).all()
+
+
+@needs_op
 def test_opcheck():
     model = _patched()
     prog = model.bert.encoder._bsbert_program
