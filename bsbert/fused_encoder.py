@@ -212,9 +212,19 @@ def _fused_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
     return out if prog.output_type is None else prog.output_type(last_hidden_state=out)
 
 
+def chained_layers(prog: Program) -> int:
+    """Layers whose attention output, FFN in and FFN out are all block-sparse (kind 0): those run as one
+    row-tile region with the next layer's QKV (bsbert::cpu::BsrRowChain) when the call has enough rows
+    for the row split (2 register tiles of 12 rows per thread)."""
+    per = INTS_PER_LAYER
+    return sum(all(prog.ints[i * per + 2 + 4 * j] == 0 for j in (1, 2, 3)) for i in range(len(prog.layers)))
+
+
 def _extra_repr(self) -> str:
-    n = len(self._bsbert_program.layers)
-    return f"forward=bsbert fused encoder ({n} layers in one op, bsbert::bert_encoder; bsbert.fused_encoder)"
+    prog = self._bsbert_program
+    n = len(prog.layers)
+    return (f"forward=bsbert fused encoder ({n} layers in one op, bsbert::bert_encoder; {chained_layers(prog)} "
+            f"with a row chain; bsbert.fused_encoder)")
 
 
 @torch.inference_mode()

@@ -154,7 +154,8 @@ def test_row_chain_skips_layers_with_other_linears():
     inp = inputs(batch=2, seq=30)
     n, chained = _chains_and_output(model, inp)
     _, per_layer = _both(model, inp)
-    assert n == 2
+    assert n == 2 and fused_encoder.chained_layers(model.bert.encoder._bsbert_program) == 2
+    assert "2 with a row chain" in repr(model.bert.encoder)
     assert torch.equal(chained, per_layer.start_logits)
 
 
