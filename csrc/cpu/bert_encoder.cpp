@@ -61,10 +61,15 @@ at::Tensor required(const c10::List<std::optional<at::Tensor>>& t, int64_t i, in
   return *v;
 }
 
+// Linear j's (kind, out_features, in_features, block) in the ints of layer `layer`.
+const int64_t* linear_ints(c10::IntArrayRef ints, int64_t layer, int64_t j) {
+  return ints.data() + layer * kIntsPerLayer + 2 + j * kIntsPerLinear;
+}
+
 Linear linear_of(const c10::List<std::optional<at::Tensor>>& t, c10::IntArrayRef ints, int64_t layer, int64_t j) {
   const int64_t ti = layer * kTensorsPerLayer + j * kTensorsPerLinear;
-  const int64_t ii = layer * kIntsPerLayer + 2 + j * kIntsPerLinear;
-  Linear l{ints[ii], ints[ii + 1], ints[ii + 2], ints[ii + 3], {}, {}, {}, t.get(ti + 3)};
+  const int64_t* li = linear_ints(ints, layer, j);
+  Linear l{li[0], li[1], li[2], li[3], {}, {}, {}, t.get(ti + 3)};
   BSBERT_CHECK(l.kind == kBsr || l.kind == kDense || l.kind == kTorchDense, "bert_encoder: layer ", layer, " ",
                kLinearNames[j], ": linear kind must be 0 (block-sparse), 1 (oneDNN dense) or 2 (torch linear), got ",
                l.kind);
@@ -178,10 +183,10 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
   const bool chain = chain_enabled() && BsrRowChain::applies(hidden);
   int64_t widths[Intermediates::kSlots] = {0, 0, hidden.size(-1), 0, hidden.size(-1), hidden.size(-1)};
   for (int64_t i = 0; chain && i < layers; ++i) {
-    const int64_t* li = ints.data() + i * kIntsPerLayer;  // heads, head_dim, then (kind, n, k, block) x 4
-    widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], li[2 + 1]);
-    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], std::max<int64_t>(0, li[0] * li[1]));
-    widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], li[2 + 2 * kIntsPerLinear + 1]);
+    const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
+    widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], linear_ints(ints, i, 0)[1]);
+    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], std::max<int64_t>(0, heads * head_dim));
+    widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], linear_ints(ints, i, 2)[1]);
   }
   const int64_t M = hidden.size(0) * hidden.size(1);
   const Intermediates buf(chain ? M : 0, widths, hidden.scalar_type());

@@ -326,7 +326,8 @@ struct RowStep {
 //
 // Several steps (a chain, BsrRowChain: a step reads only the same rows of earlier steps' outputs) run
 // tile by tile in this one region: the thread that claims a tile runs every step on its rows, in order,
-// so the chain needs no barrier between its GEMMs. All steps share M and the register tile.
+// so the chain needs no barrier between its GEMMs. All steps share M and the register tile (checked by
+// BsrRowChain as steps are added).
 void run_row_tiles(const std::vector<RowStep>& steps) {
   const BsrCall& c0 = *steps.front().call;
   const int64_t M = c0.M, mr = c0.path.mr;
@@ -337,7 +338,6 @@ void run_row_tiles(const std::vector<RowStep>& steps) {
   const int64_t tile_panels = (max_rows + mr - 1) / mr;
   int64_t pstride = 0, scratch_floats = 16, ln_floats = 0;
   for (const RowStep& s : steps) {
-    BSBERT_CHECK(s.call->M == M && s.call->path.mr == mr, "bsr_linear (internal): row-tile steps must share M and mr");
     pstride = std::max(pstride, s.call->nbc * s.call->b * mr);
     scratch_floats = std::max(scratch_floats, max_rows * s.call->b + 16);
     if (s.ln) ln_floats = std::max(ln_floats, add_layer_norm_scratch(s.call->N));
@@ -389,6 +389,13 @@ bool split_rows(int64_t M, int64_t mr) {
 }
 bool split_rows(const BsrCall& c) { return split_rows(c.M, c.path.mr); }
 
+// bsr_linear_add_layer_norm's residual must have the GEMM output's shape (no broadcasting).
+void check_residual(const at::Tensor& residual, const BsrCall& c) {
+  BSBERT_CHECK(residual.sizes() == at::IntArrayRef(c.out_shape), "bsr_linear_add_layer_norm: residual shape ",
+               residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape), " (x.shape[:-1] + [",
+               c.N, "])");
+}
+
 }  // namespace
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -412,9 +419,7 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& residual, const at::Tensor& ln_weight,
                                          const at::Tensor& ln_bias, double eps) {
   BsrCall c = prepare(x, crow, col, packed, bias, out_features, in_features, block, false);
-  BSBERT_CHECK(residual.sizes() == at::IntArrayRef(c.out_shape), "bsr_linear_add_layer_norm: residual shape ",
-              residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape), " (x.shape[:-1] + [",
-              out_features, "])");
+  check_residual(residual, c);
   const at::Tensor y = c.y.view(c.out_shape);
   if (!split_rows(c) || c.N == 0) {
     if (c.M > 0 && c.N > 0) run(c);
@@ -472,9 +477,7 @@ at::Tensor BsrRowChain::linear_add_layer_norm(const at::Tensor& x, const at::Ten
                                               const at::Tensor& residual, const at::Tensor& ln_weight,
                                               const at::Tensor& ln_bias, double eps, const at::Tensor& out) {
   BsrCall& c = impl_->prepare_step(x, crow, col, packed, bias, out_features, in_features, block, false, out);
-  BSBERT_CHECK(residual.sizes() == at::IntArrayRef(c.out_shape), "bsr_linear_add_layer_norm: residual shape ",
-               residual.sizes(), " must equal the output shape ", at::IntArrayRef(c.out_shape),
-               " (x.shape[:-1] + [", out_features, "])");
+  check_residual(residual, c);
   const at::Tensor y = c.y.view(c.out_shape);
   AddLayerNormCall& ln = impl_->lns.emplace_back(add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y));
   impl_->steps.push_back(RowStep{&c, &ln.args, ln.rows_fn});
