@@ -64,14 +64,60 @@ def _plain(self, attention_mask, args, kwargs) -> bool:
     return fused_encoder.installed(self.encoder) and not fused_encoder._capturing()
 
 
+_EMB_OP: list = []  # [bool] once looked up: an extension built before bert_embeddings lacks it
+
+
+def _has_embeddings_op() -> bool:
+    if not _EMB_OP:
+        from bsbert import _ext
+
+        _EMB_OP.append(_ext.has_op("bert_embeddings"))
+    return _EMB_OP[0]
+
+
+def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtype):
+    """transformers' BertEmbeddings forward as one op call (bsbert::bert_embeddings), or None when this
+    call needs the module: custom position ids, training (dropout), hooks on it, a forward or class other
+    than transformers' own, tensors the op does not take. The default token-type ids are the module's
+    all-zero buffer; the op reads None as those zeros. (Written for a cold interpreter: the modules'
+    dicts are read directly, each nn.Module attribute lookup costs microseconds in a forward loop.)"""
+    d = emb.__dict__
+    if position_ids is not None or d["training"] or "forward" in d or not _has_embeddings_op() \
+            or d.get("position_embedding_type", "absolute") != "absolute" or torch.compiler.is_compiling():
+        return None
+    cls = type(emb)
+    if cls.__name__ != "BertEmbeddings" or not cls.__module__.startswith("transformers."):
+        return None
+    mods = d["_modules"]
+    word, pos, tt, norm, drop = (mods.get(k) for k in ("word_embeddings", "position_embeddings",
+                                                       "token_type_embeddings", "LayerNorm", "dropout"))
+    from torch.nn.modules import module as nn_module
+
+    if norm is None or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
+            m is None or m._forward_hooks or m._forward_pre_hooks for m in (emb, word, pos, tt, norm, drop)):
+        return None
+    w, g, b = word._parameters.get("weight"), norm._parameters.get("weight"), norm._parameters.get("bias")
+    if w is None or g is None or b is None or w.dtype != dtype or w.device.type != "cpu" \
+            or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 \
+            or g.dtype not in (dtype, torch.float32) or b.dtype not in (dtype, torch.float32) \
+            or input_ids.dtype != torch.long or input_ids.dim() != 2 or input_ids.device.type != "cpu":
+        return None
+    if token_type_ids is not None and (token_type_ids.dtype != torch.long or token_type_ids.shape != input_ids.shape
+                                       or token_type_ids.device.type != "cpu"):
+        return None
+    return torch.ops.bsbert.bert_embeddings(input_ids, token_type_ids, w, pos.weight, tt.weight, g, b, norm.eps)
+
+
 def _lean_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,
                   **kwargs):
     from bsbert import fused_encoder
 
     if input_ids is None or not _plain(self, attention_mask, args, kwargs):
         return type(self).forward(self, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
-    emb = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
     prog = self.encoder._bsbert_program
+    emb = _embeddings_op(self.embeddings, input_ids, token_type_ids, position_ids, prog.dtype)
+    if emb is None:
+        emb = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
     if fused_encoder.why_not_now(prog, emb, None, (), {}) is not None:  # e.g. a hook: start over, the class's way
         return type(self).forward(self, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
     kpm = None

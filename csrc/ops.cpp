@@ -49,6 +49,14 @@ TORCH_LIBRARY(bsbert, m) {
   //     out_features,
   //     in_features, block;
   //   floats (3): attention scale, attention-LayerNorm eps, output-LayerNorm eps.
+  // BERT's embeddings (absolute positions 0..S-1, inference): y = LayerNorm((word[input_ids] +
+  // token_type[token_type_ids]) + position[s]) * ln_weight + ln_bias, the sums rounded to the tables'
+  // dtype after each add as torch's two adds do. input_ids, token_type_ids (None = all 0): int64 [B, S];
+  // word / position / token_type tables: [V, H], [P >= S, H], [T, H], one dtype (float32 or bfloat16);
+  // ln_weight, ln_bias: [H], that dtype or float32. Returns [B, S, H] in the tables' dtype.
+  m.def(
+      "bert_embeddings(Tensor input_ids, Tensor? token_type_ids, Tensor word, Tensor position, "
+      "Tensor token_type, Tensor ln_weight, Tensor ln_bias, float eps) -> Tensor");
   m.def(
       "bert_encoder(Tensor hidden, Tensor? key_padding_mask, Tensor?[] tensors, int[] ints, float[] floats) "
       "-> Tensor");

@@ -94,7 +94,18 @@ def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type, ln_weight, ln_bias, eps):
+    torch._check(input_ids.dim() == 2, lambda: f"bert_embeddings: input_ids must be [batch, seq], got shape "
+                                               f"{tuple(input_ids.shape)}")
+    torch._check(word.dim() == 2, lambda: "bert_embeddings: word must be a 2-D [vocab, hidden] table")
+    for name, t in (("position", position), ("token_type", token_type)):
+        torch._check(t.dtype == word.dtype and t.dim() == 2 and t.shape[1] == word.shape[1],
+                     lambda: f"bert_embeddings: {name} must be a [rows, {word.shape[1]}] {word.dtype} table")
+    return word.new_empty((input_ids.shape[0], input_ids.shape[1], word.shape[1]))
+
+
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::bert_embeddings": _bert_embeddings_fake,
           "bsbert::bert_encoder": _bert_encoder_fake,
           "bsbert::bsr_linear_add_layer_norm": _bsr_linear_add_layer_norm_fake,
           "bsbert::add_layer_norm": _add_layer_norm_fake,
