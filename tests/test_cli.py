@@ -14,6 +14,12 @@ def test_bench_small(tmp_path, capsys):
     assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
     # the paired ratio against a probe at the run's own M (16 rows here; the strict one probes M=384)
     assert run["patched_paired_over_bound_at_m"]["m"] == 16 and run["patched_paired_over_bound_at_m"]["median"] > 0
+    # the bound's dense rate is the faster of the probes before and after the runs (CPU)
+    start, end = res["dense_gemm_start"]["gflops"], res["dense_gemm_end"]["gflops"]
+    assert res["dense_gemm"]["gflops"] == max(start, end) == run["dense_gemm"]["gflops"]
+    bound = run["remaining_flops"] / (max(start, end) * 1e9) * 1e3
+    assert abs(run["remaining_bound_ms"] - bound) < 1e-9 * bound
+    assert abs(run["patched_over_bound"] - run["patched_ms"] / bound) < 1e-9
     assert "speedup" in capsys.readouterr().out
 
 
