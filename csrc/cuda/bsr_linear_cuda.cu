@@ -43,6 +43,7 @@ constexpr int kGroupM = 8;  // M tiles per grid swizzle group
 template <int BLOCK_, int BM_, int WARPS_M_, int WARPS_N_, int STAGES_>
 struct BsrConfig {
   static constexpr int BLOCK = BLOCK_, BM = BM_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static_assert(BM <= 256, "bsr_linear_cuda's row check (M <= 2^31 - 257) assumes tiles of at most 256 rows");
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
   static constexpr int WTM = BM / WARPS_M;   // warp tile rows
   static constexpr int WTN = BLOCK / WARPS_N;  // warp tile cols
@@ -429,7 +430,9 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
     return y.view(out_shape);
   }
 
-  BSBERT_CHECK(M < (int64_t{1} << 31), "bsr_linear (CUDA): too many rows (", M, ")");
+  // Rows are int in the launch math and the kernels (m0 + r, M + BM - 1 with BM <= 256): keep those sums
+  // inside int's range, not only M itself.
+  BSBERT_CHECK(M <= (int64_t{1} << 31) - 1 - 256, "bsr_linear (CUDA): too many rows (", M, "; at most 2^31 - 257)");
   // The tensor-core kernel copies x in aligned 16-byte chunks: rows must be 8-element aligned. When K is
   // not a multiple of 8 the (rare) fallback pads x's rows with zeros; the padding is never multiplied into
   // y because W's padded columns are zero and only the logical K inputs exist in x.

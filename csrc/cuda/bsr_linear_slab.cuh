@@ -28,6 +28,7 @@ namespace cuda {
 template <int BM_, int WARPS_, int STAGES_>
 struct SlabConfig {
   static constexpr int BLOCK = 32, BM = BM_, WARPS = WARPS_, STAGES = STAGES_;
+  static_assert(BM <= 256, "bsr_linear_cuda's row check (M <= 2^31 - 257) assumes tiles of at most 256 rows");
   static constexpr int kThreads = WARPS * 32;
   static constexpr int MT = BM / 16, NT = BLOCK / 8;
   static constexpr int kWElems = BLOCK * BLOCK;
