@@ -213,7 +213,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     plan.unpad = bool(unpad)
     set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, fast_layers)
-    set_fused_encoder(plan, encoder, layers, fused_encoder, _encoder_owner(model, enc_path))
+    set_fused_encoder(plan, encoder, layers, fused_encoder, _encoder_owner(model, enc_path), model)
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
@@ -255,9 +255,11 @@ def _encoder_owner(model: nn.Module, enc_path: str) -> nn.Module:
     return model.get_submodule(enc_path.rpartition(".")[0]) if "." in enc_path else model
 
 
-def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: nn.Module | None = None) -> None:
-    """Install bsbert.fused_encoder's one-op forward on the encoder (if ``on`` and it fits), and then
-    bsbert.lean_model's forward on its owner (a BertModel); the plan records the outcome and why not."""
+def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: nn.Module | None = None,
+                      model: nn.Module | None = None) -> None:
+    """Install bsbert.fused_encoder's one-op forward on the encoder (if ``on`` and it fits), then
+    bsbert.lean_model's forward on its owner (a BertModel) and on the whole ``model`` when that is a
+    BertForQuestionAnswering; the plan records the outcome and why not."""
     from bsbert import fused_encoder, lean_model
 
     if not on:
@@ -273,6 +275,8 @@ def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: n
     if why is None:
         why = lean_model.install(owner, encoder) if owner is not None else "no owner module given"
     plan.lean_model, plan.lean_model_reason = why is None, why or ""
+    if why is None and model is not None and model is not owner:
+        lean_model.install_head(model, owner)  # BertForQuestionAnswering only; print(model) shows it
 
 
 def swap_modules(model: nn.Module, which: str) -> None:

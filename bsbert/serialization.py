@@ -180,7 +180,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, plan.fast_layers_reason != "fast_layers=False")
     set_fused_encoder(plan, encoder, layers, plan.fused_encoder_reason != "fused_encoder=False",
-                      _encoder_owner(model, plan.encoder_path))
+                      _encoder_owner(model, plan.encoder_path), model)
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True

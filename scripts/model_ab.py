@@ -12,6 +12,7 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py huge-pages --seq 128 --dtype bfloat16
     python scripts/model_ab.py encoder-chain --seq 128 --dtype bfloat16
     python scripts/model_ab.py embeddings-op --seq 128 --dtype bfloat16 --rounds 40
+    python scripts/model_ab.py lean-head --seq 128 --dtype bfloat16 --rounds 40
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -25,6 +26,7 @@ encoder-chain: inside the fused encoder, each layer's attention output, FFN in, 
 layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op call each
 (BSBERT_ENCODER_CHAIN=0).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
+lean-head: BertForQuestionAnswering's lean forward (on) or transformers' (off), BertModel lean in both.
 embeddings-op: the lean forward computes the embeddings with bsbert::bert_embeddings (on) or calls the
 embeddings module (off).
 """
@@ -74,6 +76,12 @@ def toggles(model, what):
             raise SystemExit(f"lean model forward is off: {model.bsbert_plan.lean_model_reason}")
         op = lean_model._embeddings_op
         return lambda on: setattr(lean_model, "_embeddings_op", op if on else (lambda *a: None)), 1
+    if what == "lean-head":
+        from bsbert import lean_model
+
+        if not lean_model.installed(model):
+            raise SystemExit(f"{type(model).__name__} has no lean forward")
+        return lambda on: (lean_model.attach if on else lean_model.detach)(model), 1
     if what == "huge-pages":
         from bsbert import hugepages
 
@@ -102,7 +110,7 @@ def toggles(model, what):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "embeddings-op", "huge-pages",
+    ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "embeddings-op", "lean-head", "huge-pages",
                                      *ENV_TOGGLES])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)

@@ -104,3 +104,56 @@ def test_other_model_classes_keep_their_forward():
 
     model = tiny_pruned_distilbert()
     assert lean_model.applies(model, getattr(model, "transformer", None)) is not None
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qa_head_lean_forward_bit_for_bit(monkeypatch, dtype):
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64)).to(dtype)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
+    assert lean_model.installed(model) and lean_model.installed(model.bert)
+    assert "lean question-answering forward" in repr(model).splitlines()[0] + repr(model)
+    inp = inputs(batch=2, seq=19, pad_from=11)
+    calls = _count_fallbacks(monkeypatch, model)
+    with torch.inference_mode():
+        lean = model(**inp)
+        assert calls == []  # the head's lean form ran, not transformers' forward
+        lean_model.detach(model)
+        ref = model(**inp)
+        lean_model.attach(model)
+    assert len(calls) == 1 and type(lean) is type(ref)
+    assert torch.equal(lean.start_logits, ref.start_logits) and torch.equal(lean.end_logits, ref.end_logits)
+    assert lean.loss is None and lean.hidden_states is None and list(lean.keys()) == list(ref.keys())
+
+
+@needs_op
+def test_qa_head_hands_other_calls_to_transformers(monkeypatch):
+    model = _patched()
+    inp = inputs(batch=2, seq=12)
+    calls = _count_fallbacks(monkeypatch, model)
+    with torch.inference_mode():
+        pos = torch.tensor([1, 3])
+        out = model(**inp, start_positions=pos, end_positions=pos)  # a loss to compute
+        assert len(calls) == 1 and out.loss is not None
+        assert isinstance(model(**inp, return_dict=False), tuple) and len(calls) == 2
+        assert len(model(**inp, output_hidden_states=True).hidden_states) == 4 and len(calls) == 3
+        h = model.bert.register_forward_hook(lambda *a: None)
+        try:
+            model(**inp)  # a hook on bert: transformers' forward calls it
+        finally:
+            h.remove()
+        assert len(calls) == 4
+        seen = []
+        h = model.qa_outputs.register_forward_hook(lambda *a: seen.append(1))
+        model(**inp)  # the head's own module still runs (and its hooks)
+        h.remove()
+        assert len(calls) == 4 and seen == [1]
+
+
+@needs_op
+def test_qa_head_lean_forward_off_with_verify_and_unpatch():
+    model = _patched(verify=True)
+    assert model.bsbert_verify_report.passed and lean_model.installed(model)
+    bsbert.unpatch(model)
+    assert not lean_model.installed(model) and "_bsbert_output_type" not in vars(model)
+    assert "lean question-answering" not in repr(model)
