@@ -13,6 +13,12 @@ It runs only for calls it reproduces exactly: ``input_ids`` given, a 2-D integer
 ``output_attentions`` off in the call and the config), a dict return, and only while the fused encoder
 itself would run; every other call goes to the class's forward unchanged. Only transformers'
 ``BertModel`` (encoder-only) gets it: other families' model forwards differ (position ids, projections).
+
+Its embeddings run as one op (``bsbert::bert_embeddings``, bit for bit the module: 0.30 -> 0.19 ms in a
+cold bf16 seq-128 forward) when the call and module allow it (:func:`_embeddings_op`). A
+``BertForQuestionAnswering`` around it gets :func:`install_head`'s lean forward too: the lean sequence
+without BertModel's output object and module call, then transformers' own head steps (Python outside
+the encoder op, median of 200 interleaved forwards: 0.99 -> 0.92 ms; ``model_ab.py lean-head``).
 """
 from __future__ import annotations
 
