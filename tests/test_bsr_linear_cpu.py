@@ -443,3 +443,30 @@ def test_bias_layouts_and_dtypes(bias_kind):
          "bfloat16-x-float32-bias": torch.randn(150), "bfloat16": torch.randn(150).bfloat16()}[bias_kind]
     y = run_op(x, bsm, b, True)
     check(y, ref64(x, w, b, True), dtype, x.shape, 150)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [64, 40])  # 40: a 16-lane vector and an 8-column tail in the last block row
+@pytest.mark.parametrize("stored", [False, True])  # no blocks (epilogue path) / a stored zero block (tile path)
+def test_bf16_output_rounding(monkeypatch, isa, n, stored):
+    # y = x @ 0 + bias in bf16: every path returns the bias bit for bit for normal values; NaN stays NaN;
+    # a denormal bias is either kept or flushed to zero (the AVX512-BF16 path's vcvtneps2bf16 flushes,
+    # as its dot products do), never anything else
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    nbr = (n + 31) // 32
+    if stored:  # one stored all-zero block per block row, so the register-tile epilogue runs
+        crow = torch.arange(nbr + 1, dtype=torch.int32)
+        bsm = BlockSparseMatrix((n, 64), 32, crow, torch.zeros(nbr, dtype=torch.int32),
+                                torch.zeros(nbr, 32, 32, dtype=torch.bfloat16))
+    else:
+        bsm = BlockSparseMatrix.from_dense(torch.zeros(n, 64), 32, pad=True, dtype=torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16()
+    special = torch.tensor([float("nan"), -float("nan"), 1e-39, -3e-39]).bfloat16()
+    bias[[1, n - 2, 2, n - 1]] = special  # in the first vector and in the tail
+    y = run_op(torch.randn(5, 64).bfloat16(), bsm, bias)
+    normal = torch.ones(n, dtype=torch.bool)
+    normal[[1, n - 2, 2, n - 1]] = False
+    assert torch.equal(y[:, normal], bias[normal].expand(5, -1))
+    assert y[:, [1, n - 2]].isnan().all()
+    for j in (2, n - 1):
+        assert torch.equal(y[:, j], bias[j].expand(5)) or bool((y[:, j] == 0).all())

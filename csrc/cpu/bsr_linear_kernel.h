@@ -9,7 +9,8 @@
 //   reg, W (lanes), zero(), load/store (unaligned fp32), bcast(const float*), set1(float),
 //   fma(a, b, c) = a*b + c, add, mul, min, max, div,
 //   load_pairs(const int32_t* p, reg& lo, reg& hi): W bf16 pairs -> even (lo) and odd (hi) elements,
-//   store_bf16(uint16_t* p, reg v): round-to-nearest-even fp32 -> bf16, W values,
+//   store_bf16(uint16_t* p, reg v): round-to-nearest-even fp32 -> bf16, W values (optionally
+//   store_bf16_n(p, v, n) for the first n of them; else the tail rounds with f32_to_bf16_scalar),
 //   and, only for the bf16 dot-product mode (kWDot): bcast_word(const float* p) (the 32-bit bf16 pair
 //   at p in every lane) and dot_bf16(acc, a, b) = acc + a.even*b.even + a.odd*b.odd per lane.
 //
@@ -335,7 +336,10 @@ void epilogue(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, const 
         const int cnt = nvalid - n;
         if (a.y_bf16) {
           uint16_t* yp = static_cast<uint16_t*>(a.y) + m * a.ldy + n_begin + n;
-          for (int i = 0; i < cnt; ++i) yp[i] = f32_to_bf16_scalar(tmp[i]);
+          if constexpr (requires { V::store_bf16_n(yp, v, cnt); })
+            V::store_bf16_n(yp, v, cnt);  // the path's own rounding (e.g. vcvtneps2bf16) for the tail too
+          else
+            for (int i = 0; i < cnt; ++i) yp[i] = f32_to_bf16_scalar(tmp[i]);
         } else {
           float* yp = static_cast<float*>(a.y) + m * a.ldy + n_begin + n;
           for (int i = 0; i < cnt; ++i) yp[i] = tmp[i];
