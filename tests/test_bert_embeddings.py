@@ -6,7 +6,7 @@ import torch
 
 import bsbert
 from bsbert import _ext, lean_model
-from tests.helpers import inputs, tiny_config, tiny_pruned, with_threads
+from tests.helpers import cpu_isa_levels, inputs, tiny_config, tiny_pruned, with_threads
 
 needs_op = pytest.mark.skipif(not _ext.has_op("bert_embeddings"),
                               reason=f"bsbert::bert_embeddings unavailable: {_ext.reason_unavailable()}")
@@ -39,7 +39,7 @@ def _op(emb, ids, tt=None, **over):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,seq", [(1, 1), (2, 17), (3, 40), (1, 33)])
 @pytest.mark.parametrize("with_types", [False, True])
-def test_bit_for_bit_transformers(dtype, batch, seq, with_types):
+def test_bit_for_bit_transformers(monkeypatch, dtype, batch, seq, with_types):
     emb = _embeddings(dtype, seed=seq)
     g = torch.Generator().manual_seed(batch * 100 + seq)
     ids = torch.randint(0, 97, (batch, seq), generator=g)
@@ -47,10 +47,12 @@ def test_bit_for_bit_transformers(dtype, batch, seq, with_types):
     tt = torch.randint(0, 3, (batch, seq), generator=g) if with_types else None
     with torch.inference_mode():
         ref = emb(input_ids=ids, token_type_ids=tt)
-        for threads in (1, 2, 3):
-            got = with_threads(threads, lambda: _op(emb, ids, tt))
-            assert got.dtype == dtype and got.shape == (batch, seq, 48)
-            assert torch.equal(got, ref), f"{threads} threads"
+        for isa in cpu_isa_levels():  # the baseline and the AVX-512 copy of the sum loop
+            monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+            for threads in (1, 2, 3):
+                got = with_threads(threads, lambda: _op(emb, ids, tt))
+                assert got.dtype == dtype and got.shape == (batch, seq, 48)
+                assert torch.equal(got, ref), f"{isa}, {threads} threads"
 
 
 @needs_op

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/isa.h"
+
 
 namespace bsbert {
 namespace cpu {
@@ -40,26 +42,42 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 
-// The sums are plain loops the compiler vectorises; on x86-64 GCC / clang also build an AVX-512 clone
-// of each, picked at load time (the baseline build is SSE2, where the bf16 rounding's integer ops took
-// ~0.3 us a 1024-wide row).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BSB_SUM_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define BSB_SUM_CLONES
-#endif
-
-// out = (w + t) + p, rounded to bf16 after each add.
-BSB_SUM_CLONES void sum_row_bf16(const uint16_t* w, const uint16_t* t, const uint16_t* p, uint16_t* out, int64_t H) {
+// out = (w + t) + p, rounded to bf16 after each add; plain loops the compiler vectorises. Each also
+// has an AVX-512 copy (the same source compiled for avx512f/bw, picked with effective_isa(), so
+// BSBERT_CPU_ISA caps it too): in the baseline SSE2 build the bf16 rounding's integer ops took ~0.3 us
+// a 1024-wide row. The rounding is exact integer arithmetic: both copies give the same bits.
+#define BSB_EMB_INLINE inline __attribute__((always_inline))
+BSB_EMB_INLINE void sum_row_bf16_body(const uint16_t* w, const uint16_t* t, const uint16_t* p, uint16_t* out,
+                                      int64_t H) {
   for (int64_t i = 0; i < H; ++i) {
     const float wt = bf16_to_f32(f32_to_bf16(bf16_to_f32(w[i]) + bf16_to_f32(t[i])));
     out[i] = f32_to_bf16(wt + bf16_to_f32(p[i]));
   }
 }
 
-BSB_SUM_CLONES void sum_row_f32(const float* w, const float* t, const float* p, float* out, int64_t H) {
+BSB_EMB_INLINE void sum_row_f32_body(const float* w, const float* t, const float* p, float* out, int64_t H) {
   for (int64_t i = 0; i < H; ++i) out[i] = (w[i] + t[i]) + p[i];
 }
+
+void sum_row_bf16(const uint16_t* w, const uint16_t* t, const uint16_t* p, uint16_t* out, int64_t H) {
+  sum_row_bf16_body(w, t, p, out, H);
+}
+void sum_row_f32(const float* w, const float* t, const float* p, float* out, int64_t H) {
+  sum_row_f32_body(w, t, p, out, H);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BSB_HAVE_AVX512_SUMS 1
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void sum_row_bf16_avx512(const uint16_t* w, const uint16_t* t,
+                                                                              const uint16_t* p, uint16_t* out,
+                                                                              int64_t H) {
+  sum_row_bf16_body(w, t, p, out, H);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void sum_row_f32_avx512(const float* w, const float* t,
+                                                                             const float* p, float* out, int64_t H) {
+  sum_row_f32_body(w, t, p, out, H);
+}
+#endif
 
 void check_table(const at::Tensor& t, const char* name, int64_t H, at::ScalarType dt) {
   BSBERT_CHECK(t.device().is_cpu(), "bert_embeddings (CPU kernel): ", name, " must be on the CPU, got ", t.device());
@@ -124,6 +142,14 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
   if (y.numel() == 0) return at::layer_norm(y, {H}, ln_weight, ln_bias, eps);
 
   const bool bf16 = dt == at::kBFloat16;
+  auto sum_bf16 = sum_row_bf16;
+  auto sum_f32 = sum_row_f32;
+#ifdef BSB_HAVE_AVX512_SUMS
+  if (effective_isa() >= Isa::kAvx512) {
+    sum_bf16 = sum_row_bf16_avx512;
+    sum_f32 = sum_row_f32_avx512;
+  }
+#endif
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* tt = tts.defined() ? tts.data_ptr<int64_t>() : nullptr;
   const int64_t esz = bf16 ? 2 : 4;
@@ -154,10 +180,10 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
       const char* p = pp + (r % S) * row_bytes;
       char* out = yp + r * row_bytes;
       if (bf16)
-        sum_row_bf16(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(t),
+        sum_bf16(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(t),
                      reinterpret_cast<const uint16_t*>(p), reinterpret_cast<uint16_t*>(out), H);
       else
-        sum_row_f32(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(t),
+        sum_f32(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(t),
                     reinterpret_cast<const float*>(p), reinterpret_cast<float*>(out), H);
     }
   });
