@@ -84,6 +84,7 @@ def _sum(emb, ids):
     ("hidden mismatch", "token_type has hidden size 8"),
     ("bad ln weight", "ln_weight must be a CPU [48] tensor"),
     ("types shape", "token_type_ids must be a CPU int64 tensor of input_ids' shape"),
+    ("no type rows", "token-type table has no rows"),
 ])
 def test_errors_name_the_problem(case, message):
     emb = _embeddings(torch.float32)
@@ -113,6 +114,8 @@ def test_errors_name_the_problem(case, message):
         kw = {"ln_weight": torch.ones(47)}
     elif case == "types shape":
         tt = torch.zeros(2, 4, dtype=torch.long)
+    elif case == "no type rows":
+        kw = {"token_type": torch.zeros(0, 48)}
     with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _op(emb, ids, tt, **kw)
 

@@ -136,6 +136,9 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
                  ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
     tts = t.contiguous();
     check_indices(tts, token_type.size(0), "token_type_ids", "the token-type table");
+  } else {
+    BSBERT_CHECK(token_type.size(0) > 0 || input_ids.numel() == 0, "bert_embeddings: token_type_ids None means "
+                 "type 0 for every token, but the token-type table has no rows");
   }
   const at::Tensor wc = word.contiguous(), pc = position.contiguous(), tc = token_type.contiguous();
   at::Tensor y = at::empty({B, S, H}, word.options().memory_format(at::MemoryFormat::Contiguous));
