@@ -33,11 +33,24 @@ _NONE_KWARGS = ("inputs_embeds", "encoder_hidden_states", "encoder_attention_mas
 _FALSY_KWARGS = ("use_cache", "output_attentions", "output_hidden_states")
 
 
+def _is_transformers(module: nn.Module, class_name: str) -> bool:
+    """``module`` is an instance of transformers' own class of that name (not a user subclass or twin)."""
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__.startswith("transformers.")
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """A forward (pre-)hook on any of ``modules`` or a global one: the lean forms would skip it."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 def applies(base: nn.Module, encoder: nn.Module) -> str | None:
     """None if ``base`` can take the lean forward, else why not."""
-    cls = type(base)
-    if cls.__name__ != "BertModel" or not cls.__module__.startswith("transformers."):
-        return f"{cls.__name__} keeps transformers' model forward (lean form: BertModel only)"
+    if not _is_transformers(base, "BertModel"):
+        return f"{type(base).__name__} keeps transformers' model forward (lean form: BertModel only)"
     cfg = base.config
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
         return "decoder / cross-attention configuration"
@@ -91,16 +104,12 @@ def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtyp
     if position_ids is not None or d["training"] or "forward" in d or not _has_embeddings_op() \
             or d.get("position_embedding_type", "absolute") != "absolute" or torch.compiler.is_compiling():
         return None
-    cls = type(emb)
-    if cls.__name__ != "BertEmbeddings" or not cls.__module__.startswith("transformers."):
+    if not _is_transformers(emb, "BertEmbeddings"):
         return None
     mods = d["_modules"]
     word, pos, tt, norm, drop = (mods.get(k) for k in ("word_embeddings", "position_embeddings",
                                                        "token_type_embeddings", "LayerNorm", "dropout"))
-    from torch.nn.modules import module as nn_module
-
-    if norm is None or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(
-            m is None or m._forward_hooks or m._forward_pre_hooks for m in (emb, word, pos, tt, norm, drop)):
+    if any(m is None for m in (word, pos, tt, norm, drop)) or _hooked(emb, word, pos, tt, norm, drop):
         return None
     w, g, b = word._parameters.get("weight"), norm._parameters.get("weight"), norm._parameters.get("bias")
     if w is None or g is None or b is None or w.dtype != dtype or w.device.type != "cpu" \
@@ -142,13 +151,6 @@ def _lean_forward(self, input_ids=None, attention_mask=None, token_type_ids=None
     return self._bsbert_output_type(last_hidden_state=seq, pooler_output=pooled)
 
 
-def _hooked(module: nn.Module) -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
-
-
 def _lean_qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,
                      **kwargs):
     """BertForQuestionAnswering's forward for plain inference calls (no positions to score, no loss): the
@@ -178,8 +180,7 @@ def _qa_extra_repr(self) -> str:
 
 
 def _is_qa_head(model: nn.Module) -> bool:
-    cls = type(model)
-    return cls.__name__ == "BertForQuestionAnswering" and cls.__module__.startswith("transformers.")
+    return _is_transformers(model, "BertForQuestionAnswering")
 
 
 @torch.inference_mode()

@@ -164,30 +164,17 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
   // 16 rows of 1024 per task: about what a fork/join costs (add_layer_norm's grain)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / H);
   at::parallel_for(0, B * S, grain, [&](int64_t r0, int64_t r1) {
-    // The word and position rows come from DRAM in a forward loop (the GEMMs' weights streamed through
-    // the caches since the last call), one random row each: ask for the rows two ahead early.
-    constexpr int64_t kAhead = 2;
-    auto prefetch_rows = [&](int64_t r) {
-      const char* w = wp + id[r] * row_bytes;
-      const char* p = pp + (r % S) * row_bytes;
-      for (int64_t off = 0; off < row_bytes; off += 64) {
-        __builtin_prefetch(w + off, 0, 0);
-        __builtin_prefetch(p + off, 0, 0);
-      }
-    };
-    for (int64_t r = r0; r < std::min(r1, r0 + kAhead); ++r) prefetch_rows(r);
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + kAhead < r1) prefetch_rows(r + kAhead);
       const char* w = wp + id[r] * row_bytes;
       const char* t = tp + (tt ? tt[r] : 0) * row_bytes;
       const char* p = pp + (r % S) * row_bytes;
       char* out = yp + r * row_bytes;
       if (bf16)
         sum_bf16(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(t),
-                     reinterpret_cast<const uint16_t*>(p), reinterpret_cast<uint16_t*>(out), H);
+                 reinterpret_cast<const uint16_t*>(p), reinterpret_cast<uint16_t*>(out), H);
       else
         sum_f32(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(t),
-                    reinterpret_cast<const float*>(p), reinterpret_cast<float*>(out), H);
+                reinterpret_cast<const float*>(p), reinterpret_cast<float*>(out), H);
     }
   });
   // torch's own LayerNorm kernel: with the sums above, the values are transformers' bit for bit
