@@ -172,3 +172,13 @@ def test_lean_forward_uses_it_and_steps_aside(monkeypatch, dtype):
         assert used[0] == 1
         model(**inp, token_type_ids=torch.ones(2, 13, dtype=torch.long))
         assert used[0] == 2
+
+
+@needs_op
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batch_or_sequence(shape):
+    emb = _embeddings(torch.float32)
+    ids = torch.zeros(shape, dtype=torch.long)
+    with torch.inference_mode():
+        got = _op(emb, ids)
+    assert got.shape == (*shape, 48) and got.dtype == torch.float32
