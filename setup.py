@@ -4,7 +4,8 @@ Environment switches (all optional):
   BSBERT_SKIP_CUDA=1         never build the CUDA sources
   BSBERT_FORCE_CUDA=1        build the CUDA sources even if torch cannot see a GPU (default when a
                              toolkit is found and torch is a CUDA build: a GPU is not needed to compile)
-  BSBERT_CUDA_ARCH_LIST      e.g. "8.0;8.6;9.0" (default "8.0;9.0": sm_80 code also runs on sm_86/89), same syntax as TORCH_CUDA_ARCH_LIST
+  BSBERT_CUDA_ARCH_LIST      e.g. "8.0;8.6;9.0a" (default "8.0;9.0a": sm_80 code also runs on sm_86/89; 9.0a is
+                             Hopper with its wgmma kernels, and replaces a plain 9.0), same syntax as TORCH_CUDA_ARCH_LIST
   BSBERT_SKIP_EXTENSION=1    pure-Python install (bsbert falls back to its torch paths)
   MAX_JOBS                   parallel compile jobs (ninja)
   CUDA_HOME                  toolkit location; default: /usr/local/cuda if it holds bin/nvcc
@@ -46,7 +47,16 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
             sys.exit("BSBERT_FORCE_CUDA=1 but no CUDA toolkit was found or torch is not a CUDA build")
         build_cuda = True
     if build_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;9.0a")
+    has_sm90a = False
+    if build_cuda:
+        # 9.0a (sm_90a) carries the Hopper wgmma kernels. With both 9.0 and 9.0a in the list the GPU could
+        # load the plain sm_90 code, whose wgmma kernels are traps: keep 9.0a only.
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+        has_sm90a = any(a.startswith("9.0a") for a in archs)
+        if has_sm90a:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a for a in archs if a and not a.startswith("9.0+")
+                                                          and a != "9.0")
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("BSBERT_TORCH_VERSION", f'"{torch.__version__}"')]
@@ -58,6 +68,8 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("BSBERT_WITH_CUDA", None))
+        if has_sm90a:
+            define_macros.append(("BSBERT_HAS_SM90A", None))
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
                          "--expt-relaxed-constexpr"]
         ext_cls = CUDAExtension

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="", help="comma-separated M values for the linear sweep (overrides --quick)")
     ap.add_argument("--densities", default="", help="comma-separated block densities (default: 1,0.64,0.5,0.25,0.1)")
     ap.add_argument("--nk", default="", help="comma-separated NxK shapes, e.g. 1024x1024,4096x1024 (default: all)")
+    ap.add_argument("--tiles", default="", help="comma-separated CUDA tiles to force, e.g. 128x4,slab64x8 "
+                    "(default: every tile that runs on this GPU)")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--no-attention", action="store_true")
     args = ap.parse_args(argv)
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
                 for m in ms:
                     for d in (tuple(float(v) for v in args.densities.split(",")) if args.densities
                               else _bench.DENSITIES):
-                        r = _bench.bench_linear(m, n, k, d, block=block)
+                        r = _bench.bench_linear(m, n, k, d, block=block,
+                                               tiles=tuple(args.tiles.split(",")) if args.tiles else None)
                         for key in ("cuda_error", "triton_graph_error", "cublas_graph_error"):
                             if key in r:
                                 errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")

@@ -36,7 +36,7 @@ def bsr(big: bool, shape: str = ""):
             bias = torch.randn(n, dtype=dtype, device="cuda")
             y = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k, b, True)
             if m >= 2000 and not big:  # every tile configuration, forced (the heuristic picks one per shape)
-                for tile in CudaBsr.TILES[b]:
+                for tile in CudaBsr.runnable_tiles(b):
                     os.environ["BSBERT_CUDA_BSR_TILE"] = tile
                     y2 = torch.ops.bsbert.bsr_linear(x, bsm.crow_indices, bsm.col_indices, bsm.values, bias, n, k,
                                                      b, True)

@@ -9,7 +9,7 @@
 # into $OUT/gpu_logs.tgz after each step (a step killed by the deadline leaves the earlier ones), and
 # $OUT/summary.txt collects each step's status and the tail of its log. Commit the markdown results into
 # benchmarks/results/ afterwards.
-# Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0: one arch
+# Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0a: one arch, with the wgmma kernels
 # builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), KERNEL_ARGS /
 # KERNEL_AUTOTUNE (the kernel bench's arguments and Triton autotuning, default off), GPU_STEPS="build
 # pytest_gpu ..." (run only the named steps: a short call spends the lease on what it has to show).
@@ -52,12 +52,16 @@ print(p.name, p.multi_processor_count, 'SMs', p.total_memory >> 20, 'MiB')"; nvc
   git rev-parse HEAD 2>/dev/null; git status --short | head -20; } > "$W/machine.txt" 2>&1
 grep -E "NVIDIA H|torch|SMs|release|Driver" "$W/machine.txt" | head -8 | tee -a "$OUT/summary.txt"
 
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   TAIL=4 step build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
   grep -E "registers|spill|bytes stack" "$W/build.txt" > "$W/ptxas.txt" || true
 fi
 step info 30 "$PY" -m bsbert.info
+
+# The Hopper wgmma kernels on a few small shapes, in their own process: a fault there must not take the
+# test suite down with it, and a wrong layout shows as a map of which 8x8 patches are off.
+TAIL=30 step wgmma_smoke 40 "$PY" scripts/wgmma_smoke.py
 
 # The error-message tests first, on their own: they once crashed the process (formatting a tensor
 # shape in nvcc-compiled host code); if they still do, cuda-gdb shows where.
@@ -105,10 +109,10 @@ if command -v ncu > /dev/null; then
     "$PY" scripts/cuda_sanitizer_driver.py --only bsr --big
   # The same question for the x-slab kernel and the default tile on one BERT-large shape (M = 32 x 384,
   # 1024 x 1024, block density 0.25), so the two reports compare directly.
-  for t in default slab64x8; do
+  for t in default slab64x8 wgslab64x16; do
     tile_env=(-u BSBERT_CUDA_BSR_TILE); [ "$t" != default ] && tile_env=("BSBERT_CUDA_BSR_TILE=$t")
     TAIL=60 step "ncu_bsr_$t" 60 env "${tile_env[@]}" ncu --clock-control none \
-      --kernel-name "regex:bsr_linear_(mma|slab)_kernel" --launch-count 1 --section SpeedOfLight \
+      --kernel-name "regex:bsr_linear_(mma|slab|wgmma)_kernel" --launch-count 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section Occupancy "$PY" scripts/cuda_sanitizer_driver.py \
       --shape 12288,1024,1024,0.25
   done

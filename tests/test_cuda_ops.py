@@ -6,6 +6,7 @@ extension with its CUDA kernels (skipped with a reason when bsbert._C has no CUD
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -113,8 +114,9 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
     from bsbert.formats import BlockSparseMatrix
 
     monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
-    bm, warps = (int(v) for v in tile.removeprefix("slab").split("x"))
-    gen = torch.Generator().manual_seed(block * 1000 + bm + warps + 7 * tile.startswith("slab"))
+    _skip_unless_runnable(block, tile)
+    bm, warps = (int(v) for v in re.fullmatch(r"(?:wg)?(?:slab)?(\d+)x(\d+)", tile).groups())
+    gen = torch.Generator().manual_seed(block * 1000 + bm + warps + 7 * ("slab" in tile) + 13 * ("wg" in tile))
     n, k = 3 * block + 5, 4 * block + 8
     w = _random_bsr_weight(n, k, block, 0.6, gen)
     w[block:2 * block] = 0  # one block row with no stored block
@@ -130,7 +132,18 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
                 torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
-SLAB_TILES = [t for t in CudaBsr.TILES[32] if t.startswith("slab")]
+SLAB_TILES = [t for t in CudaBsr.TILES[32] if "slab" in t]
+
+
+def _skip_unless_runnable(block, tile):
+    """The wgmma tiles run on compute capability 9.0 only; elsewhere, forcing one must be a clear error."""
+    if tile not in CudaBsr.runnable_tiles(block):
+        from bsbert.formats import BlockSparseMatrix
+
+        bsm = BlockSparseMatrix.from_dense(torch.randn(32, 64, dtype=torch.float16), 32).to(DEV)
+        with pytest.raises(RuntimeError, match="needs Hopper wgmma"):
+            _bsr_call(torch.randn(8, 64, dtype=torch.float16, device=DEV), bsm, None, False)
+        pytest.skip(f"{tile} needs a compute capability 9.0 GPU (checked: a clear error here)")
 
 
 @pytest.mark.parametrize("tile", SLAB_TILES)
@@ -143,8 +156,10 @@ def test_bsr_linear_slab_long_runs(tile, pattern, monkeypatch):
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
 
+    monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
+    _skip_unless_runnable(32, tile)
     gen = torch.Generator().manual_seed(len(tile) * 31 + len(pattern))
-    m, n, k = 3000, 1000, 1000  # K % 64 != 0: the slab's last columns are zero-filled
+    m, n, k = 3000, 1000, 1000  # K % 64 != 0 (and K % 32 != 0): the slab's last columns are zero-filled
     if pattern == "random":
         w = _random_bsr_weight(n, k, 32, 0.3, gen)
     else:
@@ -196,7 +211,8 @@ def test_bsr_linear_slab_too_wide_names_the_limit(monkeypatch):
         _bsr_call(torch.randn(8, 8192, dtype=torch.float16, device=DEV), bsm, None, False)
 
 
-@pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16", "slab128x8", "slab64x8x"])
+@pytest.mark.parametrize("tile", ["256x8", "128", "banana", "128x16", "slab128x8", "slab64x8x", "wgslab64x16",
+                                  "wgslab64x4"])
 def test_bsr_linear_rejects_bad_tile_config(tile, monkeypatch):
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix

@@ -169,9 +169,19 @@ class CudaBsr(LinearBackend):
     # BsrConfig and SlabConfig lists in csrc/cuda/bsr_linear_cuda.cu (tests and benchmarks iterate over it).
     # "slab..." = the x-slab kernel (csrc/cuda/bsr_linear_slab.cuh): x's [rows, K] slab stays in shared
     # memory, so it needs rows * K * 2 bytes + the W rings (it raises a clear error when K is too large).
+    # "wgslab..." = its Hopper variant with wgmma (csrc/cuda/bsr_linear_wgmma.cuh): sm_90a builds on
+    # compute capability 9.0 only (a clear error elsewhere; `runnable_tiles` leaves them out there).
     TILES = {16: ("64x4", "128x4"),
-             32: ("64x4", "64x8", "128x4", "128x8", "256x8", "slab64x8", "slab64x4", "slab32x8"),
+             32: ("64x4", "64x8", "128x4", "128x8", "256x8", "slab64x8", "slab64x4", "slab32x8",
+                  "wgslab64x16", "wgslab64x8"),
              64: ("64x4", "128x4", "128x8")}
+
+    @classmethod
+    def runnable_tiles(cls, block, device=None):
+        """The TILES of `block` that can run on `device` (default: the current CUDA device): the wgmma
+        tiles need compute capability 9.0 (and an sm_90a build, which the op itself checks)."""
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
+        return tuple(t for t in cls.TILES.get(block, ()) if hopper or not t.startswith("wgslab"))
 
     def not_supported_reasons(self, device, dtype, block):
         reasons = []

@@ -66,7 +66,9 @@ def random_bsm(n, k, block, density, dtype=torch.float16, device="cuda", seed=0)
     return BlockSparseMatrix.from_dense(w.to(device), block, pad=True, dtype=dtype)
 
 
-def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
+def bench_linear(m, n, k, density, block=32, dtype=torch.float16, tiles=None) -> dict:
+    """One linear shape: Triton, the CUDA C++ kernel (default tile, then each forced tile of `tiles`,
+    default every tile that runs on this GPU), cuBLAS dense and torch's Triton BSR."""
     from bsbert.triton.bsr_linear import bsr_linear_triton
 
     bsm = random_bsm(n, k, block, density, dtype)
@@ -89,7 +91,7 @@ def bench_linear(m, n, k, density, block=32, dtype=torch.float16) -> dict:
             res["cuda_tflops"] = bsm.useful_flops(m) / res["cuda_ms"] * 1e-9
             res["cuda_graph_ms"] = do_bench_graph(cuda_cpp)
             res["cuda_tiles_graph_ms"] = {}
-            for tile in CudaBsr.TILES.get(block, ()):  # every forced tile configuration (rows x warps)
+            for tile in CudaBsr.runnable_tiles(block) if tiles is None else tiles:  # each forced tile
                 try:  # one tile failing (e.g. an x slab too wide for shared memory) costs its own column only
                     with mock.patch.dict(os.environ, {"BSBERT_CUDA_BSR_TILE": tile}):
                         torch.testing.assert_close(cuda_cpp(), F.linear(x, w), atol=2e-2, rtol=2e-2)

@@ -16,6 +16,7 @@
 // -DBSBERT_KERNELS_ONLY compiles the kernels alone (no torch headers, no host code): tests/test_cuda_sass.py
 // uses it to check registers/spills/SASS quickly without a GPU.
 #include "cuda/bsr_linear_slab.cuh"
+#include "cuda/bsr_linear_wgmma.cuh"
 #include "cuda/bsr_tile_fragments.cuh"
 #include "cuda/mma_utils.cuh"
 
@@ -212,33 +213,52 @@ using Slab64x4 = SlabConfig<64, 4, 4>;
 using Slab32x8 = SlabConfig<32, 8, 4>;
 using AllSlabConfigs = CfgList<Slab64x8, Slab64x4, Slab32x8>;
 
+// The Hopper x-slab kernels (bsr_linear_wgmma.cuh; sm_90a builds on sm_90 GPUs, forced with
+// BSBERT_CUDA_BSR_TILE=wgslab64x<warps> until measured): 64 rows, 4 or 2 warpgroups, 8-deep W rings
+// (K=1024: 128 KB slab + 64 / 32 KB of rings).
+using WgSlab64x16 = WgSlabConfig<16, 8>;
+using WgSlab64x8 = WgSlabConfig<8, 8>;
+using AllWgSlabConfigs = CfgList<WgSlab64x16, WgSlab64x8>;
+
 #ifdef BSBERT_KERNELS_ONLY
-template <typename... Cfgs, typename... Slabs>
-void take_kernels(CfgList<Cfgs...>, CfgList<Slabs...>, void** out) {
+template <typename... Cfgs, typename... Slabs, typename... WgSlabs>
+void take_kernels(CfgList<Cfgs...>, CfgList<Slabs...>, CfgList<WgSlabs...>, void** out) {
   int i = 0;
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__half, Cfgs>), ...);
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__nv_bfloat16, Cfgs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__half, Slabs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__nv_bfloat16, Slabs>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs>), ...);
   out[i] = (void*)&bsr_linear_f32_kernel;
 }
 }  // namespace
 // Instantiates every kernel the dispatcher can launch (SASS/resource checks); never called.
-void bsr_linear_kernels_for_sass(void** out) { take_kernels(AllBsrConfigs{}, AllSlabConfigs{}, out); }
+void bsr_linear_kernels_for_sass(void** out) {
+  take_kernels(AllBsrConfigs{}, AllSlabConfigs{}, AllWgSlabConfigs{}, out);
+}
 namespace {
 #else
 // Launches the x-slab kernel: a persistent grid of as many CTAs as fit on the GPU at once (never more than
 // there are (M tile, block row) units); a clear error when the slab does not fit in shared memory.
-template <typename T, typename Cfg>
+// Both x-slab kernels (mma.sync and wgmma) take the same arguments and the same persistent launch.
+template <typename T, typename Cfg, bool Wgmma>
 void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                  const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
   const int64_t smem = Cfg::smem_bytes(K);
   const int optin = max_smem_optin();
-  BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=slab", Cfg::BM, "x", Cfg::WARPS,
+  const char* prefix = Wgmma ? "wgslab" : "slab";
+  BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=", prefix, Cfg::BM, "x", Cfg::WARPS,
               " needs ", smem, " bytes of shared memory for in_features=", K, " (a ", Cfg::BM, " x ",
               Cfg::slab_cols(K), " slab of x plus the W rings); this GPU allows ", optin,
               " per block: use a smaller slab or a rows x warps tile");
-  auto kernel = bsr_linear_slab_kernel<T, Cfg>;
+  auto kernel = [] {
+    if constexpr (Wgmma) {
+      return bsr_linear_wgmma_kernel<T, Cfg>;
+    } else {
+      return bsr_linear_slab_kernel<T, Cfg>;
+    }
+  }();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
@@ -257,17 +277,29 @@ void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename... Slabs>
+template <typename T, bool Wgmma, typename... Slabs>
 bool launch_matching_slab(CfgList<Slabs...>, int bm, int warps, const at::Tensor& x2, const at::Tensor& crow,
                           const at::Tensor& col, const at::Tensor& vals, const T* bias, at::Tensor& y, int M, int N,
                           int K, bool gelu, cudaStream_t stream) {
   auto try_one = [&](auto cfg) {
     using Cfg = decltype(cfg);
     if (bm != Cfg::BM || warps != Cfg::WARPS) return false;
-    launch_slab<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    launch_slab<T, Cfg, Wgmma>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
     return true;
   };
   return (try_one(Slabs{}) || ...);
+}
+
+// The wgmma kernels exist only in an sm_90a build (BSBERT_HAS_SM90A: setup.py defines it when the arch list
+// names 9.0a) and run only on compute capability 9.0 exactly (sm_90a code runs nowhere else).
+#ifdef BSBERT_HAS_SM90A
+constexpr bool kBuiltForSm90a = true;
+#else
+constexpr bool kBuiltForSm90a = false;
+#endif
+bool wgmma_runs_here() {
+  return kBuiltForSm90a && cached_device_attr<cudaDevAttrComputeCapabilityMajor>() == 9 &&
+         cached_device_attr<cudaDevAttrComputeCapabilityMinor>() == 0;
 }
 
 template <typename T, typename Cfg>
@@ -312,9 +344,9 @@ std::string config_names(CfgList<Cfgs...>) {
 }
 
 template <typename... Slabs>
-std::string config_names_slab(CfgList<Slabs...>) {
+std::string config_names_slab(const char* prefix, CfgList<Slabs...>) {
   std::string s;
-  ((s += msg(" slab", Slabs::BM, "x", Slabs::WARPS, ";")), ...);
+  ((s += msg(" ", prefix, Slabs::BM, "x", Slabs::WARPS, ";")), ...);
   return s;
 }
 
@@ -338,20 +370,32 @@ void dispatch_mma(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor
   bool slab = block == 32 && ((M + Slab64x8::BM - 1) / Slab64x8::BM) * block_rows >= 32 * static_cast<int64_t>(sms) &&
               Slab64x8::smem_bytes(K) <= max_smem_optin();
   if (slab) bm = Slab64x8::BM, warps = Slab64x8::WARPS;
+  bool wgslab = false;
   if (env != nullptr) {
-    slab = std::strncmp(env, "slab", 4) == 0;
+    wgslab = std::strncmp(env, "wgslab", 6) == 0;
+    slab = !wgslab && std::strncmp(env, "slab", 4) == 0;
     int used = 0;
-    const char* spec = slab ? env + 4 : env;
+    const char* spec = wgslab ? env + 6 : slab ? env + 4 : env;
     if (std::sscanf(spec, "%dx%d%n", &bm, &warps, &used) != 2 || spec[used] != '\0') bm = -1;
   }
-  const bool ok = slab ? block == 32 && launch_matching_slab<T>(AllSlabConfigs{}, bm, warps, x2, crow, col, vals,
-                                                                bias, y, M, N, K, gelu, stream)
-                       : launch_matching<T>(AllBsrConfigs{}, block, bm, warps, x2, crow, col, vals, bias, y, M, N,
-                                            K, gelu, stream);
+  if (wgslab) {
+    BSBERT_CHECK(wgmma_runs_here(), "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE='", env, "' needs Hopper wgmma: an "
+                 "extension built for sm_90a (BSBERT_CUDA_ARCH_LIST or TORCH_CUDA_ARCH_LIST naming 9.0a) and a "
+                 "GPU of compute capability 9.0; this build ", kBuiltForSm90a ? "has" : "has no",
+                 " sm_90a code and this GPU is ", cached_device_attr<cudaDevAttrComputeCapabilityMajor>(), ".",
+                 cached_device_attr<cudaDevAttrComputeCapabilityMinor>());
+  }
+  const bool ok = wgslab ? block == 32 && launch_matching_slab<T, true>(AllWgSlabConfigs{}, bm, warps, x2, crow,
+                                                                        col, vals, bias, y, M, N, K, gelu, stream)
+                  : slab ? block == 32 && launch_matching_slab<T, false>(AllSlabConfigs{}, bm, warps, x2, crow, col,
+                                                                         vals, bias, y, M, N, K, gelu, stream)
+                         : launch_matching<T>(AllBsrConfigs{}, block, bm, warps, x2, crow, col, vals, bias, y, M, N,
+                                              K, gelu, stream);
   BSBERT_CHECK(ok, "bsr_linear (CUDA): no tile configuration for block ", block,
                env ? msg(" and BSBERT_CUDA_BSR_TILE='", env, "'") : std::string(),
-               " (rows x warps:", config_names(AllBsrConfigs{}), " block 32 x-slab: ", config_names_slab(AllSlabConfigs{}),
-               ")");
+               " (rows x warps:", config_names(AllBsrConfigs{}), " block 32 x-slab:",
+               config_names_slab("slab", AllSlabConfigs{}), " block 32 Hopper x-slab:",
+               config_names_slab("wgslab", AllWgSlabConfigs{}), ")");
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) == 0; }

@@ -69,6 +69,52 @@ __device__ __forceinline__ int slab_lower_bound(int64_t target, int units, int n
   return lo;
 }
 
+// [first, last) unit of this CTA's run: CTA c takes the units whose cumulative weight starts in
+// [c, c+1) * total / gridDim. Any rule monotone in c that gives 0 for c = 0 and total for c = P partitions
+// the units consistently (the end of CTA c is the start of CTA c+1); multiplying by a reciprocal is
+// monotone. (An exact 64-bit ceil division would serve as well: the stack frame once blamed on it came from
+// ptxas capping registers, fixed by __launch_bounds__(..., 1); this form is the one that ran on the GPU.)
+__device__ __forceinline__ int2 slab_cta_run(int num_m_tiles, int nbr, const int* crow) {
+  const int64_t nnzb = __ldg(crow + nbr) - __ldg(crow);
+  const int64_t per_tile = nnzb + nbr;
+  const int units = num_m_tiles * nbr;
+  const int64_t total = static_cast<int64_t>(num_m_tiles) * per_tile;
+  const double inv_p = static_cast<double>(__frcp_rn(static_cast<float>(gridDim.x)));
+  auto start_weight = [&](unsigned cta) -> int64_t {
+    if (cta >= gridDim.x) return total;
+    const int64_t w = static_cast<int64_t>(ceil(static_cast<double>(cta) * static_cast<double>(total) * inv_p));
+    return w < total ? w : total;
+  };
+  return make_int2(slab_lower_bound(start_weight(blockIdx.x), units, nbr, per_tile, crow),
+                   slab_lower_bound(start_weight(blockIdx.x + 1), units, nbr, per_tile, crow));
+}
+
+// Producer cursor over the stored W blocks of one worker's block rows of a segment (units first, first +
+// stride, ... < n_units, block row rb_first + unit), in the order the worker consumes them.
+struct WBlockStream {
+  int pu, pk = 0, pk_end = 0;
+  const int stride, n_units, rb_first;
+  const int* crow;
+  __device__ __forceinline__ WBlockStream(int first, int stride_, int n_units_, int rb_first_, const int* crow_)
+      : pu(first), stride(stride_), n_units(n_units_), rb_first(rb_first_), crow(crow_) {
+    load();
+  }
+  __device__ __forceinline__ void load() {
+    if (pu < n_units) {
+      pk = __ldg(crow + rb_first + pu);
+      pk_end = __ldg(crow + rb_first + pu + 1);
+    }
+  }
+  // Index of the next stored block (skipping empty block rows), or -1 once the stream is done.
+  __device__ __forceinline__ int next() {
+    while (pu < n_units && pk >= pk_end) {
+      pu += stride;
+      load();
+    }
+    return pu < n_units ? pk++ : -1;
+  }
+};
+
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     bsr_linear_slab_kernel(const T* __restrict__ x, const int* __restrict__ crow, const int* __restrict__ col,
@@ -86,23 +132,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   T* ring = slab + static_cast<int64_t>(BM) * cols + warp * (STAGES * Cfg::kWElems);
 
   // ---- this CTA's run of units, balanced by weight ----
-  const int64_t nnzb = __ldg(crow + nbr) - __ldg(crow);
-  const int64_t per_tile = nnzb + nbr;
-  const int units = num_m_tiles * nbr;
-  // CTA c starts at weight ~ c * total / P. Any rule monotone in c that gives 0 for c = 0 and total for
-  // c = P partitions the units consistently (the end of CTA c is the start of CTA c+1); multiplying by a
-  // reciprocal is monotone. (An exact 64-bit ceil division would serve as well: the stack frame once blamed
-  // on it came from ptxas capping registers, fixed by __launch_bounds__(..., 1); this form is the one that
-  // ran on the GPU.)
-  const int64_t total = static_cast<int64_t>(num_m_tiles) * per_tile;
-  const double inv_p = static_cast<double>(__frcp_rn(static_cast<float>(gridDim.x)));
-  auto start_weight = [&](unsigned cta) -> int64_t {
-    if (cta >= gridDim.x) return total;
-    const int64_t w = static_cast<int64_t>(ceil(static_cast<double>(cta) * static_cast<double>(total) * inv_p));
-    return w < total ? w : total;
-  };
-  const int u_begin = slab_lower_bound(start_weight(blockIdx.x), units, nbr, per_tile, crow);
-  const int u_end = slab_lower_bound(start_weight(blockIdx.x + 1), units, nbr, per_tile, crow);
+  const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
+  const int u_begin = run.x, u_end = run.y;
 
   for (int u = u_begin; u < u_end;) {
     const int m_tile = u / nbr;
@@ -124,30 +155,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     cp_async_commit();
 
     // ---- this warp's W stream: block rows rb_first + warp, + WARPS, ...; producer cursor ----
-    int pu = warp, pk = 0, pk_end = 0;
-    if (pu < n_units) {
-      pk = __ldg(crow + rb_first + pu);
-      pk_end = __ldg(crow + rb_first + pu + 1);
-    }
+    WBlockStream stream(warp, WARPS, n_units, rb_first, crow);
     // Issues the copy of the next W block of the stream into `slot` (nothing once the stream is done) and
     // commits a group either way, so group i always holds item i.
     auto issue = [&](int slot) {
-      while (pu < n_units && pk >= pk_end) {  // skip empty block rows
-        pu += WARPS;
-        if (pu < n_units) {
-          pk = __ldg(crow + rb_first + pu);
-          pk_end = __ldg(crow + rb_first + pu + 1);
-        }
-      }
-      if (pu < n_units) {
-        const T* src = values + static_cast<int64_t>(pk) * (BLOCK * BLOCK);
+      const int blk = stream.next();
+      if (blk >= 0) {
+        const T* src = values + static_cast<int64_t>(blk) * (BLOCK * BLOCK);
         T* dst = ring + slot * Cfg::kWElems;
 #pragma unroll
         for (int i = lane; i < BLOCK * (BLOCK / 8); i += 32) {
           const int r = i >> 2, ch = i & 3;
           cp_async_16(smem_u32(dst + Swz::chunk_offset(r, ch)), src + r * BLOCK + ch * 8, true);
         }
-        ++pk;
       }
       cp_async_commit();
     };

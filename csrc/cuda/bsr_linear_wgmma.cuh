@@ -1,0 +1,155 @@
+// The Hopper variant of the x-slab kernel (bsr_linear_slab.cuh) for block 32, fp16/bf16: the same persistent,
+// weight-balanced split of (M tile, block row) units and the same [64, K] slab of x kept in shared memory,
+// but the products are warpgroup MMAs (wgmma.mma_async m64n32k16, sm_90a) that read both operands straight
+// from shared memory, instead of ldmatrix + mma.sync from registers.
+//
+// Why: on the H200 (stop 11) the mma.sync slab kernel ran at 12.5% occupancy with SM 31% / L2 25% busy:
+// each warp's ldmatrix -> mma chain had nothing to overlap with, and every k16 step re-read its A fragments
+// from shared memory through the register file. A wgmma is issued asynchronously by a warpgroup (4 warps)
+// and keeps running while the warpgroup waits for its next W block, and it needs no A/B fragment registers
+// (16 accumulator registers per thread for a 64 x 32 tile), so four warpgroups per SM each keep one block
+// in flight behind another.
+//
+// Layout: both operands use the no-swizzle core-matrix layout wgmma reads directly (8 rows x 16 bytes per
+// core matrix, 128 contiguous bytes). The slab: element (r, k) at ((r/8) * cols/8 + k/8) * 64 + (r%8) * 8
+// + k%8, so a k16 step of a block column is one descriptor (K-adjacent core matrices 128 bytes apart, 8-row
+// groups cols * 16 bytes apart). W blocks: (n, k) at ((n/8) * 4 + k/8) * 64 + (n%8) * 8 + k%8 (8-row groups
+// 512 bytes apart). In both, the 16-byte cp.async of consecutive threads land in consecutive 16 bytes.
+//
+// Per warpgroup: block rows wg, wg + G, ... of the CTA's run (G warpgroups), each a [64, 32] fp32 tile; a
+// STAGES-deep cp.async ring of W blocks (one 16-byte chunk per thread per block, prefetching across block
+// rows); per block: wait for its copy, fence.proxy.async (cp.async writes are generic-proxy, wgmma reads
+// are async-proxy), a 128-thread named barrier, two wgmmas (k = 0..15, 16..31), commit, wait until only
+// this block's group is pending (so the previous block's slot is free), refill that slot. Then bias +
+// GELU and predicated stores, as the mma.sync kernels do.
+#pragma once
+
+#include "cuda/bsr_linear_slab.cuh"
+#include "cuda/bsr_tile_fragments.cuh"
+#include "cuda/mma_utils.cuh"
+#include "cuda/wgmma_utils.cuh"
+
+namespace bsbert {
+namespace cuda {
+
+template <int WARPS_, int STAGES_>
+struct WgSlabConfig {
+  static constexpr int BLOCK = 32, BM = 64, WARPS = WARPS_, STAGES = STAGES_;
+  static constexpr int kGroups = WARPS / 4;  // warpgroups
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kWElems = BLOCK * BLOCK;
+  static constexpr int kWRingBytes = kGroups * STAGES * kWElems * 2;
+  static_assert(WARPS % 4 == 0 && kGroups >= 1 && kGroups <= 15, "whole warpgroups, one named barrier each (1..15)");
+  static_assert(STAGES >= 2, "at least two stages");
+  // Slab width: K rounded up to the block (every stored block's 32 columns exist, zero beyond K).
+  static int slab_cols(int K) { return (K + BLOCK - 1) / BLOCK * BLOCK; }
+  static int64_t smem_bytes(int K) { return int64_t{BM} * slab_cols(K) * 2 + kWRingBytes; }
+};
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    bsr_linear_wgmma_kernel(const T* __restrict__ x, const int* __restrict__ crow, const int* __restrict__ col,
+                            const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
+                            int K, int num_m_tiles, int nbr, bool gelu) {
+#if BSBERT_WGMMA_DEVICE
+  constexpr int BLOCK = Cfg::BLOCK, BM = Cfg::BM, STAGES = Cfg::STAGES, G = Cfg::kGroups;
+  constexpr int kThreads = Cfg::kThreads, kWBytes = Cfg::kWElems * 2;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int cols = (K + BLOCK - 1) / BLOCK * BLOCK;
+  const int chunks = cols >> 3;  // 16-byte chunks per slab row
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, wg_tid = tid & 127, wg_warp = (tid >> 5) & 3;
+  const uint32_t slab_addr = smem_u32(smem_raw);
+  const uint32_t ring_addr = slab_addr + BM * cols * 2 + wg * (STAGES * kWBytes);
+  const uint32_t slab_sbo = cols * 16;  // bytes between 8-row groups of the slab
+
+  // This thread's chunk of every W block: row n = 8 * (t / 32) + t % 8, 16-byte chunk (t / 8) % 4, stored at
+  // byte 16 * t of the slot (the core-matrix layout above).
+  const int w_src_off = ((wg_tid >> 5) * 8 + (wg_tid & 7)) * BLOCK + ((wg_tid >> 3) & 3) * 8;
+
+  const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
+  const int u_end = run.y;
+
+  for (int u = run.x; u < u_end;) {
+    const int m_tile = u / nbr;
+    const int rb_first = u - m_tile * nbr;
+    const int seg_end = min(u_end, (m_tile + 1) * nbr);
+    const int n_units = seg_end - u;
+    const int m0 = m_tile * BM;
+    u = seg_end;
+
+    __syncthreads();  // every warpgroup's MMAs on the previous slab are complete (waited before each epilogue)
+    // ---- the slab: rows m0..m0+63, all K columns (zero beyond M and K), core-matrix layout ----
+    for (int i = tid; i < BM * chunks; i += kThreads) {
+      const int rest = i >> 3, rg = rest / chunks, ch = rest - rg * chunks;
+      const int r = rg * 8 + (i & 7);
+      const int gm = m0 + r, gk = ch * 8;
+      const bool ok = (gm < M) && (gk < K);
+      const T* src = ok ? x + (static_cast<int64_t>(gm) * K + gk) : x;
+      cp_async_16(slab_addr + i * 16, src, ok);
+    }
+    cp_async_commit();
+
+    // ---- this warpgroup's W stream: block rows rb_first + wg, + G, ... ----
+    WBlockStream stream(wg, G, n_units, rb_first, crow);
+    // Copies this thread's chunk of the stream's next W block into `slot` (nothing once the stream is done)
+    // and commits a group either way, so group i always holds item i.
+    auto issue = [&](int slot) {
+      const int blk = stream.next();
+      if (blk >= 0) {
+        cp_async_16(ring_addr + slot * kWBytes + wg_tid * 16,
+                    values + static_cast<int64_t>(blk) * (BLOCK * BLOCK) + w_src_off, true);
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    cp_async_wait<STAGES - 1>();  // this thread's slab copies are done (only W groups may be in flight)
+    fence_proxy_async_smem();
+    __syncthreads();  // ... and everyone's, visible to wgmma
+
+    int item = 0;
+    for (int i = wg; i < n_units; i += G) {
+      const int rb = rb_first + i;
+      const int kb0 = __ldg(crow + rb), kb1 = __ldg(crow + rb + 1);
+      float acc[1][4][4];
+      float(&d)[16] = reinterpret_cast<float(&)[16]>(acc);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) d[e] = 0.f;
+
+      for (int kb = kb0; kb < kb1; ++kb, ++item) {
+        cp_async_wait<STAGES - 2>();  // this thread's chunk of W block `item` has landed
+        fence_proxy_async_smem();
+        named_barrier_sync(1 + wg, 128);  // ... and the whole warpgroup's
+        const uint32_t a0 = slab_addr + __ldg(col + kb) * (BLOCK / 8) * 128;  // block column's first core matrix
+        const uint32_t b0 = ring_addr + (item % STAGES) * kWBytes;
+        wgmma_fence();
+#pragma unroll
+        for (int e = 0; e < 16; ++e) reg_fence(d[e]);
+#pragma unroll
+        for (int kk = 0; kk < BLOCK / 16; ++kk) {
+          wgmma_m64n32k16<T>(d, wgmma_desc(a0 + kk * 256, 128, slab_sbo), wgmma_desc(b0 + kk * 256, 128, 512));
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int e = 0; e < 16; ++e) reg_fence(d[e]);
+        wgmma_wait<1>();  // block item-1's MMAs are done: its slot may be refilled
+        issue((item + STAGES - 1) % STAGES);
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int e = 0; e < 16; ++e) reg_fence(d[e]);
+      store_acc_tile<T, 1, 4>(acc, y, bias, M, N, m0 + wg_warp * 16, rb * BLOCK, lane, gelu);
+    }
+    cp_async_wait<0>();  // the ring's trailing (empty) groups: nothing in flight past the segment
+  }
+#else
+  // Built for another target than sm_90a: the host never launches this (bsr_linear_cuda checks the build
+  // and the GPU first); trap rather than return an unwritten output if it ever were.
+  __trap();
+#endif
+}
+
+}  // namespace cuda
+}  // namespace bsbert

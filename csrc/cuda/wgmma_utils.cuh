@@ -1,0 +1,76 @@
+// Hopper (sm_90a) warpgroup MMA helpers: shared-memory matrix descriptors, wgmma.mma_async m64n32k16 with
+// fp32 accumulators, its fence / commit / wait, the async-proxy fence and named barriers.
+//
+// wgmma exists only in the sm_90a target (compute_90a). Everything that emits it is compiled only when
+// BSBERT_WGMMA_DEVICE is 1 (the sm_90a device pass); the other passes (sm_80, plain sm_90, the host) see
+// no wgmma, so one source builds for every architecture in the list.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BSBERT_WGMMA_DEVICE 1
+#else
+#define BSBERT_WGMMA_DEVICE 0
+#endif
+
+namespace bsbert {
+namespace cuda {
+
+#if BSBERT_WGMMA_DEVICE
+// Shared-memory matrix descriptor for the no-swizzle ("interleaved") layout: the operand is made of core
+// matrices of 8 rows x 16 bytes, each stored as 128 contiguous bytes; `lbo` = bytes from one core matrix
+// to the next along K, `sbo` = bytes from one 8-row group to the next along M (or N). Address and offsets
+// are encoded >> 4 in 14-bit fields; base offset 0 and swizzle mode 0 (bits 49-51, 62-63).
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// D[64 x 32] += A[64 x 16] * B[16 x 32], A and B K-major in shared memory (descriptors), D in registers:
+// thread t of the warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and columns 8*j + 2*(t%4) (+1) in
+// d[4*j .. 4*j+3], the m16n8 accumulator layout of mma.sync repeated over j = 0..3.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b);
+
+#define BSBERT_WGMMA_M64N32K16(TYPE, PTX_TYPE)                                                                   \
+  template <>                                                                                                  \
+  __device__ __forceinline__ void wgmma_m64n32k16<TYPE>(float(&d)[16], uint64_t a, uint64_t b) {               \
+    asm volatile(                                                                                              \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                           \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX_TYPE "." PTX_TYPE                                    \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),      \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+        : "l"(a), "l"(b), "r"(1));                                                                             \
+  }
+BSBERT_WGMMA_M64N32K16(__half, "f16")
+BSBERT_WGMMA_M64N32K16(__nv_bfloat16, "bf16")
+#undef BSBERT_WGMMA_M64N32K16
+
+// Orders the registers' earlier ordinary accesses before the next wgmma (required before the first one and
+// whenever other instructions touched its accumulators).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Tells the compiler a register may change here: wgmma writes its accumulators asynchronously, so their
+// reads must not move above the wait (nor their writes below the issue).
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared memory written by ordinary stores or cp.async (generic proxy) and read next by wgmma (async
+// proxy) needs this fence in each writing thread before the barrier that publishes it.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+#endif  // BSBERT_WGMMA_DEVICE
+
+}  // namespace cuda
+}  // namespace bsbert
