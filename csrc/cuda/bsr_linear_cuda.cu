@@ -29,7 +29,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <string>
 #include <torch/library.h>
+#include <type_traits>
 
 #include "cuda/cuda_host_utils.h"
 #include "check.h"
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   using Swz = Swizzle<BLOCK>;
   using Ty = MmaType<T>;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // one symbol, one alignment (wgmma swizzle atoms)
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   // ---- grouped (swizzled) CTA order: kGroupM M tiles x all block rows per group ----
@@ -228,8 +231,14 @@ void take_kernels(CfgList<Cfgs...>, CfgList<Slabs...>, CfgList<WgSlabs...>, void
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__nv_bfloat16, Cfgs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__half, Slabs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__nv_bfloat16, Slabs>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kCpAsync>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kCpAsync>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kCpAsyncNoFence>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kCpAsyncNoFence>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kBulk>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kBulk>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kTma>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kTma>), ...);
   out[i] = (void*)&bsr_linear_f32_kernel;
 }
 }  // namespace
@@ -239,42 +248,108 @@ void bsr_linear_kernels_for_sass(void** out) {
 }
 namespace {
 #else
-// Launches the x-slab kernel: a persistent grid of as many CTAs as fit on the GPU at once (never more than
-// there are (M tile, block row) units); a clear error when the slab does not fit in shared memory.
-// Both x-slab kernels (mma.sync and wgmma) take the same arguments and the same persistent launch.
-template <typename T, typename Cfg, bool Wgmma>
-void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
-                 const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+// The persistent grid of the x-slab kernels: as many CTAs as fit on the GPU at once (never more than there
+// are (M tile, block row) units); a clear error when the slab does not fit in shared memory. Also raises
+// the kernel's dynamic shared-memory limit.
+template <typename Cfg, typename Kernel>
+int64_t slab_grid(Kernel kernel, const char* prefix, int M, int N, int K) {
   const int64_t smem = Cfg::smem_bytes(K);
   const int optin = max_smem_optin();
-  const char* prefix = Wgmma ? "wgslab" : "slab";
   BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=", prefix, Cfg::BM, "x", Cfg::WARPS,
               " needs ", smem, " bytes of shared memory for in_features=", K, " (a ", Cfg::BM, " x ",
               Cfg::slab_cols(K), " slab of x plus the W rings); this GPU allows ", optin,
               " per block: use a smaller slab or a rows x warps tile");
-  auto kernel = [] {
-    if constexpr (Wgmma) {
-      return bsr_linear_wgmma_kernel<T, Cfg>;
-    } else {
-      return bsr_linear_slab_kernel<T, Cfg>;
-    }
-  }();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
   BSBERT_CHECK(per_sm > 0, "bsr_linear (CUDA): the slab kernel cannot be resident with ", smem,
               " bytes of shared memory");
-  const int num_m_tiles = (M + Cfg::BM - 1) / Cfg::BM;
-  const int nbr = (N + Cfg::BLOCK - 1) / Cfg::BLOCK;
-  const int64_t units = static_cast<int64_t>(num_m_tiles) * nbr;
+  const int64_t units = static_cast<int64_t>((M + Cfg::BM - 1) / Cfg::BM) * ((N + Cfg::BLOCK - 1) / Cfg::BLOCK);
   BSBERT_CHECK(units < (int64_t{1} << 31), "bsr_linear (CUDA): ", units, " (M tile, block row) units are too many "
               "for the slab kernel (at most 2^31 - 1)");
-  const int64_t grid = std::min<int64_t>(units, static_cast<int64_t>(per_sm) * sm_count());
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, stream>>>(
+  return std::min<int64_t>(units, static_cast<int64_t>(per_sm) * sm_count());
+}
+
+template <typename T, typename Cfg>
+void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                 const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+  auto kernel = bsr_linear_slab_kernel<T, Cfg>;
+  const int64_t grid = slab_grid<Cfg>(kernel, "slab", M, N, K);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
       reinterpret_cast<const T*>(vals.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
-      num_m_tiles, nbr, gelu);
+      (M + Cfg::BM - 1) / Cfg::BM, (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    BSBERT_CHECK(p != nullptr && q == cudaDriverEntryPointSuccess,
+                 "bsr_linear (CUDA): the driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// W's natural values [nnzb, 32, 32] as a 2-D tensor [nnzb * 32 rows, 32 columns]; each copy is one block
+// (a 32 x 32 box), written 64-byte swizzled. An all-zero map when there is no block (never read).
+template <typename T>
+CUtensorMap w_tensor_map(const at::Tensor& vals) {
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  if (vals.size(0) == 0) return map;
+  const cuuint64_t dims[2] = {32, static_cast<cuuint64_t>(vals.size(0)) * 32};
+  const cuuint64_t strides[1] = {32 * sizeof(T)};
+  const cuuint32_t box[2] = {32, 32}, elem_strides[2] = {1, 1};
+  const CUresult r = tensor_map_encoder()(
+      &map, std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+      vals.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  BSBERT_CHECK(r == CUDA_SUCCESS, "bsr_linear (CUDA): cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(r),
+               ")");
+  return map;
+}
+
+template <typename T, typename Cfg, int COPY>
+void launch_wgslab_copy(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                        const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+  auto kernel = bsr_linear_wgmma_kernel<T, Cfg, COPY>;
+  const int64_t grid = slab_grid<Cfg>(kernel, "wgslab", M, N, K);
+  at::Tensor v = vals;
+  if constexpr (COPY == kBulk) {  // core-matrix order: (n / 8, k / 8, n % 8, k % 8)
+    v = vals.view({vals.size(0), 4, 8, 4, 8}).permute({0, 1, 3, 2, 4}).contiguous();
+  }
+  const CUtensorMap map = COPY == kTma ? w_tensor_map<T>(vals) : CUtensorMap{};
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
+      map, reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
+      reinterpret_cast<const T*>(v.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
+      (M + Cfg::BM - 1) / Cfg::BM, (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// BSBERT_CUDA_WGSLAB_COPY picks how W blocks reach shared memory (bsr_linear_wgmma.cuh, WgCopy): cpasync
+// (default), cpasync-nofence (a timing probe), bulk, tma.
+template <typename T, typename Cfg>
+void launch_wgslab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                   const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
+  const char* env = std::getenv("BSBERT_CUDA_WGSLAB_COPY");
+  const std::string mode = env ? env : "cpasync";
+  if (mode == "cpasync") {
+    launch_wgslab_copy<T, Cfg, kCpAsync>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  } else if (mode == "cpasync-nofence") {
+    launch_wgslab_copy<T, Cfg, kCpAsyncNoFence>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  } else if (mode == "bulk") {
+    launch_wgslab_copy<T, Cfg, kBulk>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  } else if (mode == "tma") {
+    launch_wgslab_copy<T, Cfg, kTma>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+  } else {
+    BSBERT_CHECK(false, "bsr_linear (CUDA): BSBERT_CUDA_WGSLAB_COPY='", mode,
+                 "' is not one of cpasync, cpasync-nofence, bulk, tma");
+  }
 }
 
 template <typename T, bool Wgmma, typename... Slabs>
@@ -284,7 +359,11 @@ bool launch_matching_slab(CfgList<Slabs...>, int bm, int warps, const at::Tensor
   auto try_one = [&](auto cfg) {
     using Cfg = decltype(cfg);
     if (bm != Cfg::BM || warps != Cfg::WARPS) return false;
-    launch_slab<T, Cfg, Wgmma>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    if constexpr (Wgmma) {
+      launch_wgslab<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    } else {
+      launch_slab<T, Cfg>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
+    }
     return true;
   };
   return (try_one(Slabs{}) || ...);

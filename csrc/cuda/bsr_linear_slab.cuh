@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int MT = Cfg::MT, NT = Cfg::NT, kThreads = Cfg::kThreads;
   using Swz = Swizzle<BLOCK>;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // one symbol, one alignment (wgmma swizzle atoms)
   const int cols = (K + 63) / 64 * 64;
   const int chunks = cols >> 3;
   T* slab = reinterpret_cast<T*>(smem_raw);

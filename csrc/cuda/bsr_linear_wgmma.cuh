@@ -29,8 +29,21 @@
 #include "cuda/mma_utils.cuh"
 #include "cuda/wgmma_utils.cuh"
 
+#include <cuda.h>  // CUtensorMap
+
 namespace bsbert {
 namespace cuda {
+
+// How W blocks reach shared memory. Stop 16's first H100 run (cp.async, the only mode then) ran at half
+// the mma.sync slab kernel's speed whatever the warpgroup count, with L2 76% busy: the proxy fence after
+// every block (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC in SASS) is the suspect. The other modes test that:
+//   kCpAsync        per-thread cp.async + fence.proxy.async + warpgroup barrier per block (correct);
+//   kCpAsyncNoFence the same without the fence (a timing probe only: not guaranteed correct);
+//   kBulk           one 2 KB bulk copy per block by the copy engine, completing on an mbarrier (no fence),
+//                   from values repacked into the core-matrix order by the launcher (per call, for now);
+//   kTma            one 2-D tensor-map copy per block from the natural values, 64-byte swizzled by the copy
+//                   engine, read by wgmma in its 64-byte swizzle mode (no repack, no fence).
+enum WgCopy : int { kCpAsync = 0, kCpAsyncNoFence = 1, kBulk = 2, kTma = 3 };
 
 template <int WARPS_, int STAGES_>
 struct WgSlabConfig {
@@ -39,34 +52,46 @@ struct WgSlabConfig {
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kWElems = BLOCK * BLOCK;
   static constexpr int kWRingBytes = kGroups * STAGES * kWElems * 2;
+  static constexpr int kBarBytes = kGroups * STAGES * 8;  // one mbarrier per ring slot
   static_assert(WARPS % 4 == 0 && kGroups >= 1 && kGroups <= 15, "whole warpgroups, one named barrier each (1..15)");
   static_assert(STAGES >= 2, "at least two stages");
-  // Slab width: K rounded up to the block (every stored block's 32 columns exist, zero beyond K).
+  // Slab width: K rounded up to the block (every stored block's 32 columns exist, zero beyond K). The slab
+  // is then a multiple of 4 KB, so the ring slots after it stay 2 KB (>= 512-byte swizzle atom) aligned.
   static int slab_cols(int K) { return (K + BLOCK - 1) / BLOCK * BLOCK; }
-  static int64_t smem_bytes(int K) { return int64_t{BM} * slab_cols(K) * 2 + kWRingBytes; }
+  static int64_t smem_bytes(int K) { return int64_t{BM} * slab_cols(K) * 2 + kWRingBytes + kBarBytes; }
 };
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, int COPY>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    bsr_linear_wgmma_kernel(const T* __restrict__ x, const int* __restrict__ crow, const int* __restrict__ col,
-                            const T* __restrict__ values, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
-                            int K, int num_m_tiles, int nbr, bool gelu) {
+    bsr_linear_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x,
+                            const int* __restrict__ crow, const int* __restrict__ col, const T* __restrict__ values,
+                            const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int num_m_tiles,
+                            int nbr, bool gelu) {
 #if BSBERT_WGMMA_DEVICE
   constexpr int BLOCK = Cfg::BLOCK, BM = Cfg::BM, STAGES = Cfg::STAGES, G = Cfg::kGroups;
   constexpr int kThreads = Cfg::kThreads, kWBytes = Cfg::kWElems * 2;
+  constexpr bool kMbar = COPY == kBulk || COPY == kTma;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int cols = (K + BLOCK - 1) / BLOCK * BLOCK;
   const int chunks = cols >> 3;  // 16-byte chunks per slab row
   const int tid = threadIdx.x, lane = tid & 31;
   const int wg = tid >> 7, wg_tid = tid & 127, wg_warp = (tid >> 5) & 3;
   const uint32_t slab_addr = smem_u32(smem_raw);
   const uint32_t ring_addr = slab_addr + BM * cols * 2 + wg * (STAGES * kWBytes);
+  const uint32_t bar_addr = slab_addr + BM * cols * 2 + Cfg::kWRingBytes + wg * (STAGES * 8);
   const uint32_t slab_sbo = cols * 16;  // bytes between 8-row groups of the slab
 
-  // This thread's chunk of every W block: row n = 8 * (t / 32) + t % 8, 16-byte chunk (t / 8) % 4, stored at
-  // byte 16 * t of the slot (the core-matrix layout above).
+  // cp.async modes: this thread's chunk of every W block: row n = 8 * (t / 32) + t % 8, 16-byte chunk
+  // (t / 8) % 4, stored at byte 16 * t of the slot (the core-matrix layout above).
   const int w_src_off = ((wg_tid >> 5) * 8 + (wg_tid & 7)) * BLOCK + ((wg_tid >> 3) & 3) * 8;
+  if constexpr (kMbar) {
+    if (wg_tid == 0) {
+      for (int s = 0; s < STAGES; ++s) mbar_init(bar_addr + s * 8, 1);
+      fence_mbar_init();
+    }
+  }
+  int produced = 0, consumed = 0;  // mbarrier modes: W blocks of this warpgroup so far (slot, phase)
 
   const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
   const int u_end = run.y;
@@ -93,19 +118,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     // ---- this warpgroup's W stream: block rows rb_first + wg, + G, ... ----
     WBlockStream stream(wg, G, n_units, rb_first, crow);
-    // Copies this thread's chunk of the stream's next W block into `slot` (nothing once the stream is done)
-    // and commits a group either way, so group i always holds item i.
+    // Starts the copy of the stream's next W block into its slot. cp.async modes: this thread's chunk into
+    // `slot`, committing a group either way (group i holds item i); mbarrier modes: one thread issues the
+    // whole block into slot produced % STAGES.
     auto issue = [&](int slot) {
       const int blk = stream.next();
-      if (blk >= 0) {
-        cp_async_16(ring_addr + slot * kWBytes + wg_tid * 16,
-                    values + static_cast<int64_t>(blk) * (BLOCK * BLOCK) + w_src_off, true);
+      if constexpr (kMbar) {
+        if (blk >= 0) {
+          if (wg_tid == 0) {
+            const int ps = produced % STAGES;
+            const uint32_t bar = bar_addr + ps * 8;
+            mbar_arrive_expect_tx(bar, kWBytes);
+            if constexpr (COPY == kBulk) {
+              bulk_copy_g2s(ring_addr + ps * kWBytes, values + static_cast<int64_t>(blk) * (BLOCK * BLOCK), kWBytes,
+                            bar);
+            } else {
+              tma_load_2d(ring_addr + ps * kWBytes, &w_map, 0, blk * BLOCK, bar);
+            }
+          }
+          ++produced;
+        }
+      } else {
+        if (blk >= 0) {
+          cp_async_16(ring_addr + slot * kWBytes + wg_tid * 16,
+                      values + static_cast<int64_t>(blk) * (BLOCK * BLOCK) + w_src_off, true);
+        }
+        cp_async_commit();
       }
-      cp_async_commit();
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);
-    cp_async_wait<STAGES - 1>();  // this thread's slab copies are done (only W groups may be in flight)
+    if constexpr (kMbar) {
+      cp_async_wait<0>();  // the slab (the only cp.async group)
+    } else {
+      cp_async_wait<STAGES - 1>();  // this thread's slab copies are done (only W groups may be in flight)
+    }
     fence_proxy_async_smem();
     __syncthreads();  // ... and everyone's, visible to wgmma
 
@@ -119,22 +166,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int e = 0; e < 16; ++e) d[e] = 0.f;
 
       for (int kb = kb0; kb < kb1; ++kb, ++item) {
-        cp_async_wait<STAGES - 2>();  // this thread's chunk of W block `item` has landed
-        fence_proxy_async_smem();
-        named_barrier_sync(1 + wg, 128);  // ... and the whole warpgroup's
+        uint32_t b0;
+        if constexpr (kMbar) {
+          const int cs = consumed % STAGES;
+          mbar_wait_parity(bar_addr + cs * 8, (consumed / STAGES) & 1);  // W block `item` has landed
+          b0 = ring_addr + cs * kWBytes;
+          ++consumed;
+        } else {
+          cp_async_wait<STAGES - 2>();  // this thread's chunk of W block `item` has landed
+          if constexpr (COPY == kCpAsync) fence_proxy_async_smem();
+          named_barrier_sync(1 + wg, 128);  // ... and the whole warpgroup's
+          b0 = ring_addr + (item % STAGES) * kWBytes;
+        }
         const uint32_t a0 = slab_addr + __ldg(col + kb) * (BLOCK / 8) * 128;  // block column's first core matrix
-        const uint32_t b0 = ring_addr + (item % STAGES) * kWBytes;
         wgmma_fence();
 #pragma unroll
         for (int e = 0; e < 16; ++e) reg_fence(d[e]);
 #pragma unroll
         for (int kk = 0; kk < BLOCK / 16; ++kk) {
-          wgmma_m64n32k16<T>(d, wgmma_desc(a0 + kk * 256, 128, slab_sbo), wgmma_desc(b0 + kk * 256, 128, 512));
+          const uint64_t bd = COPY == kTma ? wgmma_desc(b0 + kk * 32, 16, 512, 2)     // 64-byte swizzle: +32 B per k16
+                                           : wgmma_desc(b0 + kk * 256, 128, 512);    // core matrices: +2 per k16
+          wgmma_m64n32k16<T>(d, wgmma_desc(a0 + kk * 256, 128, slab_sbo), bd);
         }
         wgmma_commit();
 #pragma unroll
         for (int e = 0; e < 16; ++e) reg_fence(d[e]);
-        wgmma_wait<1>();  // block item-1's MMAs are done: its slot may be refilled
+        wgmma_wait<1>();  // block item-1's MMAs are done (in this warp's slice) ...
+        named_barrier_sync(1 + wg, 128);  // ... and in all four warps': its slot may be refilled
         issue((item + STAGES - 1) % STAGES);
       }
       wgmma_wait<0>();
@@ -142,7 +200,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int e = 0; e < 16; ++e) reg_fence(d[e]);
       store_acc_tile<T, 1, 4>(acc, y, bias, M, N, m0 + wg_warp * 16, rb * BLOCK, lane, gelu);
     }
-    cp_async_wait<0>();  // the ring's trailing (empty) groups: nothing in flight past the segment
+    if constexpr (!kMbar) cp_async_wait<0>();  // the ring's trailing (empty) groups: nothing in flight past the segment
   }
 #else
   // Built for another target than sm_90a: the host never launches this (bsr_linear_cuda checks the build

@@ -24,9 +24,11 @@ namespace cuda {
 // matrices of 8 rows x 16 bytes, each stored as 128 contiguous bytes; `lbo` = bytes from one core matrix
 // to the next along K, `sbo` = bytes from one 8-row group to the next along M (or N). Address and offsets
 // are encoded >> 4 in 14-bit fields; base offset 0 and swizzle mode 0 (bits 49-51, 62-63).
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+// `swizzle`: 0 none, 2 the 64-byte swizzle (rows of 64 bytes, 16-byte chunk c of row r stored at c ^ (r/2 % 4);
+// 8-row atoms of 512 bytes, `sbo` apart; lbo unused), as the copy engine's CU_TENSOR_MAP_SWIZZLE_64B writes it.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo, uint32_t swizzle = 0) {
   return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (static_cast<uint64_t>(swizzle) << 62);
 }
 
 // D[64 x 32] += A[64 x 16] * B[16 x 32], A and B K-major in shared memory (descriptors), D in registers:
@@ -65,6 +67,41 @@ __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r):
 // Shared memory written by ordinary stores or cp.async (generic proxy) and read next by wgmma (async
 // proxy) needs this fence in each writing thread before the barrier that publishes it.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- mbarriers and the bulk-copy (TMA) engine: copies that complete on an mbarrier, written through the
+// async proxy, so wgmma may read them after the barrier's phase flips with no proxy fence ----
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the async proxy (the copy engine) and the other threads.
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One arrival that also announces `bytes` of copies completing on this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_parity(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// `bytes` contiguous bytes global -> shared (bytes and both addresses multiples of 16).
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// The box at (c0 = innermost coordinate, c1) of a 2-D tensor map -> shared, laid out as the map says
+// (swizzle included).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(tensor_map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
 
 // Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
