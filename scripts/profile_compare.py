@@ -1,0 +1,51 @@
+"""Where a forward's time goes, packed vs patched: the seed-like model patched with dense kernels only
+(format="dense") and fully (per-linear backends by measurement), each profiled over a few forwards with
+torch.profiler; prints the chosen backends and the top kernels / ops by device time (self CPU time on CPU).
+For finding why the patched model is slower than the packed one at some batch / sequence.
+
+    python scripts/profile_compare.py --device cuda --dtype float16 --batch 32 --seq 128
+    python scripts/profile_compare.py --small        # 2 layers, CPU, quick
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bsbert
+from bsbert import models
+from bsbert.bench import _backend_counts, _inputs
+from bsbert.timing import time_fn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--small", action="store_true", help="2 encoder layers")
+    a = ap.parse_args()
+    dev, dt = torch.device(a.device), getattr(torch, a.dtype)
+    model = models.seed_like_model(dtype=dt, **({"num_hidden_layers": 2} if a.small else {})).to(dev).eval()
+    inp = _inputs(a.batch, a.seq, model.config.vocab_size, dev)
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for fmt in ("dense", None):
+        bsbert.patch(model, **({"format": fmt} if fmt else {}), tokens=a.batch * a.seq, progress=False)
+        name = "packed (format=dense)" if fmt else "patched"
+        t = time_fn(lambda: model(**inp), repeats=10, warmup=2, device=dev)
+        print(f"\n== {name}: median {t['median_ms']:.2f} ms; backends {_backend_counts(model.bsbert_plan)}")
+        with torch.inference_mode(), profile(activities=acts) as prof:
+            for _ in range(a.steps):
+                model(**inp)
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=a.top, max_name_column_width=70))
+        bsbert.unpatch(model)
+
+
+if __name__ == "__main__":
+    main()
