@@ -231,14 +231,8 @@ void take_kernels(CfgList<Cfgs...>, CfgList<Slabs...>, CfgList<WgSlabs...>, void
   ((out[i++] = (void*)&bsr_linear_mma_kernel<__nv_bfloat16, Cfgs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__half, Slabs>), ...);
   ((out[i++] = (void*)&bsr_linear_slab_kernel<__nv_bfloat16, Slabs>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kCpAsync>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kCpAsync>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kCpAsyncNoFence>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kCpAsyncNoFence>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kBulk>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kBulk>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs, kTma>), ...);
-  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs, kTma>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__half, WgSlabs>), ...);
+  ((out[i++] = (void*)&bsr_linear_wgmma_kernel<__nv_bfloat16, WgSlabs>), ...);
   out[i] = (void*)&bsr_linear_f32_kernel;
 }
 }  // namespace
@@ -314,42 +308,17 @@ CUtensorMap w_tensor_map(const at::Tensor& vals) {
   return map;
 }
 
-template <typename T, typename Cfg, int COPY>
-void launch_wgslab_copy(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
-                        const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
-  auto kernel = bsr_linear_wgmma_kernel<T, Cfg, COPY>;
-  const int64_t grid = slab_grid<Cfg>(kernel, "wgslab", M, N, K);
-  at::Tensor v = vals;
-  if constexpr (COPY == kBulk) {  // core-matrix order: (n / 8, k / 8, n % 8, k % 8)
-    v = vals.view({vals.size(0), 4, 8, 4, 8}).permute({0, 1, 3, 2, 4}).contiguous();
-  }
-  const CUtensorMap map = COPY == kTma ? w_tensor_map<T>(vals) : CUtensorMap{};
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
-      map, reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
-      reinterpret_cast<const T*>(v.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
-      (M + Cfg::BM - 1) / Cfg::BM, (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// BSBERT_CUDA_WGSLAB_COPY picks how W blocks reach shared memory (bsr_linear_wgmma.cuh, WgCopy): cpasync
-// (default), cpasync-nofence (a timing probe), bulk, tma.
+// The Hopper x-slab kernel: W blocks come through a tensor map over the natural values (bsr_linear_wgmma.cuh).
 template <typename T, typename Cfg>
 void launch_wgslab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                    const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
-  const char* env = std::getenv("BSBERT_CUDA_WGSLAB_COPY");
-  const std::string mode = env ? env : "cpasync";
-  if (mode == "cpasync") {
-    launch_wgslab_copy<T, Cfg, kCpAsync>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-  } else if (mode == "cpasync-nofence") {
-    launch_wgslab_copy<T, Cfg, kCpAsyncNoFence>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-  } else if (mode == "bulk") {
-    launch_wgslab_copy<T, Cfg, kBulk>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-  } else if (mode == "tma") {
-    launch_wgslab_copy<T, Cfg, kTma>(x2, crow, col, vals, bias, y, M, N, K, gelu, stream);
-  } else {
-    BSBERT_CHECK(false, "bsr_linear (CUDA): BSBERT_CUDA_WGSLAB_COPY='", mode,
-                 "' is not one of cpasync, cpasync-nofence, bulk, tma");
-  }
+  auto kernel = bsr_linear_wgmma_kernel<T, Cfg>;
+  const int64_t grid = slab_grid<Cfg>(kernel, "wgslab", M, N, K);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
+      w_tensor_map<T>(vals), reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
+      bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, (M + Cfg::BM - 1) / Cfg::BM,
+      (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool Wgmma, typename... Slabs>

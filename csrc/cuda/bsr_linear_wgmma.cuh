@@ -10,18 +10,25 @@
 // (16 accumulator registers per thread for a 64 x 32 tile), so four warpgroups per SM each keep one block
 // in flight behind another.
 //
-// Layout: both operands use the no-swizzle core-matrix layout wgmma reads directly (8 rows x 16 bytes per
-// core matrix, 128 contiguous bytes). The slab: element (r, k) at ((r/8) * cols/8 + k/8) * 64 + (r%8) * 8
-// + k%8, so a k16 step of a block column is one descriptor (K-adjacent core matrices 128 bytes apart, 8-row
-// groups cols * 16 bytes apart). W blocks: (n, k) at ((n/8) * 4 + k/8) * 64 + (n%8) * 8 + k%8 (8-row groups
-// 512 bytes apart). In both, the 16-byte cp.async of consecutive threads land in consecutive 16 bytes.
+// Layout: the slab uses the no-swizzle core-matrix layout wgmma reads directly (8 rows x 16 bytes per core
+// matrix, 128 contiguous bytes): element (r, k) at ((r/8) * cols/8 + k/8) * 64 + (r%8) * 8 + k%8, so a k16 step
+// of a block column is one descriptor (K-adjacent core matrices 128 bytes apart, 8-row groups cols * 16 bytes
+// apart), and the 16-byte cp.async of consecutive threads land in consecutive 16 bytes. W blocks arrive as the
+// copy engine's 64-byte swizzle writes them (rows of 64 bytes, 8-row atoms of 512 bytes), which is one of
+// wgmma's own layouts: no repacking of the natural values.
 //
 // Per warpgroup: block rows wg, wg + G, ... of the CTA's run (G warpgroups), each a [64, 32] fp32 tile; a
-// STAGES-deep cp.async ring of W blocks (one 16-byte chunk per thread per block, prefetching across block
-// rows); per block: wait for its copy, fence.proxy.async (cp.async writes are generic-proxy, wgmma reads
-// are async-proxy), a 128-thread named barrier, two wgmmas (k = 0..15, 16..31), commit, wait until only
-// this block's group is pending (so the previous block's slot is free), refill that slot. Then bias +
-// GELU and predicated stores, as the mma.sync kernels do.
+// STAGES-deep ring of W blocks filled by the copy engine (one 2-D tensor-map copy per block from the natural
+// values, 64-byte swizzled, completing on the slot's mbarrier; one thread issues, prefetching across block
+// rows); per block: wait for the slot's phase, two wgmmas (k = 0..15, 16..31), commit, wait until only this
+// block's group is pending, a warpgroup barrier (so every warp's slice of the previous block is done), refill
+// that slot. Then bias + GELU and predicated stores, as the mma.sync kernels do.
+//
+// Measured on an H100 (stop 16, benchmarks/results/gpu-h100.md): correct everywhere it was tested, but
+// slower than the mma.sync slab kernel (slab64x8) at every BERT-large shape timed, so it is only used when
+// forced (BSBERT_CUDA_BSR_TILE=wgslab64x16 / wgslab64x8). W copies by per-thread cp.async were slower still
+// (with or without the proxy fence), 2-D tensor-map copies and 1-D bulk copies of a repacked W about equal:
+// only the tensor-map form is kept (no repack).
 #pragma once
 
 #include "cuda/bsr_linear_slab.cuh"
@@ -33,17 +40,6 @@
 
 namespace bsbert {
 namespace cuda {
-
-// How W blocks reach shared memory. Stop 16's first H100 run (cp.async, the only mode then) ran at half
-// the mma.sync slab kernel's speed whatever the warpgroup count, with L2 76% busy: the proxy fence after
-// every block (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC in SASS) is the suspect. The other modes test that:
-//   kCpAsync        per-thread cp.async + fence.proxy.async + warpgroup barrier per block (correct);
-//   kCpAsyncNoFence the same without the fence (a timing probe only: not guaranteed correct);
-//   kBulk           one 2 KB bulk copy per block by the copy engine, completing on an mbarrier (no fence),
-//                   from values repacked into the core-matrix order by the launcher (per call, for now);
-//   kTma            one 2-D tensor-map copy per block from the natural values, 64-byte swizzled by the copy
-//                   engine, read by wgmma in its 64-byte swizzle mode (no repack, no fence).
-enum WgCopy : int { kCpAsync = 0, kCpAsyncNoFence = 1, kBulk = 2, kTma = 3 };
 
 template <int WARPS_, int STAGES_>
 struct WgSlabConfig {
@@ -61,16 +57,14 @@ struct WgSlabConfig {
   static int64_t smem_bytes(int K) { return int64_t{BM} * slab_cols(K) * 2 + kWRingBytes + kBarBytes; }
 };
 
-template <typename T, typename Cfg, int COPY>
+template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     bsr_linear_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x,
-                            const int* __restrict__ crow, const int* __restrict__ col, const T* __restrict__ values,
-                            const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int num_m_tiles,
+                            const int* __restrict__ crow, const int* __restrict__ col, const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int num_m_tiles,
                             int nbr, bool gelu) {
 #if BSBERT_WGMMA_DEVICE
   constexpr int BLOCK = Cfg::BLOCK, BM = Cfg::BM, STAGES = Cfg::STAGES, G = Cfg::kGroups;
   constexpr int kThreads = Cfg::kThreads, kWBytes = Cfg::kWElems * 2;
-  constexpr bool kMbar = COPY == kBulk || COPY == kTma;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int cols = (K + BLOCK - 1) / BLOCK * BLOCK;
@@ -82,16 +76,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t bar_addr = slab_addr + BM * cols * 2 + Cfg::kWRingBytes + wg * (STAGES * 8);
   const uint32_t slab_sbo = cols * 16;  // bytes between 8-row groups of the slab
 
-  // cp.async modes: this thread's chunk of every W block: row n = 8 * (t / 32) + t % 8, 16-byte chunk
-  // (t / 8) % 4, stored at byte 16 * t of the slot (the core-matrix layout above).
-  const int w_src_off = ((wg_tid >> 5) * 8 + (wg_tid & 7)) * BLOCK + ((wg_tid >> 3) & 3) * 8;
-  if constexpr (kMbar) {
-    if (wg_tid == 0) {
-      for (int s = 0; s < STAGES; ++s) mbar_init(bar_addr + s * 8, 1);
-      fence_mbar_init();
-    }
+  if (wg_tid == 0) {
+    for (int s = 0; s < STAGES; ++s) mbar_init(bar_addr + s * 8, 1);
+    fence_mbar_init();  // visible to the copy engine and, after the first __syncthreads, to every thread
   }
-  int produced = 0, consumed = 0;  // mbarrier modes: W blocks of this warpgroup so far (slot, phase)
+  int produced = 0, consumed = 0;  // W blocks of this warpgroup so far: slot = count % STAGES, phase = / STAGES
 
   const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
   const int u_end = run.y;
@@ -118,45 +107,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     // ---- this warpgroup's W stream: block rows rb_first + wg, + G, ... ----
     WBlockStream stream(wg, G, n_units, rb_first, crow);
-    // Starts the copy of the stream's next W block into its slot. cp.async modes: this thread's chunk into
-    // `slot`, committing a group either way (group i holds item i); mbarrier modes: one thread issues the
-    // whole block into slot produced % STAGES.
-    auto issue = [&](int slot) {
+    // Starts the copy of the stream's next W block into slot produced % STAGES (one thread issues it).
+    auto issue = [&] {
       const int blk = stream.next();
-      if constexpr (kMbar) {
-        if (blk >= 0) {
-          if (wg_tid == 0) {
-            const int ps = produced % STAGES;
-            const uint32_t bar = bar_addr + ps * 8;
-            mbar_arrive_expect_tx(bar, kWBytes);
-            if constexpr (COPY == kBulk) {
-              bulk_copy_g2s(ring_addr + ps * kWBytes, values + static_cast<int64_t>(blk) * (BLOCK * BLOCK), kWBytes,
-                            bar);
-            } else {
-              tma_load_2d(ring_addr + ps * kWBytes, &w_map, 0, blk * BLOCK, bar);
-            }
-          }
-          ++produced;
+      if (blk >= 0) {
+        if (wg_tid == 0) {
+          const int ps = produced % STAGES;
+          mbar_arrive_expect_tx(bar_addr + ps * 8, kWBytes);
+          tma_load_2d(ring_addr + ps * kWBytes, &w_map, 0, blk * BLOCK, bar_addr + ps * 8);
         }
-      } else {
-        if (blk >= 0) {
-          cp_async_16(ring_addr + slot * kWBytes + wg_tid * 16,
-                      values + static_cast<int64_t>(blk) * (BLOCK * BLOCK) + w_src_off, true);
-        }
-        cp_async_commit();
+        ++produced;
       }
     };
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue(s);
-    if constexpr (kMbar) {
-      cp_async_wait<0>();  // the slab (the only cp.async group)
-    } else {
-      cp_async_wait<STAGES - 1>();  // this thread's slab copies are done (only W groups may be in flight)
-    }
+    for (int s = 0; s < STAGES - 1; ++s) issue();
+    cp_async_wait<0>();  // this thread's slab copies
     fence_proxy_async_smem();
     __syncthreads();  // ... and everyone's, visible to wgmma
 
-    int item = 0;
     for (int i = wg; i < n_units; i += G) {
       const int rb = rb_first + i;
       const int kb0 = __ldg(crow + rb), kb1 = __ldg(crow + rb + 1);
@@ -165,42 +133,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 16; ++e) d[e] = 0.f;
 
-      for (int kb = kb0; kb < kb1; ++kb, ++item) {
-        uint32_t b0;
-        if constexpr (kMbar) {
-          const int cs = consumed % STAGES;
-          mbar_wait_parity(bar_addr + cs * 8, (consumed / STAGES) & 1);  // W block `item` has landed
-          b0 = ring_addr + cs * kWBytes;
-          ++consumed;
-        } else {
-          cp_async_wait<STAGES - 2>();  // this thread's chunk of W block `item` has landed
-          if constexpr (COPY == kCpAsync) fence_proxy_async_smem();
-          named_barrier_sync(1 + wg, 128);  // ... and the whole warpgroup's
-          b0 = ring_addr + (item % STAGES) * kWBytes;
-        }
+      for (int kb = kb0; kb < kb1; ++kb) {
+        const int cs = consumed % STAGES;
+        mbar_wait_parity(bar_addr + cs * 8, (consumed / STAGES) & 1);  // this W block has landed
+        const uint32_t b0 = ring_addr + cs * kWBytes;
+        ++consumed;
         const uint32_t a0 = slab_addr + __ldg(col + kb) * (BLOCK / 8) * 128;  // block column's first core matrix
         wgmma_fence();
 #pragma unroll
         for (int e = 0; e < 16; ++e) reg_fence(d[e]);
 #pragma unroll
         for (int kk = 0; kk < BLOCK / 16; ++kk) {
-          const uint64_t bd = COPY == kTma ? wgmma_desc(b0 + kk * 32, 16, 512, 2)     // 64-byte swizzle: +32 B per k16
-                                           : wgmma_desc(b0 + kk * 256, 128, 512);    // core matrices: +2 per k16
+          const uint64_t bd = wgmma_desc(b0 + kk * 32, 16, 512, 2);  // 64-byte swizzle: +32 bytes per k16
           wgmma_m64n32k16<T>(d, wgmma_desc(a0 + kk * 256, 128, slab_sbo), bd);
         }
         wgmma_commit();
 #pragma unroll
         for (int e = 0; e < 16; ++e) reg_fence(d[e]);
-        wgmma_wait<1>();  // block item-1's MMAs are done (in this warp's slice) ...
+        wgmma_wait<1>();  // the previous block's MMAs are done (in this warp's slice) ...
         named_barrier_sync(1 + wg, 128);  // ... and in all four warps': its slot may be refilled
-        issue((item + STAGES - 1) % STAGES);
+        issue();
       }
       wgmma_wait<0>();
 #pragma unroll
       for (int e = 0; e < 16; ++e) reg_fence(d[e]);
       store_acc_tile<T, 1, 4>(acc, y, bias, M, N, m0 + wg_warp * 16, rb * BLOCK, lane, gelu);
     }
-    if constexpr (!kMbar) cp_async_wait<0>();  // the ring's trailing (empty) groups: nothing in flight past the segment
   }
 #else
   // Built for another target than sm_90a: the host never launches this (bsr_linear_cuda checks the build

@@ -87,12 +87,6 @@ __device__ __forceinline__ void mbar_wait_parity(uint32_t bar, int parity) {
       "r"(parity)
       : "memory");
 }
-// `bytes` contiguous bytes global -> shared (bytes and both addresses multiples of 16).
-__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, int bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
 // The box at (c0 = innermost coordinate, c1) of a 2-D tensor map -> shared, laid out as the map says
 // (swizzle included).
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, int c0, int c1, uint32_t bar) {
