@@ -46,10 +46,18 @@ def _runner(model, compile_mode):
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
 
 
+def default_select(device, compile_mode) -> str:
+    """How `patch` should rank backends for this bench: by GPU time when the forward will replay CUDA
+    graphs (torch.compile "reduce-overhead" on CUDA: the host's launch cost is gone there, so wall-clock
+    timings of single calls would rank host overhead, not kernels), else by wall clock."""
+    return "measure-gpu" if torch.device(device).type == "cuda" and compile_mode == "reduce-overhead" else "measure"
+
+
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
-              repeats=3, out_dir="bench-out", select="measure", small=False, console=None,
+              repeats=3, out_dir="bench-out", select=None, small=False, console=None,
               compile_mode=None) -> dict:
     console = console or Console(stderr=True)
+    select = select or default_select(device, compile_mode)
     if threads:
         torch.set_num_threads(threads)
     dt = DTYPES[dtype]
@@ -70,7 +78,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     plan = bsbert.analyze(pruned)
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "bsbert": bsbert.__version__,
-               "compile": compile_mode, "dense_gemm": peak,
+               "compile": compile_mode, "select": select, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
                "plan_summary": plan.summary(), "runs": []}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs

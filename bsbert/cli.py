@@ -68,8 +68,10 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--select", choices=["measure", "heuristic"], default="measure",
-                   help="how patch picks each linear's backend")
+    b.add_argument("--select", choices=["measure", "measure-gpu", "heuristic"], default=None,
+                   help="how patch picks each linear's and attention's backend: wall clock ('measure'), GPU "
+                        "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "
+                        "measure-gpu with --compile reduce-overhead on CUDA, else measure")
     b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "

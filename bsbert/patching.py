@@ -13,7 +13,7 @@ from bsbert.adapters import check_config, find_encoder, set_submodule
 from bsbert.analyze import analyze, head_rows, layer_linears
 from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
 from bsbert.nn import DenseAddLayerNorm, FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
-from bsbert.ops.dispatch import choose_linear
+from bsbert.ops.dispatch import check_select, choose_linear
 from bsbert.plan import LinearPlan, Plan
 
 
@@ -156,7 +156,9 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
     are fused into one GEMM, and each remaining linear runs on the fastest backend that fits
-    (``select='measure'`` times the candidates on ``tokens`` rows; ``'heuristic'`` uses a block-density
+    (``select='measure'`` times the candidates on ``tokens`` rows, wall clock as an eager caller sees it;
+    ``'measure-gpu'`` ranks them by GPU time from CUDA-graph replays, for a model that will run under
+    CUDA graphs such as torch.compile(mode="reduce-overhead"); ``'heuristic'`` uses a block-density
     rule). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
     ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda',
     'cpu') the attention kernel (default: measured among those that fit; on CPU that is bsbert's C++
@@ -194,6 +196,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "attention": attention}
     device = next(model.parameters()).device
+    check_select(select, device)
     replacements = []
     for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not progress,
                           unit="layer"):

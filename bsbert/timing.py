@@ -51,6 +51,45 @@ def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cp
     return best
 
 
+def best_of_interleaved_graphs(fns, rounds: int = 5, replays: int = 20) -> list[float]:
+    """GPU seconds per call of each ``fns[i]()`` with the host taken out: each is captured once in a CUDA
+    graph, then the graphs are replayed round-robin (``replays`` back to back between two CUDA events per
+    round) and the best round counts. This ranks kernels as a model run under CUDA graphs (torch.compile's
+    "reduce-overhead") sees them; wall-clock timing (``best_of_interleaved``) ranks them as an eager caller
+    sees them, launch overhead included, which at small batch is mostly host time. A candidate that cannot
+    be captured (a host sync inside) gets ``inf``."""
+    graphs = []
+    with torch.inference_mode():
+        for f in fns:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, allocator)
+                    f()
+                    f()
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    f()
+                graphs.append(g)
+            except RuntimeError:
+                torch.cuda.synchronize()
+                graphs.append(None)
+        best = [float("inf")] * len(fns)
+        for _ in range(rounds):
+            for i, g in enumerate(graphs):
+                if g is None:
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(replays):
+                    g.replay()
+                end.record()
+                end.synchronize()
+                best[i] = min(best[i], start.elapsed_time(end) / 1e3 / replays)
+    return best
+
+
 def paired_bound_ratio(fwd, probe, probe_flops: float, flops: float, rounds: int = 10, device="cpu") -> dict:
     """Time/bound measured in pairs: each round times one ``fwd()`` and then the dense GEMM ``probe``
     (repeated for about as long), and the round's ratio is fwd's time over ``flops`` at the probe's

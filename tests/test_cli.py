@@ -67,3 +67,14 @@ def test_bench_small_compiled(tmp_path):
     assert res["compile"] == "default"
     run = res["runs"][0]
     assert run["patched_ms"] > 0 and run["max_rel_diff_patched"] <= 1e-4
+
+
+def test_bench_ranks_by_gpu_time_only_under_cuda_graphs():
+    """`bsbert bench --compile reduce-overhead` on CUDA patches with select='measure-gpu' (the forward replays
+    CUDA graphs, so wall-clock timings of single calls would rank host overhead); everything else by wall
+    clock, unless --select says otherwise."""
+    from bsbert.bench import default_select
+
+    assert default_select("cuda", "reduce-overhead") == "measure-gpu"
+    assert default_select("cuda", None) == default_select("cuda", "default") == "measure"
+    assert default_select("cpu", "reduce-overhead") == "measure"

@@ -208,6 +208,29 @@ def test_unknown_backend_and_impossible_backend():
     assert not bsbert.is_patched(model)
 
 
+def test_select_modes_are_checked_before_anything_changes():
+    """An unknown select, and 'measure-gpu' (CUDA graphs) on a CPU model, are clear errors; the model is
+    left as it was."""
+    model = tiny_pruned()
+    for select, match in (("fast", "select must be one of"), ("measure-gpu", "needs a CUDA model")):
+        with pytest.raises(ValueError, match=match):
+            bsbert.patch(model, select=select, progress=False)
+        assert not bsbert.is_patched(model)
+
+
+@pytest.mark.cuda
+def test_measure_gpu_ranks_by_cuda_graph_time():
+    """select='measure-gpu' on CUDA: every choice was timed from CUDA-graph replays (the reason says so) and
+    the patched model still matches the masked dense one."""
+    model = tiny_pruned().cuda().half()
+    inp = {k: v.cuda() for k, v in inputs(batch=2, seq=64, pad_from=40).items()}
+    ref = _run(model, inp)
+    bsbert.patch(model, select="measure-gpu", tokens=128, progress=False)
+    reasons = [lin.reason for lp in model.bsbert_plan.layers for lin in lp.linears.values() if lin.backend != "bias-only"]
+    assert reasons and all("GPU time (CUDA graphs)" in r or "only eligible" in r for r in reasons), reasons
+    assert rel_err(ref, _run(model, inp)) <= 2e-2
+
+
 def test_triton_attention_in_patched_model_interpreter():
     """The Triton attention kernel inside the patched model (CPU, through the interpreter)."""
     import os

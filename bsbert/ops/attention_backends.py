@@ -199,7 +199,9 @@ ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), CpuAttention(), Trito
 
 def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):
     """-> (backend, reason). Measures the fitting backends on a [1, tokens, 3*H*D] input."""
-    from bsbert.ops.dispatch import explain, rank_by_time
+    from bsbert.ops.dispatch import check_select, explain, rank_by_time
+
+    check_select(select, device)
 
     names = [backend] if backend else list(ATTENTION_BACKENDS)
     for n in names:
@@ -215,11 +217,11 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     if not fits:
         raise ValueError(f"no attention backend fits device={torch.device(device).type} dtype={dtype} "
                          f"head_dim={head_dim}: {explain(why_not)}")
-    if len(fits) == 1 or select != "measure" or num_heads == 0:
+    if len(fits) == 1 or select == "heuristic" or num_heads == 0:
         return ATTENTION_BACKENDS[fits[0]], ("forced" if backend else "first eligible") + (
             f" (not eligible: {explain(why_not)})" if why_not and not backend else "")
     qkv = torch.randn(1, tokens, 3 * num_heads * head_dim, device=device).to(dtype)
     scale = head_dim ** -0.5
     fns = {n: (lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale)) for n in fits}
-    order, _, reason = rank_by_time(fns, qkv, f"S={tokens}")
+    order, _, reason = rank_by_time(fns, qkv, f"S={tokens}", gpu=select == "measure-gpu")
     return ATTENTION_BACKENDS[order[0]], reason

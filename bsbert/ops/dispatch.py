@@ -21,15 +21,34 @@ class Choice:
     timings_ms: dict
 
 
-def rank_by_time(fns: dict, x: torch.Tensor, what: str) -> tuple[list[str], dict, str]:
-    """Time each ``fns[label](x)`` (interleaved rounds, best round); -> (labels fastest first, ms, reason)."""
-    from bsbert.timing import best_of_interleaved
+SELECT_MODES = ("measure", "measure-gpu", "heuristic")
+
+
+def check_select(select: str, device) -> None:
+    """'measure' (wall clock, as an eager caller sees it), 'measure-gpu' (GPU time from CUDA-graph replays,
+    as a model run under CUDA graphs sees it; CUDA only) or 'heuristic'."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {', '.join(map(repr, SELECT_MODES))}, got {select!r}")
+    if select == "measure-gpu" and torch.device(device).type != "cuda":
+        raise ValueError(f"select='measure-gpu' times CUDA graphs: it needs a CUDA model, this one is on "
+                         f"{torch.device(device).type} (use 'measure')")
+
+
+def rank_by_time(fns: dict, x: torch.Tensor, what: str, gpu: bool = False) -> tuple[list[str], dict, str]:
+    """Time each ``fns[label](x)`` (interleaved rounds, best round); -> (labels fastest first, ms, reason).
+    ``gpu``: GPU time of CUDA-graph replays instead of wall clock (see bsbert.timing)."""
+    from bsbert.timing import best_of_interleaved, best_of_interleaved_graphs
 
     labels = list(fns)
-    secs = best_of_interleaved([lambda f=fns[k]: f(x) for k in labels], rounds=5, device=x.device)
+    calls = [lambda f=fns[k]: f(x) for k in labels]
+    secs = best_of_interleaved_graphs(calls) if gpu else best_of_interleaved(calls, rounds=5, device=x.device)
     ms = {k: 1e3 * t for k, t in zip(labels, secs)}
     order = sorted(ms, key=ms.get)
-    return order, ms, f"measured at {what}: " + " < ".join(f"{k} {ms[k]:.2f}ms" for k in order)
+    if ms[order[0]] == float("inf"):
+        raise RuntimeError(f"no candidate could be captured in a CUDA graph at {what}: {', '.join(labels)}")
+    kind = "GPU time (CUDA graphs)" if gpu else "wall clock"
+    return order, ms, f"measured at {what}, {kind}: " + " < ".join(
+        f"{k} {ms[k]:.2f}ms" if ms[k] != float("inf") else f"{k} (not capturable)" for k in order)
 
 
 def candidates(device, dtype, *, backend: str | None = None, fmt: str | None = None,
@@ -77,6 +96,7 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
     """``add_layer_norm_tail``: the layer's output goes into a residual add + LayerNorm (BERT's
     attention-output and FFN-output projections); the measurement then times each candidate with
     that tail, fused into the GEMM where the backend can (cpu-bsr), so the choice sees what it runs."""
+    check_select(select, weight.device)
     fits, why_not = candidates(weight.device, weight.dtype, backend=backend, fmt=fmt, blocks=blocks)
     if not fits:
         raise ValueError(
@@ -97,8 +117,6 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
         return Choice(prepared, name, BACKENDS[name].format, blk,
                       f"rule: block density {block_density:.2f} "
                       f"{'<' if block_density < BSR_DENSITY_RULE else '>='} {BSR_DENSITY_RULE}", {})
-    if select != "measure":
-        raise ValueError(f"select must be 'measure' or 'heuristic', got {select!r}")
     x = torch.randn(tokens, weight.shape[1], device=weight.device).to(weight.dtype)
     prepared = {(name if blk is None else f"{name}@{blk}"): (BACKENDS[name].prepare(weight, bias, gelu, blk), name, blk)
                 for name, blk in fits}
@@ -107,6 +125,6 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
     if add_layer_norm_tail:
         fns = {k: _with_add_layer_norm(p, tokens, weight.shape[0], weight) for k, p in fns.items()}
         what += " with the add+LayerNorm tail"
-    order, ms, reason = rank_by_time(fns, x, what)
+    order, ms, reason = rank_by_time(fns, x, what, gpu=select == "measure-gpu")
     best, name, blk = prepared[order[0]]
     return Choice(best, name, BACKENDS[name].format, blk, reason, ms)

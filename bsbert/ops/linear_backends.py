@@ -172,7 +172,7 @@ class CudaBsr(LinearBackend):
     # "wgslab..." = its Hopper variant with wgmma (csrc/cuda/bsr_linear_wgmma.cuh): sm_90a builds on
     # compute capability 9.0 only (a clear error elsewhere; `runnable_tiles` leaves them out there).
     TILES = {16: ("64x4", "128x4"),
-             32: ("64x4", "64x8", "128x4", "128x8", "256x8", "slab64x8", "slab64x4", "slab32x8",
+             32: ("64x4", "64x8", "128x4", "128x8", "256x8", "slab64x8", "slab64x4", "slab32x8", "slab32x4",
                   "wgslab64x16", "wgslab64x8"),
              64: ("64x4", "128x4", "128x8")}
 

@@ -11,6 +11,7 @@
 // (STAGES-deep pipeline, XOR-swizzled tiles), feeds ldmatrix -> mma.sync.m16n8k16 (fp32 accumulate), and
 // finishes with bias + optional GELU, predicated stores (never beyond M or N). CTAs are ordered in groups
 // of kGroupM M tiles so that CTAs running together share the same x rows in L2.
+// Large M, block 32: the x-slab kernels (bsr_linear_slab.cuh; a Hopper wgmma variant in bsr_linear_wgmma.cuh).
 // fp32 input: a simple SIMT kernel (correct, not fast).
 //
 // -DBSBERT_KERNELS_ONLY compiles the kernels alone (no torch headers, no host code): tests/test_cuda_sass.py
@@ -211,14 +212,19 @@ using AllBsrConfigs = CfgList<Cfg16x64, Cfg16x128, Cfg32x64, Cfg32x64w8, Cfg32x1
 // its 64 KB of W rings still one CTA per SM at K=1024). On the H200 both were slower than 64 x 8 except
 // 32 x 8 at M = 3072, N = 1024, density 0.5 / 0.25: 0.032 / 0.022 ms (64 x 8: 0.033 / 0.024; default tile
 // 0.035 / 0.021).
+// 32 x 4 (K=1024: 64 KB slab + 32 KB of rings) is the one that fits two CTAs per SM: while one waits for its
+// slab the other computes. On the H100 (stop 16) the block-independent part of slab64x8's time (loading x
+// slabs, storing y: ~36 us at M = 12288, N = K = 1024) was as large as cuBLAS's whole dense GEMM; this tile
+// is the cheapest test of hiding it (added after that run: not yet measured).
 using Slab64x8 = SlabConfig<64, 8, 4>;
 using Slab64x4 = SlabConfig<64, 4, 4>;
 using Slab32x8 = SlabConfig<32, 8, 4>;
-using AllSlabConfigs = CfgList<Slab64x8, Slab64x4, Slab32x8>;
+using Slab32x4 = SlabConfig<32, 4, 4>;
+using AllSlabConfigs = CfgList<Slab64x8, Slab64x4, Slab32x8, Slab32x4>;
 
-// The Hopper x-slab kernels (bsr_linear_wgmma.cuh; sm_90a builds on sm_90 GPUs, forced with
-// BSBERT_CUDA_BSR_TILE=wgslab64x<warps> until measured): 64 rows, 4 or 2 warpgroups, 8-deep W rings
-// (K=1024: 128 KB slab + 64 / 32 KB of rings).
+// The Hopper x-slab kernels (bsr_linear_wgmma.cuh; sm_90a builds on sm_90 GPUs): 64 rows, 4 or 2
+// warpgroups, 8-deep W rings (K=1024: 128 KB slab + 64 / 32 KB of rings). Forced only
+// (BSBERT_CUDA_BSR_TILE=wgslab64x16 / wgslab64x8): on the H100 (stop 16) they ran 2-28% slower than slab64x8.
 using WgSlab64x16 = WgSlabConfig<16, 8>;
 using WgSlab64x8 = WgSlabConfig<8, 8>;
 using AllWgSlabConfigs = CfgList<WgSlab64x16, WgSlab64x8>;
