@@ -6,6 +6,14 @@ import platform
 import torch
 
 
+def _cuda_kernels(mod) -> str:
+    if not mod.with_cuda():
+        return "no"
+    # an extension built before with_sm90a existed has no Hopper kernels either
+    hopper = getattr(mod, "with_sm90a", lambda: False)()
+    return "yes, with the Hopper wgmma kernels (sm_90a)" if hopper else "yes, without sm_90a (no wgmma kernels)"
+
+
 def collect() -> dict:
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
@@ -26,7 +34,7 @@ def collect() -> dict:
         info["transformers"] = "not installed"
     mod = _ext.load(warn=False)
     info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s)" % (
-        mod.torch_version(), "yes" if mod.with_cuda() else "no", mod.cpu_isa())) if mod else \
+        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa())) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
     ops = ("bsr_linear", "bsr_linear_add_layer_norm", "add_layer_norm", "pruned_attention",

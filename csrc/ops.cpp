@@ -77,11 +77,19 @@ bool with_cuda() {
   return false;
 #endif
 }
+bool with_sm90a() {
+#ifdef BSBERT_HAS_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bsbert C++/CUDA kernels (ops are registered under torch.ops.bsbert)";
   m.def("torch_version", &torch_version_built, "torch version this extension was compiled against");
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("with_sm90a", &with_sm90a, "whether the CUDA kernels include sm_90a code (the Hopper wgmma kernels)");
   m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
 }

@@ -43,6 +43,12 @@ def test_info(capsys):
     if _ext.has_op("bert_encoder"):  # the ops line names the kernels this build has per device
         line = next(x for x in out.splitlines() if "cpu_ops:" in x)
         assert "bsr_linear" in line and "bert_encoder" in line
+    mod = _ext.load(warn=False)
+    if mod is not None:  # the extension line says whether the CUDA kernels, and the Hopper ones, are built
+        line = next(x for x in out.splitlines() if "extension:" in x)
+        expect = ("CUDA kernels no" if not mod.with_cuda() else
+                  "with the Hopper wgmma kernels (sm_90a)" if mod.with_sm90a() else "without sm_90a")
+        assert expect in line, line
 
 
 def test_bench_kernels_table(capsys):
