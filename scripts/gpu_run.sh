@@ -9,8 +9,8 @@
 # into $OUT/gpu_logs.tgz after each step (a step killed by the deadline leaves the earlier ones), and
 # $OUT/summary.txt collects each step's status and the tail of its log. Commit the markdown results into
 # benchmarks/results/ afterwards.
-# Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0a: one arch, with the wgmma kernels
-# builds faster), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), KERNEL_ARGS /
+# Env: PYTHON (default python3), DEADLINE_S (default 540), TORCH_CUDA_ARCH_LIST (default 9.0a: one arch
+# builds faster, and 9.0a carries the Hopper wgmma kernels), MAX_JOBS (default 16), SKIP_BUILD=1 (extension already built in place), KERNEL_ARGS /
 # KERNEL_AUTOTUNE (the kernel bench's arguments and Triton autotuning, default off), GPU_STEPS="build
 # pytest_gpu ..." (run only the named steps: a short call spends the lease on what it has to show).
 set -uo pipefail
