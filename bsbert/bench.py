@@ -90,7 +90,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         with torch.inference_mode():
             ref = pruned(**inp)
         say(f"\\[seq {seq}] packing only (dense kernels) ...")
-        bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, progress=False)
+        bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
         t_pack = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         with torch.inference_mode():
@@ -98,7 +98,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         pack_backends = _backend_counts(pruned.bsbert_plan)
         bsbert.unpatch(pruned)
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
-        bsbert.patch(pruned, select=select, tokens=batch * seq, progress=False)
+        bsbert.patch(pruned, select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
         t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         full_plan = pruned.bsbert_plan

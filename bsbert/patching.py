@@ -13,6 +13,7 @@ from bsbert.adapters import check_config, find_encoder, set_submodule
 from bsbert.analyze import analyze, head_rows, layer_linears
 from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
 from bsbert.nn import DenseAddLayerNorm, FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
+from bsbert.ops.attention_backends import measure_shape
 from bsbert.ops.dispatch import check_select, choose_linear
 from bsbert.plan import LinearPlan, Plan
 
@@ -114,7 +115,8 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     from bsbert.ops.attention_backends import choose_attention
 
     attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d, backend=opts["attention"],
-                                                 tokens=opts["tokens"], select=opts["select"])
+                                                 tokens=opts["tokens"], select=opts["select"],
+                                                 seq=opts.get("seq"))
     lp.attention_backend, lp.attention_reason = attn_backend.name, attn_reason
     attention = PrunedSelfAttention(lin["qkv"], lp.kept_heads, d, scale, lp.index,
                                     out_proj=lin["attn_out"] if adapter.attention_includes_output else None,
@@ -149,6 +151,7 @@ def _build_layer(layer, adapter, lp, opts, prefix):
 
 def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = None,
           format: str | None = None, block: int = 32, select: str = "measure", tokens: int = 384,
+          seq: int | None = None,
           progress: bool = True, keep_original: bool = True, verify: bool = False,
           attention: str | None = None, unpad: bool = False, fast_layers: bool = True,
           fused_encoder: bool = True) -> nn.Module:
@@ -159,7 +162,8 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     (``select='measure'`` times the candidates on ``tokens`` rows, wall clock as an eager caller sees it;
     ``'measure-gpu'`` ranks them by GPU time from CUDA-graph replays, for a model that will run under
     CUDA graphs such as torch.compile(mode="reduce-overhead"); ``'heuristic'`` uses a block-density
-    rule). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
+    rule; ``seq``: the sequence length the attention candidates are timed at, as ``tokens // seq``
+    sequences, default ``min(tokens, 512)``). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
     ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda',
     'cpu') the attention kernel (default: measured among those that fit; on CPU that is bsbert's C++
     kernel vs torch SDPA). Returns the model; ``model.bsbert_plan`` holds the plan with every choice and
@@ -194,9 +198,10 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
                       "(no dropout, no gradients through custom kernels); call model.eval()",
                       RuntimeWarning, stacklevel=2)
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
-            "attention": attention}
+            "seq": seq, "attention": attention}
     device = next(model.parameters()).device
     check_select(select, device)
+    measure_shape(tokens, seq)  # a bad seq is an error before anything changes
     replacements = []
     for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not progress,
                           unit="layer"):

@@ -78,7 +78,7 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
                 t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)["median_ms"]
                 mem_dense = peak_forward_mb(lambda: dense(**inp), dev)
                 console.log(f"{dt_name} batch {b} seq {s}: patched ...")
-                bsbert.patch(pruned, tokens=b * s, progress=False, keep_original=True)
+                bsbert.patch(pruned, tokens=b * s, seq=s, progress=False, keep_original=True)
                 t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)["median_ms"]
                 mem_pat = peak_forward_mb(lambda: pruned(**inp), dev)
                 w_pat = weight_bytes(pruned)  # replaced originals are no longer in the module tree

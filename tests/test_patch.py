@@ -218,6 +218,24 @@ def test_select_modes_are_checked_before_anything_changes():
         assert not bsbert.is_patched(model)
 
 
+def test_attention_is_measured_at_the_sequence_shape():
+    """tokens = batch x seq rows: the attention candidates are timed as tokens // seq sequences of seq (its cost
+    is quadratic in the sequence, so 4096 rows as one sequence would rank kernels for a shape no forward
+    has); without seq, one sequence of min(tokens, 512). A bad seq is an error before anything changes."""
+    from bsbert.ops.attention_backends import measure_shape
+
+    assert measure_shape(4096, 128) == (32, 128)
+    assert measure_shape(384, None) == (1, 384)
+    assert measure_shape(4096, None) == (8, 512)
+    model = tiny_pruned()
+    with pytest.raises(ValueError, match="seq must be >= 1"):
+        bsbert.patch(model, seq=0, progress=False)
+    assert not bsbert.is_patched(model)
+    bsbert.patch(model, tokens=96, seq=32, progress=False)
+    measured = [lp.attention_reason for lp in model.bsbert_plan.layers if "measured" in lp.attention_reason]
+    assert measured and all("B=3 S=32" in r for r in measured), measured
+
+
 @pytest.mark.cuda
 def test_measure_gpu_ranks_by_cuda_graph_time():
     """select='measure-gpu' on CUDA: every choice was timed from CUDA-graph replays (the reason says so) and

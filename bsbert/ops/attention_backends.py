@@ -197,8 +197,22 @@ class CpuAttention(ExtensionAttention):
 ATTENTION_BACKENDS = {b.name: b for b in (CudaAttention(), CpuAttention(), TritonAttention(), TorchSdpa())}
 
 
-def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure"):
-    """-> (backend, reason). Measures the fitting backends on a [1, tokens, 3*H*D] input."""
+MAX_MEASURE_SEQ = 512  # BERT's position table: no real sequence is longer
+
+
+def measure_shape(tokens: int, seq: int | None) -> tuple[int, int]:
+    """(batch, seq) the attention candidates are timed at: ``tokens`` rows as sequences of ``seq`` (default
+    ``min(tokens, 512)``). Attention cost grows with S^2 per sequence, so 4096 rows timed as one sequence
+    would rank the kernels for a shape no BERT forward has."""
+    if seq is not None and seq < 1:
+        raise ValueError(f"seq must be >= 1, got {seq}")
+    s = min(tokens, MAX_MEASURE_SEQ) if seq is None else seq
+    return max(1, tokens // s), s
+
+
+def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure", seq=None):
+    """-> (backend, reason). Measures the fitting backends on a [B, S, 3*H*D] input, (B, S) =
+    ``measure_shape(tokens, seq)``."""
     from bsbert.ops.dispatch import check_select, explain, rank_by_time
 
     check_select(select, device)
@@ -220,8 +234,9 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     if len(fits) == 1 or select == "heuristic" or num_heads == 0:
         return ATTENTION_BACKENDS[fits[0]], ("forced" if backend else "first eligible") + (
             f" (not eligible: {explain(why_not)})" if why_not and not backend else "")
-    qkv = torch.randn(1, tokens, 3 * num_heads * head_dim, device=device).to(dtype)
+    batch, seq = measure_shape(tokens, seq)
+    qkv = torch.randn(batch, seq, 3 * num_heads * head_dim, device=device).to(dtype)
     scale = head_dim ** -0.5
     fns = {n: (lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale)) for n in fits}
-    order, _, reason = rank_by_time(fns, qkv, f"S={tokens}", gpu=select == "measure-gpu")
+    order, _, reason = rank_by_time(fns, qkv, f"B={batch} S={seq}", gpu=select == "measure-gpu")
     return ATTENTION_BACKENDS[order[0]], reason
