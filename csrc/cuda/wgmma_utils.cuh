@@ -1,5 +1,6 @@
-// Hopper (sm_90a) warpgroup MMA helpers: shared-memory matrix descriptors, wgmma.mma_async m64n32k16 with
-// fp32 accumulators, its fence / commit / wait, the async-proxy fence and named barriers.
+// Hopper (sm_90a) helpers: shared-memory matrix descriptors, wgmma.mma_async m64n32k16 with fp32
+// accumulators and its fence / commit / wait, the async-proxy fence, mbarriers, 2-D tensor-map copies (TMA)
+// and named barriers.
 //
 // wgmma exists only in the sm_90a target (compute_90a). Everything that emits it is compiled only when
 // BSBERT_WGMMA_DEVICE is 1 (the sm_90a device pass); the other passes (sm_80, plain sm_90, the host) see
@@ -23,7 +24,7 @@ namespace cuda {
 // Shared-memory matrix descriptor for the no-swizzle ("interleaved") layout: the operand is made of core
 // matrices of 8 rows x 16 bytes, each stored as 128 contiguous bytes; `lbo` = bytes from one core matrix
 // to the next along K, `sbo` = bytes from one 8-row group to the next along M (or N). Address and offsets
-// are encoded >> 4 in 14-bit fields; base offset 0 and swizzle mode 0 (bits 49-51, 62-63).
+// are encoded >> 4 in 14-bit fields; base offset 0 (bits 49-51), swizzle mode in bits 62-63.
 // `swizzle`: 0 none, 2 the 64-byte swizzle (rows of 64 bytes, 16-byte chunk c of row r stored at c ^ (r/2 % 4);
 // 8-row atoms of 512 bytes, `sbo` apart; lbo unused), as the copy engine's CU_TENSOR_MAP_SWIZZLE_64B writes it.
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo, uint32_t swizzle = 0) {
