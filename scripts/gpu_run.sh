@@ -130,6 +130,10 @@ TAIL=14 step e2e_b1 70 "$PY" -m bsbert bench --device cuda --dtype float16 --bat
 # (stop 16, H100: seq 128 alone took ~45 s of the old 70 s limit; seq 384 needs as long again)
 TAIL=14 step e2e_b32 130 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 32 --seq 128 384 \
   --repeats 10 --out "$W/bench_b32"
+# Packed vs patched at batch 32, seq 128 (stop 16: patched 11.4 ms vs packed 6.4 ms on the H100): the
+# backends `patch` chose and the top kernels of each forward.
+TAIL=60 step profile_b32 100 "$PY" scripts/profile_compare.py --device cuda --dtype float16 --batch 32 --seq 128 \
+  --steps 3 --top 14
 unset BSBERT_TRITON_AUTOTUNE
 
 # Nsight Compute on the recipe `bsbert profile` prints (2-layer model, one step, first bsbert kernels).
