@@ -54,3 +54,10 @@ def has_op(name: str) -> bool:
     if not available():
         return False
     return hasattr(torch.ops.bsbert, name)
+
+
+def has_sm90a() -> bool:
+    """True when the extension's CUDA kernels include sm_90a code (the Hopper wgmma kernels). An extension
+    built before this query existed has none."""
+    mod = load(warn=False)
+    return mod is not None and getattr(mod, "with_sm90a", lambda: False)()

@@ -7,11 +7,12 @@ import torch
 
 
 def _cuda_kernels(mod) -> str:
+    from bsbert import _ext
+
     if not mod.with_cuda():
         return "no"
-    # an extension built before with_sm90a existed has no Hopper kernels either
-    hopper = getattr(mod, "with_sm90a", lambda: False)()
-    return "yes, with the Hopper wgmma kernels (sm_90a)" if hopper else "yes, without sm_90a (no wgmma kernels)"
+    return ("yes, with the Hopper wgmma kernels (sm_90a)" if _ext.has_sm90a()
+            else "yes, without sm_90a (no wgmma kernels)")
 
 
 def collect() -> dict:

@@ -65,14 +65,14 @@ def main(argv=None) -> int:
               "torch bsr_dense_mm ms (wall) | Triton TFLOP/s | CUDA TFLOP/s | CUDA best tile TFLOP/s | "
               "cuBLAS TFLOP/s | ratio | wall ms T / C / cuBLAS |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        tiles = tuple(args.tiles.split(",")) if args.tiles else None  # None: every tile that runs here
         for block in (int(b) for b in args.blocks.split(",")):
             nks = [tuple(int(v) for v in nk.split("x")) for nk in args.nk.split(",")] if args.nk else _bench.NK
             for n, k in nks:
                 for m in ms:
                     for d in (tuple(float(v) for v in args.densities.split(",")) if args.densities
                               else _bench.DENSITIES):
-                        r = _bench.bench_linear(m, n, k, d, block=block,
-                                               tiles=tuple(args.tiles.split(",")) if args.tiles else None)
+                        r = _bench.bench_linear(m, n, k, d, block=block, tiles=tiles)
                         for key in ("cuda_error", "triton_graph_error", "cublas_graph_error"):
                             if key in r:
                                 errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")

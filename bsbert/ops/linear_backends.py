@@ -180,9 +180,8 @@ class CudaBsr(LinearBackend):
     def runnable_tiles(cls, block, device=None):
         """The TILES of `block` that can run on `device` (default: the current CUDA device): the wgmma
         tiles need compute capability 9.0 and an extension built with sm_90a code."""
-        mod = _ext.load(warn=False)
         hopper = (torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
-                  and mod is not None and getattr(mod, "with_sm90a", lambda: False)())
+                  and _ext.has_sm90a())
         return tuple(t for t in cls.TILES.get(block, ()) if hopper or not t.startswith("wgslab"))
 
     def not_supported_reasons(self, device, dtype, block):

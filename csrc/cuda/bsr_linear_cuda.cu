@@ -248,11 +248,17 @@ void bsr_linear_kernels_for_sass(void** out) {
 }
 namespace {
 #else
-// The persistent grid of the x-slab kernels: as many CTAs as fit on the GPU at once (never more than there
-// are (M tile, block row) units); a clear error when the slab does not fit in shared memory. Also raises
-// the kernel's dynamic shared-memory limit.
+// The persistent launch of the x-slab kernels: as many CTAs as fit on the GPU at once (never more than
+// there are (M tile, block row) units), and the tile counts both kernels take; a clear error when the slab
+// does not fit in shared memory. Also raises the kernel's dynamic shared-memory limit.
+struct SlabLaunch {
+  unsigned grid;
+  int64_t smem;
+  int num_m_tiles, nbr;
+};
+
 template <typename Cfg, typename Kernel>
-int64_t slab_grid(Kernel kernel, const char* prefix, int M, int N, int K) {
+SlabLaunch slab_launch(Kernel kernel, const char* prefix, int M, int N, int K) {
   const int64_t smem = Cfg::smem_bytes(K);
   const int optin = max_smem_optin();
   BSBERT_CHECK(smem <= optin, "bsr_linear (CUDA): BSBERT_CUDA_BSR_TILE=", prefix, Cfg::BM, "x", Cfg::WARPS,
@@ -264,21 +270,23 @@ int64_t slab_grid(Kernel kernel, const char* prefix, int M, int N, int K) {
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
   BSBERT_CHECK(per_sm > 0, "bsr_linear (CUDA): the slab kernel cannot be resident with ", smem,
               " bytes of shared memory");
-  const int64_t units = static_cast<int64_t>((M + Cfg::BM - 1) / Cfg::BM) * ((N + Cfg::BLOCK - 1) / Cfg::BLOCK);
+  const int num_m_tiles = (M + Cfg::BM - 1) / Cfg::BM, nbr = (N + Cfg::BLOCK - 1) / Cfg::BLOCK;
+  const int64_t units = static_cast<int64_t>(num_m_tiles) * nbr;
   BSBERT_CHECK(units < (int64_t{1} << 31), "bsr_linear (CUDA): ", units, " (M tile, block row) units are too many "
               "for the slab kernel (at most 2^31 - 1)");
-  return std::min<int64_t>(units, static_cast<int64_t>(per_sm) * sm_count());
+  const int64_t grid = std::min<int64_t>(units, static_cast<int64_t>(per_sm) * sm_count());
+  return {static_cast<unsigned>(grid), smem, num_m_tiles, nbr};
 }
 
 template <typename T, typename Cfg>
 void launch_slab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                  const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
   auto kernel = bsr_linear_slab_kernel<T, Cfg>;
-  const int64_t grid = slab_grid<Cfg>(kernel, "slab", M, N, K);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
+  const SlabLaunch l = slab_launch<Cfg>(kernel, "slab", M, N, K);
+  kernel<<<l.grid, Cfg::kThreads, l.smem, stream>>>(
       reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
-      reinterpret_cast<const T*>(vals.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K,
-      (M + Cfg::BM - 1) / Cfg::BM, (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
+      reinterpret_cast<const T*>(vals.data_ptr()), bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, l.num_m_tiles,
+      l.nbr, gelu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -319,11 +327,10 @@ template <typename T, typename Cfg>
 void launch_wgslab(const at::Tensor& x2, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                    const T* bias, at::Tensor& y, int M, int N, int K, bool gelu, cudaStream_t stream) {
   auto kernel = bsr_linear_wgmma_kernel<T, Cfg>;
-  const int64_t grid = slab_grid<Cfg>(kernel, "wgslab", M, N, K);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::smem_bytes(K), stream>>>(
+  const SlabLaunch l = slab_launch<Cfg>(kernel, "wgslab", M, N, K);
+  kernel<<<l.grid, Cfg::kThreads, l.smem, stream>>>(
       w_tensor_map<T>(vals), reinterpret_cast<const T*>(x2.data_ptr()), crow.data_ptr<int>(), col.data_ptr<int>(),
-      bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, (M + Cfg::BM - 1) / Cfg::BM,
-      (N + Cfg::BLOCK - 1) / Cfg::BLOCK, gelu);
+      bias, reinterpret_cast<T*>(y.data_ptr()), M, N, K, l.num_m_tiles, l.nbr, gelu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -89,6 +89,16 @@ __device__ __forceinline__ int2 slab_cta_run(int num_m_tiles, int nbr, const int
                    slab_lower_bound(start_weight(blockIdx.x + 1), units, nbr, per_tile, crow));
 }
 
+// The part of a CTA's run [u, u_end) that lies in one M tile: its block rows rb_first .. rb_first + n_units - 1
+// (units u .. u + n_units - 1); the run goes on at u + n_units.
+struct SlabSegment {
+  int m_tile, rb_first, n_units;
+};
+__device__ __forceinline__ SlabSegment slab_segment(int u, int u_end, int nbr) {
+  const int m_tile = u / nbr;
+  return {m_tile, u - m_tile * nbr, min(u_end, (m_tile + 1) * nbr) - u};
+}
+
 // Producer cursor over the stored W blocks of one worker's block rows of a segment (units first, first +
 // stride, ... < n_units, block row rb_first + unit), in the order the worker consumes them.
 struct WBlockStream {
@@ -133,15 +143,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   // ---- this CTA's run of units, balanced by weight ----
   const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
-  const int u_begin = run.x, u_end = run.y;
 
-  for (int u = u_begin; u < u_end;) {
-    const int m_tile = u / nbr;
-    const int rb_first = u - m_tile * nbr;
-    const int seg_end = min(u_end, (m_tile + 1) * nbr);
-    const int n_units = seg_end - u;
-    const int m0 = m_tile * BM;
-    u = seg_end;
+  for (int u = run.x; u < run.y;) {
+    const SlabSegment seg = slab_segment(u, run.y, nbr);
+    const int rb_first = seg.rb_first, n_units = seg.n_units, m0 = seg.m_tile * BM;
+    u += n_units;
 
     __syncthreads();  // every warp is done with the previous slab
     // ---- the slab: rows m0..m0+BM-1 of x, all K columns (zero beyond M and K) ----

@@ -83,15 +83,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int produced = 0, consumed = 0;  // W blocks of this warpgroup so far: slot = count % STAGES, phase = / STAGES
 
   const int2 run = slab_cta_run(num_m_tiles, nbr, crow);
-  const int u_end = run.y;
 
-  for (int u = run.x; u < u_end;) {
-    const int m_tile = u / nbr;
-    const int rb_first = u - m_tile * nbr;
-    const int seg_end = min(u_end, (m_tile + 1) * nbr);
-    const int n_units = seg_end - u;
-    const int m0 = m_tile * BM;
-    u = seg_end;
+  for (int u = run.x; u < run.y;) {
+    const SlabSegment seg = slab_segment(u, run.y, nbr);
+    const int rb_first = seg.rb_first, n_units = seg.n_units, m0 = seg.m_tile * BM;
+    u += n_units;
 
     __syncthreads();  // every warpgroup's MMAs on the previous slab are complete (waited before each epilogue)
     // ---- the slab: rows m0..m0+63, all K columns (zero beyond M and K), core-matrix layout ----

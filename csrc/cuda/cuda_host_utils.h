@@ -13,18 +13,19 @@ namespace bsbert {
 namespace cuda {
 
 // A device attribute of the current device, cached per device id (up to 64 devices): the dispatchers
-// ask on every call.
+// ask on every call. The cache holds value + 1, so 0 means "not read yet" and a zero-valued attribute
+// (e.g. compute capability minor 0) is cached too.
 template <cudaDeviceAttr Attr>
 inline int cached_device_attr() {
   static std::atomic<int> cache[64] = {};
   const int dev = static_cast<int>(c10::cuda::current_device());
   if (dev >= 0 && dev < 64) {
-    int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v - 1;
   }
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, dev));
-  if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  if (dev >= 0 && dev < 64 && v >= 0) cache[dev].store(v + 1, std::memory_order_relaxed);
   return v;
 }
 
