@@ -102,6 +102,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         fwd = _runner(pruned, compile_mode)
         t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
         full_plan = pruned.bsbert_plan
+        if full_plan.model_check.get("checked"):
+            say(f"\\[seq {seq}] model check: {full_plan.model_check['reason']}")
         remaining = batch * full_plan.flops(seq, "remaining")
         m_probe = batch * seq if dev.type == "cuda" else peak["shape"][0]  # as for the bound below
         probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
@@ -138,6 +140,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "patched_paired_over_bound_at_m": {**paired_m, "m": batch * seq},
                "max_rel_diff_packed": diff_pack, "max_rel_diff_patched": diff_full,
                "backends_packed": pack_backends, "backends_patched": full_backends,
+               "model_check": full_plan.model_check,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
         _apply_bound(run, peak)
         results["runs"].append(run)

@@ -36,14 +36,36 @@ def _make_linear(name, weight, bias, gelu, lp: LinearPlan, opts, layer_index, ln
     n, k = weight.shape
     choice = None
     if n and k:
+        from_plan = opts["select"] == "plan"  # the plan's backend and block, checked by check_plan_choices
         choice = choose_linear(weight.contiguous(), bias, gelu, select=opts["select"],
-                               backend=opts["backend"], fmt=opts["format"], blocks=opts["blocks"],
+                               backend=lp.backend if from_plan else opts["backend"],
+                               fmt=None if from_plan else opts["format"],
+                               blocks=(lp.block,) if from_plan and lp.block else opts["blocks"],
                                tokens=opts["tokens"], block_density=lp.block_density,
                                add_layer_norm_tail=ln_tail)
-        lp.format, lp.block, lp.backend, lp.reason = choice.format, choice.block, choice.backend, choice.reason
+        if from_plan:
+            lp.reason = lp.reason if (lp.reason or "").startswith("plan: ") else f"plan: {lp.reason}"
+        else:
+            lp.format, lp.block, lp.backend, lp.reason = choice.format, choice.block, choice.backend, choice.reason
+            lp.timings_ms = dict(choice.timings_ms)
     else:
         lp.format, lp.block, lp.backend, lp.reason = "empty", None, "bias-only", "no weights left"
+        lp.timings_ms = {}
     return SparseLinear(k, n, bias, choice, gelu, lp.density, name=f"layer{layer_index}.{name}")
+
+
+def check_plan_choices(plan: Plan) -> None:
+    """select='plan' reuses the backends a plan records (from an earlier patch, or bsbert.save): every
+    linear with weights needs one, and every layer with kept heads an attention backend. Raised before
+    anything changes; a backend that does not fit this device is refused later, also before any swap."""
+    missing = [f"layer {lp.index} {name}" for lp in plan.layers for name, lin in lp.linears.items()
+               if lin.backend is None or (lin.backend == "bias-only") != (lin.format == "empty")]
+    missing += [f"layer {lp.index} attention" for lp in plan.layers
+                if lp.kept_heads and lp.attention_backend is None]
+    if missing:
+        raise ValueError(f"select='plan' needs a plan with every backend chosen (from a patched model's "
+                         f"bsbert_plan or a bsbert save); this one has none for {', '.join(missing[:4])}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
 
 
 def fold_dead_heads(lins, lp) -> torch.Tensor:
@@ -114,9 +136,14 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     scale = float(getattr(attn, "scaling", d ** -0.5))
     from bsbert.ops.attention_backends import choose_attention
 
-    attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d, backend=opts["attention"],
+    from_plan = opts["select"] == "plan" and lp.kept_heads
+    attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d,
+                                                 backend=lp.attention_backend if from_plan else opts["attention"],
                                                  tokens=opts["tokens"], select=opts["select"],
                                                  seq=opts.get("seq"))
+    if from_plan:
+        attn_reason = lp.attention_reason if (lp.attention_reason or "").startswith("plan: ") \
+            else f"plan: {lp.attention_reason}"
     lp.attention_backend, lp.attention_reason = attn_backend.name, attn_reason
     attention = PrunedSelfAttention(lin["qkv"], lp.kept_heads, d, scale, lp.index,
                                     out_proj=lin["attn_out"] if adapter.attention_includes_output else None,
@@ -154,7 +181,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
           seq: int | None = None,
           progress: bool = True, keep_original: bool = True, verify: bool = False,
           attention: str | None = None, unpad: bool = False, fast_layers: bool = True,
-          fused_encoder: bool = True) -> nn.Module:
+          fused_encoder: bool = True, check_model: bool | None = None) -> nn.Module:
     """Swap a pruned BERT-like model's attention and FFN for kernel-backed modules, in place.
 
     Dead heads and FFN neurons are removed (their constant contributions folded into biases), Q/K/V
@@ -162,12 +189,18 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     (``select='measure'`` times the candidates on ``tokens`` rows, wall clock as an eager caller sees it;
     ``'measure-gpu'`` ranks them by GPU time from CUDA-graph replays, for a model that will run under
     CUDA graphs such as torch.compile(mode="reduce-overhead"); ``'heuristic'`` uses a block-density
-    rule; ``seq``: the sequence length the attention candidates are timed at, as ``tokens // seq``
+    rule; ``'plan'`` reuses the backends recorded in ``plan`` (a patched model's ``bsbert_plan``), no
+    measuring; ``seq``: the sequence length the attention candidates are timed at, as ``tokens // seq``
     sequences, default ``min(tokens, 512)``). ``backend=`` ('cpu-bsr', 'onednn-dense', 'torch-dense', 'cuda-bsr', 'triton-bsr') and
     ``format=`` ('dense', 'bsr') force a choice, ``attention=`` ('torch-sdpa', 'triton', 'cuda',
     'cpu') the attention kernel (default: measured among those that fit; on CPU that is bsbert's C++
     kernel vs torch SDPA). Returns the model; ``model.bsbert_plan`` holds the plan with every choice and
     its reason; ``bsbert.unpatch(model)`` restores the original modules.
+    ``check_model``: after choosing per linear, time the whole forward on ``tokens // seq`` random
+    sequences with those choices and with every linear on its fastest dense backend, and keep dense
+    linears if they are clearly faster (bsbert.model_check: per-linear timings in isolation can mislead
+    where a forward's calls interact, e.g. host-bound GPU launches). Default (None): on for CUDA models
+    with ``select='measure'``; False never; True also on CPU. The plan's ``model_check`` says what ran.
     A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
     ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
     impossible). ``verify=True`` compares the patched model with its masked dense original once on
@@ -182,10 +215,55 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     torch.compile or collected hidden states, take the per-layer path); ``model.bsbert_plan`` says
     whether it is on and why not.
     """
+    from bsbert import model_check
+
     if verify and not keep_original:
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
     if getattr(model, "_bsbert_patched", False):
         raise AlreadyPatchedError("model is already patched by bsbert; call bsbert.unpatch(model) first")
+    device = next(model.parameters()).device
+    check_select(select, device)
+    measure_shape(tokens, seq)  # a bad seq is an error before anything changes
+    if select == "plan":
+        if plan is None:
+            raise ValueError("select='plan' reuses a plan's backends: pass plan= (e.g. another patched "
+                             "model's bsbert_plan)")
+        check_plan_choices(plan)
+    check_why_not = model_check.why_not(check_model, select, backend, format, device)  # errors here too
+    opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
+            "seq": seq, "attention": attention}
+    setup = {"unpad": unpad, "fast_layers": fast_layers, "fused_encoder": fused_encoder, "progress": progress}
+    _patch_once(model, plan, opts, setup)
+    if check_why_not is None:
+        model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq)
+    else:
+        model.bsbert_plan.model_check = {"checked": False, "reason": f"not run ({check_why_not})"}
+    if verify:
+        from bsbert.verify import verify as run_verify
+
+        report = run_verify(model)
+        if not report.passed:
+            unpatch(model)
+            raise BsbertError(f"patch refused: the patched model does not match its original\n{report}")
+        model.bsbert_verify_report = report
+    if not keep_original:
+        for s in model._bsbert_swaps:
+            s[2] = None
+    return model
+
+
+def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
+    """Unpatch (if patched: a failed re-patch leaves the original modules), then patch again with
+    ``plan``'s recorded backends (no measuring); -> the model's plan."""
+    if is_patched(model):
+        unpatch(model)
+    _patch_once(model, plan, {**opts, "select": "plan"}, {**setup, "progress": False, "repatch": True})
+    return model.bsbert_plan
+
+
+def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) -> None:
+    """Build every replacement (choosing backends as opts say), then swap them in and install the lean
+    forwards; the model's plan is ``plan`` (or a fresh analysis) with the choices filled in."""
     enc_path, encoder, adapter = find_encoder(model)
     check_config(model)
     if plan is None:
@@ -193,17 +271,13 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     layers = getattr(encoder, adapter.layers_attr)
     if len(plan.layers) != len(layers):
         raise UnsupportedModelError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
-    if model.training:
+    if model.training and not setup.get("repatch"):
         warnings.warn("patching a model in training mode: bsbert modules are inference-only "
                       "(no dropout, no gradients through custom kernels); call model.eval()",
-                      RuntimeWarning, stacklevel=2)
-    opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
-            "seq": seq, "attention": attention}
+                      RuntimeWarning, stacklevel=3)
     device = next(model.parameters()).device
-    check_select(select, device)
-    measure_shape(tokens, seq)  # a bad seq is an error before anything changes
     replacements = []
-    for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not progress,
+    for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not setup["progress"],
                           unit="layer"):
         prefix = f"{enc_path}.{adapter.layers_attr}.{lp.index}"
         replacements.append((layer, _build_layer(layer, adapter, lp, opts, prefix)))
@@ -214,30 +288,18 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
             swaps.append([layer, path, layer.get_submodule(path), new])
             set_submodule(layer, path, new)
     plan.device = str(device)
-    if unpad:
+    if setup["unpad"]:
         from bsbert import unpad as unpad_mod
 
         unpad_mod.install(encoder, adapter)
-    plan.unpad = bool(unpad)
+    plan.unpad = bool(setup["unpad"])
     set_huge_pages(plan, layers)
-    set_fast_layers(model, plan, layers, adapter, fast_layers)
-    set_fused_encoder(plan, encoder, layers, fused_encoder, _encoder_owner(model, enc_path), model)
+    set_fast_layers(model, plan, layers, adapter, setup["fast_layers"])
+    set_fused_encoder(plan, encoder, layers, setup["fused_encoder"], _encoder_owner(model, enc_path), model)
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan
-    if verify:
-        from bsbert.verify import verify as run_verify
-
-        report = run_verify(model)
-        if not report.passed:
-            unpatch(model)
-            raise BsbertError(f"patch refused: the patched model does not match its original\n{report}")
-        model.bsbert_verify_report = report
-    if not keep_original:
-        for s in swaps:
-            s[2] = None
-    return model
 
 
 def set_huge_pages(plan: Plan, layers) -> None:

@@ -20,6 +20,7 @@ class LinearPlan:
     block: int | None = None
     backend: str | None = None   # e.g. "cpu-bsr", "onednn-dense", "torch-dense" (set by patch)
     reason: str | None = None    # why this backend/format (set by patch)
+    timings_ms: dict = field(default_factory=dict)  # what patch measured, per candidate (empty if not measured)
 
     @property
     def density(self) -> float:
@@ -72,6 +73,9 @@ class Plan:
     lean_model_reason: str = ""
     huge_page_bytes: int = 0      # packed CPU weights moved to 2 MiB pages (bsbert.hugepages; set by patch)
     huge_pages_reason: str = ""   # why none were
+    # patch's model-level check of the per-linear choices against dense linears (bsbert.model_check):
+    # {"checked": bool, "reason": str, and when checked "chosen_ms", "dense_ms", "kept", "shape"}
+    model_check: dict = field(default_factory=dict)
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
     def flops(self, seq: int, which: str = "remaining") -> float:
@@ -124,7 +128,8 @@ class Plan:
                    fused_encoder=d.get("fused_encoder", False),
                    fused_encoder_reason=d.get("fused_encoder_reason", ""),
                    lean_model=d.get("lean_model", False), lean_model_reason=d.get("lean_model_reason", ""),
-                   huge_page_bytes=d.get("huge_page_bytes", 0), huge_pages_reason=d.get("huge_pages_reason", ""))
+                   huge_page_bytes=d.get("huge_page_bytes", 0), huge_pages_reason=d.get("huge_pages_reason", ""),
+                   model_check=d.get("model_check", {}))
 
     # ---- report -----------------------------------------------------------------------------------
     def table(self, seq: int = 384) -> str:
@@ -176,6 +181,8 @@ class Plan:
                 lines.append("packed CPU weights: " + (f"{self.huge_page_bytes / 1e6:.1f} MB in 2 MiB pages"
                                                        if self.huge_page_bytes else
                                                        f"4 KiB pages ({self.huge_pages_reason or 'none placed'})"))
+            if self.model_check:
+                lines.append("model check: " + self.model_check.get("reason", ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

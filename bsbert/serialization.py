@@ -77,7 +77,8 @@ def save(model, path: str) -> None:
 
 def load(path: str, device: str | torch.device = "cpu", *, select: str = "measure", backend: str | None = None,
          attention: str | None = None, tokens: int = 384, progress: bool = False):
-    """Load a model written by :func:`save`; backends are chosen anew for ``device``."""
+    """Load a model written by :func:`save`; backends are chosen anew for ``device`` (``select="plan"``:
+    the backends the saved plan records, for loading on the kind of device it was saved from)."""
     import safetensors
     import safetensors.torch
     import transformers
@@ -115,6 +116,10 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
         model = cls(config)
     model.eval()
     plan = Plan.from_dict(meta["plan"])
+    if select == "plan":
+        from bsbert.patching import check_plan_choices
+
+        check_plan_choices(plan)
     _, encoder, adapter = find_encoder(model)
     layers = getattr(encoder, adapter.layers_attr)
     if len(plan.layers) != len(layers):

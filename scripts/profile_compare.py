@@ -33,7 +33,8 @@ def main() -> None:
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for fmt in ("dense", None):
-        bsbert.patch(model, **({"format": fmt} if fmt else {}), tokens=a.batch * a.seq, progress=False)
+        bsbert.patch(model, **({"format": fmt} if fmt else {}), tokens=a.batch * a.seq, seq=a.seq,
+                     progress=False)
         name = "packed (format=dense)" if fmt else "patched"
         t = time_fn(lambda: model(**inp), repeats=10, warmup=2, device=dev)
         print(f"\n== {name}: median {t['median_ms']:.2f} ms; backends {_backend_counts(model.bsbert_plan)}")

@@ -216,7 +216,8 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     from bsbert.ops.dispatch import check_select, explain, rank_by_time
 
     check_select(select, device)
-
+    if select == "plan" and not backend and num_heads:
+        raise ValueError("select='plan' reuses a plan's attention backend: pass backend= (patch does this per layer)")
     names = [backend] if backend else list(ATTENTION_BACKENDS)
     for n in names:
         if n not in ATTENTION_BACKENDS:

@@ -21,12 +21,13 @@ class Choice:
     timings_ms: dict
 
 
-SELECT_MODES = ("measure", "measure-gpu", "heuristic")
+SELECT_MODES = ("measure", "measure-gpu", "heuristic", "plan")
 
 
 def check_select(select: str, device) -> None:
     """'measure' (wall clock, as an eager caller sees it), 'measure-gpu' (GPU time from CUDA-graph replays,
-    as a model run under CUDA graphs sees it; CUDA only) or 'heuristic'."""
+    as a model run under CUDA graphs sees it; CUDA only), 'heuristic' or 'plan' (the backends a plan
+    already records; bsbert.patching checks the plan)."""
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {', '.join(map(repr, SELECT_MODES))}, got {select!r}")
     if select == "measure-gpu" and torch.device(device).type != "cuda":
@@ -97,6 +98,8 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
     attention-output and FFN-output projections); the measurement then times each candidate with
     that tail, fused into the GEMM where the backend can (cpu-bsr), so the choice sees what it runs."""
     check_select(select, weight.device)
+    if select == "plan" and not backend:
+        raise ValueError("select='plan' reuses a plan's backend: pass backend= (patch does this per linear)")
     fits, why_not = candidates(weight.device, weight.dtype, backend=backend, fmt=fmt, blocks=blocks)
     if not fits:
         raise ValueError(
