@@ -13,7 +13,6 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py encoder-chain --seq 128 --dtype bfloat16
     python scripts/model_ab.py embeddings-op --seq 128 --dtype bfloat16 --rounds 40
     python scripts/model_ab.py lean-head --seq 128 --dtype bfloat16 --rounds 40
-    python scripts/model_ab.py attn-prefetch-out --seq 128 --dtype bfloat16 --rounds 40
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -28,8 +27,6 @@ layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op 
 (BSBERT_ENCODER_CHAIN=0).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 lean-head: BertForQuestionAnswering's lean forward (on) or transformers' (off), BertModel lean in both.
-attn-prefetch-out: each CPU attention task prefetches its output rows for writing (on) or not
-(BSBERT_ATTN_PREFETCH_OUT=0).
 embeddings-op: the lean forward computes the embeddings with bsbert::bert_embeddings (on) or calls the
 embeddings module (off).
 """
@@ -46,7 +43,7 @@ from bsbert.timing import best_of_interleaved
 
 
 ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned"),
-               "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0"), "attn-prefetch-out": ("BSBERT_ATTN_PREFETCH_OUT", "0")}
+               "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0")}
 
 
 def toggles(model, what):

@@ -37,7 +37,6 @@ struct AttnArgs {
   int64_t kc;              // keys per online-softmax step (a multiple of the panel)
   int64_t mq;              // query rows per task (a multiple of AttnGeometry::rows)
   bool pf_q;                // pack also prefetches the head's Q rows (into L2)
-  bool pf_out;              // a task prefetches its output rows for writing (BSBERT_ATTN_PREFETCH_OUT=0: off)
   int64_t pf_rows;         // software prefetch distance in token rows (0 = off), see the kernel's pack
 };
 

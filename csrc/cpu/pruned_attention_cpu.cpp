@@ -58,7 +58,7 @@ AttnPath select_path(bool bf16) {
   }
 }
 
-// Tuning switches (BSBERT_ATTN_MQ, _KC, _PREFETCH, _PREFETCH_OUT), read every call so that A/B runs can toggle them;
+// Tuning switches (BSBERT_ATTN_MQ, _KC, _PREFETCH), read every call so that A/B runs can toggle them;
 // a value below min_value falls back.
 int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
   const char* s = std::getenv(name);
@@ -217,7 +217,6 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.mq = mq;
   a.pf_rows = env_int("BSBERT_ATTN_PREFETCH", kPrefetchRows, 0);
   a.pf_q = a.pf_rows > 0;
-  a.pf_out = env_int("BSBERT_ATTN_PREFETCH_OUT", 1, 0) != 0;
 
   const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);
   if (head_affinity()) {

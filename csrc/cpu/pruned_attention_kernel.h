@@ -366,16 +366,6 @@ struct AttnKernel {
       l[r] = 0.f;
     }
     std::memset(ctx, 0, rows_pad * D * sizeof(float));
-    // The output rows with write intent: they are written once at the end, and in an encoder forward
-    // their lines were evicted by the weights streamed since the buffer was last used, so the final
-    // stores would each wait for the line (perf: ~45% of this function's own samples on those stores).
-    if (a.pf_out) {
-      const int64_t esz = a.bf16 ? 2 : 4;
-      for (int64_t r = 0; r < rows; ++r) {
-        const char* dst = static_cast<const char*>(a.out) + (a.out_off[b] + (i0 + r) * a.ld_out + h * D) * esz;
-        for (int64_t o = 0; o < D * esz; o += 64) __builtin_prefetch(dst + o, 1, 3);
-      }
-    }
 
     const int64_t step = kc / P;
     for (int64_t pa = 0; pa < npan; pa += step) {
