@@ -7,6 +7,10 @@ import torch
 import bsbert
 from bsbert import _ext, lean_model
 from tests.helpers import cpu_isa_levels, inputs, tiny_config, tiny_pruned, with_threads
+from tests.helpers import qa_outputs_itself  # noqa: F401  (the fixture pytestmark names)
+
+# these tests compare forward paths bit for bit: the QA head runs qa_outputs itself (see helpers)
+pytestmark = pytest.mark.usefixtures("qa_outputs_itself")
 
 needs_op = pytest.mark.skipif(not _ext.has_op("bert_embeddings"),
                               reason=f"bsbert::bert_embeddings unavailable: {_ext.reason_unavailable()}")

@@ -7,6 +7,10 @@ import torch
 import bsbert
 from bsbert import _ext, fused_encoder
 from tests.helpers import inputs, tiny_pruned
+from tests.helpers import qa_outputs_itself  # noqa: F401  (the fixture pytestmark names)
+
+# these tests compare forward paths bit for bit: the QA head runs qa_outputs itself (see helpers)
+pytestmark = pytest.mark.usefixtures("qa_outputs_itself")
 
 needs_op = pytest.mark.skipif(not _ext.has_op("bert_encoder"),
                               reason=f"bsbert::bert_encoder unavailable: {_ext.reason_unavailable()}")

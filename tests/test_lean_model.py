@@ -53,6 +53,7 @@ def test_bit_for_bit_transformers_forward(monkeypatch, pad_from, with_types):
         inp["token_type_ids"] = (torch.arange(21) > 10).long().expand(2, 21).contiguous()
         inp["position_ids"] = torch.arange(21).expand(2, 21).contiguous()
     calls = _count_fallbacks(monkeypatch, model.bert)
+    monkeypatch.setattr(lean_model, "_head_kernel", lambda *a: None)  # qa_outputs itself (tested below)
     lean, ref = _both(model, inp)
     assert len(calls) == 1  # the lean run did not call transformers' forward, the reference did
     assert torch.equal(lean.start_logits, ref.start_logits) and torch.equal(lean.end_logits, ref.end_logits)
@@ -115,6 +116,7 @@ def test_qa_head_lean_forward_bit_for_bit(monkeypatch, dtype):
     assert "lean question-answering forward" in repr(model).splitlines()[0] + repr(model)
     inp = inputs(batch=2, seq=19, pad_from=11)
     calls = _count_fallbacks(monkeypatch, model)
+    monkeypatch.setattr(lean_model, "_head_kernel", lambda *a: None)  # qa_outputs itself (tested below)
     with torch.inference_mode():
         lean = model(**inp)
         assert calls == []  # the head's lean form ran, not transformers' forward
@@ -157,3 +159,81 @@ def test_qa_head_lean_forward_off_with_verify_and_unpatch():
     bsbert.unpatch(model)
     assert not lean_model.installed(model) and "_bsbert_output_type" not in vars(model)
     assert "lean question-answering" not in repr(model)
+
+
+def _head_errors(model, inp):
+    """Max |error| against a float64 head on the same encoder output: of the lean forward's start/end
+    logits and of torch's F.linear in the model's dtype; and the typical rounding error of such a sum
+    in fp32 (sqrt(K) * eps * max sum |x w|): both sum the K products in fp32, in different orders."""
+    with torch.inference_mode():
+        out = model(**inp)
+        seq = model.bert(**inp).last_hidden_state
+        w, b = model.qa_outputs.weight, model.qa_outputs.bias
+        ref = (seq.double() @ w.double().T + b.double())
+        torch_err = (torch.nn.functional.linear(seq, w, b).double() - ref).abs().max().item()
+        ours = torch.stack([out.start_logits, out.end_logits], -1).double()
+        abs_sum = (seq.double().abs() @ w.double().abs().T).max().item()
+        fp32_sum_err = seq.shape[-1] ** 0.5 * torch.finfo(torch.float32).eps * abs_sum
+        return (ours - ref).abs().max().item(), torch_err, fp32_sum_err
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qa_head_kernel_error_at_most_twice_torchs(dtype):
+    """The lean QA forward's head runs on bsbert's CPU GEMM: its error against a float64 head on the same
+    encoder output is at most 2x F.linear's in the same dtype, plus the fp32 summation's typical error
+    (the orders differ) and, for bf16 outputs, one rounding step."""
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64), seed=4).to(dtype)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
+    for seq, pad in ((19, 11), (1, None), (64, 30)):
+        inp = inputs(batch=2, seq=seq, pad_from=pad, seed=seq)
+        ours, theirs, sum_err = _head_errors(model, inp)
+        assert "_bsbert_qa_head" in vars(model)
+        with torch.inference_mode():
+            scale = model(**inp).start_logits.abs().max().item()
+        step = torch.finfo(dtype).eps * scale if dtype == torch.bfloat16 else 0.0
+        assert ours <= 2 * theirs + sum_err + step, (ours, theirs, sum_err)
+
+
+@needs_op
+def test_qa_head_kernel_follows_the_module():
+    """The prepared head is rebuilt when qa_outputs' weight changes in place or the module is replaced; a
+    module that is not a plain nn.Linear, a hook on it or autograd mode run qa_outputs itself."""
+    model = _patched()
+    inp = inputs(batch=1, seq=15)
+
+    def logits():
+        with torch.inference_mode():
+            o = model(**inp)
+        return torch.stack([o.start_logits, o.end_logits], -1)
+
+    def reference():
+        with torch.inference_mode():
+            seq = model.bert(**inp).last_hidden_state
+            return model.qa_outputs(seq)
+
+    first = logits()
+    assert torch.allclose(first, reference(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.qa_outputs.weight.mul_(-2)  # in place: the version counter moves
+    assert torch.allclose(logits(), reference(), rtol=1e-5, atol=1e-6) and not torch.allclose(logits(), first)
+    model.qa_outputs = torch.nn.Linear(model.config.hidden_size, 2)  # a new module
+    assert torch.allclose(logits(), reference(), rtol=1e-5, atol=1e-6)
+
+    class MyHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model.qa_outputs = MyHead(model.config.hidden_size, 2)
+    with torch.inference_mode():
+        seq = model.bert(**inp).last_hidden_state
+        want = torch.nn.functional.linear(seq, model.qa_outputs.weight, model.qa_outputs.bias) + 1.0
+    assert torch.equal(logits(), torch.stack(want.split(1, -1), -1).squeeze(-2))
+    model.qa_outputs = torch.nn.Linear(model.config.hidden_size, 2)
+    seen = []
+    h = model.qa_outputs.register_forward_hook(lambda *a: seen.append(1))
+    logits()
+    h.remove()
+    assert seen == [1]
+    out = model(**inp)  # autograd on: qa_outputs itself, so the logits carry its graph
+    assert out.start_logits.requires_grad
