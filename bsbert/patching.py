@@ -2,6 +2,7 @@
 swaps (plain attribute assignments, which cannot fail) happen together; ``unpatch`` restores."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -221,6 +222,8 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
     if getattr(model, "_bsbert_patched", False):
         raise AlreadyPatchedError("model is already patched by bsbert; call bsbert.unpatch(model) first")
+    find_encoder(model)  # an unsupported model is refused first (and again in _patch_once: cheap)
+    check_config(model)
     device = next(model.parameters()).device
     check_select(select, device)
     measure_shape(tokens, seq)  # a bad seq is an error before anything changes
@@ -229,6 +232,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
             raise ValueError("select='plan' reuses a plan's backends: pass plan= (e.g. another patched "
                              "model's bsbert_plan)")
         check_plan_choices(plan)
+        plan = copy.deepcopy(plan)  # often another model's own plan: patch fills in its copy, not that one
     check_why_not = model_check.why_not(check_model, select, backend, format, device)  # errors here too
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "seq": seq, "attention": attention}

@@ -40,6 +40,8 @@ def test_plan_select_reuses_the_recorded_backends():
     assert all(lin.reason.startswith("plan: ") for lp in model.bsbert_plan.layers for lin in lp.linears.values()
                if lin.backend != "bias-only")
     assert [lp.attention_backend for lp in model.bsbert_plan.layers] == [lp.attention_backend for lp in plan.layers]
+    assert model.bsbert_plan is not plan  # the given plan (often another model's own) is left as it was
+    assert not any(lin.reason.startswith("plan: ") for lp in plan.layers for lin in lp.linears.values())
     out = _run(model, inp)
     assert torch.equal(out.start_logits, first.start_logits)  # same kernels, same packed weights
     assert rel_err(ref, out) <= TOL_FP32
