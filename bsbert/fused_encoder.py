@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from bsbert import instance_forward
+from bsbert import generation, instance_forward
 
 _BACKEND_KIND = {"cpu-bsr": 0, "onednn-dense": 1, "torch-dense": 2}
 # the op's per-layer argument layout (csrc/ops.cpp, csrc/cpu/bert_encoder.cpp): 4 linears x 4 tensors +
@@ -51,20 +51,33 @@ class Program:
     # that the per-call check is a truth test per dict rather than two attribute lookups per module
     hook_dicts: list = field(default_factory=list, repr=False)
     # (dict, key, object) for every module / choice the tensors were taken from: a module or backend
-    # choice replaced after patch would otherwise leave the op computing with the old one
+    # choice replaced after patch would otherwise leave the op computing with the old one. ``watch``:
+    # attributes of other classes (transformers' layers), looked up on every call; ``watch_bsbert``:
+    # attributes of bsbert's own classes, looked up only when bsbert.generation's counter has moved
     watch: list = field(default_factory=list, repr=False)
+    watch_bsbert: list = field(default_factory=list, repr=False)
+    generation: int = -1  # the counter's value when watch_bsbert last matched
 
     def __post_init__(self):
         self.hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
 
     def stale(self) -> bool:
-        return any(d.get(k) is not v for d, k, v in self.watch)
+        if any(d.get(k) is not v for d, k, v in self.watch):
+            return True
+        now = generation.current()
+        if now == self.generation:
+            return False
+        if any(d.get(k) is not v for d, k, v in self.watch_bsbert):
+            return True
+        self.generation = now  # nothing of this encoder's was replaced: the counter moved elsewhere
+        return False
 
 
 def _watch(owner, name: str) -> tuple:
-    """(the dict that holds owner.name, name, its current value), for Program.stale."""
+    """(the dict that holds owner.name, name, its current value, whether owner is a bsbert class whose
+    attribute writes bump bsbert.generation's counter), for Program.stale."""
     d = owner._modules if isinstance(owner, nn.Module) and name in owner._modules else vars(owner)
-    return d, name, d[name]
+    return d, name, d[name], isinstance(owner, generation.Bumps)
 
 
 def _linear_args(lin, gelu: bool, where: str):
@@ -138,7 +151,9 @@ def program(layers, dtype: torch.dtype) -> Program | str:
         return "weights are not on the CPU"
     if not _op_available():
         return "bsbert::bert_encoder has no CPU kernel in this build"
-    return Program(tensors, ints, floats, dtype, list(layers), modules, watch=watch)
+    ours = [w for w in watch if w[3]]
+    return Program(tensors, ints, floats, dtype, list(layers), modules, watch=[w[:3] for w in watch if not w[3]],
+                   watch_bsbert=[w[:3] for w in ours])
 
 
 def _op_available() -> bool:
@@ -152,13 +167,20 @@ def _op_available() -> bool:
         return False
 
 
+_COLLECTOR: list = []  # [transformers' capture context variable, or None], looked up once
+
+
 def _capturing() -> bool:
-    """transformers (>= 5) is collecting hidden states / attentions through its layer hooks."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return False
-    return bool(_active_collector.get())
+    """transformers (>= 5) is collecting hidden states / attentions through its layer hooks. (The context
+    variable is looked up once: the import statement alone cost ~30 us per call in a cold forward.)"""
+    if not _COLLECTOR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            _active_collector = None
+        _COLLECTOR.append(_active_collector)
+    collector = _COLLECTOR[0]
+    return collector is not None and bool(collector.get())
 
 
 def _is_capture_hook(hook) -> bool:

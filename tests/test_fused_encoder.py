@@ -187,6 +187,42 @@ def test_a_replaced_choice_or_module_is_never_computed_with_the_old_tensors(monk
 
 
 @needs_op
+def test_staleness_check_is_cheap_when_nothing_changed_and_still_sees_replacements(monkeypatch):
+    """bsbert's own modules and choices bump bsbert.generation's counter when an attribute is set: a forward
+    changes none (so the check stays one comparison), patching another model moves the counter without
+    making this encoder stale, and a replaced submodule of a bsbert module (setattr or add_module) is seen."""
+    from bsbert import generation
+    from bsbert.nn import SparseLinear
+
+    model = _patched()
+    inp = inputs(batch=1, seq=9)
+    calls = _called(monkeypatch)
+    _run(model, inp)
+    prog = model.bert.encoder._bsbert_program
+    before = generation.current()
+    assert prog.generation == before and prog.watch and prog.watch_bsbert
+    _run(model, inp)
+    _run(model, inp)
+    assert generation.current() == before and calls == [1, 1, 1]
+    _patched()  # another model: the counter moves (its own patch may call the op too)
+    assert generation.current() != before
+    n = len(calls)
+    _run(model, inp)
+    assert len(calls) == n + 1 and prog.generation == generation.current()  # this encoder is still current
+    so = model.bert.encoder.layer[2].attention.output
+    old = so.dense
+    so.dense = SparseLinear(old.in_features, old.out_features, old.bias, old.choice, old.gelu, old.density)
+    out = _run(model, inp)
+    assert len(calls) == n + 1  # a new module object: the per-layer path ran
+    fresh = SparseLinear(old.in_features, old.out_features, old.bias, old.choice, old.gelu, old.density)
+    so.dense = old  # back: current again
+    assert torch.equal(_run(model, inp).start_logits, out.start_logits) and len(calls) == n + 2
+    so.add_module("dense", fresh)  # add_module (no __setattr__) bumps the counter too
+    _run(model, inp)
+    assert len(calls) == n + 2
+
+
+@needs_op
 def test_steps_aside_for_hooks_and_collected_outputs(monkeypatch):
     model = _patched()
     inp = inputs(batch=1, seq=15)

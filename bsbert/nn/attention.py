@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bsbert.generation import Bumps
 from bsbert.nn.linear import SparseLinear
 
 
-class PrunedSelfAttention(nn.Module):
+class PrunedSelfAttention(Bumps, nn.Module):
     """Drop-in for transformers' BertSelfAttention (encoder, inference): same call signature, returns
     ``(context, None)`` with context ``[B, S, kept_heads * head_dim]``.
 

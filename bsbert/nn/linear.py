@@ -5,10 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bsbert.generation import Bumps
 from bsbert.ops.dispatch import Choice
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(Bumps, nn.Module):
     """``act(x @ W.T + b)`` for a packed (dead rows/columns removed) weight, run by the backend that
     the dispatcher chose. An empty weight (every head or neuron removed) yields the bias."""
 
@@ -46,7 +47,7 @@ class SparseLinear(nn.Module):
                 f"backend={be}, density={self.density:.3f}{', gelu' if self.gelu else ''}")
 
 
-class FusedIntermediate(nn.Module):
+class FusedIntermediate(Bumps, nn.Module):
     """Replaces BertIntermediate: linear + activation, the exact GELU fused into the GEMM when the
     backend has it."""
 
@@ -59,7 +60,7 @@ class FusedIntermediate(nn.Module):
         return h if self.act is None else self.act(h)
 
 
-class FusedFFN(nn.Module):
+class FusedFFN(Bumps, nn.Module):
     """Replaces a whole FFN block ``ffn_out(act(ffn_in(x)))`` (DistilBERT's ``FFN``)."""
 
     def __init__(self, ffn_in: SparseLinear, act, ffn_out: SparseLinear):

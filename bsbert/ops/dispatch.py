@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from bsbert.generation import Bumps
 from bsbert.ops.linear_backends import BACKENDS, PreparedLinear
 
 BSR_DENSITY_RULE = 0.9  # heuristic mode: use a block-sparse kernel below this block density
 
 
 @dataclass
-class Choice:
+class Choice(Bumps):  # a replaced choice must reach bsbert.fused_encoder's check
     prepared: PreparedLinear
     backend: str
     format: str
