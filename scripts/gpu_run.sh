@@ -75,7 +75,7 @@ fi
 # sets BSBERT_TRITON_AUTOTUNE=0 there: one fixed config per shape instead of autotuning each.
 TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -k "not (errors or rejects)" \
   tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
-  tests/test_patch.py tests/test_profile_nvtx.py
+  tests/test_patch.py tests/test_profile_nvtx.py tests/test_model_check.py
 
 # Only when named in GPU_STEPS (the full pytest_gpu above includes it): the CUDA op tests alone.
 if [[ " ${GPU_STEPS:-} " == *" pytest_cuda_ops "* ]]; then
