@@ -151,9 +151,8 @@ def program(layers, dtype: torch.dtype) -> Program | str:
         return "weights are not on the CPU"
     if not _op_available():
         return "bsbert::bert_encoder has no CPU kernel in this build"
-    ours = [w for w in watch if w[3]]
     return Program(tensors, ints, floats, dtype, list(layers), modules, watch=[w[:3] for w in watch if not w[3]],
-                   watch_bsbert=[w[:3] for w in ours])
+                   watch_bsbert=[w[:3] for w in watch if w[3]])
 
 
 def _op_available() -> bool:
