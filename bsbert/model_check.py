@@ -69,20 +69,19 @@ def dense_plan(plan: Plan, device, dtype) -> Plan | None:
     return out if changed else None
 
 
-def forward_inputs(model, tokens: int, seq: int | None, device) -> dict | str:
-    """Generated ``input_ids`` / ``attention_mask`` of ``measure_shape(tokens, seq)`` (the sequence
-    length capped at the model's position table), or why there are none."""
+def forward_inputs(model, tokens: int, seq: int | None) -> dict | str:
+    """Generated ``input_ids`` / ``attention_mask`` (no padding) of ``measure_shape(tokens, seq)`` (the
+    sequence length capped at the model's position table), or why there are none."""
+    from bsbert.verify import example_inputs
+
     cfg = getattr(model, "config", None)
-    vocab = getattr(cfg, "vocab_size", None)
-    if not vocab:
+    if not getattr(cfg, "vocab_size", None):
         return "the model's config has no vocab_size to generate inputs from"
     batch, s = measure_shape(tokens, seq)
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos and s > max_pos:
         batch, s = max(1, batch * s // max_pos), max_pos
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, s), generator=g).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return example_inputs(model, batch, s, padded=False)
 
 
 def _time(model, inputs: dict, device) -> float:
@@ -92,8 +91,8 @@ def _time(model, inputs: dict, device) -> float:
 
 
 def run(model, repatch, tokens: int, seq: int | None) -> None:
-    """``repatch(plan)`` unpatches ``model`` and patches it again from ``plan``'s recorded backends,
-    returning the model's new plan. Leaves the faster variant in place and its plan's ``model_check``
+    """``repatch(plan)`` unpatches ``model`` and patches it again from a copy of ``plan``'s recorded
+    backends, returning the model's new plan. Leaves the faster variant in place and its plan's ``model_check``
     filled in."""
     plan: Plan = model.bsbert_plan
     param = next(model.parameters())
@@ -101,7 +100,7 @@ def run(model, repatch, tokens: int, seq: int | None) -> None:
     if dense is None:
         plan.model_check = {"checked": False, "reason": "not needed: no linear is block-sparse"}
         return
-    inputs = forward_inputs(model, tokens, seq, param.device)
+    inputs = forward_inputs(model, tokens, seq)
     if isinstance(inputs, str):
         plan.model_check = {"checked": False, "reason": f"not run: {inputs}"}
         return
@@ -112,18 +111,17 @@ def run(model, repatch, tokens: int, seq: int | None) -> None:
         plan.model_check = {"checked": False,
                             "reason": f"not run: the forward on generated inputs {shape} failed ({exc})"}
         return
-    chosen = copy.deepcopy(plan)  # the choices with their own reasons, for putting them back
-    dense_src = copy.deepcopy(dense)
+    # repatch works on copies: `plan` (the choices, with their own reasons) and `dense` stay as they are
     try:
         repatch(dense)
         dense_ms = _time(model, inputs, param.device)
     except Exception as exc:  # the dense variant failed: the choices go back in, the plan says why
-        _restore_reasons(repatch(copy.deepcopy(chosen)), chosen)
+        _restore_reasons(repatch(plan), plan)
         model.bsbert_plan.model_check = {"checked": False, "reason": f"not run: the dense variant failed ({exc})"}
         return
     keep_dense = dense_ms < (1 - MARGIN) * chosen_ms
-    final = model.bsbert_plan if keep_dense else repatch(copy.deepcopy(chosen))
-    _restore_reasons(final, dense_src if keep_dense else chosen)
+    final = model.bsbert_plan if keep_dense else repatch(plan)
+    _restore_reasons(final, dense if keep_dense else plan)
     what = (f"forward at B={shape[0]} S={shape[1]}: per-linear choices {chosen_ms:.2f} ms, dense linears "
             f"{dense_ms:.2f} ms -> kept {'dense linears' if keep_dense else 'the per-linear choices'}")
     final.model_check = {"checked": True, "reason": what, "chosen_ms": chosen_ms, "dense_ms": dense_ms,

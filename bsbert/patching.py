@@ -257,11 +257,12 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
 
 def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
-    """Unpatch (if patched: a failed re-patch leaves the original modules), then patch again with
-    ``plan``'s recorded backends (no measuring); -> the model's plan."""
+    """Unpatch (if patched: a failed re-patch leaves the original modules), then patch again with the
+    backends ``plan`` records (no measuring), on a copy as ``patch(select="plan")`` does; -> the model's plan."""
     if is_patched(model):
         unpatch(model)
-    _patch_once(model, plan, {**opts, "select": "plan"}, {**setup, "progress": False, "repatch": True})
+    _patch_once(model, copy.deepcopy(plan), {**opts, "select": "plan"},
+                {**setup, "progress": False, "repatch": True})
     return model.bsbert_plan
 
 

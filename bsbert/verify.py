@@ -30,14 +30,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def example_inputs(model, batch: int = 2, seq: int = 48, seed: int = 0) -> dict:
-    """Random token ids with a padded last row (so masking is exercised)."""
+def example_inputs(model, batch: int = 2, seq: int = 48, seed: int = 0, padded: bool = True) -> dict:
+    """Random token ids; ``padded``: with a padded last row (so masking is exercised)."""
     cfg = model.config
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
     am = torch.ones_like(ids)
-    if batch > 1:
+    if padded and batch > 1:
         am[-1, seq // 2:] = 0
     return {"input_ids": ids.to(dev), "attention_mask": am.to(dev)}
 
