@@ -179,7 +179,14 @@ def _capturing() -> bool:
             _active_collector = None
         _COLLECTOR.append(_active_collector)
     collector = _COLLECTOR[0]
-    return collector is not None and bool(collector.get())
+    if collector is None:
+        return False
+    # Under torch.compile transformers keeps a capture in a plain attribute (its CompileableContextVar
+    # sets `compiling` then), and before torch 2.14 dynamo cannot trace ContextVar.get: calling get()
+    # broke the graph of every compiled patched forward on torch 2.11-2.13 (found with torch 2.13).
+    if torch.compiler.is_compiling() and not getattr(collector, "compiling", False):
+        return False
+    return bool(collector.get())
 
 
 def _is_capture_hook(hook) -> bool:
