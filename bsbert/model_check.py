@@ -1,13 +1,17 @@
-"""patch's last step (``check_model``): the whole forward with the per-linear choices against the same
-model with every linear on its fastest dense backend (what packing alone gives), keeping the faster.
+"""patch's last step (``check_model``): the whole forward with the measured choices against the same
+model on what packing alone gives (dense linears, torch SDPA attention), keeping the faster.
 
-Each linear's backend is chosen from timings of that linear alone, called back to back on one input.
-A forward is not always the sum of those: on a GPU the host launches the calls one after another, so
-kernels that each win alone (their launch hidden behind their own previous call) can leave the whole
-forward host-bound, and caches hold other data between calls in a model. An H100 run (stop 16,
-batch 32) measured a patched forward 1.8x slower than packing only. This check makes that visible
-in the plan and keeps such a model on dense linears, so ``patch`` does not end slower than packing.
-The attention backends are the same in both forwards; only the linears differ.
+Each linear's and each layer's attention backend is chosen from timings of that call alone, called back
+to back on one input. A forward is not always the sum of those: on a GPU the host launches the calls
+one after another, so kernels that each win alone (their launch hidden behind their own previous call)
+can leave the whole forward host-bound, and caches hold other data between calls in a model. An H100
+run (stop 16, batch 32) measured a patched forward 1.8x slower than packing only, cause not diagnosed:
+linears or attention. So the check asks both questions of the whole forward, one after the other:
+1. attention: the measured choices vs torch SDPA in every layer with kept heads (skipped when every
+   layer already runs SDPA or ``attention=`` forced a backend);
+2. linears: every block-sparse linear moved to its fastest dense backend, with the attention step 1 kept.
+Three forwards at most; a variant replaces the choices only when at least ``MARGIN`` faster than the
+best so far. ``patch`` then cannot end measurably slower than packing alone (all dense, SDPA).
 """
 from __future__ import annotations
 
@@ -90,15 +94,33 @@ def _time(model, inputs: dict, device) -> float:
     return 1e3 * best_of_interleaved([lambda: model(**inputs)], rounds=ROUNDS, device=device)[0]
 
 
-def run(model, repatch, tokens: int, seq: int | None) -> None:
+SDPA = "torch-sdpa"
+
+
+def sdpa_plan(plan: Plan) -> Plan | None:
+    """A copy of ``plan`` with torch SDPA as the attention of every layer with kept heads; None if every
+    such layer already has it."""
+    out, changed = copy.deepcopy(plan), False
+    for lp in out.layers:
+        if lp.kept_heads and lp.attention_backend != SDPA:
+            lp.attention_reason = (f"model check: torch SDPA ran the forward faster than the measured choice "
+                                   f"({lp.attention_backend})")
+            lp.attention_backend = SDPA
+            changed = True
+    return out if changed else None
+
+
+def run(model, repatch, tokens: int, seq: int | None, attention_forced: bool = False) -> None:
     """``repatch(plan)`` unpatches ``model`` and patches it again from a copy of ``plan``'s recorded
-    backends, returning the model's new plan. Leaves the faster variant in place and its plan's ``model_check``
-    filled in."""
+    backends, returning the model's new plan. Times the forward with the choices, then (see the module's
+    docstring) with SDPA attention and with dense linears; leaves the fastest variant in place (a variant
+    must beat the best so far by ``MARGIN``) and its plan's ``model_check`` filled in."""
     plan: Plan = model.bsbert_plan
     param = next(model.parameters())
-    dense = dense_plan(plan, param.device, param.dtype)
-    if dense is None:
-        plan.model_check = {"checked": False, "reason": "not needed: no linear is block-sparse"}
+    sdpa = None if attention_forced else sdpa_plan(plan)
+    if sdpa is None and dense_plan(plan, param.device, param.dtype) is None:
+        plan.model_check = {"checked": False, "reason": "not needed: no linear is block-sparse and every attention is "
+                            + ("forced" if attention_forced else "torch SDPA")}
         return
     inputs = forward_inputs(model, tokens, seq)
     if isinstance(inputs, str):
@@ -111,24 +133,60 @@ def run(model, repatch, tokens: int, seq: int | None) -> None:
         plan.model_check = {"checked": False,
                             "reason": f"not run: the forward on generated inputs {shape} failed ({exc})"}
         return
-    # repatch works on copies: `plan` (the choices, with their own reasons) and `dense` stay as they are
-    try:
-        repatch(dense)
-        dense_ms = _time(model, inputs, param.device)
-    except Exception as exc:  # the dense variant failed: the choices go back in, the plan says why
-        _restore_reasons(repatch(plan), plan)
-        model.bsbert_plan.model_check = {"checked": False, "reason": f"not run: the dense variant failed ({exc})"}
-        return
-    keep_dense = dense_ms < (1 - MARGIN) * chosen_ms
-    final = model.bsbert_plan if keep_dense else repatch(plan)
-    _restore_reasons(final, dense if keep_dense else plan)
-    what = (f"forward at B={shape[0]} S={shape[1]}: per-linear choices {chosen_ms:.2f} ms, dense linears "
-            f"{dense_ms:.2f} ms -> kept {'dense linears' if keep_dense else 'the per-linear choices'}")
-    final.model_check = {"checked": True, "reason": what, "chosen_ms": chosen_ms, "dense_ms": dense_ms,
-                         "kept": "dense" if keep_dense else "chosen", "shape": shape}
-    if keep_dense:
-        warnings.warn(f"bsbert.patch: the per-linear backend choices made the whole forward slower than dense "
-                      f"linears ({what}); see model.bsbert_plan.model_check", RuntimeWarning, stacklevel=3)
+    times = {"chosen": chosen_ms}
+    plans = {"chosen": plan}
+    in_place = "chosen"
+    # repatch works on copies: `plan` (the choices, with their own reasons) and the variants stay as they are
+    for name in ("sdpa", "dense", "again"):
+        best = kept(times)
+        if name == "sdpa":
+            cand = sdpa
+        elif name == "dense":
+            cand = dense_plan(plans[best], param.device, param.dtype)
+            name = "dense+sdpa" if best == "sdpa" else "dense"
+        else:  # a variant won: time the choices once more, so that a slow moment during their first
+            cand = plan if best != "chosen" else None  # timing cannot decide alone
+        if cand is None:
+            continue
+        try:
+            repatch(cand)
+            in_place = "chosen" if name == "again" else name
+            ms = _time(model, inputs, param.device)
+        except Exception as exc:  # a variant failed: the choices go back in, the plan says why
+            _restore_reasons(repatch(plan), plan)
+            model.bsbert_plan.model_check = {"checked": False, "reason": f"not run: the {VARIANTS[name]} variant "
+                                             f"failed ({exc})", "times_ms": times, "shape": shape}
+            return
+        if name == "again":
+            times["chosen"] = min(times["chosen"], ms)
+        else:
+            times[name], plans[name] = ms, cand
+    best = kept(times)
+    best_plan = plans[best]
+    final = model.bsbert_plan if in_place == best else repatch(best_plan)
+    _restore_reasons(final, best_plan)
+    timed = ", ".join(f"{VARIANTS[k]} {v:.2f} ms" for k, v in times.items())
+    what = f"forward at B={shape[0]} S={shape[1]}: {timed} -> kept {VARIANTS[best]}"
+    final.model_check = {"checked": True, "reason": what, "times_ms": times, "kept": best, "shape": shape,
+                         "chosen_ms": times["chosen"], "dense_ms": times.get("dense", times.get("dense+sdpa"))}
+    if best != "chosen":
+        warnings.warn(f"bsbert.patch: the measured backend choices made the whole forward slower than "
+                      f"{VARIANTS[best]} ({what}); see model.bsbert_plan.model_check", RuntimeWarning, stacklevel=3)
+
+
+# what each variant the check times is, as the plan's reason says it
+VARIANTS = {"chosen": "the measured choices", "sdpa": "torch SDPA attention", "dense": "dense linears",
+            "dense+sdpa": "dense linears with torch SDPA attention", "again": "the measured choices (again)"}
+
+
+def kept(times: dict) -> str:
+    """The variant to keep from ``times`` (ms, in the order timed, "chosen" first): each later variant
+    replaces the best so far only when at least ``MARGIN`` faster than it."""
+    best = "chosen"
+    for name, ms in times.items():
+        if ms < (1 - MARGIN) * times[best]:
+            best = name
+    return best
 
 
 def _restore_reasons(final: Plan, chosen: Plan) -> None:

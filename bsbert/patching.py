@@ -197,11 +197,12 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     'cpu') the attention kernel (default: measured among those that fit; on CPU that is bsbert's C++
     kernel vs torch SDPA). Returns the model; ``model.bsbert_plan`` holds the plan with every choice and
     its reason; ``bsbert.unpatch(model)`` restores the original modules.
-    ``check_model``: after choosing per linear, time the whole forward on ``tokens // seq`` random
-    sequences with those choices and with every linear on its fastest dense backend, and keep dense
-    linears if they are clearly faster (bsbert.model_check: per-linear timings in isolation can mislead
-    where a forward's calls interact, e.g. host-bound GPU launches). Default (None): on for CUDA models
-    with ``select='measure'``; False never; True also on CPU. The plan's ``model_check`` says what ran.
+    ``check_model``: after choosing per call, time the whole forward on ``tokens // seq`` random
+    sequences with those choices, with torch SDPA attention, and with every block-sparse linear on its
+    fastest dense backend, and keep a variant that is clearly faster (bsbert.model_check: timings of each
+    call in isolation can mislead where a forward's calls interact, e.g. host-bound GPU launches).
+    Default (None): on for CUDA models with ``select='measure'``; False never; True also on CPU. The
+    plan's ``model_check`` says what ran.
     A model without pruning is patched too (fused QKV, faster kernels); the plan shows it.
     ``keep_original=False`` drops the replaced modules so memory goes down (then unpatch/verify are
     impossible). ``verify=True`` compares the patched model with its masked dense original once on
@@ -239,7 +240,8 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     setup = {"unpad": unpad, "fast_layers": fast_layers, "fused_encoder": fused_encoder, "progress": progress}
     _patch_once(model, plan, opts, setup)
     if check_why_not is None:
-        model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq)
+        model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq,
+                        attention_forced=bool(attention))
     else:
         model.bsbert_plan.model_check = {"checked": False, "reason": f"not run ({check_why_not})"}
     if verify:

@@ -1,6 +1,7 @@
 """patch(select='plan') (re-patch from a plan's recorded backends) and patch(check_model=...) (the whole
 forward with the per-linear choices vs dense linears, keep the faster; bsbert.model_check)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -90,36 +91,82 @@ def test_check_model_runs_and_keeps_the_faster_forward():
     bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=64, seq=32)
     mc = model.bsbert_plan.model_check
     assert mc["checked"] and mc["shape"] == [2, 32]
-    assert mc["chosen_ms"] > 0 and mc["dense_ms"] > 0
-    assert (mc["kept"] == "dense") == (mc["dense_ms"] < (1 - model_check.MARGIN) * mc["chosen_ms"])
-    assert "per-linear choices" in model.bsbert_plan.table(32)
+    t = mc["times_ms"]
+    assert set(t) in ({"chosen", "sdpa", "dense"}, {"chosen", "sdpa", "dense+sdpa"}) and all(v > 0 for v in t.values())
+    assert mc["chosen_ms"] == t["chosen"] and mc["dense_ms"] == t.get("dense", t.get("dense+sdpa"))
+    # the kept variant is the margin rule applied in order: sdpa against the choices, then dense against the best
+    best = "sdpa" if t["sdpa"] < (1 - model_check.MARGIN) * t["chosen"] else "chosen"
+    dense = "dense+sdpa" if best == "sdpa" else "dense"
+    assert dense in t
+    if t[dense] < (1 - model_check.MARGIN) * t[best]:
+        best = dense
+    assert mc["kept"] == best
+    assert "the measured choices" in model.bsbert_plan.table(32)
     assert rel_err(ref, _run(model, inp)) <= TOL_FP32
 
 
-@pytest.mark.parametrize("dense_wins", [True, False])
-def test_check_model_outcomes(monkeypatch, dense_wins):
+def _check_with_times(model, times, **kw):
+    """patch with check_model=True, the check's timer returning ``times`` in order (chosen, sdpa, dense)."""
+    it = iter(times)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model_check, "_time", lambda *a: next(it))
+    try:
+        bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=32, **kw)
+    finally:
+        mp.undo()
+    assert next(it, None) is None, "the check timed fewer forwards than expected"
+
+
+# times in the order the check takes them (the choices, SDPA attention, dense linears with the attention
+# kept so far, and the choices once more when a variant won) -> the variant kept
+OUTCOMES = {
+    "chosen": ([5.0, 10.0, 10.0], "chosen"),
+    "dense": ([10.0, 10.0, 5.0, 10.0], "dense"),
+    "sdpa": ([10.0, 5.0, 10.0, 10.0], "sdpa"),
+    "dense+sdpa": ([10.0, 5.0, 2.0, 10.0], "dense+sdpa"),
+    "within the margin": ([10.0, 9.8, 9.8], "chosen"),
+    # the choices' first timing was a slow moment: timed again, they win
+    "chosen again": ([10.0, 10.0, 8.0, 7.9], "chosen"),
+    # timed again, the choices are faster than at first but SDPA still beats them by the margin
+    "sdpa confirmed": ([10.0, 6.5, 6.5, 7.1], "sdpa"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTCOMES))
+def test_check_model_outcomes(case):
     """The timer is replaced so that one variant clearly wins: the model ends with that variant's
     backends, its plan says why, and its outputs still match the masked dense model."""
+    times, kept = OUTCOMES[case]
     model = _seed_like()
     inp = inputs(batch=2, seq=23, pad_from=9)
     ref = _run(model, inp)
-    times = iter([10.0, 5.0] if dense_wins else [5.0, 10.0])  # chosen first, then dense
-    monkeypatch.setattr(model_check, "_time", lambda *a: next(times))
     bsbert.patch(model, select="heuristic", progress=False, tokens=32)  # what the choices are
     chosen = copy.deepcopy(model.bsbert_plan)
+    assert any(lp.kept_heads and lp.attention_backend != "torch-sdpa" for lp in chosen.layers)
     bsbert.unpatch(model)
-    if dense_wins:
-        with pytest.warns(RuntimeWarning, match="slower than dense linears"):
-            bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=32)
+    if kept == "chosen":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            _check_with_times(model, times)
     else:
-        bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=32)
+        with pytest.warns(RuntimeWarning, match="slower than " + model_check.VARIANTS[kept]):
+            _check_with_times(model, times)
     plan = model.bsbert_plan
-    assert plan.model_check["kept"] == ("dense" if dense_wins else "chosen")
+    assert plan.model_check["kept"] == kept
+    dense_name = "dense+sdpa" if times[1] < (1 - model_check.MARGIN) * times[0] else "dense"
+    expect = dict(zip(["chosen", "sdpa", dense_name], times))
+    if len(times) == 4:
+        expect["chosen"] = min(times[0], times[3])
+    assert plan.model_check["times_ms"] == expect
+    assert plan.model_check["chosen_ms"] == expect["chosen"]
     for lp, lc in zip(plan.layers, chosen.layers):
-        assert lp.attention_backend == lc.attention_backend and lp.attention_reason == lc.attention_reason
+        if "sdpa" in kept and lc.kept_heads:
+            assert lp.attention_backend == "torch-sdpa" and lp.attention_reason.startswith("model check:")
+        else:
+            assert lp.attention_backend == lc.attention_backend and lp.attention_reason == lc.attention_reason
         for name, lin in lp.linears.items():
             was = lc.linears[name]
-            if dense_wins and was.format == "bsr":
+            if kept.startswith("dense") and was.format == "bsr":
                 assert lin.format == "dense" and lin.backend in ("onednn-dense", "torch-dense")
                 assert lin.reason.startswith("model check:")
             else:
@@ -129,13 +176,25 @@ def test_check_model_outcomes(monkeypatch, dense_wins):
     assert rel_err(ref, _run(model, inp)) == 0
 
 
-def test_check_model_failing_dense_variant_restores_the_choices(monkeypatch):
+def test_check_model_with_forced_attention_times_linears_only():
+    model = _seed_like()
+    with pytest.warns(RuntimeWarning, match="slower than dense linears"):
+        _check_with_times(model, [10.0, 5.0, 10.0], attention="cpu")
+    plan = model.bsbert_plan
+    assert plan.model_check["times_ms"] == {"chosen": 10.0, "dense": 5.0}  # (the choices timed twice)
+    assert all(lp.attention_backend == "cpu" for lp in plan.layers if lp.kept_heads)
+
+
+@pytest.mark.parametrize("failing", [2, 3])
+def test_check_model_failing_variant_restores_the_choices(monkeypatch, failing):
+    """A variant whose re-patch or forward fails (the 2nd timing: SDPA attention, the 3rd: dense linears)
+    puts the measured choices back and says which variant failed."""
     model = _seed_like()
     calls = []
 
     def fake_time(*a):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == failing:
             raise RuntimeError("boom")
         return 1.0
 
@@ -143,21 +202,31 @@ def test_check_model_failing_dense_variant_restores_the_choices(monkeypatch):
     bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=32)
     plan = model.bsbert_plan
     assert bsbert.is_patched(model) and plan.model_check["checked"] is False
-    assert "dense variant failed (boom)" in plan.model_check["reason"]
+    what = "torch SDPA attention" if failing == 2 else "dense linears"
+    assert f"the {what} variant failed (boom)" in plan.model_check["reason"]
     assert any(lin.format == "bsr" for lp in plan.layers for lin in lp.linears.values())
+    assert all(lp.attention_backend != "torch-sdpa" for lp in plan.layers if lp.kept_heads)
     assert not any(lin.reason.startswith("plan: ") for lp in plan.layers for lin in lp.linears.values())
+    assert not any((lp.attention_reason or "").startswith("plan: ") for lp in plan.layers)
 
 
-def test_model_check_on_an_all_dense_choice_is_not_needed():
-    from tests.helpers import tiny_pruned
+@pytest.mark.parametrize("attention", ["torch-sdpa", "cpu"])
+def test_model_check_not_needed_when_nothing_could_change(attention):
+    """Dense linears everywhere and SDPA (or a forced attention): nothing to compare, no forward timed."""
+    model = _seed_like()
+    bsbert.patch(model, format="dense", attention=attention, progress=False, tokens=32)
 
-    model = tiny_pruned()
-    bsbert.patch(model, select="heuristic", check_model=True, progress=False, tokens=32)
-    plan = model.bsbert_plan
-    if any(lin.format == "bsr" for lp in plan.layers for lin in lp.linears.values()):
-        assert plan.model_check["checked"]
-    else:
-        assert plan.model_check == {"checked": False, "reason": "not needed: no linear is block-sparse"}
+    def no_repatch(plan):
+        raise AssertionError("the check re-patched a model with nothing to change")
+
+    model_check.run(model, no_repatch, 32, None, attention_forced=attention != "torch-sdpa")
+    why = "forced" if attention != "torch-sdpa" else "torch SDPA"
+    assert model.bsbert_plan.model_check == {
+        "checked": False, "reason": f"not needed: no linear is block-sparse and every attention is {why}"}
+    # the same plan with its attention not forced has a variant to time: SDPA
+    if attention == "cpu":
+        assert model_check.sdpa_plan(model.bsbert_plan) is not None
+    assert model_check.dense_plan(model.bsbert_plan, "cpu", torch.float32) is None
 
 
 def test_plan_round_trips_model_check_and_timings():
@@ -204,5 +273,5 @@ def test_check_model_on_by_default_on_cuda():
     mc = model.bsbert_plan.model_check
     assert mc["checked"] or mc["reason"] == "not needed: no linear is block-sparse", mc
     if mc["checked"]:
-        assert mc["shape"] == [4, 64] and mc["kept"] in ("dense", "chosen")
+        assert mc["shape"] == [4, 64] and mc["kept"] in model_check.VARIANTS
     assert rel_err(ref, _run(model, inp)) <= 2e-2
