@@ -1,5 +1,4 @@
 """patch(unpad=True): real tokens exact vs the padded model; padded positions zero."""
-import os
 
 import pytest
 import torch
@@ -28,14 +27,12 @@ def _hidden(model, inp):
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("attention", ["torch-sdpa", "triton", "cpu"])
 def test_unpadded_matches_padded(left, attention):
-    if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on cpu needs the interpreter")
-    if attention == "cpu":
-        from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+    from bsbert.ops.attention_backends import ATTENTION_BACKENDS
 
-        why = ATTENTION_BACKENDS["cpu"].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
-        if why:
-            pytest.skip(f"cpu attention: {why}")
+    # (triton: not installed, as with a CPU build of torch, or no interpreter; cpu: no extension)
+    why = ATTENTION_BACKENDS[attention].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
+    if why:
+        pytest.skip(f"{attention} attention: {why}")
     model = tiny_pruned(heads=(2, 4, 1), ffn=(50, 20, 7))
     inp = _mixed_batch([1, 17, 31, 9], seq=31, left=left)
     ref = _hidden(model, inp)
