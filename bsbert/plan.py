@@ -73,8 +73,9 @@ class Plan:
     lean_model_reason: str = ""
     huge_page_bytes: int = 0      # packed CPU weights moved to 2 MiB pages (bsbert.hugepages; set by patch)
     huge_pages_reason: str = ""   # why none were
-    # patch's model-level check of the per-linear choices against dense linears (bsbert.model_check):
-    # {"checked": bool, "reason": str, and when checked "chosen_ms", "dense_ms", "kept", "shape"}
+    # patch's model-level check of the measured choices against SDPA attention and dense linears
+    # (bsbert.model_check): {"checked": bool, "reason": str, and when checked "times_ms" (per variant),
+    # "kept" (chosen / sdpa / dense / dense+sdpa), "chosen_ms", "dense_ms", "shape"}
     model_check: dict = field(default_factory=dict)
 
     # ---- FLOPs (2 per multiply-add), one sequence of length seq ---------------------------------
