@@ -10,8 +10,10 @@ linears or attention. So the check asks both questions of the whole forward, one
 1. attention: the measured choices vs torch SDPA in every layer with kept heads (skipped when every
    layer already runs SDPA or ``attention=`` forced a backend);
 2. linears: every block-sparse linear moved to its fastest dense backend, with the attention step 1 kept.
-Three forwards at most; a variant replaces the choices only when at least ``MARGIN`` faster than the
-best so far. ``patch`` then cannot end measurably slower than packing alone (all dense, SDPA).
+A variant replaces the best so far only when at least ``MARGIN`` faster; when one did, the choices are
+timed once more (their best time counts), so that a slow moment during their first timing cannot decide
+alone. Four forwards at most. ``patch`` then does not end measurably slower than its own all-dense,
+SDPA form, which is what packing alone gives.
 """
 from __future__ import annotations
 
@@ -144,8 +146,8 @@ def run(model, repatch, tokens: int, seq: int | None, attention_forced: bool = F
         elif name == "dense":
             cand = dense_plan(plans[best], param.device, param.dtype)
             name = "dense+sdpa" if best == "sdpa" else "dense"
-        else:  # a variant won: time the choices once more, so that a slow moment during their first
-            cand = plan if best != "chosen" else None  # timing cannot decide alone
+        else:  # "again": the choices once more, only if a variant beat them
+            cand = plan if best != "chosen" else None
         if cand is None:
             continue
         try:
