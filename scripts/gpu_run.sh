@@ -125,11 +125,11 @@ export BSBERT_TRITON_AUTOTUNE="${E2E_AUTOTUNE:-0}"
 # batch-1 comparison shows the kernels (eager batch-1 forwards are host-bound on an H100/H200).
 TAIL=14 step e2e_b1_cudagraphs 150 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 384 \
   --repeats 20 --compile reduce-overhead --out "$W/bench_b1_graphs"
-# (since stop 17 patch's model check on CUDA re-patches twice and times 2 x 7 forwards per seq: ~+5-10 s)
-TAIL=14 step e2e_b1 90 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 128 384 \
+# (patch's model check on CUDA: since stop 18 up to 3 re-patches and 4 timed forwards per seq, ~+10-15 s)
+TAIL=14 step e2e_b1 100 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 1 --seq 128 384 \
   --repeats 20 --out "$W/bench_b1"
 # (stop 16, H100: seq 128 alone took ~45 s of the old 70 s limit; seq 384 needs as long again)
-TAIL=14 step e2e_b32 150 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 32 --seq 128 384 \
+TAIL=14 step e2e_b32 170 "$PY" -m bsbert bench --device cuda --dtype float16 --batch 32 --seq 128 384 \
   --repeats 10 --out "$W/bench_b32"
 # Packed vs patched at batch 32, seq 128 (stop 16: patched 11.4 ms vs packed 6.4 ms on the H100): the
 # backends `patch` chose and the top kernels of each forward.
