@@ -420,15 +420,21 @@ if given is not None:
 
 def test_single_openmp_runtime():
     """The extension is built with -fopenmp (else at::parallel_for runs serially); its libgomp
-    dependency must resolve to the runtime torch already loaded, never a second copy."""
+    dependency must resolve to the runtime torch already loaded, never a second copy. Read in a fresh
+    process that imports only torch and bsbert: other packages the test session imported may bring
+    their own (scikit-learn's wheel carries a libgomp, seen with transformers 5.17)."""
+    import subprocess
     import sys
 
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/maps")
-    import bsbert  # noqa: F401  (loads the extension)
-
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "gomp" in line or "libomp" in line or "iomp" in line}
+    code = ("import torch, bsbert, bsbert._ext as e\n"
+            "assert e.available(), e.reason_unavailable()\n"
+            "print('\\n'.join(sorted({l.split()[-1] for l in open('/proc/self/maps')\n"
+            "                           if 'gomp' in l or 'libomp' in l or 'iomp' in l})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    libs = [line for line in out.stdout.splitlines() if line]
     assert len(libs) <= 1, f"more than one OpenMP runtime loaded: {sorted(libs)}"
 
 
