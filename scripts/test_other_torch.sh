@@ -4,12 +4,13 @@
 # 2.14.1; this is how the promise is checked by hand, e.g. with the CPU build of torch on local disk:
 #
 #   bash scripts/test_other_torch.sh "torch==2.13.0"        # ~10 min on 2 cores
+#   bash scripts/test_other_torch.sh "torch==2.11.0" "transformers==5.17.0"   # the lent GPUs' versions
 #
 # It found two things CI could not (stop 18): dynamo before 2.14 cannot trace ContextVar.get (a graph
 # break in every compiled patched CPU forward), and a test that assumed triton is installed.
 # Env: KEEP=1 keeps the scratch dir (its path is printed), PYTEST_ARGS (default: "tests -q").
 set -euo pipefail
-SPEC="${1:?usage: scripts/test_other_torch.sh TORCH_SPEC (e.g. torch==2.13.0)}"
+: "${1:?usage: scripts/test_other_torch.sh TORCH_SPEC [MORE_PINS...] (e.g. torch==2.13.0)}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SCRATCH="$(mktemp -d)"
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$SCRATCH"' EXIT
@@ -23,7 +24,7 @@ source "$SCRATCH/venv/bin/activate"
 export TMPDIR="$SCRATCH/tmp" TORCHINDUCTOR_CACHE_DIR="$SCRATCH/inductor" MAX_JOBS="${MAX_JOBS:-2}"
 mkdir -p "$TMPDIR"
 cd "$SCRATCH/src"
-pip install -q "$SPEC" setuptools wheel ninja
+pip install -q "$@" setuptools wheel ninja
 pip install -q --no-build-isolation -e ".[test]"
 python -m bsbert.info | head -8
 # shellcheck disable=SC2086

@@ -223,6 +223,15 @@ def test_not_supported_reasons():
     assert any("int64" in s for s in bt.not_supported_reasons(DEVICE, torch.int64))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter probe applies on CPU only")
+def test_interpreter_probe_reason(monkeypatch):
+    """On CPU the interpreter is probed once (a loop bounded by a loaded value: triton 3.6's interpreter
+    fails it with numpy >= 2.4); here it passes, and a failed probe becomes the backend's reason."""
+    assert bt._interpreter_problem() is None
+    monkeypatch.setitem(bt._state, "interpreter", "triton 3.6.0's interpreter fails with numpy 2.4.6 (...)")
+    assert bt.not_supported_reasons("cpu", torch.float32) == [bt._state["interpreter"]]
+
+
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_random_shapes(block):
     """A few random shapes / densities per block size (fixed seeds; hypothesis is too slow here)."""

@@ -69,6 +69,38 @@ def _interpreted() -> bool:
     return interpret_env()
 
 
+def _interpreter_problem() -> str | None:
+    """None when Triton's CPU interpreter runs a loop bounded by a loaded value (the pattern every bsbert
+    kernel uses for its block-row pointers), else why not (cached; a few ms, once). triton 3.6's
+    interpreter converts such a value with int() of a 1-element array, which numpy >= 2.4 refuses
+    (measured: triton 3.6.0 with numpy 2.3.5 passes, with 2.4 every kernel fails; triton 3.8.0 with
+    numpy 2.4.6 passes)."""
+    if "interpreter" not in _state:
+        try:
+            import triton
+            import triton.language as tl
+
+            @triton.jit
+            def _count(n_ptr, out_ptr):
+                n = tl.load(n_ptr)
+                acc = tl.zeros((1,), dtype=tl.int32)
+                for _ in range(0, n):
+                    acc += 1
+                tl.store(out_ptr + tl.arange(0, 1), acc)
+
+            n = torch.tensor([3], dtype=torch.int32)
+            out = torch.zeros(1, dtype=torch.int32)
+            _count[(1,)](n, out)
+            _state["interpreter"] = None if int(out[0]) == 3 else f"triton's interpreter counted {int(out[0])} of 3"
+        except Exception as exc:
+            import numpy
+
+            _state["interpreter"] = (f"triton {getattr(triton, '__version__', '?')}'s interpreter fails with numpy "
+                                     f"{numpy.__version__} ({type(exc).__name__}: {str(exc)[:120]}); "
+                                     f"numpy < 2.4 or a newer triton works")
+    return _state["interpreter"]
+
+
 def not_supported_reasons(device, dtype, block: int | None = None,
                           head_dim: int | None = None) -> list[str]:
     """Why the Triton kernels cannot run for this device/dtype (and block / head_dim); [] = usable."""
@@ -80,6 +112,8 @@ def not_supported_reasons(device, dtype, block: int | None = None,
     if dev.type == "cpu":
         if not _interpreted():
             reasons.append("tensor is on cpu and TRITON_INTERPRET is not set")
+        elif err is None and _interpreter_problem():
+            reasons.append(_interpreter_problem())
     elif dev.type == "cuda":
         if not torch.cuda.is_available():
             reasons.append("CUDA is not available")
