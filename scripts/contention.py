@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import statistics
 import time
 
 import torch
+
+from bsbert.timing import time_fn
 
 
 def _spin(stop):
@@ -28,15 +29,8 @@ def _spin(stop):
 
 
 def _time(model, inp, repeats: int) -> tuple[float, float]:
-    with torch.inference_mode():
-        for _ in range(2):
-            model(**inp)
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**inp)
-            ts.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(ts), min(ts)
+    t = time_fn(lambda: model(**inp), repeats=repeats, warmup=2)
+    return t["median_ms"], t["min_ms"]
 
 
 def main() -> None:

@@ -6,8 +6,9 @@
 #   bash scripts/test_other_torch.sh "torch==2.13.0"        # ~10 min on 2 cores
 #   bash scripts/test_other_torch.sh "torch==2.11.0" "transformers==5.17.0"   # the lent GPUs' versions
 #
-# It found two things CI could not (stop 18): dynamo before 2.14 cannot trace ContextVar.get (a graph
-# break in every compiled patched CPU forward), and a test that assumed triton is installed.
+# What it found that CI could not (stop 18): dynamo before 2.14 cannot trace ContextVar.get (a graph
+# break in every compiled patched CPU forward), a test that assumed triton is installed, triton 3.6's
+# interpreter failing with numpy >= 2.4, and scikit-learn's own libgomp in the test session.
 # Env: KEEP=1 keeps the scratch dir (its path is printed), PYTEST_ARGS (default: "tests -q").
 set -euo pipefail
 : "${1:?usage: scripts/test_other_torch.sh TORCH_SPEC [MORE_PINS...] (e.g. torch==2.13.0)}"

@@ -76,10 +76,11 @@ def _interpreter_problem() -> str | None:
     (measured: triton 3.6.0 with numpy 2.3.5 passes, with 2.4 every kernel fails; triton 3.8.0 with
     numpy 2.4.6 passes)."""
     if "interpreter" not in _state:
-        try:
-            import triton
-            import triton.language as tl
+        import numpy
+        import triton  # (the caller checked that it imports)
+        import triton.language as tl
 
+        try:
             @triton.jit
             def _count(n_ptr, out_ptr):
                 n = tl.load(n_ptr)
@@ -93,8 +94,6 @@ def _interpreter_problem() -> str | None:
             _count[(1,)](n, out)
             _state["interpreter"] = None if int(out[0]) == 3 else f"triton's interpreter counted {int(out[0])} of 3"
         except Exception as exc:
-            import numpy
-
             _state["interpreter"] = (f"triton {getattr(triton, '__version__', '?')}'s interpreter fails with numpy "
                                      f"{numpy.__version__} ({type(exc).__name__}: {str(exc)[:120]}); "
                                      f"numpy < 2.4 or a newer triton works")
@@ -112,8 +111,8 @@ def not_supported_reasons(device, dtype, block: int | None = None,
     if dev.type == "cpu":
         if not _interpreted():
             reasons.append("tensor is on cpu and TRITON_INTERPRET is not set")
-        elif err is None and _interpreter_problem():
-            reasons.append(_interpreter_problem())
+        elif err is None and (problem := _interpreter_problem()):
+            reasons.append(problem)
     elif dev.type == "cuda":
         if not torch.cuda.is_available():
             reasons.append("CUDA is not available")
