@@ -54,9 +54,11 @@ def test_bit_for_bit_transformers(monkeypatch, dtype, batch, seq, with_types):
         for isa in cpu_isa_levels():  # the baseline and the AVX-512 copy of the sum loop
             monkeypatch.setenv("BSBERT_CPU_ISA", isa)
             for threads in (1, 2, 3):
-                got = with_threads(threads, lambda: _op(emb, ids, tt))
-                assert got.dtype == dtype and got.shape == (batch, seq, 48)
-                assert torch.equal(got, ref), f"{isa}, {threads} threads"
+                for prefetch in ("1", "0"):  # the rows-ahead prefetch (on by default) changes no value
+                    monkeypatch.setenv("BSBERT_EMB_PREFETCH", prefetch)
+                    got = with_threads(threads, lambda: _op(emb, ids, tt))
+                    assert got.dtype == dtype and got.shape == (batch, seq, 48)
+                    assert torch.equal(got, ref), f"{isa}, {threads} threads, prefetch {prefetch}"
 
 
 @needs_op
