@@ -132,14 +132,24 @@ def dense_bert_large(seed: int = 0, dtype=torch.float32, task: str = "qa", **con
 
 
 def load_local(path: str, dtype=torch.float32):
-    """A local Hugging Face checkpoint directory (e.g. an nn_pruning model saved with masked weights)."""
+    """A local Hugging Face checkpoint directory: an nn_pruning model saved with masked weights, or one
+    saved by transformers 4 with its empty heads pruned (``config.pruned_heads``, as nn_pruning's hub
+    models are), which transformers 5 cannot load by itself (bsbert.checkpoints)."""
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} is not a directory")
+    import json
+
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModel
+
+    from bsbert import checkpoints
 
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = getattr(cfg, "architectures", None) or []
     loader = AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs) else AutoModel
+    with open(os.path.join(path, "config.json")) as f:
+        pruned = checkpoints.pruned_heads(json.load(f))
+    if pruned:
+        return checkpoints.load_pruned_heads_checkpoint(path, loader, cfg, pruned, dtype)
     return loader.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
 
 
