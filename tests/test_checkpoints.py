@@ -10,16 +10,17 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 import bsbert
 from bsbert import checkpoints, models
+from bsbert.cli import main
 
 HEADS, HIDDEN = 4, 64
 HEAD_DIM = HIDDEN // HEADS
 PRUNED = {0: [1, 2], 1: [0, 1, 2, 3], 2: [3]}  # layer 1 loses every head
 
 
-def _masked_dense(seed=0):
+def _masked_dense(seed=0, vocab=100):
     """The reference: a random BERT QA model with PRUNED's heads zeroed (Q/K/V rows and biases, O columns)."""
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+    cfg = BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                      intermediate_size=128, max_position_embeddings=64)
     model = BertForQuestionAnswering(cfg).eval()
     with torch.no_grad():
@@ -116,6 +117,16 @@ def test_loaded_model_patches_with_those_heads_removed(tmp_path):
     with torch.inference_mode():
         a, b = ref(**_inputs()), model(**_inputs())
     torch.testing.assert_close(b.start_logits, a.start_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_takes_such_a_checkpoint(tmp_path):
+    """`bsbert bench --model DIR` (BERT-large's vocabulary: the bench feeds the dense model's token ids)."""
+    _save(_masked_dense(vocab=30522), str(tmp_path / "ckpt"), "safetensors")
+    assert main(["bench", "--small", "--model", str(tmp_path / "ckpt"), "--seq", "16", "--repeats", "1",
+                 "--select", "heuristic", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
+    assert res["model"] == str(tmp_path / "ckpt")
+    assert res["runs"][0]["max_rel_diff_patched"] <= 1e-4
 
 
 def test_pruned_heads_parsing():
