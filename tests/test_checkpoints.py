@@ -6,11 +6,17 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForQuestionAnswering
+from transformers import BertConfig, BertForQuestionAnswering, DistilBertConfig, DistilBertForQuestionAnswering
 
 import bsbert
 from bsbert import checkpoints, models
 from bsbert.cli import main
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
 
 HEADS, HIDDEN = 4, 64
 HEAD_DIM = HIDDEN // HEADS
@@ -164,3 +170,96 @@ def test_layer_without_attention_tensors_is_an_error():
 def test_directory_without_weights(tmp_path):
     with pytest.raises(ValueError, match="holds no model weights"):
         checkpoints.read_state_dict(str(tmp_path))
+
+
+NAMES = {  # a layer's head-row tensors and its output projection, per naming style
+    "bert": ("bert.encoder.layer.{}.attention.self.{}", ("query", "key", "value"),
+             "bert.encoder.layer.{}.attention.output.dense.weight"),
+    "distilbert": ("distilbert.transformer.layer.{}.attention.{}", ("q_lin", "k_lin", "v_lin"),
+                   "distilbert.transformer.layer.{}.attention.out_lin.weight"),
+}
+
+
+def _check_expand(style, num_heads, head_dim, layers, pruned, seed):
+    """Full random tensors; the pruned checkpoint keeps the kept heads' slices; expanding it must give
+    the full tensors with exactly the removed heads zeroed, and leave every other tensor alone."""
+    g = torch.Generator().manual_seed(seed)
+    rows_t, lins, cols_t = NAMES[style]
+    hid = num_heads * head_dim
+    full, saved = {}, {}
+    for layer in range(layers):
+        kept = [h for h in range(num_heads) if h not in pruned.get(layer, [])]
+        idx = torch.tensor([h * head_dim + i for h in kept for i in range(head_dim)], dtype=torch.long)
+        for lin in lins:
+            for p, shape in (("weight", (hid, 7)), ("bias", (hid,))):
+                key = rows_t.format(layer, lin) + "." + p
+                full[key] = torch.randn(shape, generator=g)
+                saved[key] = full[key].index_select(0, idx)
+        key = cols_t.format(layer)
+        full[key] = torch.randn(7, hid, generator=g)
+        saved[key] = full[key].index_select(1, idx)
+    saved["other.weight"] = full["other.weight"] = torch.randn(3, generator=g)
+    got = checkpoints.expand_pruned_heads(saved, pruned, num_heads, head_dim)
+    assert set(got) == set(full)
+    for key, want in full.items():
+        want = want.clone()
+        m = checkpoints._ROWS.search(key) or checkpoints._COLS.search(key)
+        if m is not None:
+            for h in pruned.get(int(m.group(1)), []):
+                want.narrow(0 if checkpoints._ROWS.search(key) else 1, h * head_dim, head_dim).zero_()
+        assert torch.equal(got[key], want), key
+
+
+if given is not None:
+    @settings(max_examples=60, deadline=None)
+    @given(style=st.sampled_from(sorted(NAMES)), num_heads=st.integers(1, 8), head_dim=st.sampled_from([1, 2, 8]),
+           layers=st.integers(1, 3), data=st.data(), seed=st.integers(0, 2**16))
+    def test_expand_property(style, num_heads, head_dim, layers, data, seed):
+        pruned = {}
+        for layer in range(layers):
+            heads = data.draw(st.sets(st.integers(0, num_heads - 1)), label=f"pruned heads of layer {layer}")
+            if heads:
+                pruned[layer] = sorted(heads)
+        _check_expand(style, num_heads, head_dim, layers, pruned, seed)
+
+
+@pytest.mark.parametrize("style", sorted(NAMES))
+def test_expand_fixed_cases(style):
+    _check_expand(style, 4, 2, 3, {0: [0], 1: [0, 1, 2, 3], 2: [1, 3]}, seed=3)
+
+
+def test_distilbert_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=100, dim=HIDDEN, n_layers=3, n_heads=HEADS, hidden_dim=128,
+                           max_position_embeddings=64)
+    ref = DistilBertForQuestionAnswering(cfg).eval()
+    sd = {k: v.clone().contiguous() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        for layer, heads in PRUNED.items():
+            att = ref.distilbert.transformer.layer[layer].attention
+            for h in heads:
+                rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                for lin in (att.q_lin, att.k_lin, att.v_lin):
+                    lin.weight[rows] = 0
+                    lin.bias[rows] = 0
+                att.out_lin.weight[:, rows] = 0
+            kept = [h for h in range(HEADS) if h not in heads]
+            idx = torch.tensor([h * HEAD_DIM + i for h in kept for i in range(HEAD_DIM)], dtype=torch.long)
+            pre = f"distilbert.transformer.layer.{layer}.attention."
+            for lin in ("q_lin", "k_lin", "v_lin"):
+                for p in ("weight", "bias"):
+                    sd[pre + f"{lin}.{p}"] = sd[pre + f"{lin}.{p}"].index_select(0, idx).contiguous()
+            sd[pre + "out_lin.weight"] = sd[pre + "out_lin.weight"].index_select(1, idx).contiguous()
+    ref.config.save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        c = json.load(f)
+    c["architectures"] = ["DistilBertForQuestionAnswering"]
+    c["pruned_heads"] = {str(k): v for k, v in PRUNED.items()}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(c, f)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    got = models.load_local(str(tmp_path))
+    assert type(got) is DistilBertForQuestionAnswering
+    inp = _inputs()
+    with torch.inference_mode():
+        torch.testing.assert_close(got(**inp).start_logits, ref(**inp).start_logits, rtol=0, atol=0)
