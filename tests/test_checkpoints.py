@@ -23,47 +23,65 @@ HEAD_DIM = HIDDEN // HEADS
 PRUNED = {0: [1, 2], 1: [0, 1, 2, 3], 2: [3]}  # layer 1 loses every head
 
 
+NAMES = {  # a layer's head-row tensors and its output projection, per naming style
+    "bert": ("bert.encoder.layer.{}.attention.self.{}", ("query", "key", "value"),
+             "bert.encoder.layer.{}.attention.output.dense.weight"),
+    "distilbert": ("distilbert.transformer.layer.{}.attention.{}", ("q_lin", "k_lin", "v_lin"),
+                   "distilbert.transformer.layer.{}.attention.out_lin.weight"),
+}
+
+
+
+
+def _head_tensors(style, layer):
+    """(name, dim) of each tensor of `layer` that holds one slice per head: Q/K/V rows, O columns."""
+    rows_t, lins, cols_t = NAMES[style]
+    return [(rows_t.format(layer, lin) + "." + p, 0) for lin in lins for p in ("weight", "bias")] + \
+        [(cols_t.format(layer), 1)]
+
+
+def _kept_index(heads):
+    kept = [h for h in range(HEADS) if h not in heads]
+    return torch.tensor([h * HEAD_DIM + i for h in kept for i in range(HEAD_DIM)], dtype=torch.long)
+
+
+def _mask_heads(model, style):
+    """Zero PRUNED's heads in place: the masked dense reference."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        for layer, heads in PRUNED.items():
+            for name, dim in _head_tensors(style, layer):
+                for h in heads:
+                    sd[name].narrow(dim, h * HEAD_DIM, HEAD_DIM).zero_()
+    return model
+
+
+def _pruned_state_dict(model, style="bert"):
+    """What transformers 4 saved after model.prune_heads(PRUNED): only the kept heads' rows / columns."""
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    for layer, heads in PRUNED.items():
+        for name, dim in _head_tensors(style, layer):
+            sd[name] = sd[name].index_select(dim, _kept_index(heads)).contiguous()
+    return sd
+
+
 def _masked_dense(seed=0, vocab=100):
     """The reference: a random BERT QA model with PRUNED's heads zeroed (Q/K/V rows and biases, O columns)."""
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
                      intermediate_size=128, max_position_embeddings=64)
-    model = BertForQuestionAnswering(cfg).eval()
-    with torch.no_grad():
-        for layer, heads in PRUNED.items():
-            att = model.bert.encoder.layer[layer].attention
-            for h in heads:
-                rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
-                for lin in (att.self.query, att.self.key, att.self.value):
-                    lin.weight[rows] = 0
-                    lin.bias[rows] = 0
-                att.output.dense.weight[:, rows] = 0
-    return model
+    return _mask_heads(BertForQuestionAnswering(cfg).eval(), "bert")
 
 
-def _pruned_state_dict(model):
-    """What transformers 4 saved after model.prune_heads(PRUNED): only the kept heads' rows / columns."""
-    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
-    for layer, heads in PRUNED.items():
-        kept = [h for h in range(HEADS) if h not in heads]
-        idx = torch.tensor([h * HEAD_DIM + i for h in kept for i in range(HEAD_DIM)], dtype=torch.long)
-        pre = f"bert.encoder.layer.{layer}.attention."
-        for name in ("query", "key", "value"):
-            for p in ("weight", "bias"):
-                sd[pre + f"self.{name}.{p}"] = sd[pre + f"self.{name}.{p}"].index_select(0, idx).contiguous()
-        sd[pre + "output.dense.weight"] = sd[pre + "output.dense.weight"].index_select(1, idx).contiguous()
-    return sd
-
-
-def _save(model, path, fmt, pruned=PRUNED):
+def _save(model, path, fmt, pruned=PRUNED, style="bert"):
     model.config.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    cfg["architectures"] = ["BertForQuestionAnswering"]
+    cfg["architectures"] = [type(model).__name__]
     cfg["pruned_heads"] = {str(k): v for k, v in pruned.items()}  # as JSON stores transformers 4's dict
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    sd = _pruned_state_dict(model)
+    sd = _pruned_state_dict(model, style)
     if fmt == "safetensors":
         save_file(sd, os.path.join(path, "model.safetensors"))
     elif fmt == "bin":
@@ -172,14 +190,6 @@ def test_directory_without_weights(tmp_path):
         checkpoints.read_state_dict(str(tmp_path))
 
 
-NAMES = {  # a layer's head-row tensors and its output projection, per naming style
-    "bert": ("bert.encoder.layer.{}.attention.self.{}", ("query", "key", "value"),
-             "bert.encoder.layer.{}.attention.output.dense.weight"),
-    "distilbert": ("distilbert.transformer.layer.{}.attention.{}", ("q_lin", "k_lin", "v_lin"),
-                   "distilbert.transformer.layer.{}.attention.out_lin.weight"),
-}
-
-
 def _check_expand(style, num_heads, head_dim, layers, pruned, seed):
     """Full random tensors; the pruned checkpoint keeps the kept heads' slices; expanding it must give
     the full tensors with exactly the removed heads zeroed, and leave every other tensor alone."""
@@ -232,32 +242,8 @@ def test_distilbert_checkpoint(tmp_path):
     torch.manual_seed(0)
     cfg = DistilBertConfig(vocab_size=100, dim=HIDDEN, n_layers=3, n_heads=HEADS, hidden_dim=128,
                            max_position_embeddings=64)
-    ref = DistilBertForQuestionAnswering(cfg).eval()
-    sd = {k: v.clone().contiguous() for k, v in ref.state_dict().items()}
-    with torch.no_grad():
-        for layer, heads in PRUNED.items():
-            att = ref.distilbert.transformer.layer[layer].attention
-            for h in heads:
-                rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
-                for lin in (att.q_lin, att.k_lin, att.v_lin):
-                    lin.weight[rows] = 0
-                    lin.bias[rows] = 0
-                att.out_lin.weight[:, rows] = 0
-            kept = [h for h in range(HEADS) if h not in heads]
-            idx = torch.tensor([h * HEAD_DIM + i for h in kept for i in range(HEAD_DIM)], dtype=torch.long)
-            pre = f"distilbert.transformer.layer.{layer}.attention."
-            for lin in ("q_lin", "k_lin", "v_lin"):
-                for p in ("weight", "bias"):
-                    sd[pre + f"{lin}.{p}"] = sd[pre + f"{lin}.{p}"].index_select(0, idx).contiguous()
-            sd[pre + "out_lin.weight"] = sd[pre + "out_lin.weight"].index_select(1, idx).contiguous()
-    ref.config.save_pretrained(str(tmp_path))
-    with open(tmp_path / "config.json") as f:
-        c = json.load(f)
-    c["architectures"] = ["DistilBertForQuestionAnswering"]
-    c["pruned_heads"] = {str(k): v for k, v in PRUNED.items()}
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(c, f)
-    save_file(sd, str(tmp_path / "model.safetensors"))
+    ref = _mask_heads(DistilBertForQuestionAnswering(cfg).eval(), "distilbert")
+    _save(ref, str(tmp_path), "safetensors", style="distilbert")
     got = models.load_local(str(tmp_path))
     assert type(got) is DistilBertForQuestionAnswering
     inp = _inputs()
