@@ -1,6 +1,7 @@
 """`bsbert bench`: dense BERT-large vs the patched seed-like model on this device.
 
-For each sequence length it times (median of --repeats, after a warm-up): dense BERT-large in torch
+For each sequence length it times (median of --repeats, after a warm-up of at least --warmup-s
+seconds, the steady state): dense BERT-large in torch
 eager, the seed-like model patched with packing only (dead heads/neurons removed, dense kernels), and
 the fully patched model (block-sparse kernels where they win); checks the patched outputs against the
 masked dense model; and computes the FLOP bound (remaining FLOPs at the best dense GEMM rate measured
@@ -55,7 +56,7 @@ def default_select(device, compile_mode) -> str:
 
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
               repeats=3, out_dir="bench-out", select=None, small=False, console=None,
-              compile_mode=None) -> dict:
+              compile_mode=None, warmup_s: float = 1.0) -> dict:
     console = console or Console(stderr=True)
     select = select or default_select(device, compile_mode)
     if threads:
@@ -77,7 +78,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
               else models.seed_like_model(dtype=dt, **overrides)).to(dev)
     plan = bsbert.analyze(pruned)
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "bsbert": bsbert.__version__,
+               "threads": torch.get_num_threads(), "warmup_s": warmup_s, "torch": torch.__version__,
+               "bsbert": bsbert.__version__,
                "compile": compile_mode, "select": select, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
                "plan_summary": plan.summary(), "runs": []}
@@ -86,13 +88,13 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
         say(f"\\[seq {seq}] dense BERT-large, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
         fwd = _runner(dense, compile_mode)
-        t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
+        t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev, warmup_s=warmup_s)
         with torch.inference_mode():
             ref = pruned(**inp)
         say(f"\\[seq {seq}] packing only (dense kernels) ...")
         bsbert.patch(pruned, format="dense", select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
-        t_pack = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
+        t_pack = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev, warmup_s=warmup_s)
         with torch.inference_mode():
             diff_pack = _max_rel_diff(ref, pruned(**inp), inp)
         pack_backends = _backend_counts(pruned.bsbert_plan)
@@ -100,7 +102,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
-        t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev)
+        t_full = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev, warmup_s=warmup_s)
         full_plan = pruned.bsbert_plan
         if full_plan.model_check.get("checked"):
             say(f"\\[seq {seq}] model check: {full_plan.model_check['reason']}")

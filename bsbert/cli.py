@@ -19,14 +19,14 @@ def _bench(args):
 
         res = run_sweep(batches=args.batches, seqs=args.seq if args.seq_given else (128, 384),
                         dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
-                        small=args.small, memory=args.memory)
+                        small=args.small, memory=args.memory, warmup_s=args.warmup_s)
         return _print_result(sweep_table(res), res, width=160)
 
     from bsbert.bench import run_bench, table
 
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
-                    select=args.select, small=args.small, compile_mode=args.compile)
+                    select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s)
     return _print_result(table(res), res, width=175)
 
 
@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--warmup-s", type=float, default=1.0,
+                   help="seconds of untimed forwards before each timed variant (default 1: the first forwards "
+                        "after patch can run slower than the steady state)")
     b.add_argument("--select", choices=["measure", "measure-gpu", "heuristic"], default=None,
                    help="how patch picks each linear's and attention's backend: wall clock ('measure'), GPU "
                         "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "

@@ -59,7 +59,7 @@ def peak_forward_mb(fn, device) -> float | None:
 
 
 def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", repeats=2, out_dir="bench-out",
-              small=False, console=None, memory: bool = False) -> dict:
+              small=False, console=None, memory: bool = False, warmup_s: float = 1.0) -> dict:
     console = console or Console(stderr=True)
     dev = torch.device(device)
     dtypes = dtypes or (["float32", "bfloat16"] + (["float16"] if dev.type == "cuda" else []))
@@ -75,11 +75,11 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
             for s in seqs:
                 inp = _inputs(b, s, dense.config.vocab_size, dev)
                 console.log(f"{dt_name} batch {b} seq {s}: dense ...")
-                t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev)["median_ms"]
+                t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev, warmup_s=warmup_s)["median_ms"]
                 mem_dense = peak_forward_mb(lambda: dense(**inp), dev)
                 console.log(f"{dt_name} batch {b} seq {s}: patched ...")
                 bsbert.patch(pruned, tokens=b * s, seq=s, progress=False, keep_original=True)
-                t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev)["median_ms"]
+                t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev, warmup_s=warmup_s)["median_ms"]
                 mem_pat = peak_forward_mb(lambda: pruned(**inp), dev)
                 w_pat = weight_bytes(pruned)  # replaced originals are no longer in the module tree
                 if memory and dev.type == "cpu":

@@ -1,7 +1,9 @@
 """The measurement helpers behind `bsbert bench`'s ratios."""
+import time
+
 import torch
 
-from bsbert.timing import dense_gemm_probe, paired_bound_ratio
+from bsbert.timing import dense_gemm_probe, paired_bound_ratio, time_fn
 
 
 def test_paired_ratio_of_the_probe_itself_is_one():
@@ -21,3 +23,19 @@ def test_paired_ratio_scales_with_the_claimed_work():
     # claiming half the FLOPs that were done doubles time / bound
     r = paired_bound_ratio(probe, probe, flops, flops / 2, rounds=7)
     assert 1.4 <= r["median"] <= 2.8, r
+
+
+def test_time_fn_warms_up_for_a_count_and_for_a_time():
+    calls = []
+
+    def fn():
+        calls.append(time.perf_counter())
+        time.sleep(0.002)
+
+    r = time_fn(fn, repeats=4, warmup=3)
+    assert len(calls) == 3 + 4 and r["repeats"] == 4
+    calls.clear()
+    t0 = time.perf_counter()
+    time_fn(fn, repeats=2, warmup=1, warmup_s=0.05)
+    warm = calls[:-2]  # the last two calls are the timed ones
+    assert len(warm) >= 5 and calls[-2] - t0 >= 0.05  # warmed up for 50 ms, not just one call
