@@ -76,6 +76,11 @@ def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]
                         head_dim: int) -> dict[str, torch.Tensor]:
     """A copy of state dict ``sd`` in which every layer of ``pruned`` has full-size attention tensors:
     kept heads at their original positions (transformers 4 keeps their order), removed heads zero."""
+    kept_of = {}
+    for layer, heads in pruned.items():
+        if heads[-1] >= num_heads or heads[0] < 0:
+            raise ValueError(f"config.json: pruned_heads[{layer}] = {heads} names a head outside 0..{num_heads - 1}")
+        kept_of[layer] = [h for h in range(num_heads) if h not in heads]
     out = dict(sd)
     seen = set()
     for key, t in sd.items():
@@ -84,22 +89,18 @@ def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]
         if m is None or int(m.group(1)) not in pruned:
             continue
         layer = int(m.group(1))
-        heads = pruned[layer]
-        if heads[-1] >= num_heads or heads[0] < 0:
-            raise ValueError(f"config.json: pruned_heads[{layer}] = {heads} names a head outside 0..{num_heads - 1}")
-        kept = [h for h in range(num_heads) if h not in set(heads)]
+        kept = kept_of[layer]
         dim = 0 if m_rows else 1
         want = len(kept) * head_dim
         if t.shape[dim] != want:
             raise ValueError(
-                f"{key}: {tuple(t.shape)} does not fit pruned_heads[{layer}] = {heads}: dimension {dim} should hold "
-                f"the {len(kept)} kept heads x {head_dim} = {want} values (is pruned_heads from another checkpoint?)")
+                f"{key}: {tuple(t.shape)} does not fit pruned_heads[{layer}] = {pruned[layer]}: dimension {dim} should "
+                f"hold the {len(kept)} kept heads x {head_dim} = {want} values (is pruned_heads from another checkpoint?)")
         shape = list(t.shape)
         shape[dim] = num_heads * head_dim
         full = t.new_zeros(shape)
         for i, h in enumerate(kept):
-            src = t.narrow(dim, i * head_dim, head_dim)
-            full.narrow(dim, h * head_dim, head_dim).copy_(src)
+            full.narrow(dim, h * head_dim, head_dim).copy_(t.narrow(dim, i * head_dim, head_dim))
         out[key] = full
         seen.add(layer)
     missing = sorted(set(pruned) - seen)
@@ -112,8 +113,7 @@ def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]
 def load_pruned_heads_checkpoint(path: str, loader, config, pruned: dict[int, list[int]], dtype):
     """``loader.from_pretrained(path)`` for a checkpoint saved with ``pruned`` heads: the expanded state
     dict (see the module docstring), and a config without ``pruned_heads``."""
-    num_heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_heads
-    hidden = config.hidden_size if hasattr(config, "hidden_size") else config.dim
+    num_heads, hidden = config.num_attention_heads, config.hidden_size  # (DistilBERT's config maps both names)
     if hidden % num_heads:
         raise ValueError(f"hidden size {hidden} is not a multiple of the {num_heads} attention heads")
     sd = expand_pruned_heads(read_state_dict(path), pruned, num_heads, hidden // num_heads)

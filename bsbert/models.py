@@ -9,6 +9,7 @@ kept heads, 0.380 overall), FFN pruned by whole neurons (density 0.197 overall, 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -137,8 +138,6 @@ def load_local(path: str, dtype=torch.float32):
     models are), which transformers 5 cannot load by itself (bsbert.checkpoints)."""
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} is not a directory")
-    import json
-
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModel
 
     from bsbert import checkpoints
