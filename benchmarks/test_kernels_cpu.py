@@ -105,3 +105,18 @@ def test_dense_onednn(benchmark, shape, density, m, dtype):
     benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
     benchmark(torch.ops.mkldnn._linear_pointwise, c["x"], wm, c["bias"], "none", [], "")
     benchmark.extra_info["gflops"] = 2 * m * n * k / benchmark.stats.stats.min / 1e9
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_cpu_instruction_peak(benchmark, dtype):
+    """What the GFLOP/s above are fractions of: the multiply-add instruction's issue rate, every thread
+    at once (bsbert.timing.cpu_peak_gflops). extra_info["gflops"]: the best of the rounds."""
+    from bsbert.timing import cpu_peak_gflops
+
+    if cpu_peak_gflops(dtype, seconds=0.01) is None:
+        pytest.skip(f"no multiply-add instruction to time for {dtype} at this CPU level")
+    rates = []
+    benchmark.group = f"{_ids(dtype)} instruction peak"
+    benchmark.pedantic(lambda: rates.append(cpu_peak_gflops(dtype, seconds=0.1)), rounds=3, iterations=1)
+    best = max(rates, key=lambda r: r["gflops"])
+    benchmark.extra_info.update(gflops=best["gflops"], instruction=best["instruction"], threads=best["threads"])

@@ -20,7 +20,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.timing import dense_gemm_gflops, dense_gemm_probe, paired_bound_ratio, time_fn
+from bsbert.timing import cpu_peak_gflops, dense_gemm_gflops, dense_gemm_probe, paired_bound_ratio, time_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +70,10 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     say("measuring the best dense GEMM rate (FLOP-bound denominator) ...")
     peak = dense_gemm_gflops(dev, dt)
     say(f"  {peak['backend']}: {peak['gflops']:.1f} GFLOP/s")
+    isa_peak = cpu_peak_gflops(dt) if dev.type == "cpu" else None
+    if isa_peak:
+        say(f"  instruction peak ({isa_peak['instruction']}, {isa_peak['threads']} threads at once): "
+            f"{isa_peak['gflops']:.1f} GFLOP/s; the dense GEMM reaches {peak['gflops'] / isa_peak['gflops']:.0%} of it")
 
     say("building dense BERT-large (random weights) ...")
     dense = models.dense_bert_large(dtype=dt, **overrides).to(dev)
@@ -82,7 +86,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "bsbert": bsbert.__version__,
                "compile": compile_mode, "select": select, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
-               "plan_summary": plan.summary(), "runs": []}
+               "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
@@ -145,6 +149,9 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "model_check": full_plan.model_check,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
         _apply_bound(run, peak)
+        if isa_peak:  # the hard floor: every remaining FLOP at the instruction's issue rate
+            run["isa_peak_bound_ms"] = remaining / (isa_peak["gflops"] * 1e9) * 1e3
+            run["patched_over_isa_peak_bound"] = run["patched_ms"] / run["isa_peak_bound_ms"]
         results["runs"].append(run)
         say(f"\\[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
             f"patched {run['patched_ms']:.1f} ms")
@@ -206,6 +213,10 @@ def table(results) -> Table:
                     f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
                     f"{results['threads']} threads"
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
+    if results.get("isa_peak"):
+        ip, dg = results["isa_peak"], results["dense_gemm"]
+        t.caption = (f"FLOP bound at {dg['backend']} {dg['gflops']:.0f} GFLOP/s = {dg['gflops'] / ip['gflops']:.0%} of "
+                     f"the instruction peak ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)")
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
                 "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound",
                 "paired/bound", "paired/bound@M", "max rel diff"):

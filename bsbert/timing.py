@@ -154,3 +154,25 @@ def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, 
     rates = {nm: flops / t / 1e9 for nm, (_, flops), t in zip(names, probes, secs)}
     best = max(rates, key=rates.get)
     return {"backend": best, "gflops": rates[best], "all_gflops": rates, "shape": [m, k, n], "dtype": str(dtype)}
+
+
+def cpu_peak_gflops(dtype=torch.float32, seconds: float = 0.25) -> dict | None:
+    """The CPU's instruction peak for the GEMMs' multiply-add at ``dtype`` (bf16: vdpbf16ps, else fp32
+    FMA), every one of torch's threads running register-only chains at once (bsbert._C, isa_peak.cpp):
+    ``{"gflops": sum over threads, "per_thread": [...], "instruction": ..., "kind": ...}``, or None when
+    there is nothing to time (no extension, a CPU level without the instruction, float16). What a
+    dense GEMM rate or the FLOP bound is a fraction of: the 2-core Zen 5 issues two vdpbf16ps a cycle
+    per core, ~510 GFLOP/s a core with both busy, where oneDNN's dense bf16 GEMM reaches ~485."""
+    from bsbert import _ext
+
+    mod = _ext.load(warn=False)
+    if mod is None or not hasattr(mod, "cpu_peak_gflops") or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    try:
+        instruction = mod.cpu_peak_instruction(kind)
+        rates = mod.cpu_peak_gflops(kind, seconds)
+    except RuntimeError:  # the CPU (or BSBERT_CPU_ISA) lacks the instruction: nothing to compare with
+        return None
+    return {"gflops": sum(rates), "per_thread": list(rates), "instruction": instruction, "kind": kind,
+            "threads": len(rates), "seconds": seconds}

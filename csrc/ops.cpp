@@ -92,4 +92,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
   m.def("with_sm90a", &with_sm90a, "whether the CUDA kernels include sm_90a code (the Hopper wgmma kernels)");
   m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
+  m.def("cpu_peak_gflops", &bsbert::cpu::cpu_peak_gflops, pybind11::arg("kind"), pybind11::arg("seconds"),
+        "per-thread GFLOP/s of register-only multiply-add chains ('fp32': FMA, 'bf16': vdpbf16ps), all of "
+        "torch's threads at once");
+  m.def("cpu_peak_instruction", &bsbert::cpu::cpu_peak_instruction, pybind11::arg("kind"),
+        "the instruction cpu_peak_gflops(kind) times at this CPU level");
 }

@@ -20,7 +20,16 @@ def test_bench_small(tmp_path, capsys):
     bound = run["remaining_flops"] / (max(start, end) * 1e9) * 1e3
     assert abs(run["remaining_bound_ms"] - bound) < 1e-9 * bound
     assert abs(run["patched_over_bound"] - run["patched_ms"] / bound) < 1e-9
-    assert "speedup" in capsys.readouterr().out
+    # the instruction peak (where the CPU has a SIMD multiply-add): the floor under the bound
+    peak = res["isa_peak"]
+    if peak is not None:
+        assert peak["kind"] == "fp32" and len(peak["per_thread"]) == res["threads"]
+        floor = run["remaining_flops"] / (peak["gflops"] * 1e9) * 1e3
+        assert abs(run["isa_peak_bound_ms"] - floor) < 1e-9 * floor
+        assert abs(run["patched_over_isa_peak_bound"] - run["patched_ms"] / floor) < 1e-9
+    out = capsys.readouterr().out
+    assert "speedup" in out
+    assert (peak is None) or "of the instruction peak" in out
 
 
 def test_sweep_small(tmp_path):
@@ -63,6 +72,10 @@ def test_bench_kernels_table(capsys):
     rows = r.run_kernel_report(shapes=((64, 64),), densities=(1.0, 0.5), ms=(8,), rounds=1)
     assert len(rows) == 2 and all(row["ours_gflops"] > 0 for row in rows)
     assert "density" in r.format_table(rows)
+    for row in rows:  # the fraction of the instruction peak, where the CPU has one to time
+        if row["isa_peak_gflops"] is not None:
+            assert abs(row["ours_of_isa_peak"] - row["ours_gflops"] / row["isa_peak_gflops"]) < 1e-12
+            assert "% of " in r.format_row(row)
 
 
 def test_bench_small_compiled(tmp_path):

@@ -4,7 +4,8 @@
 ``torch.ops.bsbert.bsr_linear`` (2*M*nnz_blocks*b*b per second), the dense GFLOP/s (2*M*N*K per
 second) of oneDNN (``torch.ops.mkldnn._linear_pointwise`` on a prepacked weight) and of
 ``F.linear``, and ``ratio_vs_onednn`` = ours useful / oneDNN dense. The three are timed interleaved
-(round-robin, best of ``rounds``) so that background load affects them alike. Used by
+(round-robin, best of ``rounds``) so that background load affects them alike; ``ours_of_isa_peak``
+is ours useful over the instruction peak (bsbert.timing.cpu_peak_gflops, measured once per dtype). Used by
 ``bsbert bench --kernels``; ``python -m bsbert.ops.cpu_kernel_report`` prints the table.
 """
 from __future__ import annotations
@@ -51,8 +52,11 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
 
     if not _ext.has_op("bsr_linear"):
         raise RuntimeError(f"bsbert::bsr_linear is unavailable: {_ext.reason_unavailable()}")
+    from bsbert.timing import cpu_peak_gflops
+
     rows = []
     for dtype in dtypes:
+        peak = cpu_peak_gflops(dtype)  # the instruction peak, all threads at once (None: nothing to time)
         for (n, k) in shapes:
             for d in densities:
                 w32 = block_sparse_weight(n, k, block, d, seed=n + k)
@@ -85,6 +89,8 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
                     row["ratio_vs_onednn"] = row["ours_gflops"] / base
                     row["ratio_vs_flinear"] = row["ours_gflops"] / row["flinear_gflops"]
                     row["speedup_vs_onednn"] = (row["onednn_ms"] or row["flinear_ms"]) / row["ours_ms"]
+                    row["isa_peak_gflops"] = peak["gflops"] if peak else None
+                    row["ours_of_isa_peak"] = row["ours_gflops"] / peak["gflops"] if peak else None
                     rows.append(row)
                     if verbose:
                         print(format_row(row), flush=True)
@@ -92,14 +98,15 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
 
 
 HEADER = ("dtype", "M", "N x K", "density", "ours GF/s", "oneDNN GF/s", "F.linear GF/s", "ratio",
-          "speedup", "ours ms")
+          "speedup", "ours ms", "ours / instruction peak")
 
 
 def format_row(r: dict) -> str:
     dnn = f"{r['onednn_gflops']:.1f}" if r["onednn_gflops"] else "-"
+    of_peak = f"{r['ours_of_isa_peak']:.0%} of {r['isa_peak_gflops']:.0f}" if r.get("ours_of_isa_peak") else "-"
     return (f"| {r['dtype']} | {r['m']} | {r['n']}x{r['k']} | {r['block_density']:.2f} | "
             f"{r['ours_gflops']:.1f} | {dnn} | {r['flinear_gflops']:.1f} | {r['ratio_vs_onednn']:.2f} | "
-            f"{r['speedup_vs_onednn']:.2f}x | {r['ours_ms']:.3f} |")
+            f"{r['speedup_vs_onednn']:.2f}x | {r['ours_ms']:.3f} | {of_peak} |")
 
 
 def format_table(rows: list[dict]) -> str:

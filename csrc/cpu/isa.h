@@ -1,4 +1,7 @@
 #pragma once
+#include <string>
+#include <vector>
+
 // Runtime ISA detection for the CPU kernels: the extension is compiled once (portable baseline) and
 // picks AVX-512 / AVX2+FMA code paths at run time, so one wheel serves every x86-64 machine.
 namespace bsbert {
@@ -8,5 +11,11 @@ Isa best_isa();
 const char* best_isa_name();
 // BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps the level (for tests and comparisons).
 Isa effective_isa();
+
+// Instruction peak (isa_peak.cpp): per-thread GFLOP/s of register-only multiply-add chains, all of
+// torch's threads at once for `seconds`; kind "fp32" (FMA) or "bf16" (vdpbf16ps). Throws on a CPU level
+// without that instruction. cpu_peak_instruction names the instruction timed.
+std::vector<double> cpu_peak_gflops(const std::string& kind, double seconds);
+std::string cpu_peak_instruction(const std::string& kind);
 }  // namespace cpu
 }  // namespace bsbert
