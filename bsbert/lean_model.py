@@ -141,7 +141,7 @@ def _lean_sequence(self, input_ids, attention_mask, token_type_ids, position_ids
     kpm = None
     if attention_mask is not None and not bool(attention_mask.all()):
         kpm = attention_mask.bool().contiguous()  # nonzero = attend, as transformers reads a 2-D mask
-    return torch.ops.bsbert.bert_encoder(emb, kpm, prog.tensors, prog.ints, prog.floats)
+    return prog.run(emb, kpm)
 
 
 def _lean_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/torch_ops_cpu.h"
 
 TORCH_LIBRARY(bsbert, m) {
   // y = x @ W^T + bias (optionally followed by BERT's erf GELU), W block-sparse (BSR).
@@ -60,6 +61,9 @@ TORCH_LIBRARY(bsbert, m) {
   m.def(
       "bert_encoder(Tensor hidden, Tensor? key_padding_mask, Tensor?[] tensors, int[] ints, float[] floats) "
       "-> Tensor");
+  // bert_encoder with its lists registered once (bsbert._C.encoder_register(tensors, ints, floats) ->
+  // handle; encoder_release(handle)): the per-call arguments are the activations only.
+  m.def("bert_encoder_registered(Tensor hidden, Tensor? key_padding_mask, int handle) -> Tensor");
 }
 
 namespace {
@@ -92,6 +96,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
   m.def("with_sm90a", &with_sm90a, "whether the CUDA kernels include sm_90a code (the Hopper wgmma kernels)");
   m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
+  m.def("encoder_register", &bsbert::cpu::encoder_register, pybind11::arg("tensors"), pybind11::arg("ints"),
+        pybind11::arg("floats"),
+        "checks bert_encoder's argument lists once and keeps them (references, not copies) under the returned "
+        "handle, for torch.ops.bsbert.bert_encoder_registered");
+  m.def("encoder_release", &bsbert::cpu::encoder_release, pybind11::arg("handle"),
+        "drops a registered encoder's lists; False if the handle was not registered");
+  m.def("encoder_registered_count", &bsbert::cpu::encoder_registered_count, "encoders registered now");
   m.def("cpu_peak_gflops", &bsbert::cpu::cpu_peak_gflops, pybind11::arg("kind"), pybind11::arg("seconds"),
         "per-thread GFLOP/s of register-only multiply-add chains ('fp32': FMA, 'bf16': vdpbf16ps), all of "
         "torch's threads at once");

@@ -44,14 +44,15 @@ def _both(model, inp, **kw):
 
 
 def _called(monkeypatch):
-    """Counts calls of the op (wrapping the namespace attribute the fused forward looks up)."""
+    """Counts calls of the op, in either form (wrapping the namespace attributes the fused forward looks up)."""
     calls = []
-    op = torch.ops.bsbert.bert_encoder
+    for name in ("bert_encoder", "bert_encoder_registered"):
+        op = getattr(torch.ops.bsbert, name)
 
-    def counting(*args):
-        calls.append(1)
-        return op(*args)
-    monkeypatch.setattr(torch.ops.bsbert, "bert_encoder", counting)
+        def counting(*args, op=op):
+            calls.append(1)
+            return op(*args)
+        monkeypatch.setattr(torch.ops.bsbert, name, counting)
     return calls
 
 
@@ -356,5 +357,82 @@ def test_opcheck():
     hidden = torch.randn(2, 7, 128)
     kpm = torch.ones(2, 7, dtype=torch.bool)
     kpm[1, 5:] = False
-    torch.library.opcheck(torch.ops.bsbert.bert_encoder.default, (hidden, kpm, prog.tensors, prog.ints, prog.floats),
-                          test_utils=("test_schema", "test_faketensor"))
+    cases = [(torch.ops.bsbert.bert_encoder.default, (hidden, kpm, prog.tensors, prog.ints, prog.floats))]
+    if _ext.has_op("bert_encoder_registered"):
+        with torch.inference_mode():
+            prog.run(hidden, kpm)  # registers the lists
+        cases.append((torch.ops.bsbert.bert_encoder_registered.default, (hidden, kpm, prog._registered.handle)))
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _registry():
+    return _ext.load(warn=False)
+
+
+needs_registry = pytest.mark.skipif(not _ext.has_op("bert_encoder_registered"),
+                                    reason="bsbert::bert_encoder_registered unavailable")
+
+
+@needs_op
+@needs_registry
+@pytest.mark.parametrize("backend", ["cpu-bsr", "onednn-dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_registered_form_is_the_list_op_bit_for_bit(backend, dtype):
+    model = _patched(dtype, backend=backend)
+    prog = model.bert.encoder._bsbert_program
+    hidden = torch.randn(2, 30, 128).to(dtype)
+    kpm = torch.ones(2, 30, dtype=torch.bool)
+    kpm[1, 21:] = False
+    with torch.inference_mode():
+        listed = torch.ops.bsbert.bert_encoder(hidden, kpm, prog.tensors, prog.ints, prog.floats)
+        ran = prog.run(hidden, kpm)
+        again = prog.run(hidden, None)
+        listed_nomask = torch.ops.bsbert.bert_encoder(hidden, None, prog.tensors, prog.ints, prog.floats)
+    assert prog._registered not in (None, False)
+    assert torch.equal(ran, listed) and torch.equal(again, listed_nomask)
+
+
+@needs_op
+@needs_registry
+def test_registration_lives_as_long_as_the_program():
+    import copy
+    import gc
+
+    mod = _registry()
+    gc.collect()
+    base = mod.encoder_registered_count()
+    model = _patched(backend="cpu-bsr")
+    inp = inputs(batch=2, seq=12, pad_from=7)
+    ref = _run(model, inp).start_logits
+    assert mod.encoder_registered_count() == base + 1
+    twin = copy.deepcopy(model)  # the copy registers its own tensors, on its own first run
+    assert twin.bert.encoder._bsbert_program._registered is None
+    assert torch.equal(_run(twin, inp).start_logits, ref)
+    assert mod.encoder_registered_count() == base + 2
+    handle = model.bert.encoder._bsbert_program._registered.handle
+    del model
+    gc.collect()
+    assert mod.encoder_registered_count() == base + 1  # the original's released; the copy still runs
+    assert torch.equal(_run(twin, inp).start_logits, ref)
+    with pytest.raises(RuntimeError, match=f"no encoder is registered under handle {handle}"):
+        torch.ops.bsbert.bert_encoder_registered(torch.randn(1, 3, 128), None, handle)
+    bsbert.unpatch(twin)
+    del twin
+    gc.collect()
+    assert mod.encoder_registered_count() == base
+
+
+@needs_op
+@needs_registry
+def test_registration_checks_the_lists_like_the_op():
+    mod = _registry()
+    base = mod.encoder_registered_count()
+    with pytest.raises(RuntimeError, match="20 tensors, 18 ints and 3 floats per layer"):
+        mod.encoder_register([None] * 19, [0] * 18, [1.0, 1e-12, 1e-12])
+    with pytest.raises(RuntimeError, match="linear kind must be 0 .*, 1 .* or 2 .*, got 3"):
+        mod.encoder_register([None] * 20, [1, 8] + [3, 8, 8, 0] * 4, [1.0, 1e-12, 1e-12])
+    with pytest.raises(RuntimeError, match="layer 0 has 0 heads"):
+        mod.encoder_register([torch.ones(1)] * 20, [0, 8] + [2, 8, 8, 0] * 4, [1.0, 1e-12, 1e-12])
+    assert mod.encoder_registered_count() == base  # nothing kept from a failed registration
+    assert mod.encoder_release(-5) is False

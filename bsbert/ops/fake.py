@@ -94,6 +94,11 @@ def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
+def _bert_encoder_registered_fake(hidden, key_padding_mask, handle):
+    torch._check(hidden.dim() == 3, lambda: f"bert_encoder: hidden must be [B, S, hidden_size], got {tuple(hidden.shape)}")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
 def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type, ln_weight, ln_bias, eps):
     torch._check(input_ids.dim() == 2, lambda: f"bert_embeddings: input_ids must be [batch, seq], got shape "
                                                f"{tuple(input_ids.shape)}")
@@ -107,6 +112,7 @@ def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type,
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
           "bsbert::bert_embeddings": _bert_embeddings_fake,
           "bsbert::bert_encoder": _bert_encoder_fake,
+          "bsbert::bert_encoder_registered": _bert_encoder_registered_fake,
           "bsbert::bsr_linear_add_layer_norm": _bsr_linear_add_layer_norm_fake,
           "bsbert::add_layer_norm": _add_layer_norm_fake,
           "bsbert::pruned_attention": _pruned_attention_fake,

@@ -24,7 +24,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "cpu/add_layer_norm_op.h"
@@ -163,14 +166,24 @@ class Intermediates {
   char* base_ = nullptr;
 };
 
-}  // namespace
+// One layer's arguments, taken out of the op's flat lists and checked (kinds, tensors present, heads).
+struct LayerArgs {
+  int64_t heads = 0, head_dim = 0;
+  double scale = 0, eps_attn = 0, eps_out = 0;
+  Linear qkv, out, in, ffo;
+  at::Tensor ln_attn_w, ln_attn_b, ln_out_w, ln_out_b;
+};
 
-at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
-                            const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
-                            c10::ArrayRef<double> floats) {
-  BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
-  BSBERT_CHECK(hidden.device().is_cpu(), "bert_encoder (CPU kernel): hidden must be on the CPU, got ",
-               hidden.device());
+// The whole argument list, unpacked once: per call by bert_encoder, or once per registered encoder
+// (bert_encoder_registered), where the Python list of ~20 tensors a layer no longer crosses into the op
+// on every call (480 for BERT-large: ~50 us hot and ~150 us with cold caches, plus ~3 us a layer to
+// take them out of the list again, while the other threads wait).
+struct EncoderArgs {
+  std::vector<LayerArgs> layers;
+};
+
+EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
+                         c10::ArrayRef<double> floats) {
   const int64_t layers = static_cast<int64_t>(floats.size()) / kFloatsPerLayer;
   BSBERT_CHECK(static_cast<int64_t>(floats.size()) == layers * kFloatsPerLayer &&
                    static_cast<int64_t>(ints.size()) == layers * kIntsPerLayer &&
@@ -178,81 +191,172 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
                "bert_encoder: expected ", kTensorsPerLayer, " tensors, ", kIntsPerLayer, " ints and ",
                kFloatsPerLayer, " floats per layer, got ", tensors.size(), ", ", ints.size(), " and ",
                floats.size());
+  EncoderArgs e;
+  e.layers.resize(layers);
+  for (int64_t i = 0; i < layers; ++i) {
+    LayerArgs& l = e.layers[i];
+    l.heads = ints[i * kIntsPerLayer];
+    l.head_dim = ints[i * kIntsPerLayer + 1];
+    l.scale = floats[i * kFloatsPerLayer];
+    l.eps_attn = floats[i * kFloatsPerLayer + 1];
+    l.eps_out = floats[i * kFloatsPerLayer + 2];
+    l.qkv = linear_of(tensors, ints, i, 0);
+    l.out = linear_of(tensors, ints, i, 1);
+    l.in = linear_of(tensors, ints, i, 2);
+    l.ffo = linear_of(tensors, ints, i, 3);
+    const int64_t ln = i * kTensorsPerLayer + kLinears * kTensorsPerLinear;
+    l.ln_attn_w = required(tensors, ln, i, "attention LayerNorm weight");
+    l.ln_attn_b = required(tensors, ln + 1, i, "attention LayerNorm bias");
+    l.ln_out_w = required(tensors, ln + 2, i, "output LayerNorm weight");
+    l.ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
+    BSBERT_CHECK(l.heads > 0, "bert_encoder: layer ", i, " has ", l.heads,
+                 " heads (a layer without heads runs on the per-layer path)");
+  }
+  return e;
+}
+
+at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
+                       const EncoderArgs& e) {
+  BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
+  BSBERT_CHECK(hidden.device().is_cpu(), "bert_encoder (CPU kernel): hidden must be on the CPU, got ",
+               hidden.device());
+  const int64_t layers = static_cast<int64_t>(e.layers.size());
   at::Tensor x = hidden;
   at::Tensor qkv;  // this layer's, when the previous layer's chain computed it
   const bool chain = chain_enabled() && BsrRowChain::applies(hidden);
   int64_t widths[Intermediates::kSlots] = {0, 0, hidden.size(-1), 0, hidden.size(-1), hidden.size(-1)};
   for (int64_t i = 0; chain && i < layers; ++i) {
-    const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
-    widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], linear_ints(ints, i, 0)[1]);
-    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], std::max<int64_t>(0, heads * head_dim));
-    widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], linear_ints(ints, i, 2)[1]);
+    const LayerArgs& l = e.layers[i];
+    widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], l.qkv.n);
+    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], l.heads * l.head_dim);
+    widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], l.in.n);
   }
   const int64_t M = hidden.size(0) * hidden.size(1);
   const Intermediates buf(chain ? M : 0, widths, hidden.scalar_type());
+  // The previous layer's chain (its prepared calls hold ~20 tensors, vectors and deques): freed by the
+  // next chain's preparation inside the attention region, not between regions while the other threads
+  // wait (~4 us a layer there at bf16 seq 128).
+  std::unique_ptr<BsrRowChain> done_chain;
   for (int64_t i = 0; i < layers; ++i) {
-    const int64_t heads = ints[i * kIntsPerLayer], head_dim = ints[i * kIntsPerLayer + 1];
-    const double scale = floats[i * kFloatsPerLayer];
-    const double eps_attn = floats[i * kFloatsPerLayer + 1], eps_out = floats[i * kFloatsPerLayer + 2];
-    BSBERT_CHECK(heads > 0, "bert_encoder: layer ", i, " has ", heads,
-                 " heads (a layer without heads runs on the per-layer path)");
-    const int64_t ln = i * kTensorsPerLayer + kLinears * kTensorsPerLinear;
-    const Linear qkv_l = linear_of(tensors, ints, i, 0), out_l = linear_of(tensors, ints, i, 1);
-    const Linear in_l = linear_of(tensors, ints, i, 2), ffo_l = linear_of(tensors, ints, i, 3);
-    if (!qkv.defined()) qkv = linear(x, qkv_l, false);
-    const at::Tensor ln_attn_w = required(tensors, ln, i, "attention LayerNorm weight");
-    const at::Tensor ln_attn_b = required(tensors, ln + 1, i, "attention LayerNorm bias");
-    const at::Tensor ln_out_w = required(tensors, ln + 2, i, "output LayerNorm weight");
-    const at::Tensor ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
+    const LayerArgs& l = e.layers[i];
+    const Linear &out_l = l.out, &in_l = l.in, &ffo_l = l.ffo;
+    if (!qkv.defined()) qkv = linear(x, l.qkv, false);
     const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
     // the attention's output, made here when chained: the chain is prepared while the attention runs
-    at::Tensor ctx_out = buf.get(Intermediates::kCtx, heads * head_dim);
-    if (chained && !ctx_out.defined()) ctx_out = at::empty({M, heads * head_dim}, hidden.options());
-    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), heads * head_dim});
+    at::Tensor ctx_out = buf.get(Intermediates::kCtx, l.heads * l.head_dim);
+    if (chained && !ctx_out.defined()) ctx_out = at::empty({M, l.heads * l.head_dim}, hidden.options());
+    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), l.heads * l.head_dim});
 
     // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
     // their checks and arguments are prepared by this thread inside the attention's region
-    BsrRowChain ch;
+    std::unique_ptr<BsrRowChain> chain_ptr = chained ? std::make_unique<BsrRowChain>() : nullptr;
     at::Tensor x_next, qkv_next;
     SideWork prepare_chain;
     if (chained) {
       prepare_chain = [&] {
+        done_chain.reset();
+        BsrRowChain& ch = *chain_ptr;
         const bool last = i + 1 == layers;
         const at::Tensor a = ch.linear_add_layer_norm(ctx_out, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
-                                                      out_l.block, x, ln_attn_w, ln_attn_b, eps_attn,
+                                                      out_l.block, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn,
                                                       buf.get(Intermediates::kAttnOut, out_l.n));
         const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
                                        buf.get(Intermediates::kFfnHidden, in_l.n));
         // (the last output is returned: a tensor of its own)
         x_next = ch.linear_add_layer_norm(
-            h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a, ln_out_w, ln_out_b, eps_out,
-            last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
+            h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a, l.ln_out_w, l.ln_out_b,
+            l.eps_out, last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
         if (!last) {
-          const Linear next = linear_of(tensors, ints, i + 1, 0);
+          const Linear& next = e.layers[i + 1].qkv;
           if (chainable(next))
             qkv_next = ch.linear(x_next, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
                                  buf.get(Intermediates::kQkv, next.n));
         }
       };
     }
-    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, heads, head_dim, scale, ctx_out,
+    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, l.heads, l.head_dim, l.scale, ctx_out,
                                                     prepare_chain);
     if (chained) {
       RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
-      ch.run();
+      chain_ptr->run();
       x = x_next;
       qkv = qkv_next;
+      done_chain = std::move(chain_ptr);
     } else {
-      const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, ln_attn_w, ln_attn_b, eps_attn);
+      const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn);
       const at::Tensor h = linear(a, in_l, true);
-      x = linear_add_layer_norm(h, ffo_l, a, ln_out_w, ln_out_b, eps_out);
+      x = linear_add_layer_norm(h, ffo_l, a, l.ln_out_w, l.ln_out_b, l.eps_out);
       qkv = at::Tensor();
     }
   }
   return layers == 0 ? hidden.clone() : x;
 }
 
+// Registered encoders: handle -> arguments, shared so that a release during a call leaves the call's
+// copy alive.
+struct Registry {
+  std::mutex mu;
+  std::unordered_map<int64_t, std::shared_ptr<const EncoderArgs>> map;
+  int64_t next = 1;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();  // never destroyed: releases may come during interpreter exit
+  return *r;
+}
+
+}  // namespace
+
+at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
+                            const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
+                            c10::ArrayRef<double> floats) {
+  BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
+  return run_encoder(hidden, key_padding_mask, encoder_args(tensors, ints, floats));
+}
+
+at::Tensor bert_encoder_registered_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
+                                       int64_t handle) {
+  std::shared_ptr<const EncoderArgs> e;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    const auto it = r.map.find(handle);
+    if (it != r.map.end()) e = it->second;
+  }
+  BSBERT_CHECK(e != nullptr, "bert_encoder_registered: no encoder is registered under handle ", handle,
+               " (released, or never registered in this process; see bsbert_encoder_register)");
+  return run_encoder(hidden, key_padding_mask, *e);
+}
+
+int64_t encoder_register(const std::vector<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
+                         const std::vector<double>& floats) {
+  c10::List<std::optional<at::Tensor>> list;
+  list.reserve(tensors.size());
+  for (const auto& t : tensors) list.push_back(t);
+  auto e = std::make_shared<const EncoderArgs>(encoder_args(list, ints, floats));  // the op's checks, once
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  const int64_t h = r.next++;
+  r.map.emplace(h, std::move(e));
+  return h;
+}
+
+bool encoder_release(int64_t handle) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return r.map.erase(handle) > 0;
+}
+
+int64_t encoder_registered_count() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return static_cast<int64_t>(r.map.size());
+}
+
 }  // namespace cpu
 }  // namespace bsbert
 
-TORCH_LIBRARY_IMPL(bsbert, CPU, m) { m.impl("bert_encoder", &bsbert::cpu::bert_encoder_cpu); }
+TORCH_LIBRARY_IMPL(bsbert, CPU, m) {
+  m.impl("bert_encoder", &bsbert::cpu::bert_encoder_cpu);
+  m.impl("bert_encoder_registered", &bsbert::cpu::bert_encoder_registered_cpu);
+}

@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <optional>
+#include <vector>
 
 namespace bsbert {
 namespace cpu {
@@ -29,6 +30,14 @@ using SideWork = std::function<void()>;
 at::Tensor pruned_attention_out_cpu(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                     int64_t num_heads, int64_t head_dim, double scale, const at::Tensor& out,
                                     const SideWork& side);
+
+
+// Registered encoders (bert_encoder.cpp): bert_encoder's lists checked once and kept under a handle for
+// bsbert::bert_encoder_registered. release: false if the handle was not registered.
+int64_t encoder_register(const std::vector<std::optional<at::Tensor>>& tensors, const std::vector<int64_t>& ints,
+                         const std::vector<double>& floats);
+bool encoder_release(int64_t handle);
+int64_t encoder_registered_count();
 
 }  // namespace cpu
 }  // namespace bsbert
