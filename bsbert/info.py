@@ -15,6 +15,19 @@ def _cuda_kernels(mod) -> str:
             else "yes, without sm_90a (no wgmma kernels)")
 
 
+def _cpu_peak() -> str:
+    """The CPU's multiply-add issue rate on torch's threads (a 0.05 s probe per dtype), what the GEMMs'
+    GFLOP/s are shares of."""
+    from bsbert.timing import cpu_peak_gflops
+
+    parts = []
+    for dtype in (torch.bfloat16, torch.float32):
+        r = cpu_peak_gflops(dtype, seconds=0.05)
+        if r is not None:
+            parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} threads)")
+    return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
+
+
 def collect() -> dict:
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
@@ -49,6 +62,7 @@ def collect() -> dict:
             except RuntimeError:  # the op is not defined in this build
                 pass
         info[f"{key.lower()}_ops"] = ", ".join(have) or "none"
+    info["cpu_peak"] = _cpu_peak()
     backends = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
