@@ -149,9 +149,6 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "model_check": full_plan.model_check,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
         _apply_bound(run, peak)
-        if isa_peak:  # the hard floor: every remaining FLOP at the instruction's issue rate
-            run["isa_peak_bound_ms"] = remaining / (isa_peak["gflops"] * 1e9) * 1e3
-            run["patched_over_isa_peak_bound"] = run["patched_ms"] / run["isa_peak_bound_ms"]
         results["runs"].append(run)
         say(f"\\[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
             f"patched {run['patched_ms']:.1f} ms")
@@ -167,9 +164,31 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             results["dense_gemm"] = again
             for run in results["runs"]:
                 _apply_bound(run, again)
+        if isa_peak:
+            _apply_isa_peak(results, isa_peak, cpu_peak_gflops(dt), say)
     results["plan_table"] = full_plan.table(seqs[-1])
     _write(results, out_dir, console)
     return results
+
+
+def _apply_isa_peak(results: dict, start: dict, end: dict | None, say) -> None:
+    """The instruction peak probed before and after the runs: the faster is the machine's issue rate
+    (each run's ``isa_peak_bound_ms``, the hard floor: every remaining FLOP at that rate). The probe
+    touches no memory, so when it, or the dense GEMM probe, moved by more than 5% between the two the
+    cores were not all this process's for part of the run (other guests on a shared VM, throttling):
+    ``steady`` is False and the table says so, since such a run's ratios mix two machines."""
+    best = max([p for p in (start, end) if p], key=lambda p: p["gflops"])
+    results["isa_peak"], results["isa_peak_start"], results["isa_peak_end"] = best, start, end
+    for run in results["runs"]:
+        run["isa_peak_bound_ms"] = run["remaining_flops"] / (best["gflops"] * 1e9) * 1e3
+        run["patched_over_isa_peak_bound"] = run["patched_ms"] / run["isa_peak_bound_ms"]
+    pairs = [(start["gflops"], end["gflops"]) if end else None,
+             (results["dense_gemm_start"]["gflops"], results["dense_gemm_end"]["gflops"])]
+    results["steady"] = all(p is None or min(p) >= 0.95 * max(p) for p in pairs)
+    if not results["steady"]:
+        say(f"  the machine was not steady during this run: instruction peak {start['gflops']:.0f} -> "
+            f"{end['gflops'] if end else float('nan'):.0f} GFLOP/s, dense GEMM {pairs[1][0]:.0f} -> {pairs[1][1]:.0f}; "
+            f"its ratios mix a fast and a slow machine")
 
 
 def _apply_bound(run: dict, peak: dict) -> None:
@@ -216,7 +235,9 @@ def table(results) -> Table:
     if results.get("isa_peak"):
         ip, dg = results["isa_peak"], results["dense_gemm"]
         t.caption = (f"FLOP bound at {dg['backend']} {dg['gflops']:.0f} GFLOP/s = {dg['gflops'] / ip['gflops']:.0%} of "
-                     f"the instruction peak ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)")
+                     f"the instruction peak ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)"
+                     + ("" if results.get("steady", True) else
+                        "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
                 "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound",
                 "paired/bound", "paired/bound@M", "max rel diff"):

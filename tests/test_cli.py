@@ -27,6 +27,8 @@ def test_bench_small(tmp_path, capsys):
         floor = run["remaining_flops"] / (peak["gflops"] * 1e9) * 1e3
         assert abs(run["isa_peak_bound_ms"] - floor) < 1e-9 * floor
         assert abs(run["patched_over_isa_peak_bound"] - run["patched_ms"] / floor) < 1e-9
+        assert peak["gflops"] == max(p["gflops"] for p in (res["isa_peak_start"], res["isa_peak_end"]) if p)
+        assert isinstance(res["steady"], bool)
     out = capsys.readouterr().out
     assert "speedup" in out
     assert (peak is None) or "of the instruction peak" in out
@@ -98,3 +100,31 @@ def test_bench_ranks_by_gpu_time_only_under_cuda_graphs():
     assert default_select("cuda", "reduce-overhead") == "measure-gpu"
     assert default_select("cuda", None) == default_select("cuda", "default") == "measure"
     assert default_select("cpu", "reduce-overhead") == "measure"
+
+
+def test_bench_flags_a_run_whose_probes_moved():
+    from bsbert.bench import _apply_isa_peak, table
+
+    def results(isa_start, isa_end, dense_start, dense_end):
+        run = {"seq": 8, "remaining_flops": 2e9, "patched_ms": 5.0}
+        return {"runs": [run], "dense_gemm_start": {"gflops": dense_start}, "dense_gemm_end": {"gflops": dense_end}}
+
+    said = []
+    peak = {"gflops": 1000.0, "instruction": "vdpbf16ps zmm", "threads": 2}
+    r = results(None, None, 900.0, 880.0)
+    _apply_isa_peak(r, peak, dict(peak, gflops=980.0), said.append)
+    assert r["steady"] and not said and r["isa_peak"]["gflops"] == 1000.0
+    assert r["runs"][0]["isa_peak_bound_ms"] == 2.0 and r["runs"][0]["patched_over_isa_peak_bound"] == 2.5
+    r = results(None, None, 900.0, 880.0)
+    _apply_isa_peak(r, dict(peak, gflops=926.0), dict(peak, gflops=1019.0), said.append)  # slow start
+    assert not r["steady"] and "not steady" in said[-1] and r["isa_peak"]["gflops"] == 1019.0
+    r = results(None, None, 899.0, 755.0)  # the dense probe fell within the run
+    _apply_isa_peak(r, peak, peak, said.append)
+    assert not r["steady"]
+    r.update(device="cpu", dtype="bfloat16", batch=1, threads=2, model="m", device_name="cpu",
+             dense_gemm={"backend": "onednn-dense", "gflops": 899.0})
+    r["runs"][0].update(dense_ms=1, packed_ms=1, speedup_vs_dense=1, packing_speedup_vs_dense=1,
+                        speedup_vs_packing=1, flop_bound_speedup=1, remaining_bound_ms=1, patched_over_bound=1,
+                        patched_best_over_bound=1, patched_paired_over_bound={"median": 1},
+                        max_rel_diff_patched=0.0)
+    assert "NOT STEADY" in table(r).caption
