@@ -176,7 +176,9 @@ def _apply_isa_peak(results: dict, start: dict, end: dict | None, say) -> None:
     (each run's ``isa_peak_bound_ms``, the hard floor: every remaining FLOP at that rate). The probe
     touches no memory, so when it, or the dense GEMM probe, moved by more than 5% between the two the
     cores were not all this process's for part of the run (other guests on a shared VM, throttling):
-    ``steady`` is False and the table says so, since such a run's ratios mix two machines."""
+    ``steady`` is False and the table says so, since such a run's ratios mix two machines. The probes
+    sample the run's two ends only: a slow stretch between them goes unseen (the paired ratio, probed
+    between forwards, is the column that follows the machine through the run)."""
     best = max([p for p in (start, end) if p], key=lambda p: p["gflops"])
     results["isa_peak"], results["isa_peak_start"], results["isa_peak_end"] = best, start, end
     for run in results["runs"]:
