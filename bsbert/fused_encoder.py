@@ -195,14 +195,10 @@ def program(layers, dtype: torch.dtype) -> Program | str:
         modules += list(layer.modules())
     if any(t is not None and t.device.type != "cpu" for t in tensors):
         return "weights are not on the CPU"
-    if not _op_available():
+    if not _has_cpu_kernel("bert_encoder"):
         return "bsbert::bert_encoder has no CPU kernel in this build"
     return Program(tensors, ints, floats, dtype, list(layers), modules, watch=[w[:3] for w in watch if not w[3]],
                    watch_bsbert=[w[:3] for w in watch if w[3]])
-
-
-def _op_available() -> bool:
-    return _has_cpu_kernel("bert_encoder")
 
 
 def _has_cpu_kernel(op: str) -> bool:

@@ -215,11 +215,15 @@ EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c1
   return e;
 }
 
-at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
-                       const EncoderArgs& e) {
+void check_hidden(const at::Tensor& hidden) {
   BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
   BSBERT_CHECK(hidden.device().is_cpu(), "bert_encoder (CPU kernel): hidden must be on the CPU, got ",
                hidden.device());
+}
+
+// The layers on hidden (checked by the caller with check_hidden).
+at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
+                       const EncoderArgs& e) {
   const int64_t layers = static_cast<int64_t>(e.layers.size());
   at::Tensor x = hidden;
   at::Tensor qkv;  // this layer's, when the previous layer's chain computed it
@@ -310,7 +314,7 @@ Registry& registry() {
 at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
                             const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
                             c10::ArrayRef<double> floats) {
-  BSBERT_CHECK(hidden.dim() == 3, "bert_encoder: hidden must be [B, S, hidden_size], got shape ", hidden.sizes());
+  check_hidden(hidden);  // before the lists' checks, as the op always reported them
   return run_encoder(hidden, key_padding_mask, encoder_args(tensors, ints, floats));
 }
 
@@ -324,7 +328,8 @@ at::Tensor bert_encoder_registered_cpu(const at::Tensor& hidden, const std::opti
     if (it != r.map.end()) e = it->second;
   }
   BSBERT_CHECK(e != nullptr, "bert_encoder_registered: no encoder is registered under handle ", handle,
-               " (released, or never registered in this process; see bsbert_encoder_register)");
+               " (released, or never registered in this process; see bsbert._C.encoder_register)");
+  check_hidden(hidden);
   return run_encoder(hidden, key_padding_mask, *e);
 }
 

@@ -8,8 +8,8 @@
 // vdpbf16ps zmm (avx512_bf16; two products and two adds per fp32 lane: 64 FLOPs per instruction, the
 // GEMM's FLOP count for the same work). BSBERT_CPU_ISA caps the level as for the kernels.
 //
-// One translation unit with the three loops between target pushes (each is a few instructions; the
-// kernels' one-unit-per-ISA layout exists for their shared templates, which this does not have).
+// One translation unit: the zmm loops (one template) and the ymm loop, each in its target region (a few
+// instructions each; the kernels' one-unit-per-ISA layout exists for their larger shared templates).
 #include "check.h"
 #include <ATen/Parallel.h>
 
@@ -38,41 +38,43 @@ constexpr int64_t kBatch = 1 << 16;  // instructions per chain between clock rea
 volatile float g_sink = 0.f;
 
 #if defined(__x86_64__) || defined(_M_X64)
-// One loop per instruction, each in its own target region (a template shared across the regions left
-// GCC inlining lambdas without the region's target). The empty asm makes an operand opaque each step,
-// so the compiler can neither fold the chains nor move the loop out; the final sum keeps the
-// accumulators live. tests/test_isa_peak.py reads the compiled loops back.
+// The empty asm makes an operand opaque each step, so the compiler can neither fold the chains nor move
+// the loop out; the final sum keeps the accumulators live. tests/test_isa_peak.py reads the compiled loops
+// back. Both zmm loops are one body in the avx512_bf16 region: the FMA one contains no bf16 instruction
+// (the objdump test checks its loop is vfmadd only) and also runs on AVX-512 CPUs without bf16.
 BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's own _mm512_reduce_add_ps (as in the kernels)
-float dot_bf16_batch(int64_t steps) {
+struct DotBf16 {  // acc + a.even * b.even + a.odd * b.odd per lane (16 bf16 pairs)
+  static __attribute__((always_inline)) inline __m512 step(__m512 acc, __m512 a, __m512 b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+struct FmaF32 {
+  static __attribute__((always_inline)) inline __m512 step(__m512 acc, __m512 a, __m512 b) {
+    return _mm512_fmadd_ps(acc, a, b);
+  }
+};
+
+template <class Op>
+__attribute__((always_inline)) inline float zmm_batch(int64_t steps, __m512 a, __m512 b) {
   __m512 acc[kZmmChains];
   for (int i = 0; i < kZmmChains; ++i) acc[i] = _mm512_set1_ps(0.f);
-  // 16 pairs of bf16 (1, 1) and (2^-7, 2^-7)
-  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3c003c00);
   for (int64_t s = 0; s < steps; ++s) {
 #pragma GCC unroll 24
-    for (int i = 0; i < kZmmChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    for (int i = 0; i < kZmmChains; ++i) acc[i] = Op::step(acc[i], a, b);
     __asm__ volatile("" : "+v"(a));
   }
   __m512 t = acc[0];
   for (int i = 1; i < kZmmChains; ++i) t = _mm512_add_ps(t, acc[i]);
   return _mm512_reduce_add_ps(t);
 }
-BSBERT_TARGET_POP()
 
-BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
+float dot_bf16_batch(int64_t steps) {  // 16 pairs of bf16 (1, 1) and (2^-7, 2^-7)
+  return zmm_batch<DotBf16>(steps, _mm512_castsi512_ps(_mm512_set1_epi32(0x3f803f80)),
+                            _mm512_castsi512_ps(_mm512_set1_epi32(0x3c003c00)));
+}
 float fma_zmm_batch(int64_t steps) {
-  __m512 acc[kZmmChains];
-  for (int i = 0; i < kZmmChains; ++i) acc[i] = _mm512_set1_ps(0.f);
-  __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f);
-  for (int64_t s = 0; s < steps; ++s) {
-#pragma GCC unroll 24
-    for (int i = 0; i < kZmmChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
-    __asm__ volatile("" : "+v"(a));
-  }
-  __m512 t = acc[0];
-  for (int i = 1; i < kZmmChains; ++i) t = _mm512_add_ps(t, acc[i]);
-  return _mm512_reduce_add_ps(t);
+  return zmm_batch<FmaF32>(steps, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-3f));
 }
 BSBERT_TARGET_POP()
 
