@@ -14,6 +14,11 @@ slows both alike. Outputs are checked to be identical first.
     python scripts/model_ab.py embeddings-op --seq 128 --dtype bfloat16 --rounds 40
     python scripts/model_ab.py lean-head --seq 128 --dtype bfloat16 --rounds 40
     python scripts/model_ab.py qa-head-kernel --seq 128 --dtype bfloat16 --rounds 60
+    python scripts/model_ab.py chain-cache --seq 128 --dtype bfloat16 --paired 600
+
+--paired N: instead of best rounds, N forwards each, off and on alternating forward by forward (the
+order flipped every pair), reporting both medians and the median of the per-pair on/off ratios (a
+change under 1% is below the best-round comparison's resolution on the shared 2-core VM).
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -29,6 +34,8 @@ layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op 
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 lean-head: BertForQuestionAnswering's lean forward (on) or transformers' (off), BertModel lean in both.
 qa-head-kernel: the lean QA forward runs qa_outputs on bsbert's CPU GEMM (on) or calls the module (off).
+chain-cache: a registered fused encoder keeps its middle layers' prepared row chains between calls
+(on) or prepares every chain on every call (BSBERT_ENCODER_CHAIN_CACHE=0).
 embeddings-op: the lean forward computes the embeddings with bsbert::bert_embeddings (on) or calls the
 embeddings module (off).
 """
@@ -46,7 +53,7 @@ from bsbert.timing import best_of_interleaved
 
 APPROX = {"qa-head-kernel"}  # toggles whose outputs agree within rounding, not bit for bit
 ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned"),
-               "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0")}
+               "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0"), "chain-cache": ("BSBERT_ENCODER_CHAIN_CACHE", "0")}
 
 
 def toggles(model, what):
@@ -124,6 +131,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="N forwards each, alternating off/on, medians and the median per-pair ratio")
     args = ap.parse_args()
     model = models.seed_like_model().eval().to(getattr(torch, args.dtype))
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
@@ -142,11 +151,37 @@ def main():
     def run(on):
         set_on(on)
         model(**inp)
+    if args.paired:
+        return _paired(run, args, count)
     t_off, t_on = best_of_interleaved([lambda: run(False), lambda: run(True)], rounds=args.rounds, target_s=0.15)
     set_on(True)
     print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, best of "
           f"{args.rounds} rounds: off {t_off * 1e3:.2f} ms, on {t_on * 1e3:.2f} ms, "
           f"saved {(t_off - t_on) * 1e3:.2f} ms ({100 * (t_off - t_on) / t_off:.1f}%)")
+
+
+def _paired(run, args, count):
+    import statistics
+    import time
+
+    times = {False: [], True: []}
+    ratios = []
+    with torch.inference_mode():
+        for on in (False, True, False, True):  # warm-up
+            run(on)
+        for i in range(args.paired):
+            pair = {}
+            for on in ((False, True) if i % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                run(on)
+                pair[on] = time.perf_counter() - t0
+                times[on].append(pair[on])
+            ratios.append(pair[True] / pair[False])
+    run(True)
+    med = {on: statistics.median(t) * 1e3 for on, t in times.items()}
+    print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{args.paired} forwards each, alternating: median off {med[False]:.2f} ms, on {med[True]:.2f} ms; "
+          f"median on/off per pair {100 * (statistics.median(ratios) - 1):+.2f}%")
 
 
 if __name__ == "__main__":

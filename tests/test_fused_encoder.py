@@ -436,3 +436,72 @@ def test_registration_checks_the_lists_like_the_op():
         mod.encoder_register([torch.ones(1)] * 20, [0, 8] + [2, 8, 8, 0] * 4, [1.0, 1e-12, 1e-12])
     assert mod.encoder_registered_count() == base  # nothing kept from a failed registration
     assert mod.encoder_release(-5) is False
+
+
+def _registered_and_listed(prog, hidden, kpm=None):
+    """(the registered op's output, the list op's: every chain prepared afresh) on the same input."""
+    with torch.inference_mode():
+        return (prog.run(hidden, kpm),
+                torch.ops.bsbert.bert_encoder(hidden, kpm, prog.tensors, prog.ints, prog.floats))
+
+
+@needs_op
+@needs_registry
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_chains_compute_what_fresh_chains_compute(monkeypatch, dtype):
+    # A registered encoder keeps the row chains of its middle layers between calls (the first layer's
+    # residual is the op's input, the last layer's output a new tensor each call): on fresh inputs, after
+    # a shape, thread-count or ISA change and with a bias edited in place, its output stays the list
+    # op's (which prepares every chain on every call), bit for bit.
+    from tests.helpers import cpu_isa_levels
+
+    mod = _registry()
+    heads, ffn = (2, 3, 4, 2, 3), (100, 37, 64, 50, 20)
+    model = tiny_pruned(heads=heads, ffn=ffn).to(dtype)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic", backend="cpu-bsr")
+    prog = model.bert.encoder._bsbert_program
+    old = torch.get_num_threads()
+    g = torch.Generator().manual_seed(1)
+
+    def check(batch, seq, kept, kpm=None):
+        hidden = torch.randn(batch, seq, 128, generator=g).to(dtype)
+        ran, listed = _registered_and_listed(prog, hidden, kpm)
+        assert torch.equal(ran, listed), (batch, seq)
+        assert mod.encoder_cached_chains(prog._registered.handle) == kept
+        return ran
+
+    try:
+        torch.set_num_threads(2)
+        first = check(2, 30, kept=3)  # layers 1-3 of 5
+        mask = torch.ones(2, 30, dtype=torch.bool)
+        mask[0, 17:] = False
+        for _ in range(2):
+            check(2, 30, kept=3)
+            check(2, 30, kept=3, kpm=mask)
+        check(1, 23, kept=3)  # 23 rows: under row tiles on two threads (no chains; the kept ones wait)
+        check(2, 30, kept=3)
+        check(3, 41, kept=3)  # another shape: prepared again
+        check(2, 30, kept=3)
+        torch.set_num_threads(1)
+        check(2, 30, kept=3)
+        torch.set_num_threads(2)
+        for isa in cpu_isa_levels(bf16_level=True)[-2:]:  # the two best levels this CPU runs
+            monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+            check(2, 30, kept=3)
+        monkeypatch.delenv("BSBERT_CPU_ISA")
+        # a bias edited in place after registration: seen (the kept chains copy their biases each call)
+        bias = prog.tensors[1 * fused_encoder.TENSORS_PER_LAYER + 2 * 4 + 3]  # layer 1's FFN in
+        with torch.no_grad():
+            bias.add_(1.0)
+        hidden = torch.randn(2, 30, 128, generator=g).to(dtype)
+        ran, listed = _registered_and_listed(prog, hidden)
+        with torch.no_grad():
+            bias.sub_(1.0)
+        before, _ = _registered_and_listed(prog, hidden)
+        assert torch.equal(ran, listed) and not torch.equal(ran, before)
+        monkeypatch.setenv("BSBERT_ENCODER_CHAIN_CACHE", "0")  # every chain prepared on every call
+        off, listed = _registered_and_listed(prog, hidden)
+        assert torch.equal(off, listed) and torch.equal(off, before)
+    finally:
+        torch.set_num_threads(old)
+    assert first.shape == (2, 30, 128)

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -151,6 +152,8 @@ class Intermediates {
           (reinterpret_cast<uintptr_t>(thread_buffer<struct EncoderIntermediatesTag>(bytes / 4 + 16)) + 63) &
           ~uintptr_t(63));
   }
+  // The buffer's start (nullptr: off), for keys of what points into it.
+  const void* base() const { return base_; }
   // Slot s as an [M, width] tensor, or an undefined one (the op allocates) when the buffer is off or
   // the slot narrower (a layer whose shapes the op's own checks will reject).
   at::Tensor get(Slot s, int64_t width) const {
@@ -174,13 +177,51 @@ struct LayerArgs {
   at::Tensor ln_attn_w, ln_attn_b, ln_out_w, ln_out_b;
 };
 
+// A chained layer's row chain kept between calls of a registered encoder. Preparing a chain (the four
+// linears' checks and arguments, the index scans, the bias copies) took ~20 us a layer with the
+// caches cold (bf16 seq 128), as side work of the attention region that the other thread covered by
+// taking more heads. A kept chain only copies its biases again (an in-place edit of a bias is seen, as
+// on the per-layer path).
+struct CachedChain {
+  std::unique_ptr<BsrRowChain> chain;
+  const void* ctx = nullptr;       // the attention output it reads
+  const void* residual = nullptr;  // the layer input it adds (the previous layer's output)
+  at::Tensor x_next, qkv_next;     // its outputs
+};
+
+// The kept chains of one registered encoder, valid for calls of the same shape, dtype, Intermediates
+// buffer and BsrRowChain::config(). Not kept: the first layer's chain (its residual is the op's input,
+// which may be a copy when not contiguous) and the last layer's (its output is returned: a new tensor
+// each call). A chain is reused only when its inputs are the same memory as before; it holds a
+// reference to them, so that memory cannot have been freed and reused for something else.
+struct ChainCache {
+  std::array<int64_t, 4> shape{};  // B, S, H, dtype
+  const void* buf = nullptr;
+  std::array<int64_t, 3> config{};
+  std::vector<CachedChain> layers;
+};
+
+// Where a registered encoder's ChainCache waits between calls. A call takes it out (a concurrent call
+// of the same encoder finds it empty and prepares its own chains, as the list op does every time).
+struct ChainCacheSlot {
+  std::mutex mu;
+  std::unique_ptr<ChainCache> cache;
+};
+
 // The whole argument list, unpacked once: per call by bert_encoder, or once per registered encoder
 // (bert_encoder_registered), where the Python list of ~20 tensors a layer no longer crosses into the op
 // on every call (480 for BERT-large: ~50 us hot and ~150 us with cold caches, plus ~3 us a layer to
 // take them out of the list again, while the other threads wait).
 struct EncoderArgs {
   std::vector<LayerArgs> layers;
+  std::shared_ptr<ChainCacheSlot> chains;  // registered encoders only
 };
+
+// BSBERT_ENCODER_CHAIN_CACHE=0 prepares every chain on every call (read per call, for A/B runs).
+bool chain_cache_enabled() {
+  const char* env = std::getenv("BSBERT_ENCODER_CHAIN_CACHE");
+  return env == nullptr || env[0] != '0';
+}
 
 EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
                          c10::ArrayRef<double> floats) {
@@ -237,13 +278,31 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
   }
   const int64_t M = hidden.size(0) * hidden.size(1);
   const Intermediates buf(chain ? M : 0, widths, hidden.scalar_type());
-  // The previous layer's chain (its prepared calls hold ~20 tensors, vectors and deques): freed by the
-  // next chain's preparation inside the attention region, not between regions while the other threads
-  // wait (~4 us a layer there at bf16 seq 128).
+  std::unique_ptr<ChainCache> cache;  // the chains kept by an earlier call, taken out of e's slot
+  if (chain && e.chains && buf.base() != nullptr && chain_cache_enabled()) {
+    {
+      std::lock_guard<std::mutex> lock(e.chains->mu);
+      cache = std::move(e.chains->cache);
+    }
+    const std::array<int64_t, 4> shape = {hidden.size(0), hidden.size(1), hidden.size(2),
+                                          static_cast<int64_t>(hidden.scalar_type())};
+    const std::array<int64_t, 3> config = BsrRowChain::config();
+    if (!cache || cache->shape != shape || cache->buf != buf.base() || cache->config != config) {
+      cache = std::make_unique<ChainCache>();
+      cache->shape = shape;
+      cache->buf = buf.base();
+      cache->config = config;
+      cache->layers.resize(layers);
+    }
+  }
+  // The previous layer's chain when not kept (its prepared calls hold ~20 tensors, vectors and deques):
+  // freed by the next chain's side work inside the attention region, not between regions while the
+  // other threads wait (~4 us a layer there at bf16 seq 128).
   std::unique_ptr<BsrRowChain> done_chain;
   for (int64_t i = 0; i < layers; ++i) {
     const LayerArgs& l = e.layers[i];
     const Linear &out_l = l.out, &in_l = l.in, &ffo_l = l.ffo;
+    const bool last = i + 1 == layers;
     if (!qkv.defined()) qkv = linear(x, l.qkv, false);
     const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
     // the attention's output, made here when chained: the chain is prepared while the attention runs
@@ -252,15 +311,23 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
     if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), l.heads * l.head_dim});
 
     // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
-    // their checks and arguments are prepared by this thread inside the attention's region
-    std::unique_ptr<BsrRowChain> chain_ptr = chained ? std::make_unique<BsrRowChain>() : nullptr;
+    // their checks and arguments are prepared by this thread inside the attention's region (or, kept
+    // from an earlier call, only their biases copied again)
+    CachedChain* keep = chained && cache && i > 0 && !last ? &cache->layers[i] : nullptr;
+    const bool reuse = keep != nullptr && keep->chain && keep->ctx == ctx_out.data_ptr() &&
+                       keep->residual == x.data_ptr();
+    std::unique_ptr<BsrRowChain> chain_ptr = chained && !reuse ? std::make_unique<BsrRowChain>() : nullptr;
     at::Tensor x_next, qkv_next;
     SideWork prepare_chain;
-    if (chained) {
+    if (reuse) {
+      prepare_chain = [&] {
+        done_chain.reset();
+        keep->chain->refresh_biases();
+      };
+    } else if (chained) {
       prepare_chain = [&] {
         done_chain.reset();
         BsrRowChain& ch = *chain_ptr;
-        const bool last = i + 1 == layers;
         const at::Tensor a = ch.linear_add_layer_norm(ctx_out, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
                                                       out_l.block, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn,
                                                       buf.get(Intermediates::kAttnOut, out_l.n));
@@ -282,16 +349,30 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
                                                     prepare_chain);
     if (chained) {
       RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
-      chain_ptr->run();
-      x = x_next;
-      qkv = qkv_next;
-      done_chain = std::move(chain_ptr);
+      if (reuse) {
+        keep->chain->run();
+        x = keep->x_next;
+        qkv = keep->qkv_next;
+      } else {
+        chain_ptr->run();
+        if (keep != nullptr) {
+          *keep = CachedChain{std::move(chain_ptr), ctx_out.data_ptr(), x.data_ptr(), x_next, qkv_next};
+        } else {
+          done_chain = std::move(chain_ptr);
+        }
+        x = x_next;
+        qkv = qkv_next;
+      }
     } else {
       const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn);
       const at::Tensor h = linear(a, in_l, true);
       x = linear_add_layer_norm(h, ffo_l, a, l.ln_out_w, l.ln_out_b, l.eps_out);
       qkv = at::Tensor();
     }
+  }
+  if (cache) {
+    std::lock_guard<std::mutex> lock(e.chains->mu);
+    e.chains->cache = std::move(cache);
   }
   return layers == 0 ? hidden.clone() : x;
 }
@@ -309,6 +390,15 @@ Registry& registry() {
   return *r;
 }
 
+// The registered encoder under handle (a copy of the reference: a release during the call leaves it
+// alive), or nullptr.
+std::shared_ptr<const EncoderArgs> find_registered(int64_t handle) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  const auto it = r.map.find(handle);
+  return it != r.map.end() ? it->second : nullptr;
+}
+
 }  // namespace
 
 at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
@@ -320,13 +410,7 @@ at::Tensor bert_encoder_cpu(const at::Tensor& hidden, const std::optional<at::Te
 
 at::Tensor bert_encoder_registered_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
                                        int64_t handle) {
-  std::shared_ptr<const EncoderArgs> e;
-  {
-    Registry& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
-    const auto it = r.map.find(handle);
-    if (it != r.map.end()) e = it->second;
-  }
+  const std::shared_ptr<const EncoderArgs> e = find_registered(handle);
   BSBERT_CHECK(e != nullptr, "bert_encoder_registered: no encoder is registered under handle ", handle,
                " (released, or never registered in this process; see bsbert._C.encoder_register)");
   check_hidden(hidden);
@@ -338,7 +422,9 @@ int64_t encoder_register(const std::vector<std::optional<at::Tensor>>& tensors, 
   c10::List<std::optional<at::Tensor>> list;
   list.reserve(tensors.size());
   for (const auto& t : tensors) list.push_back(t);
-  auto e = std::make_shared<const EncoderArgs>(encoder_args(list, ints, floats));  // the op's checks, once
+  EncoderArgs args = encoder_args(list, ints, floats);  // the op's checks, once
+  args.chains = std::make_shared<ChainCacheSlot>();
+  auto e = std::make_shared<const EncoderArgs>(std::move(args));
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   const int64_t h = r.next++;
@@ -350,6 +436,16 @@ bool encoder_release(int64_t handle) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   return r.map.erase(handle) > 0;
+}
+
+int64_t encoder_cached_chains(int64_t handle) {
+  const std::shared_ptr<const EncoderArgs> e = find_registered(handle);
+  BSBERT_CHECK(e != nullptr, "encoder_cached_chains: no encoder is registered under handle ", handle);
+  std::lock_guard<std::mutex> lock(e->chains->mu);
+  if (!e->chains->cache) return 0;
+  int64_t n = 0;
+  for (const CachedChain& c : e->chains->cache->layers) n += c.chain != nullptr;
+  return n;
 }
 
 int64_t encoder_registered_count() {

@@ -87,9 +87,27 @@ struct BsrCall {
   Path path;
   at::Tensor x2, y, crow_c, col_c;
   const float* bias = nullptr;  // fp32, padded to whole blocks (the calling thread's buffer) or nullptr
+  at::Tensor bias_src;          // the bias it was copied from (undefined without bias)
   std::vector<int64_t> out_shape;
   int64_t M = 0, N = 0, K = 0, b = 0, nbr = 0, nbc = 0;
 };
+
+// bias (checked: 1-D, floating point, on the CPU) as fp32 into bp, zero-padded to `padded` floats.
+void copy_bias(const at::Tensor& bt, float* bp, int64_t padded) {
+  const int64_t N = bt.size(0);
+  if (bt.scalar_type() == at::kFloat && bt.is_contiguous()) {
+    std::memcpy(bp, bt.data_ptr<float>(), N * sizeof(float));
+  } else if (bt.scalar_type() == at::kBFloat16 && bt.is_contiguous()) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(bt.data_ptr());
+    for (int64_t i = 0; i < N; ++i) {
+      const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(bp + i, &u, 4);
+    }
+  } else {
+    at::from_blob(bp, {N}, bt.options().dtype(at::kFloat)).copy_(bt);
+  }
+  std::fill(bp + N, bp + padded, 0.f);
+}
 
 // bias_buf: where the fp32 padded bias goes (>= ceil(N/block)*block floats); nullptr: the calling
 // thread's buffer, valid until its next prepare (a chain of calls gives each its own).
@@ -157,19 +175,9 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
     // fp32 and zero-padded to whole blocks (the epilogue reads whole vectors), in a per-thread buffer:
     // an at::zeros + copy_ per call was two allocations and three dispatcher calls.
     float* bp = bias_buf ? bias_buf : thread_buffer<struct BsrBiasTag>(nbr * b);
-    if (bt.scalar_type() == at::kFloat && bt.is_contiguous()) {
-      std::memcpy(bp, bt.data_ptr<float>(), N * sizeof(float));
-    } else if (bt.scalar_type() == at::kBFloat16 && bt.is_contiguous()) {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(bt.data_ptr());
-      for (int64_t i = 0; i < N; ++i) {
-        const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-        std::memcpy(bp + i, &u, 4);
-      }
-    } else {
-      at::from_blob(bp, {N}, x.options().dtype(at::kFloat)).copy_(bt);
-    }
-    std::fill(bp + N, bp + nbr * b, 0.f);
+    copy_bias(bt, bp, nbr * b);
     c.bias = bp;
+    c.bias_src = bt;
   }
 
   // x as rows of K contiguous values (any row stride); packed into panels (and widened) by the run.
@@ -486,7 +494,17 @@ at::Tensor BsrRowChain::linear_add_layer_norm(const at::Tensor& x, const at::Ten
 
 void BsrRowChain::run() {
   if (!impl_->steps.empty()) run_row_tiles(impl_->steps);
-  impl_->steps.clear();
+}
+
+void BsrRowChain::refresh_biases() {
+  for (BsrCall& c : impl_->calls)
+    if (c.bias_src.defined()) copy_bias(c.bias_src, const_cast<float*>(c.bias), c.nbr * c.b);
+}
+
+std::array<int64_t, 3> BsrRowChain::config() {
+  const char* kc = std::getenv("BSBERT_BSR_KC");
+  return {static_cast<int64_t>(effective_isa()), kc != nullptr ? std::max(0, std::atoi(kc)) : 0,
+          static_cast<int64_t>(at::get_num_threads())};
 }
 
 }  // namespace cpu

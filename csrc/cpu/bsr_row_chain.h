@@ -10,8 +10,15 @@
 //
 // Usage: check applies(x), add the linears in order (each returns its output tensor, allocated now and
 // written by run(); a later linear may take it as x or residual), then run(). Baseline-ISA units only.
+//
+// A chain can run again (bert_encoder keeps its chains between calls): it reads its tensors' current
+// values through the pointers taken when they were added, so it stays right as long as the same
+// tensors (same storage, shapes and strides) are meant, config() is unchanged, and refresh_biases()
+// has run since a bias may have changed (the biases are copied to fp32 when added). The packed
+// weights' indices are checked when added only.
 #include <torch/extension.h>
 
+#include <array>
 #include <memory>
 #include <optional>
 
@@ -40,8 +47,13 @@ class BsrRowChain {
                                    int64_t out_features, int64_t in_features, int64_t block,
                                    const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                    double eps, const at::Tensor& out = at::Tensor());
-  // Computes every linear added so far (then the chain is empty).
+  // Computes every linear added so far (the chain keeps them: it can run again).
   void run();
+  // Copies every bias again from its tensor (the fp32 copies taken when the linears were added).
+  void refresh_biases();
+  // What preparing a linear depends on besides its tensors (the ISA's kernels, BSBERT_BSR_KC, torch's
+  // thread count): a chain kept across calls is prepared again when this changes.
+  static std::array<int64_t, 3> config();
 
  private:
   struct Impl;  // the prepared calls: bsr_linear.cpp's internal types

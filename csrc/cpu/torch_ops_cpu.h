@@ -38,6 +38,8 @@ int64_t encoder_register(const std::vector<std::optional<at::Tensor>>& tensors, 
                          const std::vector<double>& floats);
 bool encoder_release(int64_t handle);
 int64_t encoder_registered_count();
+// How many layers' row chains the registered encoder keeps for its next call (0 before its first call).
+int64_t encoder_cached_chains(int64_t handle);
 
 }  // namespace cpu
 }  // namespace bsbert
