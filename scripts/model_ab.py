@@ -18,7 +18,9 @@ slows both alike. Outputs are checked to be identical first.
 
 --paired N: instead of best rounds, N forwards each, off and on alternating forward by forward (the
 order flipped every pair), reporting both medians and the median of the per-pair on/off ratios (a
-change under 1% is below the best-round comparison's resolution on the shared 2-core VM).
+change under 1% is below the best-round comparison's resolution on the shared 2-core VM). --block K
+alternates blocks of K forwards instead (the first of each untimed, the pair's ratio from the blocks'
+medians), for changes whose effect carries from one forward to the next through the caches.
 
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
 add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
@@ -133,6 +135,9 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--paired", type=int, default=0, metavar="N",
                     help="N forwards each, alternating off/on, medians and the median per-pair ratio")
+    ap.add_argument("--block", type=int, default=1, metavar="K",
+                    help="with --paired: alternate blocks of K forwards (the first of each block untimed), so "
+                         "that what one forward leaves in the caches for the next is the same setting's")
     args = ap.parse_args()
     model = models.seed_like_model().eval().to(getattr(torch, args.dtype))
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
@@ -169,18 +174,23 @@ def _paired(run, args, count):
     with torch.inference_mode():
         for on in (False, True, False, True):  # warm-up
             run(on)
-        for i in range(args.paired):
+        for i in range(max(1, args.paired // max(1, args.block - 1)) if args.block > 1 else args.paired):
             pair = {}
             for on in ((False, True) if i % 2 == 0 else (True, False)):
-                t0 = time.perf_counter()
-                run(on)
-                pair[on] = time.perf_counter() - t0
-                times[on].append(pair[on])
+                if args.block > 1:
+                    run(on)  # the switch's forward: caches as the other setting left them
+                t = []
+                for _ in range(max(1, args.block - 1)):
+                    t0 = time.perf_counter()
+                    run(on)
+                    t.append(time.perf_counter() - t0)
+                times[on] += t
+                pair[on] = statistics.median(t)
             ratios.append(pair[True] / pair[False])
     run(True)
     med = {on: statistics.median(t) * 1e3 for on, t in times.items()}
     print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.paired} forwards each, alternating: median off {med[False]:.2f} ms, on {med[True]:.2f} ms; "
+          f"{len(times[True])} timed forwards each, alternating{f' in blocks of {args.block}' if args.block > 1 else ''}: median off {med[False]:.2f} ms, on {med[True]:.2f} ms; "
           f"median on/off per pair {100 * (statistics.median(ratios) - 1):+.2f}%")
 
 
