@@ -52,7 +52,7 @@ def collect() -> dict:
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
     ops = ("bsr_linear", "bsr_linear_add_layer_norm", "add_layer_norm", "pruned_attention",
-           "pruned_attention_varlen", "bert_encoder", "bert_encoder_registered", "bert_embeddings")
+           "pruned_attention_varlen", "bert_encoder", "bert_encoder_registered", "bert_embeddings", "head_logits")
     for key in ("CPU", "CUDA"):
         have = []
         for op in ops:

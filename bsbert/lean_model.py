@@ -19,8 +19,9 @@ cold bf16 seq-128 forward) when the call and module allow it (:func:`_embeddings
 ``BertForQuestionAnswering`` around it gets :func:`install_head`'s lean forward too: the lean sequence
 without BertModel's output object and module call, then the head (Python outside the encoder op, median
 of 200 interleaved forwards: 0.99 -> 0.92 ms; ``model_ab.py lean-head``). Its ``qa_outputs`` linear runs
-on bsbert's CPU GEMM where :func:`_head_kernel` allows (the one step of the lean forms that is not bit
-for bit transformers': the same fp32 sums in another order), its start/end split is one copy.
+as ``bsbert::head_logits`` where :func:`_head_logits` allows (the one step of the lean forms that is not
+bit for bit transformers': the same fp32 sums in another order), which writes the start and end logits
+as two contiguous planes.
 """
 from __future__ import annotations
 
@@ -138,10 +139,9 @@ def _lean_sequence(self, input_ids, attention_mask, token_type_ids, position_ids
         emb = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
     if fused_encoder.why_not_now(prog, emb, None, (), {}) is not None:  # e.g. a hook: start over, the class's way
         return None
-    kpm = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        kpm = attention_mask.bool().contiguous()  # nonzero = attend, as transformers reads a 2-D mask
-    return prog.run(emb, kpm)
+    # a 2-D integer or bool mask (_plain), nonzero = attend as transformers reads it: the op drops an
+    # integer mask without a zero and converts the others (a Python `mask.all()` cost ~50 us cold)
+    return prog.run(emb, attention_mask)
 
 
 def _lean_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *args,
@@ -166,47 +166,45 @@ def _lean_qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
     seq = _lean_sequence(bert, input_ids, attention_mask, token_type_ids, position_ids, args, rest)
     if seq is None:
         return type(self).forward(self, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
-    head = _head_kernel(self, seq)
-    logits = head(seq) if head is not None else self.qa_outputs(seq)
-    # [B, S, 2] -> [2, B, S] in one copy: start and end are its two contiguous halves, the same values
-    # as transformers' split + squeeze + contiguous (five op calls; with the output object 142 -> 116 us
-    # median in a cold bf16 seq-128 forward loop)
-    both = logits.permute(2, 0, 1).contiguous()
-    return self._bsbert_output_type(loss=None, start_logits=both[0], end_logits=both[1], hidden_states=None,
+    logits = _head_logits(self, seq)  # [2, B, S]: start and end are its two contiguous planes
+    if logits is not None:
+        start, end = logits[0], logits[1]
+    else:  # transformers' own steps
+        start, end = self.qa_outputs(seq).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+    return self._bsbert_output_type(loss=None, start_logits=start, end_logits=end, hidden_states=None,
                                     attentions=None)
 
 
-def _head_kernel(self, seq: torch.Tensor):
-    """The QA head's linear as bsbert's CPU GEMM (prepared from ``qa_outputs`` on first use and again
-    whenever its weight or bias is replaced or changed in place), or None where ``qa_outputs`` itself
-    must run: not a plain nn.Linear, hooks on it, autograd on, not a CPU float32/bfloat16 input, no kernel.
+_HEAD_OP: list = []  # [bool] once looked up
+
+
+def _head_logits(self, seq: torch.Tensor):
+    """``qa_outputs(seq)`` as [2, B, S] start / end planes from ``bsbert::head_logits``, or None where
+    ``qa_outputs`` itself must run: not a plain 2-output nn.Linear, hooks on it, autograd on, not a CPU
+    float32/bfloat16 input in the weight's dtype, no op in this build. The op reads the module's weight and
+    bias as they are on every call (an in-place change or a replaced module is simply what it computes).
     Why: after the encoder op has streamed the weights through the caches, torch's F.linear for this
-    [S, 1024] x [1024, 2] product costs ~215 us (median) in a bf16 seq-128 forward loop, bsbert's kernel
-    ~68 us; whole forwards, 800 alternated: median -0.08 / -0.12 ms of 25.5. Both sum in fp32 and round
-    once; the order of the sums differs, so the last bit can too (tests bound the error at 2x F.linear's
-    plus the fp32 sum's typical error)."""
+    [S, 1024] x [1024, 2] product cost ~215 us in a bf16 seq-128 forward loop (stop 17). Before this op,
+    bsbert's GEMM on a packed copy kept per weight version cost 66 us of checks + 62 us, and the split
+    into contiguous start / end logits 58 us; now the checks and this op take 76 us and the two planes'
+    views 13 (medians of 300 such forwards, timers around each step). Both sum in fp32 and round once;
+    the order of the sums differs from F.linear's, so the last bit can too (tests bound the error at 2x
+    F.linear's plus the fp32 sum's typical error)."""
     lin = self._modules.get("qa_outputs")
     if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks or torch.is_grad_enabled() \
             or seq.device.type != "cpu" or seq.dtype not in (torch.float32, torch.bfloat16):
         return None
-    w, b = lin._parameters.get("weight"), lin._parameters.get("bias")
-    if w is None or w.dtype != seq.dtype or w.device.type != "cpu" or (b is not None and b.dtype != w.dtype):
+    p = lin._parameters
+    w, b = p.get("weight"), p.get("bias")
+    if w is None or w.dtype != seq.dtype or w.device.type != "cpu" or w.dim() != 2 or w.shape[0] != 2 \
+            or (b is not None and (b.dtype != w.dtype or b.device.type != "cpu")):
         return None
-    if w.is_inference() or (b is not None and b.is_inference()):
-        return None  # no version counter: an in-place change could not be seen
-    key = (lin, w, b, w._version, None if b is None else b._version)
-    cached = self.__dict__.get("_bsbert_qa_head")
-    if cached is not None and all(x is y for x, y in zip(cached[0][:3], key[:3])) and cached[0][3:] == key[3:]:
-        return cached[1]
-    from bsbert.ops.linear_backends import BACKENDS
+    if not _HEAD_OP:
+        from bsbert import _ext
 
-    be = BACKENDS["cpu-bsr"]
-    if be.not_supported_reasons(seq.device, seq.dtype, 32) or not lin.out_features or not lin.in_features:
-        return None
-    bias = b.detach() if b is not None else torch.zeros(lin.out_features, dtype=w.dtype)
-    prepared = be.prepare(w.detach().contiguous(), bias, False, 32)
-    self.__dict__["_bsbert_qa_head"] = (key, prepared)
-    return prepared
+        _HEAD_OP.append(_ext.has_op("head_logits"))
+    return torch.ops.bsbert.head_logits(seq, w, b) if _HEAD_OP[0] else None
 
 
 def _extra_repr(self) -> str:
@@ -274,7 +272,6 @@ def detach(base: nn.Module) -> None:
 def uninstall(base: nn.Module) -> None:
     detach(base)
     base.__dict__.pop("_bsbert_output_type", None)
-    base.__dict__.pop("_bsbert_qa_head", None)
 
 
 def installed(base: nn.Module) -> bool:

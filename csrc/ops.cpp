@@ -50,6 +50,8 @@ TORCH_LIBRARY(bsbert, m) {
   //     out_features,
   //     in_features, block;
   //   floats (3): attention scale, attention-LayerNorm eps, output-LayerNorm eps.
+  // key_padding_mask: [B, S] bool (true = attend), or an integer attention mask as transformers' models
+  // take it (nonzero = attend; one without a zero masks nothing).
   // BERT's embeddings (absolute positions 0..S-1, inference): y = LayerNorm((word[input_ids] +
   // token_type[token_type_ids]) + position[s]) * ln_weight + ln_bias, the sums rounded to the tables'
   // dtype after each add as torch's two adds do. input_ids, token_type_ids (None = all 0): int64 [B, S];
@@ -64,6 +66,11 @@ TORCH_LIBRARY(bsbert, m) {
   // bert_encoder with its lists registered once (bsbert._C.encoder_register(tensors, ints, floats) ->
   // handle; encoder_release(handle)): the per-call arguments are the activations only.
   m.def("bert_encoder_registered(Tensor hidden, Tensor? key_padding_mask, int handle) -> Tensor");
+  // A linear with few outputs as planes (CPU; a task head such as BERT's QA start / end logits):
+  // y[n] = x @ weight[n] + bias[n], y of shape [out_features, *x.shape[:-1]], contiguous. x: [..., K]
+  // float32 or bfloat16; weight [out_features, K] and bias [out_features] (or None) in x's dtype.
+  // Products and sums in fp32, rounded once to x's dtype.
+  m.def("head_logits(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 namespace {

@@ -35,7 +35,7 @@ layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op 
 (BSBERT_ENCODER_CHAIN=0).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
 lean-head: BertForQuestionAnswering's lean forward (on) or transformers' (off), BertModel lean in both.
-qa-head-kernel: the lean QA forward runs qa_outputs on bsbert's CPU GEMM (on) or calls the module (off).
+qa-head-kernel: the lean QA forward runs qa_outputs as bsbert::head_logits (on) or calls the module (off).
 chain-cache: a registered fused encoder keeps its middle layers' prepared row chains between calls
 (on) or prepares every chain on every call (BSBERT_ENCODER_CHAIN_CACHE=0).
 embeddings-op: the lean forward computes the embeddings with bsbert::bert_embeddings (on) or calls the
@@ -91,8 +91,8 @@ def toggles(model, what):
     if what == "qa-head-kernel":
         from bsbert import lean_model
 
-        fn = lean_model._head_kernel
-        return lambda on: setattr(lean_model, "_head_kernel", fn if on else (lambda *a: None)), 1
+        fn = lean_model._head_logits
+        return lambda on: setattr(lean_model, "_head_logits", fn if on else (lambda *a: None)), 1
     if what == "lean-head":
         from bsbert import lean_model
 

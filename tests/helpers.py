@@ -81,8 +81,8 @@ def with_threads(n: int, fn):
 
 @pytest.fixture
 def qa_outputs_itself(monkeypatch):
-    """For tests that compare forward paths bit for bit: the lean QA forward's head on bsbert's GEMM sums in
-    another order than F.linear (its own tests: test_lean_model.py), so there qa_outputs runs itself."""
+    """For tests that compare forward paths bit for bit: the lean QA forward's head (bsbert::head_logits) sums
+    in another order than F.linear (its own tests: test_lean_model.py), so there qa_outputs runs itself."""
     from bsbert import lean_model
 
-    monkeypatch.setattr(lean_model, "_head_kernel", lambda *a: None)
+    monkeypatch.setattr(lean_model, "_head_logits", lambda *a: None)

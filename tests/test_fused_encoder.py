@@ -505,3 +505,25 @@ def test_kept_chains_compute_what_fresh_chains_compute(monkeypatch, dtype):
     finally:
         torch.set_num_threads(old)
     assert first.shape == (2, 30, 128)
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_attention_masks(dtype):
+    # The op takes transformers' integer attention mask as it is (nonzero = attend): the same bits as the
+    # bool mask it stands for, and as no mask when it has no zero (both op forms); a float mask is refused.
+    model = _patched(dtype, backend="cpu-bsr")
+    prog = model.bert.encoder._bsbert_program
+    hidden = torch.randn(2, 21, 128).to(dtype)
+    am = torch.ones(2, 21, dtype=torch.long)
+    am[1, 13:] = 0
+    with torch.inference_mode():
+        for run in (lambda m: prog.run(hidden, m),
+                    lambda m: torch.ops.bsbert.bert_encoder(hidden, m, prog.tensors, prog.ints, prog.floats)):
+            want = run(am.bool())
+            assert torch.equal(run(am), want) and torch.equal(run(am.int() * 3), want)
+            assert torch.equal(run(am[:, ::1].t().contiguous().t()), want)  # not contiguous
+            assert torch.equal(run(torch.ones(2, 21, dtype=torch.int32)), run(None))
+            assert not torch.equal(want, run(None))
+            with pytest.raises(RuntimeError, match="key_padding_mask must be bool .*or an integer attention mask"):
+                run(am.float())

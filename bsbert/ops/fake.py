@@ -109,7 +109,21 @@ def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type,
     return word.new_empty((input_ids.shape[0], input_ids.shape[1], word.shape[1]))
 
 
+def _head_logits_fake(x, weight, bias):
+    torch._check(x.dim() >= 1, lambda: "head_logits: x must have at least 1 dimension")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+                 lambda: f"head_logits: weight must be [out_features, {x.shape[-1]}] (x's last dim), got shape "
+                         f"{tuple(weight.shape)}")
+    torch._check(weight.dtype == x.dtype,
+                 lambda: f"head_logits: weight dtype ({weight.dtype}) must match x's dtype ({x.dtype})")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (weight.shape[0],),
+                     lambda: f"head_logits: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    return x.new_empty((weight.shape[0], *x.shape[:-1]))
+
+
 _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
+          "bsbert::head_logits": _head_logits_fake,
           "bsbert::bert_embeddings": _bert_embeddings_fake,
           "bsbert::bert_encoder": _bert_encoder_fake,
           "bsbert::bert_encoder_registered": _bert_encoder_registered_fake,

@@ -1,6 +1,5 @@
 // AVX2 + FMA instantiation of the add + LayerNorm row kernel (add_layer_norm_kernel.h): 8 floats per
-// register. fp32 tails use masked loads/stores; bf16 tails go through an 8-lane stack buffer
-// (AVX2 has no 16-bit masked moves).
+// register (the wrapper: simd_rows_avx2.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,36 +19,14 @@ namespace {
 
 #include "cpu/simd_avx2.h"
 
-// The shared AVX2 wrapper plus the masked row tails and bf16 loads the row kernel needs.
-struct VAln256 : VAvx2 {
-  static inline __m256i lanes(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  static inline reg load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
-  static inline void store_n(float* p, reg v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
-  static inline reg keep_n(reg v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes(n))); }
-  static inline reg load_bf16(const uint16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static inline reg load_bf16_n(const uint16_t* p, int n) {
-    uint16_t buf[W] = {};
-    std::memcpy(buf, p, sizeof(uint16_t) * n);
-    return load_bf16(buf);
-  }
-  static inline void store_bf16_n(uint16_t* p, reg v, int n) {
-    uint16_t buf[W];
-    store_bf16(buf, v);
-    std::memcpy(p, buf, sizeof(uint16_t) * n);
-  }
-};
+#include "cpu/simd_rows_avx2.h"
 
 #include "cpu/add_layer_norm_kernel.h"
 
 }  // namespace
 
 void add_layer_norm_rows_avx2(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
-  add_layer_norm_rows_dispatch<VAln256>(a, r0, r1, h);
+  add_layer_norm_rows_dispatch<VRow256>(a, r0, r1, h);
 }
 
 }  // namespace cpu

@@ -20,27 +20,14 @@ namespace {
 
 #include "cpu/simd_avx512.h"
 
-// The shared AVX-512 wrapper plus the masked row tails and bf16 loads the row kernel needs.
-struct VAln512 : VAvx512 {
-  static inline __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  static inline reg load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-  static inline void store_n(float* p, reg v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
-  static inline reg keep_n(reg v, int n) { return _mm512_maskz_mov_ps(lanes(n), v); }
-  // bf16 -> fp32 is exact: the 16 bits become the high half of the float.
-  static inline reg widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-  static inline reg load_bf16(const uint16_t* p) {
-    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static inline reg load_bf16_n(const uint16_t* p, int n) { return widen(_mm256_maskz_loadu_epi16(lanes(n), p)); }
-  static inline void store_bf16_n(uint16_t* p, reg v, int n) { _mm256_mask_storeu_epi16(p, lanes(n), narrow(v)); }
-};
+#include "cpu/simd_rows_avx512.h"
 
 #include "cpu/add_layer_norm_kernel.h"
 
 }  // namespace
 
 void add_layer_norm_rows_avx512(const AddLayerNormArgs& a, int64_t r0, int64_t r1, float* h) {
-  add_layer_norm_rows_dispatch<VAln512>(a, r0, r1, h);
+  add_layer_norm_rows_dispatch<VRow512>(a, r0, r1, h);
 }
 
 }  // namespace cpu

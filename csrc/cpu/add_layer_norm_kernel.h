@@ -13,18 +13,7 @@
 // E[h^2] - E[h]^2, and the mean's own fp32 rounding is corrected); pass 3 normalises, scales and
 // writes y. Four accumulators per sum hide the add latency.
 
-template <class V>
-struct AlnIo {
-  using reg = typename V::reg;
-  static inline reg ld(const float* p) { return V::load(p); }
-  static inline reg ld(const uint16_t* p) { return V::load_bf16(p); }
-  static inline reg ld_n(const float* p, int n) { return V::load_n(p, n); }
-  static inline reg ld_n(const uint16_t* p, int n) { return V::load_bf16_n(p, n); }
-  static inline void st(float* p, reg v) { V::store(p, v); }
-  static inline void st(uint16_t* p, reg v) { V::store_bf16(p, v); }
-  static inline void st_n(float* p, reg v, int n) { V::store_n(p, v, n); }
-  static inline void st_n(uint16_t* p, reg v, int n) { V::store_bf16_n(p, v, n); }
-};
+#include "cpu/row_io.h"
 
 // Pulls the next row's x and residual towards L1 while pass 2 works on L1 data only (the load ports
 // are idle there): 5-9% at BERT sizes when the inputs come from L2/L3.
@@ -40,7 +29,7 @@ template <class V, class T>
 void add_layer_norm_rows_t(const AddLayerNormArgs& a, const float* gamma, const float* beta, int64_t r0,
                            int64_t r1, float* h) {
   using reg = typename V::reg;
-  using Io = AlnIo<V>;
+  using Io = RowIo<V>;
   constexpr int W = V::W;
   const int64_t N = a.N;
   const int64_t nfull = N / W * W;

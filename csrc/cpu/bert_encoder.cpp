@@ -262,9 +262,31 @@ void check_hidden(const at::Tensor& hidden) {
                hidden.device());
 }
 
+// The op's key_padding_mask as the attention takes it: a bool mask (true = attend) as it is, or an
+// integer attention mask as transformers' models get it (nonzero = attend) converted to bool, or
+// dropped when it masks nothing. Why here: the lean forward's test for a zero in the mask in Python
+// (mask.all(), then bool()) cost ~50 us of a cold bf16 seq-128 forward; this scan is ~100 values.
+std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value() || !mask->defined() || mask->scalar_type() == at::kBool) return mask;
+  const at::Tensor& m = *mask;
+  BSBERT_CHECK(at::isIntegralType(m.scalar_type(), /*includeBool=*/false),
+               "bert_encoder: key_padding_mask must be bool (true = attend) or an integer attention mask "
+               "(nonzero = attend), got ", m.scalar_type());
+  BSBERT_CHECK(m.device().is_cpu(), "bert_encoder (CPU kernel): key_padding_mask must be on the CPU, got ",
+               m.device());
+  const at::Tensor mc = m.contiguous();
+  bool any_zero = false;
+  AT_DISPATCH_INTEGRAL_TYPES(mc.scalar_type(), "attention_padding_mask", [&] {
+    const scalar_t* p = mc.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = mc.numel(); i < n && !any_zero; ++i) any_zero = p[i] == 0;
+  });
+  if (!any_zero) return std::nullopt;
+  return mc.ne(0);
+}
+
 // The layers on hidden (checked by the caller with check_hidden).
-at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& key_padding_mask,
-                       const EncoderArgs& e) {
+at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& mask_in, const EncoderArgs& e) {
+  const std::optional<at::Tensor> key_padding_mask = attention_padding_mask(mask_in);
   const int64_t layers = static_cast<int64_t>(e.layers.size());
   at::Tensor x = hidden;
   at::Tensor qkv;  // this layer's, when the previous layer's chain computed it
