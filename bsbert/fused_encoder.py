@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as nn_module
+from torch.utils.hooks import RemovableHandle
 
 from bsbert import generation, instance_forward
 
@@ -56,8 +58,10 @@ class Program:
     hook_dicts: list = field(default_factory=list, repr=False)
     # (dict, key, object) for every module / choice the tensors were taken from: a module or backend
     # choice replaced after patch would otherwise leave the op computing with the old one. ``watch``:
-    # attributes of other classes (transformers' layers), looked up on every call; ``watch_bsbert``:
-    # attributes of bsbert's own classes, looked up only when bsbert.generation's counter has moved
+    # what no write bumps bsbert.generation's counter for (attributes of other classes that are not
+    # submodules, or every submodule of theirs on a torch without module-registration hooks), looked up
+    # on every call; ``watch_bsbert``: the rest (bsbert's own classes' attributes, other modules'
+    # submodules), looked up only when the counter has moved
     watch: list = field(default_factory=list, repr=False)
     watch_bsbert: list = field(default_factory=list, repr=False)
     generation: int = -1  # the counter's value when watch_bsbert last matched
@@ -65,6 +69,9 @@ class Program:
     # passes one int instead of ~20 tensors a layer (480 for BERT-large: ~150 us of a cold bf16 seq-128
     # forward, plus ~3 us a layer to unpack them in the op). False: this build has no registry.
     _registered: object = field(default=None, repr=False, compare=False)
+    # torch's hook-handle counter (RemovableHandle.next_id) when a check last found no hook on `modules`
+    # (see _hooked); -1: not checked since this program was made or copied
+    no_hooks_at: int = field(default=-1, repr=False, compare=False)
 
     def __post_init__(self):
         self.hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
@@ -82,6 +89,7 @@ class Program:
         # a copy (copy.deepcopy of a patched model, pickling) registers its own tensors on its first run
         state = dict(self.__dict__)
         state["_registered"] = None
+        state["no_hooks_at"] = -1  # the copy's modules are others (a deep copy carries their hooks along)
         return state
 
     def stale(self) -> bool:
@@ -120,10 +128,16 @@ class _Registration:
 
 
 def _watch(owner, name: str) -> tuple:
-    """(the dict that holds owner.name, name, its current value, whether owner is a bsbert class whose
-    attribute writes bump bsbert.generation's counter), for Program.stale."""
-    d = owner._modules if isinstance(owner, nn.Module) and name in owner._modules else vars(owner)
-    return d, name, d[name], isinstance(owner, generation.Bumps)
+    """(the dict that holds owner.name, name, its current value, whether a write of it bumps
+    bsbert.generation's counter: any attribute of a bsbert class, a submodule of any module once
+    generation.watch_module_assignments is in place), for Program.stale."""
+    if isinstance(owner, nn.Module) and name in owner._modules:
+        d = owner._modules
+        counted = isinstance(owner, generation.Bumps) or generation.watch_module_assignments()
+    else:
+        d = vars(owner)
+        counted = isinstance(owner, generation.Bumps)
+    return d, name, d[name], counted
 
 
 def _linear_args(lin, gelu: bool, where: str):
@@ -242,13 +256,24 @@ def _is_capture_hook(hook) -> bool:
 
 
 def _hooked(prog: Program) -> bool:
-    from torch.nn.modules import module as nn_module
+    """A forward (pre-)hook that the op would skip: a global one, or one on a module of the layers.
 
+    The ~480 hook dicts are looked at only when torch's hook-handle counter has moved since they were
+    last found empty: every registration through torch's API (``register_forward_hook`` and the like,
+    transformers' capture hooks too) takes a new ``RemovableHandle`` id, and removing hooks cannot add
+    one. Looking at them cost ~32 us of a cold bf16 seq-128 forward (their dicts miss the caches after
+    the op has streamed the weights). A hook put into a module's dict without torch's API is not seen
+    while the counter stands (as bsbert.generation does not see such writes)."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    if not any(prog.hook_dicts):  # the common case, as one C-level loop
+    handles = RemovableHandle.next_id
+    if prog.no_hooks_at == handles:
         return False
-    return any(d and not all(_is_capture_hook(h) for h in d.values()) for d in prog.hook_dicts)
+    if any(prog.hook_dicts) and any(d and not all(_is_capture_hook(h) for h in d.values())
+                                    for d in prog.hook_dicts):
+        return True
+    prog.no_hooks_at = handles
+    return False
 
 
 def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> str | None:

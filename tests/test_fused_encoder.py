@@ -1,6 +1,8 @@
 """patch(fused_encoder=...): the whole encoder as one op (bsbert::bert_encoder) computes bit for bit what
 the per-layer path computes, steps aside for calls it does not cover (hooks, collected hidden states,
 torch.compile, other dtypes), and comes off with verify's swap and unpatch."""
+import copy
+
 import pytest
 import torch
 
@@ -189,9 +191,11 @@ def test_a_replaced_choice_or_module_is_never_computed_with_the_old_tensors(monk
 
 @needs_op
 def test_staleness_check_is_cheap_when_nothing_changed_and_still_sees_replacements(monkeypatch):
-    """bsbert's own modules and choices bump bsbert.generation's counter when an attribute is set: a forward
-    changes none (so the check stays one comparison), patching another model moves the counter without
-    making this encoder stale, and a replaced submodule of a bsbert module (setattr or add_module) is seen."""
+    """bsbert's own modules and choices bump bsbert.generation's counter when an attribute is set, and any
+    module's submodule assignment does through torch's module-registration hook: a forward changes none
+    (so the check stays one comparison), patching another model moves the counter without making this
+    encoder stale, and a replaced submodule of a bsbert module (setattr or add_module) or of one of
+    transformers' layer modules is seen."""
     from bsbert import generation
     from bsbert.nn import SparseLinear
 
@@ -201,7 +205,8 @@ def test_staleness_check_is_cheap_when_nothing_changed_and_still_sees_replacemen
     _run(model, inp)
     prog = model.bert.encoder._bsbert_program
     before = generation.current()
-    assert prog.generation == before and prog.watch and prog.watch_bsbert
+    assert prog.generation == before and prog.watch_bsbert
+    assert not prog.watch  # transformers' submodules too are counted (this torch has the hook)
     _run(model, inp)
     _run(model, inp)
     assert generation.current() == before and calls == [1, 1, 1]
@@ -221,6 +226,13 @@ def test_staleness_check_is_cheap_when_nothing_changed_and_still_sees_replacemen
     so.add_module("dense", fresh)  # add_module (no __setattr__) bumps the counter too
     _run(model, inp)
     assert len(calls) == n + 2
+    so.add_module("dense", old)
+    _run(model, inp)
+    assert len(calls) == n + 3
+    layer = model.bert.encoder.layer[1]  # transformers' BertLayer: its submodule replaced by a copy
+    layer.intermediate = copy.deepcopy(layer.intermediate)
+    _run(model, inp)
+    assert len(calls) == n + 3
 
 
 @needs_op
@@ -527,3 +539,31 @@ def test_integer_attention_masks(dtype):
             assert not torch.equal(want, run(None))
             with pytest.raises(RuntimeError, match="key_padding_mask must be bool .*or an integer attention mask"):
                 run(am.float())
+
+
+@needs_op
+def test_hook_check_is_skipped_only_while_no_hook_was_registered(monkeypatch):
+    from torch.utils.hooks import RemovableHandle
+
+    model = _patched()
+    inp = inputs(batch=1, seq=15)
+    prog = model.bert.encoder._bsbert_program
+    calls = _called(monkeypatch)
+    _run(model, inp)
+    assert calls == [1] and prog.no_hooks_at == RemovableHandle.next_id  # the dicts were found empty
+    seen = []
+    # written into a module's dict without torch's API: not looked for while the counter stands (the
+    # documented limit, shown here to prove the dicts are not looked at)
+    dense = model.bert.encoder.layer[2].output.dense
+    dense._forward_hooks[-1] = lambda *a: seen.append("direct")
+    _run(model, inp)
+    assert calls == [1, 1] and seen == []
+    h = dense.register_forward_hook(lambda *a: seen.append("api"))  # the counter moves: looked at again
+    _run(model, inp)
+    assert calls == [1, 1] and sorted(seen) == ["api", "direct"]
+    h.remove()
+    del dense._forward_hooks[-1]
+    _run(model, inp)  # looked at (nothing registered, but the last look found hooks), found none
+    assert calls == [1, 1, 1] and prog.no_hooks_at == RemovableHandle.next_id
+    twin = copy.deepcopy(model)  # a copy looks at its own modules first
+    assert twin.bert.encoder._bsbert_program.no_hooks_at == -1
