@@ -567,3 +567,30 @@ def test_hook_check_is_skipped_only_while_no_hook_was_registered(monkeypatch):
     assert calls == [1, 1, 1] and prog.no_hooks_at == RemovableHandle.next_id
     twin = copy.deepcopy(model)  # a copy looks at its own modules first
     assert twin.bert.encoder._bsbert_program.no_hooks_at == -1
+
+
+@needs_op
+@needs_registry
+def test_a_layer_norm_pair_of_two_dtypes_is_not_kept():
+    # bf16 model, one LayerNorm with an fp32 weight and a bf16 bias: a chain would hold an fp32 copy of
+    # the pair, so that layer's chain is prepared on every call and an in-place edit of the weight is seen.
+    mod = _registry()
+    model = tiny_pruned(heads=(2, 3, 4, 2, 3), ffn=(100, 37, 64, 50, 20)).to(torch.bfloat16)
+    ln = model.bert.encoder.layer[2].attention.output.LayerNorm
+    ln.weight.data = ln.weight.data.float()
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic", backend="cpu-bsr")
+    prog = model.bert.encoder._bsbert_program
+    hidden = torch.randn(2, 30, 128).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ran, listed = _registered_and_listed(prog, hidden)
+        assert torch.equal(ran, listed) and mod.encoder_cached_chains(prog._registered.handle) == 2
+        w = prog.tensors[2 * fused_encoder.TENSORS_PER_LAYER + 16]  # layer 2's attention LayerNorm weight
+        assert w.dtype == torch.float32
+        with torch.no_grad():
+            w.mul_(1.5)
+        ran2, listed2 = _registered_and_listed(prog, hidden)
+        assert torch.equal(ran2, listed2) and not torch.equal(ran2, ran)
+    finally:
+        torch.set_num_threads(old)

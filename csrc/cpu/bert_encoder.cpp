@@ -175,6 +175,10 @@ struct LayerArgs {
   double scale = 0, eps_attn = 0, eps_out = 0;
   Linear qkv, out, in, ffo;
   at::Tensor ln_attn_w, ln_attn_b, ln_out_w, ln_out_b;
+  // Whether a chain prepared for this layer reads its LayerNorms' weights themselves (a pair of two
+  // dtypes, or a non-contiguous one, is converted / copied when the chain is prepared: a kept chain
+  // would not see an in-place edit of it, so such a layer's chain is prepared on every call).
+  bool ln_as_stored = false;
 };
 
 // A chained layer's row chain kept between calls of a registered encoder. Preparing a chain (the four
@@ -191,9 +195,10 @@ struct CachedChain {
 
 // The kept chains of one registered encoder, valid for calls of the same shape, dtype, Intermediates
 // buffer and BsrRowChain::config(). Not kept: the first layer's chain (its residual is the op's input,
-// which may be a copy when not contiguous) and the last layer's (its output is returned: a new tensor
-// each call). A chain is reused only when its inputs are the same memory as before; it holds a
-// reference to them, so that memory cannot have been freed and reused for something else.
+// which may be a copy when not contiguous), the last layer's (its output is returned: a new tensor
+// each call) and a chain whose LayerNorm weights it would hold converted copies of (ln_as_stored).
+// A chain is reused only when its inputs are the same memory as before; it holds a reference to them,
+// so that memory cannot have been freed and reused for something else.
 struct ChainCache {
   std::array<int64_t, 4> shape{};  // B, S, H, dtype
   const void* buf = nullptr;
@@ -252,6 +257,9 @@ EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c1
     l.ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
     BSBERT_CHECK(l.heads > 0, "bert_encoder: layer ", i, " has ", l.heads,
                  " heads (a layer without heads runs on the per-layer path)");
+    l.ln_as_stored = l.ln_attn_w.scalar_type() == l.ln_attn_b.scalar_type() &&
+                     l.ln_out_w.scalar_type() == l.ln_out_b.scalar_type() && l.ln_attn_w.is_contiguous() &&
+                     l.ln_attn_b.is_contiguous() && l.ln_out_w.is_contiguous() && l.ln_out_b.is_contiguous();
   }
   return e;
 }
@@ -335,7 +343,7 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
     // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
     // their checks and arguments are prepared by this thread inside the attention's region (or, kept
     // from an earlier call, only their biases copied again)
-    CachedChain* keep = chained && cache && i > 0 && !last ? &cache->layers[i] : nullptr;
+    CachedChain* keep = chained && cache && i > 0 && !last && l.ln_as_stored ? &cache->layers[i] : nullptr;
     const bool reuse = keep != nullptr && keep->chain && keep->ctx == ctx_out.data_ptr() &&
                        keep->residual == x.data_ptr();
     std::unique_ptr<BsrRowChain> chain_ptr = chained && !reuse ? std::make_unique<BsrRowChain>() : nullptr;
