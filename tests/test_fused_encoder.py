@@ -514,6 +514,16 @@ def test_kept_chains_compute_what_fresh_chains_compute(monkeypatch, dtype):
         monkeypatch.setenv("BSBERT_ENCODER_CHAIN_CACHE", "0")  # every chain prepared on every call
         off, listed = _registered_and_listed(prog, hidden)
         assert torch.equal(off, listed) and torch.equal(off, before)
+        monkeypatch.delenv("BSBERT_ENCODER_CHAIN_CACHE")
+        _registered_and_listed(prog, hidden)  # chains kept again
+        keep = bias.data
+        bias.data = torch.zeros(bias.numel() + 40, dtype=bias.dtype)  # another size: an error, not an overrun
+        with pytest.raises(RuntimeError, match="bias of a prepared row chain changed to shape"):
+            with torch.inference_mode():
+                prog.run(hidden, None)
+        bias.data = keep
+        ran, listed = _registered_and_listed(prog, hidden)
+        assert torch.equal(ran, listed) and torch.equal(ran, before)
     finally:
         torch.set_num_threads(old)
     assert first.shape == (2, 30, 128)

@@ -86,7 +86,7 @@ struct BsrCall {
   BsrLinearArgs args;
   Path path;
   at::Tensor x2, y, crow_c, col_c;
-  const float* bias = nullptr;  // fp32, padded to whole blocks (the calling thread's buffer) or nullptr
+  float* bias = nullptr;        // fp32, padded to whole blocks (the calling thread's buffer) or nullptr
   at::Tensor bias_src;          // the bias it was copied from (undefined without bias)
   std::vector<int64_t> out_shape;
   int64_t M = 0, N = 0, K = 0, b = 0, nbr = 0, nbc = 0;
@@ -497,8 +497,14 @@ void BsrRowChain::run() {
 }
 
 void BsrRowChain::refresh_biases() {
-  for (BsrCall& c : impl_->calls)
-    if (c.bias_src.defined()) copy_bias(c.bias_src, const_cast<float*>(c.bias), c.nbr * c.b);
+  for (BsrCall& c : impl_->calls) {
+    if (!c.bias_src.defined()) continue;
+    // (a bias swapped for another size through .data or resize_ would overrun the fp32 copy)
+    BSBERT_CHECK(c.bias_src.dim() == 1 && c.bias_src.size(0) == c.N && c.bias_src.is_floating_point(),
+                 "bsr_linear: a bias of a prepared row chain changed to shape ", c.bias_src.sizes(), " / dtype ",
+                 c.bias_src.scalar_type(), " (prepared for [", c.N, "] floating point); patch the model again");
+    copy_bias(c.bias_src, c.bias, c.nbr * c.b);
+  }
 }
 
 std::array<int64_t, 3> BsrRowChain::config() {
