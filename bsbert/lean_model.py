@@ -86,15 +86,16 @@ def _plain(self, attention_mask, args, kwargs) -> bool:
     return fused_encoder.installed(self.encoder) and not fused_encoder._capturing()
 
 
-_EMB_OP: list = []  # [bool] once looked up: an extension built before bert_embeddings lacks it
+_HAS_OP: dict[str, bool] = {}  # op name -> bsbert._ext.has_op, looked up once (an older build lacks some)
 
 
-def _has_embeddings_op() -> bool:
-    if not _EMB_OP:
+def _has_op(name: str) -> bool:
+    have = _HAS_OP.get(name)
+    if have is None:
         from bsbert import _ext
 
-        _EMB_OP.append(_ext.has_op("bert_embeddings"))
-    return _EMB_OP[0]
+        have = _HAS_OP[name] = _ext.has_op(name)
+    return have
 
 
 def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtype):
@@ -104,7 +105,7 @@ def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtyp
     all-zero buffer; the op reads None as those zeros. (Written for a cold interpreter: the modules'
     dicts are read directly, each nn.Module attribute lookup costs microseconds in a forward loop.)"""
     d = emb.__dict__
-    if position_ids is not None or d["training"] or "forward" in d or not _has_embeddings_op() \
+    if position_ids is not None or d["training"] or "forward" in d or not _has_op("bert_embeddings") \
             or d.get("position_embedding_type", "absolute") != "absolute" or torch.compiler.is_compiling():
         return None
     if not _is_transformers(emb, "BertEmbeddings"):
@@ -176,9 +177,6 @@ def _lean_qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
                                     attentions=None)
 
 
-_HEAD_OP: list = []  # [bool] once looked up
-
-
 def _head_logits(self, seq: torch.Tensor):
     """``qa_outputs(seq)`` as [2, B, S] start / end planes from ``bsbert::head_logits``, or None where
     ``qa_outputs`` itself must run: not a plain 2-output nn.Linear, hooks on it, autograd on, not a CPU
@@ -200,11 +198,7 @@ def _head_logits(self, seq: torch.Tensor):
     if w is None or w.dtype != seq.dtype or w.device.type != "cpu" or w.dim() != 2 or w.shape[0] != 2 \
             or (b is not None and (b.dtype != w.dtype or b.device.type != "cpu")):
         return None
-    if not _HEAD_OP:
-        from bsbert import _ext
-
-        _HEAD_OP.append(_ext.has_op("head_logits"))
-    return torch.ops.bsbert.head_logits(seq, w, b) if _HEAD_OP[0] else None
+    return torch.ops.bsbert.head_logits(seq, w, b) if _has_op("head_logits") else None
 
 
 def _extra_repr(self) -> str:

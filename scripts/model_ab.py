@@ -174,13 +174,14 @@ def _paired(run, args, count):
     with torch.inference_mode():
         for on in (False, True, False, True):  # warm-up
             run(on)
-        for i in range(max(1, args.paired // max(1, args.block - 1)) if args.block > 1 else args.paired):
+        timed = max(1, args.block - 1)  # forwards timed per block (1 without --block)
+        for i in range(max(1, args.paired // timed)):
             pair = {}
             for on in ((False, True) if i % 2 == 0 else (True, False)):
                 if args.block > 1:
                     run(on)  # the switch's forward: caches as the other setting left them
                 t = []
-                for _ in range(max(1, args.block - 1)):
+                for _ in range(timed):
                     t0 = time.perf_counter()
                     run(on)
                     t.append(time.perf_counter() - t0)

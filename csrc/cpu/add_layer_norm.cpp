@@ -19,6 +19,7 @@
 
 #include "cpu/add_layer_norm.h"
 #include "cpu/add_layer_norm_op.h"
+#include "cpu/as_rows.h"
 #include "cpu/thread_buffer.h"
 #include "cpu/isa.h"
 
@@ -58,17 +59,6 @@ void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarTy
   BSBERT_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
               " must be float32 or x's dtype (", x_dtype, "), got ", t.scalar_type());
 }
-
-// x viewed as [rows, N] with unit stride along N (any row stride); copies only if needed.
-at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  int64_t rows = 1;  // (not reshape(-1, N): ambiguous for an empty tensor)
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  at::Tensor t2 = t.reshape({rows, N});
-  if (t2.stride(1) != 1 || (t2.size(0) > 1 && t2.stride(0) < N)) t2 = t2.contiguous();
-  return t2;
-}
-
-int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
 
 }  // namespace
 

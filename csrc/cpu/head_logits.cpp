@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/as_rows.h"
 #include "cpu/head_logits.h"
 #include "cpu/isa.h"
 
@@ -78,13 +79,12 @@ at::Tensor head_logits_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     bshape[0] = N;
     return y.copy_(bias->view(bshape).expand(shape));
   }
-  at::Tensor x2 = x.reshape({M, K});
-  if (x2.stride(1) != 1 || (M > 1 && x2.stride(0) < K)) x2 = x2.contiguous();
+  const at::Tensor x2 = as_rows(x, K);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   HeadLogitsArgs a;
   a.x = x2.data_ptr();
-  a.ldx = M > 1 ? x2.stride(0) : K;
+  a.ldx = row_stride(x2);
   a.w = w.data_ptr();
   a.bias = has_bias ? b.data_ptr() : nullptr;
   a.y = y.data_ptr();
