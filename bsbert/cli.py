@@ -26,7 +26,8 @@ def _bench(args):
 
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
-                    select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s)
+                    select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s,
+                    trials=args.trials)
     return _print_result(table(res), res, width=175)
 
 
@@ -67,7 +68,11 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu")
     b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (per block for the patched one)")
+    b.add_argument("--trials", type=int, default=None,
+                   help="time the patched forward in this many blocks of --repeats, the FLOP bound's dense GEMM "
+                        "probed between them (default 5 on CPU, 1 on CUDA): one slow stretch of a shared "
+                        "machine moves one block, not the median")
     b.add_argument("--warmup-s", type=float, default=1.0,
                    help="seconds of untimed forwards before each timed variant (default 1: the first forwards "
                         "after patch can run slower than the steady state)")

@@ -29,7 +29,34 @@ def time_fn(fn, *, repeats: int = 5, warmup: int = 1, device: str | torch.device
             sync()
             ts.append(time.perf_counter() - t0)
     return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
-            "max_ms": 1e3 * max(ts), "repeats": repeats}
+            "max_ms": 1e3 * max(ts), "repeats": repeats, "times_ms": [1e3 * t for t in ts]}
+
+
+def time_in_trials(fn, probe, probe_flops: float, *, trials: int = 5, repeats: int = 5, warmup: int = 1,
+                   device: str | torch.device = "cpu", warmup_s: float = 0.0, probe_rounds: int = 8) -> dict:
+    """``time_fn`` of ``fn`` spread over the run: ``trials`` blocks of ``repeats`` timed calls, with the
+    dense GEMM ``probe`` (``probe_flops`` per call) timed before each block and after the last (best of
+    ``probe_rounds`` rounds). The median is over every timed call of every block, so one slow stretch
+    of a shared machine (on the 2-core VM, stretches of seconds in which a forward ran 10-25% slower while
+    both the start and end probes looked normal) moves one block, not the result. The probe rates let the
+    caller make its FLOP bound out of the fastest rate seen anywhere in the run (a stricter bound, not a
+    looser one); each block's median and its two neighbouring probe rates are returned too.
+    After a probe, one untimed call of ``fn`` re-warms what the probe evicted from the caches."""
+    dev = torch.device(device)
+
+    def probe_gflops():
+        return probe_flops / best_of_interleaved([probe], rounds=probe_rounds, target_s=0.04, device=dev)[0] / 1e9
+
+    rates = [probe_gflops()]
+    blocks, ts = [], []
+    for i in range(trials):
+        r = time_fn(fn, repeats=repeats, warmup=warmup if i == 0 else 1, device=dev,
+                    warmup_s=warmup_s if i == 0 else 0.0)
+        ts += r["times_ms"]
+        rates.append(probe_gflops())
+        blocks.append({"median_ms": r["median_ms"], "min_ms": r["min_ms"], "probe_gflops": rates[-2:]})
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "repeats": len(ts),
+            "times_ms": ts, "trials": blocks, "probe_gflops": rates}
 
 
 def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cpu") -> list[float]:

@@ -14,10 +14,17 @@ def test_bench_small(tmp_path, capsys):
     assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
     # the paired ratio against a probe at the run's own M (16 rows here; the strict one probes M=384)
     assert run["patched_paired_over_bound_at_m"]["m"] == 16 and run["patched_paired_over_bound_at_m"]["median"] > 0
-    # the bound's dense rate is the faster of the probes before and after the runs (CPU)
+    # the patched forward in blocks (default 5 on CPU), the same dense GEMM probed before each and after the last
+    t = run["timings"]["patched"]
+    assert res["trials"] == 5 and len(t["trials"]) == 5 and len(t["probe_gflops"]) == 6 and t["repeats"] == 5
+    assert t["median_ms"] == run["patched_ms"] and len(run["patched_trials_over_bound"]) == 5
+    # the bound's dense rate is the fastest of the probes before the runs, between the blocks and after
     start, end = res["dense_gemm_start"]["gflops"], res["dense_gemm_end"]["gflops"]
-    assert res["dense_gemm"]["gflops"] == max(start, end) == run["dense_gemm"]["gflops"]
-    bound = run["remaining_flops"] / (max(start, end) * 1e9) * 1e3
+    fastest = max(start, end, *t["probe_gflops"])
+    assert res["dense_gemm"]["gflops"] == fastest == run["dense_gemm"]["gflops"]
+    assert res["dense_gemm_between"]["between_gflops"] == t["probe_gflops"]
+    bound = run["remaining_flops"] / (fastest * 1e9) * 1e3
+    assert run["patched_trials_over_bound"] == [b["median_ms"] / bound for b in t["trials"]]
     assert abs(run["remaining_bound_ms"] - bound) < 1e-9 * bound
     assert abs(run["patched_over_bound"] - run["patched_ms"] / bound) < 1e-9
     # the instruction peak (where the CPU has a SIMD multiply-add): the floor under the bound

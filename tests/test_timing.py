@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from bsbert.timing import dense_gemm_probe, paired_bound_ratio, time_fn
+from bsbert.timing import dense_gemm_probe, paired_bound_ratio, time_fn, time_in_trials
 
 
 def test_paired_ratio_of_the_probe_itself_is_one():
@@ -39,3 +39,28 @@ def test_time_fn_warms_up_for_a_count_and_for_a_time():
     time_fn(fn, repeats=2, warmup=1, warmup_s=0.05)
     warm = calls[:-2]  # the last two calls are the timed ones
     assert len(warm) >= 5 and calls[-2] - t0 >= 0.05  # warmed up for 50 ms, not just one call
+
+
+def test_time_in_trials_spreads_the_timed_calls_between_probes():
+    events = []
+    groups = []  # index in events where each run of probe calls starts
+
+    def probe():
+        if not events or events[-1] == "f":
+            groups.append(len(events))
+        events.append("p")
+
+    def fn():
+        events.append("f")
+        time.sleep(0.008 if len(groups) == 2 else 0.002)  # slow during the second block only
+
+    r = time_in_trials(fn, probe, 1e6, trials=3, repeats=4, warmup=2, probe_rounds=2)
+    assert r["repeats"] == 12 and len(r["times_ms"]) == 12 and len(r["trials"]) == 3
+    assert len(groups) == 4 and len(r["probe_gflops"]) == 4 and all(g > 0 for g in r["probe_gflops"])
+    # between probes: 2 warm-up calls + 4 timed (first block), then 1 re-warm call + 4 timed
+    runs = [len(x) for x in "".join(events).split("p") if x]
+    assert runs == [2 + 4, 1 + 4, 1 + 4]
+    # the slow block moved its own median, not the median over all twelve calls
+    medians = [b["median_ms"] for b in r["trials"]]
+    assert medians[1] > 3 * max(medians[0], medians[2]) and r["median_ms"] < medians[1] / 2
+    assert [b["probe_gflops"] for b in r["trials"]] == [r["probe_gflops"][i:i + 2] for i in range(3)]
