@@ -202,23 +202,26 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
 def _apply_isa_peak(results: dict, start: dict, end: dict | None, say) -> None:
     """The instruction peak probed before and after the runs: the faster is the machine's issue rate
     (each run's ``isa_peak_bound_ms``, the hard floor: every remaining FLOP at that rate). The probe
-    touches no memory, so when it, or the dense GEMM probe, moved by more than 5% between the two the
+    touches no memory, so when it, or the dense GEMM probe (also probed between the patched blocks), moved
+    by more than 5% between the two (or any two) the
     cores were not all this process's for part of the run (other guests on a shared VM, throttling):
-    ``steady`` is False and the table says so, since such a run's ratios mix two machines. The probes
-    sample the run's two ends only: a slow stretch between them goes unseen (the paired ratio, probed
-    between forwards, is the column that follows the machine through the run)."""
+    ``steady`` is False and the table says so, since such a run's ratios mix two machines. The
+    instruction peak is probed at the run's two ends only; the dense GEMM also between the patched
+    blocks (``--trials``), so a slow stretch while those ran is seen too."""
     best = max([p for p in (start, end) if p], key=lambda p: p["gflops"])
     results["isa_peak"], results["isa_peak_start"], results["isa_peak_end"] = best, start, end
     for run in results["runs"]:
         run["isa_peak_bound_ms"] = run["remaining_flops"] / (best["gflops"] * 1e9) * 1e3
         run["patched_over_isa_peak_bound"] = run["patched_ms"] / run["isa_peak_bound_ms"]
-    pairs = [(start["gflops"], end["gflops"]) if end else None,
-             (results["dense_gemm_start"]["gflops"], results["dense_gemm_end"]["gflops"])]
+    between = results.get("dense_gemm_between", {}).get("between_gflops", [])
+    dense = [results["dense_gemm_start"]["gflops"], *between, results["dense_gemm_end"]["gflops"]]
+    pairs = [(start["gflops"], end["gflops"]) if end else None, dense]
     results["steady"] = all(p is None or min(p) >= 0.95 * max(p) for p in pairs)
     if not results["steady"]:
         say(f"  the machine was not steady during this run: instruction peak {start['gflops']:.0f} -> "
-            f"{end['gflops'] if end else float('nan'):.0f} GFLOP/s, dense GEMM {pairs[1][0]:.0f} -> {pairs[1][1]:.0f}; "
-            f"its ratios mix a fast and a slow machine")
+            f"{end['gflops'] if end else float('nan'):.0f} GFLOP/s, dense GEMM {dense[0]:.0f} -> {dense[-1]:.0f}"
+            + (f" ({min(between):.0f}-{max(between):.0f} between the patched blocks)" if between else "")
+            + "; its ratios mix a fast and a slow machine")
 
 
 def _apply_bound(run: dict, peak: dict) -> None:
