@@ -307,6 +307,16 @@ def _write(results, out_dir, console):
     results["json"] = base + ".json"
 
 
+def _block_spread(runs):
+    """Error bars for the patched bars: from the slowest to the fastest block median (``--trials``)."""
+    lo, hi = [], []
+    for r in runs:
+        blocks = [b["median_ms"] for b in r["timings"]["patched"].get("trials", [])] or [r["patched_ms"]]
+        lo.append(max(0.0, r["patched_ms"] - min(blocks)))
+        hi.append(max(0.0, max(blocks) - r["patched_ms"]))
+    return [lo, hi]
+
+
 def _plot(results, path):
     import matplotlib
 
@@ -316,14 +326,18 @@ def _plot(results, path):
     runs = results["runs"]
     labels = [f"seq {r['seq']}" for r in runs]
     series = [("dense (torch eager)", "dense_ms"), ("packing only", "packed_ms"),
-              ("bsbert patched", "patched_ms"), ("FLOP bound", "remaining_bound_ms")]
+              ("bsbert patched (whiskers: block medians)", "patched_ms"), ("FLOP bound", "remaining_bound_ms")]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (name, key) in enumerate(series):
         xs = [j + i * width for j in range(len(runs))]
-        ax.bar(xs, [r[key] for r in runs], width, label=name)
+        ax.bar(xs, [r[key] for r in runs], width, label=name, yerr=_block_spread(runs) if key == "patched_ms" else None,
+               capsize=3)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], labels)
     ax.set_ylabel("ms per forward (median)")
+    for j, r in enumerate(runs):  # the ratio the targets are stated in, above the patched bar
+        ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + 2 * width, r["patched_ms"]), ha="center",
+                    va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
     ax.set_title(f"{results['model']} vs dense BERT-large\n{results['device_name']}, {results['dtype']}, "
                  f"batch {results['batch']}", fontsize=9)
     ax.legend(fontsize=8)
