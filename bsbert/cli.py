@@ -58,6 +58,13 @@ def _info(args):
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bsbert", description="fast kernels for pruned BERT models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -69,7 +76,7 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
     b.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (per block for the patched one)")
-    b.add_argument("--trials", type=int, default=None,
+    b.add_argument("--trials", type=_positive_int, default=None,
                    help="time the patched forward in this many blocks of --repeats, the FLOP bound's dense GEMM "
                         "probed between them (default 5 on CPU, 1 on CUDA): one slow stretch of a shared "
                         "machine moves one block, not the median")

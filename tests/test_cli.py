@@ -1,6 +1,8 @@
 """The faces: bsbert bench (and --sweep) in small mode write JSON + PNG; info lists backends."""
 import json
 
+import pytest
+
 from bsbert.cli import main
 
 
@@ -138,3 +140,13 @@ def test_bench_flags_a_run_whose_probes_moved():
                         patched_best_over_bound=1, patched_paired_over_bound={"median": 1},
                         max_rel_diff_patched=0.0)
     assert "NOT STEADY" in table(r).caption
+
+
+def test_bench_trials_must_be_positive(capsys):
+    from bsbert.bench import run_bench
+
+    with pytest.raises(ValueError, match="trials must be >= 1, got 0"):
+        run_bench(trials=0)
+    with pytest.raises(SystemExit):
+        main(["bench", "--trials", "0"])
+    assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
