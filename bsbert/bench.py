@@ -120,10 +120,11 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
+        # the bound's dense GEMM, probed between the patched blocks and paired with forwards below
         m_probe = batch * seq if dev.type == "cuda" else peak["shape"][0]  # as for the bound below
+        probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
         if trials > 1:  # spread over the run, the bound's dense GEMM probed between the blocks
             # (on CUDA these probes are recorded only: its bound is the rate at this M measured after the run)
-            probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
             t_full = time_in_trials(lambda: fwd(**inp), probe, probe_flops, trials=trials, repeats=repeats,
                                     warmup=warm, device=dev, warmup_s=warmup_s)
             rates, medians = t_full["probe_gflops"], [b["median_ms"] for b in t_full["trials"]]
@@ -136,7 +137,6 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         if full_plan.model_check.get("checked"):
             say(f"\\[seq {seq}] model check: {full_plan.model_check['reason']}")
         remaining = batch * full_plan.flops(seq, "remaining")
-        probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
         paired = paired_bound_ratio(lambda: fwd(**inp), probe, probe_flops, remaining, rounds=repeats, device=dev)
         # The same ratio with the dense GEMM probed at this run's M = batch * seq, the M of the forward's
         # own GEMMs (oneDNN runs an M=128 GEMM ~8% slower than an M=384 one on the 2-core Zen 5). The

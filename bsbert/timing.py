@@ -45,7 +45,7 @@ def time_in_trials(fn, probe, probe_flops: float, *, trials: int = 5, repeats: i
     dev = torch.device(device)
 
     def probe_gflops():
-        return probe_flops / best_of_interleaved([probe], rounds=probe_rounds, target_s=0.04, device=dev)[0] / 1e9
+        return probe_rate(probe, probe_flops, rounds=probe_rounds, target_s=0.04, device=dev)
 
     rates = [probe_gflops()]
     blocks, ts = [], []
@@ -57,6 +57,11 @@ def time_in_trials(fn, probe, probe_flops: float, *, trials: int = 5, repeats: i
         blocks.append({"median_ms": r["median_ms"], "min_ms": r["min_ms"], "probe_gflops": rates[-2:]})
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "repeats": len(ts),
             "times_ms": ts, "trials": blocks, "probe_gflops": rates}
+
+
+def probe_rate(probe, probe_flops: float, rounds: int = 8, target_s: float = 0.04, device="cpu") -> float:
+    """GFLOP/s of the GEMM ``probe`` (``probe_flops`` per call): its best of ``rounds`` rounds of ~``target_s``."""
+    return probe_flops / best_of_interleaved([probe], rounds=rounds, target_s=target_s, device=device)[0] / 1e9
 
 
 def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cpu") -> list[float]:

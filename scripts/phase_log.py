@@ -14,7 +14,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.timing import best_of_interleaved, dense_gemm_gflops, dense_gemm_probe
+from bsbert.timing import dense_gemm_gflops, dense_gemm_probe, probe_rate
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
                 model(**inp)
                 ts.append(time.perf_counter() - t0)
             ts.sort()
-            rate = flops / best_of_interleaved([probe], rounds=5, target_s=0.02)[0] / 1e9
+            rate = probe_rate(probe, flops, rounds=5, target_s=0.02)
             blocks.append((ts[len(ts) // 2] * 1e3, rate))
             print(f"{time.strftime('%H:%M:%S')} forward median {blocks[-1][0]:.2f} ms ({len(ts)} forwards), "
                   f"{backend} {rate:.0f} GFLOP/s", flush=True)
