@@ -34,3 +34,19 @@ def test_seed_like(benchmark, seed_model, seq, variant):
                flop_bound_speedup=plan.speedup_bound(seq, "remaining" if variant == "patched" else "packed"))
     finally:
         bsbert.unpatch(seed_model)
+
+
+@pytest.mark.parametrize("seq", SEQS)
+def test_openvino_packed(benchmark, seed_model, seq):
+    """Another CPU engine (OpenVINO) on the packing-only model: what bsbert's patched forward is up against
+    (`bsbert bench --engines openvino` reports the ratio measured in one run)."""
+    pytest.importorskip("openvino")
+    from bsbert import engines
+
+    benchmark.group = f"model seq={seq}"
+    inp = bench_inputs(seq)
+    inp["token_type_ids"] = torch.zeros_like(inp["input_ids"])
+    run, info = engines.engine_runner("openvino", seed_model, inp, torch.get_num_threads())
+    benchmark.extra_info.update(variant="openvino packed", precision=info["precision"],
+                                gflop=bsbert.analyze(seed_model).flops(seq, "packed") / 1e9)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)

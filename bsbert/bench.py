@@ -66,7 +66,7 @@ def default_trials(device) -> int:
 
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
               repeats=3, out_dir="bench-out", select=None, small=False, console=None,
-              compile_mode=None, warmup_s: float = 1.0, trials: int | None = None) -> dict:
+              compile_mode=None, warmup_s: float = 1.0, trials: int | None = None, engines=()) -> dict:
     console = console or Console(stderr=True)
     select = select or default_select(device, compile_mode)
     if trials is None:
@@ -100,7 +100,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "bsbert": bsbert.__version__,
                "compile": compile_mode, "select": select, "trials": trials, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
-               "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak}
+               "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak, "engines": list(engines)}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
@@ -117,6 +117,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             diff_pack = _max_rel_diff(ref, pruned(**inp), inp)
         pack_backends = _backend_counts(pruned.bsbert_plan)
         bsbert.unpatch(pruned)
+        engine_runs = {name: _time_engine(name, pruned, inp, ref, repeats, dev, warmup_s, say, seq)
+                       for name in engines}
         say(f"\\[seq {seq}] full patch (block-sparse where faster) ...")
         bsbert.patch(pruned, select=select, tokens=batch * seq, seq=seq, progress=False)
         fwd = _runner(pruned, compile_mode)
@@ -172,6 +174,12 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "backends_packed": pack_backends, "backends_patched": full_backends,
                "model_check": full_plan.model_check,
                "timings": {"dense": t_dense, "packed": t_pack, "patched": t_full}}
+        if engines:
+            for e in engine_runs.values():
+                if "ms" in e:  # bsbert's speedup over the engine, and the engine's rate on the packed FLOPs
+                    e["patched_speedup"] = e["ms"] / run["patched_ms"]
+                    e["gflops_on_packed"] = packed / (e["ms"] * 1e6)
+            run["engines"] = engine_runs
         _apply_bound(run, peak)
         results["runs"].append(run)
         say(f"\\[seq {seq}] dense {run['dense_ms']:.1f} ms, packed {run['packed_ms']:.1f} ms, "
@@ -198,6 +206,23 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     results["plan_table"] = full_plan.table(seqs[-1])
     _write(results, out_dir, console)
     return results
+
+
+def _time_engine(name, model, inp, ref, repeats, dev, warmup_s, say, seq) -> dict:
+    """One engine (bsbert.engines) on the packed structure of ``model``: its median forward time, its
+    outputs against the masked dense model, and its settings; {"unavailable": why} when it cannot run."""
+    from bsbert import engines
+
+    say(f"\\[seq {seq}] {name} on the packed model ...")
+    try:
+        run, info = engines.engine_runner(name, model, inp, torch.get_num_threads())
+    except engines.EngineUnavailable as exc:
+        say(f"  {name} skipped: {exc}")
+        return {"unavailable": str(exc)}
+    t = time_fn(run, repeats=repeats, warmup=1, device=dev, warmup_s=warmup_s)
+    diff = _max_rel_diff(ref, run(), inp)
+    say(f"  {name} ({info['precision']}): {t['median_ms']:.1f} ms, max rel diff {diff:.1e}")
+    return {"ms": t["median_ms"], "max_rel_diff": diff, "info": info, "timing": t}
 
 
 def _apply_isa_peak(results: dict, start: dict, end: dict | None, say) -> None:
@@ -274,20 +299,31 @@ def table(results) -> Table:
                      f"the instruction peak ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)"
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))
+    engines = results.get("engines", [])
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
-                "patched vs packed", "FLOP bound", "bound ms", "patched/bound", "best/bound",
+                "patched vs packed", *(c for e in engines for c in (f"{e} ms", f"patched vs {e}")),
+                "FLOP bound", "bound ms", "patched/bound", "best/bound",
                 "blocks/bound", "paired/bound", "paired/bound@M", "max rel diff"):
         t.add_column(col, justify="right")
     for r in results["runs"]:
         t.add_row(str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['packed_ms']:.1f}", f"{r['patched_ms']:.1f}",
                   f"{r['speedup_vs_dense']:.2f}x", f"{r['packing_speedup_vs_dense']:.2f}x",
-                  f"{r['speedup_vs_packing']:.2f}x", f"{r['flop_bound_speedup']:.2f}x", f"{r['remaining_bound_ms']:.1f}",
+                  f"{r['speedup_vs_packing']:.2f}x", *_engine_cells(r, engines),
+                  f"{r['flop_bound_speedup']:.2f}x", f"{r['remaining_bound_ms']:.1f}",
                   f"{r['patched_over_bound']:.2f}", f"{r['patched_best_over_bound']:.2f}",
                   _range(r.get("patched_trials_over_bound")),
                   f"{r['patched_paired_over_bound']['median']:.2f}",
                   f"{r['patched_paired_over_bound_at_m']['median']:.2f}" if "patched_paired_over_bound_at_m" in r else "-",
                   f"{r['max_rel_diff_patched']:.1e}")
     return t
+
+
+def _engine_cells(run, engines) -> list[str]:
+    cells = []
+    for e in engines:
+        er = run.get("engines", {}).get(e, {})
+        cells += [f"{er['ms']:.1f}", f"{er['patched_speedup']:.2f}x"] if "ms" in er else ["-", "-"]
+    return cells
 
 
 def _range(values) -> str:
@@ -327,17 +363,20 @@ def _plot(results, path):
     runs = results["runs"]
     labels = [f"seq {r['seq']}" for r in runs]
     series = [("dense (torch eager)", "dense_ms"), ("packing only", "packed_ms"),
+              *((f"{e} (packed model)", e) for e in results.get("engines", [])
+                if all("ms" in r.get("engines", {}).get(e, {}) for r in runs)),
               ("bsbert patched (whiskers: block medians)", "patched_ms"), ("FLOP bound", "remaining_bound_ms")]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (name, key) in enumerate(series):
         xs = [j + i * width for j in range(len(runs))]
-        ax.bar(xs, [r[key] for r in runs], width, label=name, yerr=_block_spread(runs) if key == "patched_ms" else None,
-               capsize=3)
+        ys = [r[key] if key in r else r["engines"][key]["ms"] for r in runs]
+        ax.bar(xs, ys, width, label=name, yerr=_block_spread(runs) if key == "patched_ms" else None, capsize=3)
+    k = next(i for i, (_, key) in enumerate(series) if key == "patched_ms")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], labels)
     ax.set_ylabel("ms per forward (median)")
     for j, r in enumerate(runs):  # the ratio the targets are stated in, above the patched bar
-        ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + 2 * width, r["patched_ms"]), ha="center",
+        ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + k * width, r["patched_ms"]), ha="center",
                     va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
     ax.set_title(f"{results['model']} vs dense BERT-large\n{results['device_name']}, {results['dtype']}, "
                  f"batch {results['batch']}", fontsize=9)

@@ -27,8 +27,8 @@ def _bench(args):
     res = run_bench(seqs=args.seq, batch=args.batch, dtype=args.dtype, device=args.device,
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
                     select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s,
-                    trials=args.trials)
-    return _print_result(table(res), res, width=175)
+                    trials=args.trials, engines=args.engines)
+    return _print_result(table(res), res, width=175 + 30 * len(args.engines))
 
 
 def _print_result(tbl, res, width: int) -> int:
@@ -66,6 +66,8 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv=None) -> int:
+    from bsbert.engines import ENGINES
+
     p = argparse.ArgumentParser(prog="bsbert", description="fast kernels for pruned BERT models")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="dense BERT-large vs the patched seed-like model on this device")
@@ -87,6 +89,10 @@ def main(argv=None) -> int:
                    help="how patch picks each linear's and attention's backend: wall clock ('measure'), GPU "
                         "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "
                         "measure-gpu with --compile reduce-overhead on CUDA, else measure")
+    b.add_argument("--engines", nargs="+", choices=list(ENGINES), default=[], metavar="ENGINE",
+                   help=f"also time another inference engine on the packed model (dead heads / neurons "
+                        f"removed, dense kernels) and bsbert's speedup over it; one of: {', '.join(ENGINES)} "
+                        f"(pip install openvino; CPU, float32 / bfloat16)")
     b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "

@@ -28,6 +28,26 @@ def _cpu_peak() -> str:
     return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
 
 
+def _engines() -> str:
+    """Other inference engines `bsbert bench --engines` can time on the packed model, or why not."""
+    from bsbert.engines import ENGINES, why_unavailable
+
+    parts = []
+    for name in ENGINES:
+        why = why_unavailable(name)
+        parts.append(f"{name}: " + (why or f"yes ({_version(name)})"))
+    return "; ".join(parts)
+
+
+def _version(module: str) -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version(module)
+    except Exception:
+        return "version unknown"
+
+
 def collect() -> dict:
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
@@ -63,6 +83,7 @@ def collect() -> dict:
                 pass
         info[f"{key.lower()}_ops"] = ", ".join(have) or "none"
     info["cpu_peak"] = _cpu_peak()
+    info["engines"] = _engines()
     backends = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -62,6 +62,10 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert "cpu/float32/torch-dense" in out and "extension" in out
     assert "cpu_peak:" in out  # the instruction peak, or why it is not measurable
+    from bsbert.engines import why_unavailable
+
+    engines = next(x for x in out.splitlines() if "engines:" in x)  # another engine for bench --engines, or why not
+    assert ("openvino: yes (" in engines) == (why_unavailable("openvino") is None), engines
     from bsbert import _ext
 
     if _ext.has_op("bert_encoder"):  # the ops line names the kernels this build has per device

@@ -1,0 +1,90 @@
+"""Other inference engines on the pruned model's packed structure, for `bsbert bench --engines`.
+
+A user choosing bsbert is choosing against more than torch eager: a CPU inference engine running the
+packing-only model (dead heads and neurons removed, dense kernels over the zero blocks inside the kept
+heads) is the other serious option. ``engine_runner`` builds that model with plain torch ops
+(``bsbert.packed_export.packed_bert``), hands it to the engine with static input shapes, the bench's
+thread count and the run's precision, and returns a callable that runs one forward.
+
+Engines: ``openvino`` (``pip install openvino``; converted from the torch module, compiled for its CPU
+plugin with the latency hint; bf16 runs ask for bf16 inference precision, fp32 runs for f32). An
+engine that is not installed or does not run here raises ``EngineUnavailable`` naming why.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+ENGINES = ("openvino",)
+_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot run this model here (not installed, unsupported device / dtype / model)."""
+
+
+def why_unavailable(name: str) -> str | None:
+    """None when engine ``name`` can be tried here, else the reason it cannot."""
+    if name not in ENGINES:
+        return f"unknown engine {name!r} (known: {', '.join(ENGINES)})"
+    try:
+        importlib.import_module("openvino")
+    except Exception as exc:  # ImportError, or a broken install
+        return f"openvino is not importable ({type(exc).__name__}: {exc}); pip install openvino"
+    return None
+
+
+def _fp32_copy(model: nn.Module) -> nn.Module:
+    """An fp32 copy of the model (bf16 values widen exactly), leaving the model as it is: the engine
+    takes fp32 weights and runs them at the requested precision."""
+    return copy.deepcopy(model).float() if next(model.parameters()).dtype != torch.float32 else model
+
+
+def _type_name(t) -> str:
+    """'f32' / 'bf16' for an openvino element type (its repr is "<Type: 'float32'>")."""
+    return t.get_type_name() if hasattr(t, "get_type_name") else str(t)
+
+
+@torch.no_grad()
+def engine_runner(name: str, model: nn.Module, inputs: dict, threads: int):
+    """(run, info) for engine ``name`` on ``model``'s packed structure: ``run()`` computes one forward of
+    the inputs (``input_ids``, ``attention_mask``, ``token_type_ids``: CPU tensors, shapes fixed at
+    build time) and returns a dict of output name -> tensor (``start_logits`` / ``end_logits``, or
+    ``last_hidden_state``); ``info`` records the engine's version and settings."""
+    why = why_unavailable(name)
+    if why:
+        raise EngineUnavailable(why)
+    dtype = next(model.parameters()).dtype
+    if dtype not in _PRECISION:
+        raise EngineUnavailable(f"{name}: runs float32 or bfloat16 models, got {dtype}")
+    if any(t.device.type != "cpu" for t in inputs.values()):
+        raise EngineUnavailable(f"{name}: runs on the CPU; the inputs are on {inputs['input_ids'].device}")
+    import openvino as ov
+
+    from bsbert.packed_export import packed_bert
+
+    packed = packed_bert(_fp32_copy(model))
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    with warnings.catch_warnings():  # the tracer's notes on shape arithmetic (the shapes are made static below)
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(packed, example_input=args)
+    ov_model.reshape({p.get_any_name(): list(a.shape) for p, a in zip(ov_model.inputs, args)})
+    config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+              "INFERENCE_PRECISION_HINT": _PRECISION[dtype]}
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {i: a.numpy() for i, a in enumerate(args)}
+    names = ("start_logits", "end_logits") if packed.qa_outputs is not None else ("last_hidden_state",)
+
+    def run() -> dict:
+        out = request.infer(feed, share_inputs=True)
+        return {n: torch.from_numpy(out[i].copy()) for i, n in enumerate(names)}
+
+    info = {"engine": "openvino", "version": ov.get_version(), "model": "packed (plain torch ops, fp32 weights)",
+            "precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "hint": "LATENCY"}
+    return run, info

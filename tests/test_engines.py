@@ -1,0 +1,83 @@
+"""bsbert.engines: another engine (OpenVINO) on the packed model, and `bsbert bench --engines`."""
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from bsbert import engines
+from tests.helpers import inputs, rel_err, tiny_pruned
+
+
+def _inputs(**kw):
+    inp = inputs(**kw)
+    return {**inp, "token_type_ids": torch.zeros_like(inp["input_ids"])}
+
+
+def test_unknown_engine_is_named():
+    assert "unknown engine 'tensorrt'" in engines.why_unavailable("tensorrt")
+    with pytest.raises(engines.EngineUnavailable, match="unknown engine"):
+        engines.engine_runner("tensorrt", tiny_pruned(), _inputs(), 1)
+
+
+def test_missing_openvino_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(engines.EngineUnavailable, match="pip install openvino"):
+        engines.engine_runner("openvino", tiny_pruned(), _inputs(), 1)
+
+
+def test_other_dtypes_and_devices_are_refused():
+    pytest.importorskip("openvino")
+    with pytest.raises(engines.EngineUnavailable, match="float32 or bfloat16.*float16"):
+        engines.engine_runner("openvino", tiny_pruned().half(), _inputs(), 1)
+    meta = {k: v.to("meta") for k, v in _inputs().items()}
+    with pytest.raises(engines.EngineUnavailable, match="runs on the CPU"):
+        engines.engine_runner("openvino", tiny_pruned(), meta, 1)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_openvino_matches_the_float64_masked_dense_model(dtype, tol):
+    pytest.importorskip("openvino")
+    model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inp = _inputs(batch=2, seq=19, pad_from=11)
+    run, info = engines.engine_runner("openvino", model, inp, 2)
+    assert info["engine"] == "openvino" and info["threads"] == 2
+    assert info["precision"] in (("f32",) if dtype == torch.float32 else ("bf16", "f32"))
+    out = run()
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(**inp)
+    keep = inp["attention_mask"].bool()  # padded query rows carry no meaning
+    assert set(out) == {"start_logits", "end_logits"} and out["start_logits"].shape == (2, 19)
+    assert rel_err({k: ref[k][keep] for k in out}, {k: v[keep] for k, v in out.items()}) < tol
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == dtype for k in before)  # model unchanged
+
+
+def test_bench_reports_the_engine(tmp_path, monkeypatch):
+    from bsbert.cli import main
+
+    if engines.why_unavailable("openvino"):  # then the bench records why and goes on
+        monkeypatch.setattr(engines, "why_unavailable", lambda name: "not here")
+    assert main(["bench", "--small", "--seq", "16", "--repeats", "1", "--trials", "1", "--select", "heuristic",
+                 "--engines", "openvino", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert res["engines"] == ["openvino"] and list(tmp_path.glob("bench-*.png"))
+    e = res["runs"][0]["engines"]["openvino"]
+    if "unavailable" in e:
+        assert e["unavailable"] == "not here"
+    else:
+        run = res["runs"][0]
+        assert e["max_rel_diff"] < 1e-4 and e["info"]["precision"] == "f32"
+        assert e["patched_speedup"] == pytest.approx(e["ms"] / run["patched_ms"])
+        packed_flops = run["dense_flops"] / run["packing_flop_bound_speedup"]
+        assert e["gflops_on_packed"] == pytest.approx(packed_flops / (e["ms"] * 1e6))
+
+
+def test_bench_rejects_an_unknown_engine(capsys):
+    from bsbert.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--engines", "tensorrt"])
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err

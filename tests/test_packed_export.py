@@ -1,0 +1,69 @@
+"""bsbert.packed_export: the packing-only structure as plain torch ops equals the masked dense model."""
+import copy
+
+import pytest
+import torch
+
+from bsbert.errors import UnsupportedModelError
+from bsbert.packed_export import PackedBert, packed_bert
+from tests.helpers import inputs, logits, rel_err, tiny_pruned, tiny_pruned_distilbert
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("task", ["qa", "base"])
+@pytest.mark.parametrize("pad_from", [None, 20])
+def test_matches_the_float64_masked_dense_model(task, pad_from):
+    # a layer with no kept head and one with no FFN neuron; dead heads / neurons whose biases must be folded
+    model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0), task=task, dead_bias_units=True)
+    before = _state(model)
+    packed = packed_bert(model)
+    assert isinstance(packed, PackedBert) and not packed.training
+    assert [layer.heads for layer in packed.layers] == [2, 0, 4]
+    assert [layer.ffn_in.out_features for layer in packed.layers] == [100, 37, 0]
+    inp = inputs(pad_from=pad_from)
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(**inp)
+        out = packed(inp["input_ids"], inp["attention_mask"])
+    out = {"start_logits": out[0], "end_logits": out[1]} if task == "qa" else {"last_hidden_state": out}
+    if pad_from is not None:  # padded query rows carry no meaning (as bsbert.verify compares)
+        keep = inp["attention_mask"].bool()
+        ref = {k: ref[k][keep] for k in out}
+        out = {k: v[keep] for k, v in out.items()}
+    assert rel_err(ref, out) < 1e-5
+    after = model.state_dict()  # the model is not changed
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_within_bf16_rounding():
+    model = tiny_pruned(heads=(3, 1, 4), ffn=(200, 37, 5)).to(torch.bfloat16)
+    packed = packed_bert(model)
+    assert packed.layers[0].qkv.weight.dtype == torch.bfloat16
+    inp = inputs()
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(**inp)
+        s, e = packed(inp["input_ids"], inp["attention_mask"])
+    assert s.dtype == torch.bfloat16 and rel_err(ref, {"start_logits": s, "end_logits": e}) < 5e-2
+
+
+def test_logits_shape_and_token_types():
+    model = tiny_pruned()
+    inp = inputs(batch=3, seq=5)
+    tt = torch.ones_like(inp["input_ids"])
+    with torch.inference_mode():
+        ref = model(**inp, token_type_ids=tt)
+        s, e = packed_bert(model)(inp["input_ids"], inp["attention_mask"], tt)
+    assert s.shape == e.shape == (3, 5)
+    assert rel_err(ref, {"start_logits": s, "end_logits": e}) < 1e-5
+    assert logits(ref).shape == (30,)
+
+
+def test_unsupported_models_are_named():
+    with pytest.raises(UnsupportedModelError, match="not a BERT-style model"):
+        packed_bert(tiny_pruned_distilbert())
+    with pytest.raises(UnsupportedModelError, match="BertModel or BertForQuestionAnswering"):
+        packed_bert(tiny_pruned(task="cls"))
+    with pytest.raises(UnsupportedModelError):
+        packed_bert(torch.nn.Linear(3, 3))
