@@ -37,16 +37,18 @@ def test_seed_like(benchmark, seed_model, seq, variant):
 
 
 @pytest.mark.parametrize("seq", SEQS)
-def test_openvino_packed(benchmark, seed_model, seq):
-    """Another CPU engine (OpenVINO) on the packing-only model: what bsbert's patched forward is up against
-    (`bsbert bench --engines openvino` reports the ratio measured in one run)."""
-    pytest.importorskip("openvino")
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_engine_packed(benchmark, seed_model, seq, engine):
+    """Another CPU engine on the packing-only model: what bsbert's patched forward is up against
+    (`bsbert bench --engines` reports the ratios measured in one run)."""
     from bsbert import engines
 
+    if engines.why_unavailable(engine):
+        pytest.skip(engines.why_unavailable(engine))
     benchmark.group = f"model seq={seq}"
     inp = bench_inputs(seq)
     inp["token_type_ids"] = torch.zeros_like(inp["input_ids"])
-    run, info = engines.engine_runner("openvino", seed_model, inp, torch.get_num_threads())
-    benchmark.extra_info.update(variant="openvino packed", precision=info["precision"],
+    run, info = engines.engine_runner(engine, seed_model, inp, torch.get_num_threads())
+    benchmark.extra_info.update(variant=f"{engine} packed", precision=info["precision"],
                                 gflop=bsbert.analyze(seed_model).flops(seq, "packed") / 1e9)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)

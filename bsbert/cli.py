@@ -90,9 +90,9 @@ def main(argv=None) -> int:
                         "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "
                         "measure-gpu with --compile reduce-overhead on CUDA, else measure")
     b.add_argument("--engines", nargs="+", choices=list(ENGINES), default=[], metavar="ENGINE",
-                   help=f"also time another inference engine on the packed model (dead heads / neurons "
-                        f"removed, dense kernels) and bsbert's speedup over it; one of: {', '.join(ENGINES)} "
-                        f"(pip install openvino; CPU, float32 / bfloat16)")
+                   help=f"also time other inference engines on the packed model (dead heads / neurons "
+                        f"removed, dense kernels) and bsbert's speedup over each; of: {', '.join(ENGINES)} "
+                        f"(CPU; pip install 'bsbert[engines]'; onnxruntime in float32 only)")
     b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
     b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
                    help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "

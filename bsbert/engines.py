@@ -6,20 +6,27 @@ heads) is the other serious option. ``engine_runner`` builds that model with pla
 (``bsbert.packed_export.packed_bert``), hands it to the engine with static input shapes, the bench's
 thread count and the run's precision, and returns a callable that runs one forward.
 
-Engines: ``openvino`` (``pip install openvino``; converted from the torch module, compiled for its CPU
-plugin with the latency hint; bf16 runs ask for bf16 inference precision, fp32 runs for f32). An
-engine that is not installed or does not run here raises ``EngineUnavailable`` naming why.
+Engines:
+- ``openvino`` (``pip install openvino``): converted from the torch module, compiled for its CPU plugin
+  with the latency hint; bf16 runs ask for bf16 inference precision, fp32 runs for f32.
+- ``onnxruntime`` (``pip install onnxruntime onnx``): exported by torch.onnx (TorchScript exporter,
+  opset 17), run by its CPU execution provider with every graph optimisation; fp32 only (that provider
+  has no bf16 GEMM: a bf16 run would be an fp32 one, not a comparison in the same precision).
+An engine that is not installed or does not run here raises ``EngineUnavailable`` naming why.
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import io
 import warnings
 
 import torch
 import torch.nn as nn
 
-ENGINES = ("openvino",)
+ENGINES = ("openvino", "onnxruntime")
+_MODULES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}  # what each needs installed
+_INSTALL = {"openvino": "pip install openvino", "onnxruntime": "pip install onnxruntime onnx"}
 _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -31,22 +38,69 @@ def why_unavailable(name: str) -> str | None:
     """None when engine ``name`` can be tried here, else the reason it cannot."""
     if name not in ENGINES:
         return f"unknown engine {name!r} (known: {', '.join(ENGINES)})"
-    try:
-        importlib.import_module("openvino")
-    except Exception as exc:  # ImportError, or a broken install
-        return f"openvino is not importable ({type(exc).__name__}: {exc}); pip install openvino"
+    for module in _MODULES[name]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken install
+            return f"{module} is not importable ({type(exc).__name__}: {exc}); {_INSTALL[name]}"
     return None
 
 
 def _fp32_copy(model: nn.Module) -> nn.Module:
-    """An fp32 copy of the model (bf16 values widen exactly), leaving the model as it is: the engine
-    takes fp32 weights and runs them at the requested precision."""
+    """An fp32 copy of the model (bf16 values widen exactly), leaving the model as it is: the engines
+    take fp32 weights (OpenVINO runs them at the requested precision)."""
     return copy.deepcopy(model).float() if next(model.parameters()).dtype != torch.float32 else model
 
 
 def _type_name(t) -> str:
     """'f32' / 'bf16' for an openvino element type (its repr is "<Type: 'float32'>")."""
     return t.get_type_name() if hasattr(t, "get_type_name") else str(t)
+
+
+def _openvino(packed, args, dtype, threads):
+    import openvino as ov
+
+    with warnings.catch_warnings():  # the tracer's notes on shape arithmetic (the shapes are made static below)
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(packed, example_input=args)
+    ov_model.reshape({p.get_any_name(): list(a.shape) for p, a in zip(ov_model.inputs, args)})
+    config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+              "INFERENCE_PRECISION_HINT": _PRECISION[dtype]}
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {i: a.numpy() for i, a in enumerate(args)}
+
+    def run() -> list:
+        out = request.infer(feed, share_inputs=True)
+        return [out[i] for i in range(len(out))]
+
+    return run, {"version": ov.get_version(), "hint": "LATENCY",
+                 "precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                 "threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))}
+
+
+def _onnxruntime(packed, args, dtype, threads):
+    import onnxruntime as ort
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(packed, args, buf, dynamo=False, opset_version=17, input_names=names)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    feed = {n: a.numpy() for n, a in zip(names, args)}
+
+    def run() -> list:
+        return session.run(None, feed)
+
+    return run, {"version": ort.__version__, "precision": "f32", "threads": int(threads),
+                 "optimisation": "ORT_ENABLE_ALL", "opset": 17}
+
+
+_BUILDERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
 
 @torch.no_grad()
@@ -63,28 +117,16 @@ def engine_runner(name: str, model: nn.Module, inputs: dict, threads: int):
         raise EngineUnavailable(f"{name}: runs float32 or bfloat16 models, got {dtype}")
     if any(t.device.type != "cpu" for t in inputs.values()):
         raise EngineUnavailable(f"{name}: runs on the CPU; the inputs are on {inputs['input_ids'].device}")
-    import openvino as ov
-
+    if name == "onnxruntime" and dtype != torch.float32:  # before the model is copied and exported
+        raise EngineUnavailable(f"onnxruntime: its CPU provider has no bf16 GEMM; compare it in float32, got {dtype}")
     from bsbert.packed_export import packed_bert
 
     packed = packed_bert(_fp32_copy(model))
     args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
-    with warnings.catch_warnings():  # the tracer's notes on shape arithmetic (the shapes are made static below)
-        warnings.simplefilter("ignore")
-        ov_model = ov.convert_model(packed, example_input=args)
-    ov_model.reshape({p.get_any_name(): list(a.shape) for p, a in zip(ov_model.inputs, args)})
-    config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-              "INFERENCE_PRECISION_HINT": _PRECISION[dtype]}
-    compiled = ov.Core().compile_model(ov_model, "CPU", config)
-    request = compiled.create_infer_request()
-    feed = {i: a.numpy() for i, a in enumerate(args)}
+    run_arrays, info = _BUILDERS[name](packed, args, dtype, threads)
     names = ("start_logits", "end_logits") if packed.qa_outputs is not None else ("last_hidden_state",)
 
     def run() -> dict:
-        out = request.infer(feed, share_inputs=True)
-        return {n: torch.from_numpy(out[i].copy()) for i, n in enumerate(names)}
+        return {n: torch.from_numpy(a.copy()) for n, a in zip(names, run_arrays())}
 
-    info = {"engine": "openvino", "version": ov.get_version(), "model": "packed (plain torch ops, fp32 weights)",
-            "precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
-            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")), "hint": "LATENCY"}
-    return run, info
+    return run, {"engine": name, **info, "model": "packed (plain torch ops, fp32 weights)"}

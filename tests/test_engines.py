@@ -21,10 +21,19 @@ def test_unknown_engine_is_named():
         engines.engine_runner("tensorrt", tiny_pruned(), _inputs(), 1)
 
 
-def test_missing_openvino_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
-    with pytest.raises(engines.EngineUnavailable, match="pip install openvino"):
-        engines.engine_runner("openvino", tiny_pruned(), _inputs(), 1)
+@pytest.mark.parametrize("name, module, install", [("openvino", "openvino", "pip install openvino"),
+                                                  ("onnxruntime", "onnx", "pip install onnxruntime onnx")])
+def test_a_missing_engine_says_how_to_install(monkeypatch, name, module, install):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(engines.EngineUnavailable, match=f"{module} is not importable.*{install}"):
+        engines.engine_runner(name, tiny_pruned(), _inputs(), 1)
+
+
+def test_onnxruntime_refuses_bf16_without_exporting():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    with pytest.raises(engines.EngineUnavailable, match="no bf16 GEMM"):
+        engines.engine_runner("onnxruntime", tiny_pruned().to(torch.bfloat16), _inputs(), 1)
 
 
 def test_other_dtypes_and_devices_are_refused():
@@ -36,14 +45,16 @@ def test_other_dtypes_and_devices_are_refused():
         engines.engine_runner("openvino", tiny_pruned(), meta, 1)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
-def test_openvino_matches_the_float64_masked_dense_model(dtype, tol):
-    pytest.importorskip("openvino")
+@pytest.mark.parametrize("name, dtype, tol", [("openvino", torch.float32, 1e-4), ("openvino", torch.bfloat16, 6e-2),
+                                            ("onnxruntime", torch.float32, 1e-4)])
+def test_engine_matches_the_float64_masked_dense_model(name, dtype, tol):
+    if engines.why_unavailable(name):
+        pytest.skip(engines.why_unavailable(name))
     model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0)).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inp = _inputs(batch=2, seq=19, pad_from=11)
-    run, info = engines.engine_runner("openvino", model, inp, 2)
-    assert info["engine"] == "openvino" and info["threads"] == 2
+    run, info = engines.engine_runner(name, model, inp, 2)
+    assert info["engine"] == name and info["threads"] == 2
     assert info["precision"] in (("f32",) if dtype == torch.float32 else ("bf16", "f32"))
     out = run()
     with torch.inference_mode():
@@ -58,17 +69,19 @@ def test_openvino_matches_the_float64_masked_dense_model(dtype, tol):
 def test_bench_reports_the_engine(tmp_path, monkeypatch):
     from bsbert.cli import main
 
-    if engines.why_unavailable("openvino"):  # then the bench records why and goes on
-        monkeypatch.setattr(engines, "why_unavailable", lambda name: "not here")
+    # openvino runs when installed; onnxruntime is made unavailable: the bench records why and goes on
+    real = engines.why_unavailable
+    monkeypatch.setattr(engines, "why_unavailable", lambda name: "not here" if name == "onnxruntime" else real(name))
     assert main(["bench", "--small", "--seq", "16", "--repeats", "1", "--trials", "1", "--select", "heuristic",
-                 "--engines", "openvino", "--out", str(tmp_path)]) == 0
+                 "--engines", "openvino", "onnxruntime", "--out", str(tmp_path)]) == 0
     res = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
-    assert res["engines"] == ["openvino"] and list(tmp_path.glob("bench-*.png"))
-    e = res["runs"][0]["engines"]["openvino"]
-    if "unavailable" in e:
-        assert e["unavailable"] == "not here"
+    assert res["engines"] == ["openvino", "onnxruntime"] and list(tmp_path.glob("bench-*.png"))
+    run = res["runs"][0]
+    assert run["engines"]["onnxruntime"] == {"unavailable": "not here"}
+    e = run["engines"]["openvino"]
+    if real("openvino"):
+        assert e == {"unavailable": real("openvino")}
     else:
-        run = res["runs"][0]
         assert e["max_rel_diff"] < 1e-4 and e["info"]["precision"] == "f32"
         assert e["patched_speedup"] == pytest.approx(e["ms"] / run["patched_ms"])
         packed_flops = run["dense_flops"] / run["packing_flop_bound_speedup"]
