@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsbert.adapters import find_encoder
+from bsbert.adapters import check_config, find_encoder
 from bsbert.analyze import analyze
-from bsbert.errors import UnsupportedModelError
-from bsbert.patching import layer_act, pack_layer
+from bsbert.errors import AlreadyPatchedError, UnsupportedModelError
+from bsbert.patching import is_patched, layer_act, pack_layer
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -93,7 +93,12 @@ class PackedBert(nn.Module):
 @torch.no_grad()
 def packed_bert(model: nn.Module) -> PackedBert:
     """The packing-only form of a (pruned) ``BertModel`` or ``BertForQuestionAnswering``, in eval mode;
-    ``UnsupportedModelError`` for other models (the module docstring says what it computes)."""
+    ``UnsupportedModelError`` for other models, ``AlreadyPatchedError`` for a model bsbert has patched (its
+    linears are bsbert's modules then; the module docstring says what this computes)."""
+    if is_patched(model):
+        raise AlreadyPatchedError("packed_bert reads the pruned model's own linears: call bsbert.unpatch(model) "
+                                  "first (it restores them)")
+    check_config(model)  # decoders and relative-position attention: their layers are not what is written here
     name, encoder, adapter = find_encoder(model)
     if adapter.layer_style != "bert":
         raise UnsupportedModelError(f"packed_bert: {type(model).__name__} is not a BERT-style model "

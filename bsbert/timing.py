@@ -161,6 +161,35 @@ def paired_bound_ratio(fwd, probe, probe_flops: float, flops: float, rounds: int
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds}
 
 
+def paired_time_ratio(a, b, rounds: int = 10, device="cpu") -> dict:
+    """Time of ``a()`` over time of ``b()``, measured in pairs: each round times one call of each (which
+    goes first alternates), and the result is the median of the per-round ratios. Why: two programs timed
+    minutes apart on a shared VM can meet machines 10-20% apart; a pair of calls meets the same one."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    ratios, ta, tb = [], [], []
+    with torch.inference_mode():
+        a(), b()
+        sync()
+        for r in range(rounds):
+            if r % 2:
+                tb.append(timed(b))
+                ta.append(timed(a))
+            else:
+                ta.append(timed(a))
+                tb.append(timed(b))
+            ratios.append(ta[-1] / max(tb[-1], 1e-9))
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds,
+            "a_median_ms": statistics.median(ta) * 1e3, "b_median_ms": statistics.median(tb) * 1e3}
+
+
 def dense_gemm_probe(backend: str, device="cpu", dtype=torch.float32, m=384, k=1024, n=4096):
     """(callable, FLOPs per call): one dense GEMM of the given shape through ``backend``."""
     from bsbert.ops.linear_backends import BACKENDS

@@ -84,6 +84,8 @@ def test_bench_reports_the_engine(tmp_path, monkeypatch):
     else:
         assert e["max_rel_diff"] < 1e-4 and e["info"]["precision"] == "f32"
         assert e["patched_speedup"] == pytest.approx(e["ms"] / run["patched_ms"])
+        pair = e["patched_speedup_paired"]  # engine / patched, one call of each per round
+        assert pair["rounds"] == 10 and pair["min"] <= pair["median"] <= pair["max"] and pair["median"] > 0
         packed_flops = run["dense_flops"] / run["packing_flop_bound_speedup"]
         assert e["gflops_on_packed"] == pytest.approx(packed_flops / (e["ms"] * 1e6))
 

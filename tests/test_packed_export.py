@@ -60,6 +60,18 @@ def test_logits_shape_and_token_types():
     assert logits(ref).shape == (30,)
 
 
+def test_a_patched_model_is_refused_until_unpatched():
+    import bsbert
+    from bsbert.errors import AlreadyPatchedError
+
+    model = tiny_pruned()
+    bsbert.patch(model, progress=False)
+    with pytest.raises(AlreadyPatchedError, match="bsbert.unpatch"):
+        packed_bert(model)
+    bsbert.unpatch(model)
+    assert len(packed_bert(model).layers) == 3
+
+
 def test_unsupported_models_are_named():
     with pytest.raises(UnsupportedModelError, match="not a BERT-style model"):
         packed_bert(tiny_pruned_distilbert())
@@ -67,3 +79,7 @@ def test_unsupported_models_are_named():
         packed_bert(tiny_pruned(task="cls"))
     with pytest.raises(UnsupportedModelError):
         packed_bert(torch.nn.Linear(3, 3))
+    relative = tiny_pruned()
+    relative.config.position_embedding_type = "relative_key"
+    with pytest.raises(UnsupportedModelError, match="relative_key"):
+        packed_bert(relative)

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from bsbert.timing import dense_gemm_probe, paired_bound_ratio, time_fn, time_in_trials
+from bsbert.timing import dense_gemm_probe, paired_bound_ratio, paired_time_ratio, time_fn, time_in_trials
 
 
 def test_paired_ratio_of_the_probe_itself_is_one():
@@ -64,3 +64,20 @@ def test_time_in_trials_spreads_the_timed_calls_between_probes():
     medians = [b["median_ms"] for b in r["trials"]]
     assert medians[1] > 3 * max(medians[0], medians[2]) and r["median_ms"] < medians[1] / 2
     assert [b["probe_gflops"] for b in r["trials"]] == [r["probe_gflops"][i:i + 2] for i in range(3)]
+
+
+def test_paired_time_ratio_alternates_and_takes_the_median_of_the_pairs():
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    r = paired_time_ratio(sleeper("a", 0.006), sleeper("b", 0.002), rounds=6)
+    # one untimed call of each, then rounds alternating which goes first
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert r["rounds"] == 6 and r["min"] <= r["median"] <= r["max"]
+    assert 2.0 < r["median"] < 4.0  # 6 ms over 2 ms, with a sleep's overshoot on a busy machine
+    assert r["a_median_ms"] >= 6.0 and r["b_median_ms"] >= 2.0
