@@ -48,7 +48,7 @@ def test_engine_packed(benchmark, seed_model, seq, engine):
     benchmark.group = f"model seq={seq}"
     inp = bench_inputs(seq)
     inp["token_type_ids"] = torch.zeros_like(inp["input_ids"])
-    run, info = engines.engine_runner(engine, seed_model, inp, torch.get_num_threads())
-    benchmark.extra_info.update(variant=f"{engine} packed", precision=info["precision"],
+    runner = engines.engine_runner(engine, seed_model, inp, torch.get_num_threads())
+    benchmark.extra_info.update(variant=f"{engine} packed", precision=runner.info["precision"],
                                 gflop=bsbert.analyze(seed_model).flops(seq, "packed") / 1e9)
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(runner.run, rounds=ROUNDS, iterations=1, warmup_rounds=1)

@@ -53,10 +53,13 @@ def test_engine_matches_the_float64_masked_dense_model(name, dtype, tol):
     model = tiny_pruned(heads=(2, 0, 4), ffn=(100, 37, 0)).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inp = _inputs(batch=2, seq=19, pad_from=11)
-    run, info = engines.engine_runner(name, model, inp, 2)
+    runner = engines.engine_runner(name, model, inp, 2)
+    info = runner.info
     assert info["engine"] == name and info["threads"] == 2
     assert info["precision"] in (("f32",) if dtype == torch.float32 else ("bf16", "f32"))
-    out = run()
+    out = runner.run()
+    beside = runner.run_beside()  # the same model, configured not to busy-wait between calls
+    assert all(torch.equal(out[k], beside[k]) for k in out)
     with torch.inference_mode():
         ref = copy.deepcopy(model).double()(**inp)
     keep = inp["attention_mask"].bool()  # padded query rows carry no meaning
