@@ -4,7 +4,7 @@ A user choosing bsbert is choosing against more than torch eager: a CPU inferenc
 packing-only model (dead heads and neurons removed, dense kernels over the zero blocks inside the kept
 heads) is the other serious option. ``engine_runner`` builds that model with plain torch ops
 (``bsbert.packed_export.packed_bert``), hands it to the engine with static input shapes, the bench's
-thread count and the run's precision, and returns a callable that runs one forward.
+thread count and the run's precision, and returns an ``EngineRunner`` (its forward, and its settings).
 
 Engines:
 - ``openvino`` (``pip install openvino``): converted from the torch module, compiled for its CPU plugin
@@ -20,7 +20,6 @@ import copy
 import importlib
 import io
 import warnings
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -126,22 +125,33 @@ class EngineRunner:
 
 @torch.no_grad()
 def engine_runner(name: str, model: nn.Module, inputs: dict, threads: int) -> EngineRunner:
-    """Engine ``name`` on ``model``'s packed structure, for the inputs (``input_ids``, ``attention_mask``,
-    ``token_type_ids``: CPU tensors, their shapes fixed at build time); see ``EngineRunner``."""
+    """Engine ``name`` on ``model``'s packed structure, for the inputs (``input_ids``, optional
+    ``attention_mask`` (default: all ones) and ``token_type_ids`` (default: zeros): CPU tensors, their
+    shapes fixed at build time); see ``EngineRunner``. The model must not be patched (unpatch it first)."""
+    from bsbert.packed_export import packed_bert, refuse_patched
+
     why = why_unavailable(name)
     if why:
         raise EngineUnavailable(why)
+    refuse_patched(model)  # before copying it
+    if inputs.get("input_ids") is None:
+        raise ValueError(f"{name}: inputs must hold input_ids (and may hold attention_mask, token_type_ids), "
+                         f"got {sorted(inputs)}")
+    ids = inputs["input_ids"]
+    args = (ids, inputs.get("attention_mask", torch.ones_like(ids)),
+            inputs.get("token_type_ids", torch.zeros_like(ids)))
     dtype = next(model.parameters()).dtype
     if dtype not in _PRECISION:
         raise EngineUnavailable(f"{name}: runs float32 or bfloat16 models, got {dtype}")
-    if any(t.device.type != "cpu" for t in inputs.values()):
-        raise EngineUnavailable(f"{name}: runs on the CPU; the inputs are on {inputs['input_ids'].device}")
+    param_device = next(model.parameters()).device
+    if param_device.type != "cpu":
+        raise EngineUnavailable(f"{name}: runs on the CPU; the model is on {param_device}")
+    off_cpu = [t.device for t in args if t.device.type != "cpu"]
+    if off_cpu:
+        raise EngineUnavailable(f"{name}: runs on the CPU; the inputs are on {off_cpu[0]}")
     if name == "onnxruntime" and dtype != torch.float32:  # before the model is copied and exported
         raise EngineUnavailable(f"onnxruntime: its CPU provider has no bf16 GEMM; compare it in float32, got {dtype}")
-    from bsbert.packed_export import packed_bert
-
     packed = packed_bert(_fp32_copy(model))
-    args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
     alone, beside, info = _BUILDERS[name](packed, args, dtype, threads)
     names = ("start_logits", "end_logits") if packed.qa_outputs is not None else ("last_hidden_state",)
 

@@ -90,14 +90,19 @@ class PackedBert(nn.Module):
         return start.squeeze(-1), end.squeeze(-1)
 
 
+def refuse_patched(model: nn.Module) -> None:
+    """AlreadyPatchedError for a model bsbert has patched: its linears are bsbert's modules then."""
+    if is_patched(model):
+        raise AlreadyPatchedError("packed_bert reads the pruned model's own linears: call bsbert.unpatch(model) "
+                                  "first (it restores them)")
+
+
 @torch.no_grad()
 def packed_bert(model: nn.Module) -> PackedBert:
     """The packing-only form of a (pruned) ``BertModel`` or ``BertForQuestionAnswering``, in eval mode;
     ``UnsupportedModelError`` for other models, ``AlreadyPatchedError`` for a model bsbert has patched (its
     linears are bsbert's modules then; the module docstring says what this computes)."""
-    if is_patched(model):
-        raise AlreadyPatchedError("packed_bert reads the pruned model's own linears: call bsbert.unpatch(model) "
-                                  "first (it restores them)")
+    refuse_patched(model)
     check_config(model)  # decoders and relative-position attention: their layers are not what is written here
     name, encoder, adapter = find_encoder(model)
     if adapter.layer_style != "bert":

@@ -42,8 +42,10 @@ def test_other_dtypes_and_devices_are_refused():
     with pytest.raises(engines.EngineUnavailable, match="float32 or bfloat16.*float16"):
         engines.engine_runner("openvino", tiny_pruned().half(), _inputs(), 1)
     meta = {k: v.to("meta") for k, v in _inputs().items()}
-    with pytest.raises(engines.EngineUnavailable, match="runs on the CPU"):
+    with pytest.raises(engines.EngineUnavailable, match="runs on the CPU; the inputs are on meta"):
         engines.engine_runner("openvino", tiny_pruned(), meta, 1)
+    with pytest.raises(engines.EngineUnavailable, match="runs on the CPU; the model is on meta"):
+        engines.engine_runner("openvino", tiny_pruned().to("meta"), _inputs(), 1)
 
 
 @pytest.mark.parametrize("name, dtype, tol", [("openvino", torch.float32, 1e-4), ("openvino", torch.bfloat16, 6e-2),
@@ -133,3 +135,24 @@ def test_real_minilm_pruned_in_each_engine(name):
         pytest.skip(engines.why_unavailable(name))
     out = engines.engine_runner(name, model, batch, 2).run()["last_hidden_state"][keep]
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_inputs_and_a_patched_model_are_checked_first():
+    import bsbert
+    from bsbert.errors import AlreadyPatchedError
+
+    if engines.why_unavailable("openvino"):
+        pytest.skip(engines.why_unavailable("openvino"))
+    with pytest.raises(ValueError, match="inputs must hold input_ids"):
+        engines.engine_runner("openvino", tiny_pruned(), {"attention_mask": torch.ones(1, 4)}, 1)
+    model = tiny_pruned()
+    bsbert.patch(model, progress=False)
+    with pytest.raises(AlreadyPatchedError, match="bsbert.unpatch"):
+        engines.engine_runner("openvino", model, _inputs(), 1)
+    bsbert.unpatch(model)
+    # only input_ids: the mask defaults to all ones, the token types to zeros (as transformers' model)
+    inp = {"input_ids": _inputs()["input_ids"]}
+    out = engines.engine_runner("openvino", model, inp, 1).run()
+    with torch.inference_mode():
+        ref = model(**inp)
+    assert rel_err(ref, out) < 1e-4
