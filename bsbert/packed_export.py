@@ -7,8 +7,9 @@ the last hidden state for ``BertModel`` -- with standard torch ops only (``F.lin
 with the dead heads and FFN neurons removed and their constant contributions folded into biases
 (``bsbert.patching.pack_layer``, as ``bsbert.patch`` and ``bsbert.save`` pack them). The zero blocks
 inside the kept heads stay: this is the structure nn_pruning's packing gives, and what an engine that
-runs dense kernels (OpenVINO, ONNX Runtime) can be handed. Why: ``scripts/bench_engines.py`` times such
-an engine on it against bsbert's patched model, the comparison a user choosing between them needs.
+runs dense kernels (OpenVINO, ONNX Runtime) can be handed. Why: ``bsbert bench --engines``
+(``bsbert.engines``) times such an engine on it against bsbert's patched model, the comparison a user
+choosing between them needs.
 
 The module shares the model's embeddings, LayerNorms and QA head (no copies; the model is not changed)
 and holds packed copies of the four linears of each layer.
