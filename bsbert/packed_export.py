@@ -115,6 +115,9 @@ def packed_bert(model: nn.Module) -> PackedBert:
     if embeddings is None or (qa is None and model is not base):
         raise UnsupportedModelError(f"packed_bert: takes BertModel or BertForQuestionAnswering (or another model "
                                     f"of that form), got {type(model).__name__}")
+    if getattr(base, "embeddings_project", None) is not None:  # ELECTRA with embedding_size != hidden_size
+        raise UnsupportedModelError(f"packed_bert: {type(base).__name__} projects its embeddings "
+                                    f"(embeddings_project), which this form does not compute")
     if qa is not None and not (isinstance(qa, nn.Linear) and qa.out_features == 2):
         raise UnsupportedModelError(f"packed_bert: the QA head must be a Linear with 2 outputs, got {qa}")
     plan = analyze(model)

@@ -83,3 +83,26 @@ def test_unsupported_models_are_named():
     relative.config.position_embedding_type = "relative_key"
     with pytest.raises(UnsupportedModelError, match="relative_key"):
         packed_bert(relative)
+
+
+def test_roberta_of_the_same_form_and_electra_with_an_embedding_projection():
+    import transformers as tf
+
+    from bsbert import models
+
+    cfg = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    roberta = tf.RobertaForQuestionAnswering(tf.RobertaConfig(max_position_embeddings=40, **cfg)).eval()
+    models.prune_like_seed(roberta, (1, 2), (50, 7), block=32)
+    ids = torch.randint(3, 100, (2, 11))
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    keep = am.bool()
+    with torch.inference_mode():
+        ref = roberta(input_ids=ids, attention_mask=am)
+        s, e = packed_bert(roberta)(ids, am)  # RoBERTa's own embeddings (position ids from the padding)
+    assert rel_err({k: ref[k][keep] for k in ("start_logits", "end_logits")},
+                   {"start_logits": s[keep], "end_logits": e[keep]}) < 1e-5
+    electra = tf.ElectraModel(tf.ElectraConfig(embedding_size=32, **cfg)).eval()
+    with pytest.raises(UnsupportedModelError, match="embeddings_project"):
+        packed_bert(electra)
