@@ -26,10 +26,16 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-ENGINES = ("openvino", "onnxruntime")
-_MODULES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}  # what each needs installed
-_INSTALL = {"openvino": "pip install openvino", "onnxruntime": "pip install onnxruntime onnx"}
 _PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """What bsbert needs to know of one engine (the table ``_ENGINES`` follows its builder functions)."""
+    modules: tuple[str, ...]  # what it needs importable
+    install: str              # how to get them
+    dtypes: dict              # model dtype -> None (runs it) or why not
+    build: Callable           # (packed, args, dtype, threads) -> (alone, beside, info)
 
 
 class EngineUnavailable(RuntimeError):
@@ -40,11 +46,12 @@ def why_unavailable(name: str) -> str | None:
     """None when engine ``name`` can be tried here, else the reason it cannot."""
     if name not in ENGINES:
         return f"unknown engine {name!r} (known: {', '.join(ENGINES)})"
-    for module in _MODULES[name]:
+    spec = _ENGINES[name]
+    for module in spec.modules:
         try:
             importlib.import_module(module)
         except Exception as exc:  # ImportError, or a broken install
-            return f"{module} is not importable ({type(exc).__name__}: {exc}); {_INSTALL[name]}"
+            return f"{module} is not importable ({type(exc).__name__}: {exc}); {spec.install}"
     return None
 
 
@@ -107,7 +114,14 @@ def _onnxruntime(packed, args, dtype, threads):
                                            "optimisation": "ORT_ENABLE_ALL", "opset": 17}
 
 
-_BUILDERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+_NO_BF16_GEMM = "onnxruntime: its CPU provider has no bf16 GEMM; compare it in float32, got torch.bfloat16"
+_ENGINES = {
+    "openvino": _Engine(("openvino",), "pip install openvino", {torch.float32: None, torch.bfloat16: None},
+                        _openvino),
+    "onnxruntime": _Engine(("onnxruntime", "onnx"), "pip install onnxruntime onnx",
+                           {torch.float32: None, torch.bfloat16: _NO_BF16_GEMM}, _onnxruntime),
+}
+ENGINES = tuple(_ENGINES)
 
 
 @dataclass
@@ -140,19 +154,19 @@ def engine_runner(name: str, model: nn.Module, inputs: dict, threads: int) -> En
     ids = inputs["input_ids"]
     args = (ids, inputs.get("attention_mask", torch.ones_like(ids)),
             inputs.get("token_type_ids", torch.zeros_like(ids)))
-    dtype = next(model.parameters()).dtype
-    if dtype not in _PRECISION:
+    spec, dtype = _ENGINES[name], next(model.parameters()).dtype
+    if dtype not in spec.dtypes:
         raise EngineUnavailable(f"{name}: runs float32 or bfloat16 models, got {dtype}")
+    if spec.dtypes[dtype]:  # before the model is copied and exported
+        raise EngineUnavailable(spec.dtypes[dtype])
     param_device = next(model.parameters()).device
     if param_device.type != "cpu":
         raise EngineUnavailable(f"{name}: runs on the CPU; the model is on {param_device}")
     off_cpu = [t.device for t in args if t.device.type != "cpu"]
     if off_cpu:
         raise EngineUnavailable(f"{name}: runs on the CPU; the inputs are on {off_cpu[0]}")
-    if name == "onnxruntime" and dtype != torch.float32:  # before the model is copied and exported
-        raise EngineUnavailable(f"onnxruntime: its CPU provider has no bf16 GEMM; compare it in float32, got {dtype}")
     packed = packed_bert(_fp32_copy(model))
-    alone, beside, info = _BUILDERS[name](packed, args, dtype, threads)
+    alone, beside, info = spec.build(packed, args, dtype, threads)
     names = ("start_logits", "end_logits") if packed.qa_outputs is not None else ("last_hidden_state",)
 
     def tensors(run_arrays):
