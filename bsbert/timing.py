@@ -3,8 +3,22 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
+
+
+def _synchronizer(device) -> Callable[[], None]:
+    """What waits for the device's queued work: torch.cuda.synchronize on CUDA, nothing on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def _call_seconds(fn, sync) -> float:
+    """Wall-clock seconds of one ``fn()``, its device work included."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def time_fn(fn, *, repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu",
@@ -13,8 +27,7 @@ def time_fn(fn, *, repeats: int = 5, warmup: int = 1, device: str | torch.device
     ``warmup_s`` seconds of calls: on the 2-core VM the first ~10-20 forwards after ``patch`` ran 8-75%
     slower than the steady state (four runs, bf16 seq 128, median of forwards 2-11 vs 41-80), so a
     count-only warm-up measured that transient."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     with torch.inference_mode():
         t_start = time.perf_counter()
         done = 0
@@ -22,12 +35,7 @@ def time_fn(fn, *, repeats: int = 5, warmup: int = 1, device: str | torch.device
             fn()
             sync()
             done += 1
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
+        ts = [_call_seconds(fn, sync) for _ in range(repeats)]
     return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
             "max_ms": 1e3 * max(ts), "repeats": repeats, "times_ms": [1e3 * t for t in ts]}
 
@@ -69,17 +77,13 @@ def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cp
     (a few calls each, about ``target_s``), and the best round counts. Load from other processes
     only ever adds time and hits the candidates alike, so this ranks them correctly on a busy
     machine where a median of back-to-back runs of one candidate after the other does not."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     with torch.inference_mode():
         reps = []
         for f in fns:  # warm-up (allocations, primitive caches, packing buffers), then calibrate
             f()
             sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            reps.append(max(1, int(target_s / max(time.perf_counter() - t0, 1e-7))))
+            reps.append(max(1, int(target_s / max(_call_seconds(f, sync), 1e-7))))
         best = [float("inf")] * len(fns)
         for _ in range(rounds):
             for i, f in enumerate(fns):
@@ -136,21 +140,14 @@ def paired_bound_ratio(fwd, probe, probe_flops: float, flops: float, rounds: int
     rate of that round. A slow stretch of a shared machine slows both halves of a round alike, so the
     median of the per-round ratios is stable where a median time over a rate measured minutes earlier
     is not (on a 2-core VM the latter moved 1.06-1.21 between two runs of the same code)."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     ratios = []
     with torch.inference_mode():
         fwd(), probe()
         sync()
-        t0 = time.perf_counter()
-        probe()
-        sync()
-        t_probe1 = max(time.perf_counter() - t0, 1e-7)
+        t_probe1 = max(_call_seconds(probe, sync), 1e-7)
         for _ in range(rounds):
-            t0 = time.perf_counter()
-            fwd()
-            sync()
-            t_fwd = time.perf_counter() - t0
+            t_fwd = _call_seconds(fwd, sync)
             n = max(1, round(t_fwd / t_probe1))
             t0 = time.perf_counter()
             for _ in range(n):
@@ -165,26 +162,18 @@ def paired_time_ratio(a, b, rounds: int = 10, device="cpu") -> dict:
     """Time of ``a()`` over time of ``b()``, measured in pairs: each round times one call of each (which
     goes first alternates), and the result is the median of the per-round ratios. Why: two programs timed
     minutes apart on a shared VM can meet machines 10-20% apart; a pair of calls meets the same one."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
+    sync = _synchronizer(device)
     ratios, ta, tb = [], [], []
     with torch.inference_mode():
         a(), b()
         sync()
         for r in range(rounds):
             if r % 2:
-                tb.append(timed(b))
-                ta.append(timed(a))
+                tb.append(_call_seconds(b, sync))
+                ta.append(_call_seconds(a, sync))
             else:
-                ta.append(timed(a))
-                tb.append(timed(b))
+                ta.append(_call_seconds(a, sync))
+                tb.append(_call_seconds(b, sync))
             ratios.append(ta[-1] / max(tb[-1], 1e-9))
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": rounds,
             "a_median_ms": statistics.median(ta) * 1e3, "b_median_ms": statistics.median(tb) * 1e3}
