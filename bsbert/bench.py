@@ -22,7 +22,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.timing import (cpu_peak_gflops, dense_gemm_gflops, dense_gemm_probe, paired_bound_ratio,
+from bsbert.timing import (bound_probe, cpu_peak_gflops, dense_gemm_gflops, paired_bound_ratio,
                            paired_time_ratio, time_fn, time_in_trials)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +83,11 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         f"threads={torch.get_num_threads()} repeats={repeats} trials={trials}{' (small: 2 layers)' if small else ''}")
     say("measuring the best dense GEMM rate (FLOP-bound denominator) ...")
     peak = dense_gemm_gflops(dev, dt)
-    say(f"  {peak['backend']}: {peak['gflops']:.1f} GFLOP/s")
+    say(f"  {peak['label']}: {peak['gflops']:.1f} GFLOP/s")
+    if peak.get("widened"):
+        say(f"  no bf16 dot product on this CPU: bf16 runs widened to fp32 here (the bound uses the fp32 "
+            f"dense rate; {', '.join(f'{k} {v:.0f}' for k, v in peak['all_gflops'].items())} GFLOP/s), "
+            "and a float32 model may run faster than a bf16 one")
     isa_peak = cpu_peak_gflops(dt) if dev.type == "cpu" else None
     if isa_peak:
         say(f"  instruction peak ({isa_peak['instruction']}, {isa_peak['threads']} threads at once): "
@@ -128,7 +132,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         fwd = _runner(pruned, compile_mode)
         # the bound's dense GEMM, probed between the patched blocks and paired with forwards below
         m_probe = batch * seq if dev.type == "cuda" else peak["shape"][0]  # as for the bound below
-        probe, probe_flops = dense_gemm_probe(peak["backend"], dev, dt, m_probe, *peak["shape"][1:])
+        probe, probe_flops = bound_probe(peak, dev, m_probe)
         if trials > 1:  # spread over the run, the bound's dense GEMM probed between the blocks
             # (on CUDA these probes are recorded only: its bound is the rate at this M measured after the run)
             t_full = time_in_trials(lambda: fwd(**inp), probe, probe_flops, trials=trials, repeats=repeats,
@@ -151,7 +155,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         if m_probe == batch * seq:
             paired_m = paired
         else:
-            probe_m, probe_m_flops = dense_gemm_probe(peak["backend"], dev, dt, batch * seq, *peak["shape"][1:])
+            probe_m, probe_m_flops = bound_probe(peak, dev, batch * seq)
             paired_m = paired_bound_ratio(lambda: fwd(**inp), probe_m, probe_m_flops, remaining, rounds=repeats,
                                           device=dev)
         for name, engine_fn in engine_fns.items():
@@ -168,7 +172,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             # A GPU's dense rate depends strongly on M (an M=384 GEMM leaves an H100 mostly idle), so
             # the bound for this run uses the rate at this run's M = batch * seq.
             peak = dense_gemm_gflops(dev, dt, m=batch * seq)
-            say(f"\\[seq {seq}] {peak['backend']} at M={batch * seq}: {peak['gflops']:.1f} GFLOP/s")
+            say(f"\\[seq {seq}] {peak['label']} at M={batch * seq}: {peak['gflops']:.1f} GFLOP/s")
         packed = batch * full_plan.flops(seq, "packed")
         dense_fl = batch * full_plan.flops(seq, "dense")
         run = {"seq": seq, "dense_ms": t_dense["median_ms"], "packed_ms": t_pack["median_ms"],
@@ -200,11 +204,11 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         # uses the faster of the two (the stricter bound); both are in the JSON.
         say("measuring the dense GEMM rate again ...")
         again = dense_gemm_gflops(dev, dt)
-        say(f"  {again['backend']}: {again['gflops']:.1f} GFLOP/s (at the start: {peak['gflops']:.1f})")
+        say(f"  {again['label']}: {again['gflops']:.1f} GFLOP/s (at the start: {peak['gflops']:.1f})")
         results["dense_gemm_start"], results["dense_gemm_end"] = peak, again
         between = [g for run in results["runs"] for g in run["timings"]["patched"].get("probe_gflops", [])]
         if between:  # the same GEMM (backend, shape), probed between the patched blocks
-            results["dense_gemm_between"] = {**peak, "gflops": max(between), "all_gflops": {peak["backend"]: max(between)},
+            results["dense_gemm_between"] = {**peak, "gflops": max(between), "all_gflops": {peak["label"]: max(between)},
                                              "between_gflops": between}
         best = max((p for p in (peak, again, results.get("dense_gemm_between")) if p), key=lambda p: p["gflops"])
         if best is not peak:
@@ -307,8 +311,10 @@ def table(results) -> Table:
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     if results.get("isa_peak"):
         ip, dg = results["isa_peak"], results["dense_gemm"]
-        t.caption = (f"FLOP bound at {dg['backend']} {dg['gflops']:.0f} GFLOP/s = {dg['gflops'] / ip['gflops']:.0%} of "
-                     f"the instruction peak ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)"
+        t.caption = (f"FLOP bound at {dg.get('label', dg['backend'])} {dg['gflops']:.0f} GFLOP/s = "
+                     f"{dg['gflops'] / ip['gflops']:.0%} of the instruction peak ({ip['instruction']}, "
+                     f"{ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)"
+                     + ("; bf16 runs widened to fp32 on this CPU (no bf16 dot product)" if dg.get("widened") else "")
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))
     engines = results.get("engines", [])

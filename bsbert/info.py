@@ -23,7 +23,11 @@ def _cpu_peak() -> str:
     parts = []
     for dtype in (torch.bfloat16, torch.float32):
         r = cpu_peak_gflops(dtype, seconds=0.05)
-        if r is not None:
+        if r is not None and r.get("widened"):
+            # said, not measured twice: where it matters, a float32 model can be the faster choice
+            parts.append("bf16 widened to fp32 (no bf16 dot product at this CPU level: bsbert's bf16 GEMMs "
+                         "run fp32 FMAs, a float32 model may be faster)")
+        elif r is not None:
             parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} threads)")
     return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
 

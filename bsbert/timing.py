@@ -189,40 +189,77 @@ def dense_gemm_probe(backend: str, device="cpu", dtype=torch.float32, m=384, k=1
     return (lambda: prepared(x)), 2.0 * m * k * n
 
 
+def bf16_widened_on_cpu() -> bool:
+    """True where bsbert's CPU kernels run bf16 widened to fp32: the CPU level (after BSBERT_CPU_ISA) has
+    AVX2 or AVX-512 but no ``vdpbf16ps``. There a bf16 GEMM's ceiling is the fp32 multiply-add rate, and
+    the bf16 GEMMs torch offers are slow emulations (the 2-core Zen 5 capped to AVX2: torch's bf16
+    F.linear 52-60 GFLOP/s, oneDNN none, oneDNN fp32 ~230, bsbert's widened bf16 kernel 183-202)."""
+    from bsbert import _ext
+
+    mod = _ext.load(warn=False)
+    return mod is not None and hasattr(mod, "cpu_isa") and mod.cpu_isa() in ("avx2", "avx512")
+
+
 def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=30) -> dict:
     """The best dense GEMM rate this device offers torch here (oneDNN on CPU when it supports the
     dtype, torch's default F.linear; cuBLAS on CUDA): the denominator of FLOP bounds. The candidates
     are timed in interleaved rounds and the best round counts, so the bound is the machine's rate,
     not one lowered by a busy moment (30 rounds: with 10, a 2-core VM gave 417-434 GFLOP/s where the
-    kernel report measured oneDNN at 450-477 the same hour)."""
+    kernel report measured oneDNN at 450-477 the same hour).
+
+    bf16 on a CPU without a bf16 dot product (``bf16_widened_on_cpu``): the same GEMMs in fp32 are
+    candidates too, since fp32 is what bf16 work runs as there (a user could run the model in fp32), and
+    a bound at the emulated bf16 rate would be ~4x too loose. ``probe_dtype`` says which dtype won,
+    ``widened`` whether it is fp32 for bf16 work, ``label`` names both; ``bound_probe`` rebuilds it."""
     from bsbert.ops.linear_backends import BACKENDS
 
     dev = torch.device(device)
-    names = [nm for nm in ("onednn-dense", "torch-dense") if not BACKENDS[nm].not_supported_reasons(dev, dtype, None)]
-    probes = [dense_gemm_probe(nm, dev, dtype, m, k, n) for nm in names]
+    dtypes = [dtype]
+    if dev.type == "cpu" and dtype == torch.bfloat16 and bf16_widened_on_cpu():
+        dtypes.append(torch.float32)
+    cands = [(nm, dt) for dt in dtypes for nm in ("onednn-dense", "torch-dense")
+             if not BACKENDS[nm].not_supported_reasons(dev, dt, None)]
+    labels = [nm if dt == dtype else f"{nm} ({_dtype_name(dt)})" for nm, dt in cands]
+    probes = [dense_gemm_probe(nm, dev, dt, m, k, n) for nm, dt in cands]
     secs = best_of_interleaved([probe for probe, _ in probes], rounds=rounds, target_s=0.05, device=dev)
-    rates = {nm: flops / t / 1e9 for nm, (_, flops), t in zip(names, probes, secs)}
-    best = max(rates, key=rates.get)
-    return {"backend": best, "gflops": rates[best], "all_gflops": rates, "shape": [m, k, n], "dtype": str(dtype)}
+    rates = {lb: flops / t / 1e9 for lb, (_, flops), t in zip(labels, probes, secs)}
+    i = max(range(len(cands)), key=lambda j: rates[labels[j]])
+    return {"backend": cands[i][0], "label": labels[i], "gflops": rates[labels[i]], "all_gflops": rates,
+            "shape": [m, k, n], "dtype": str(dtype), "probe_dtype": _dtype_name(cands[i][1]),
+            "widened": cands[i][1] != dtype}
+
+
+def bound_probe(peak: dict, device="cpu", m: int | None = None):
+    """(callable, FLOPs per call): the GEMM a ``dense_gemm_gflops`` result timed (backend, dtype, shape),
+    at M = ``m`` if given: the same rate probed again between and beside other work."""
+    m0, k, n = peak["shape"]
+    return dense_gemm_probe(peak["backend"], device, getattr(torch, peak["probe_dtype"]), m or m0, k, n)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def cpu_peak_gflops(dtype=torch.float32, seconds: float = 0.25) -> dict | None:
     """The CPU's instruction peak for the GEMMs' multiply-add at ``dtype`` (bf16: vdpbf16ps, else fp32
     FMA), every one of torch's threads running register-only chains at once (bsbert._C, isa_peak.cpp):
     ``{"gflops": sum over threads, "per_thread": [...], "instruction": ..., "kind": ...}``, or None when
-    there is nothing to time (no extension, a CPU level without the instruction, float16). What a
-    dense GEMM rate or the FLOP bound is a fraction of: the 2-core Zen 5 issues two vdpbf16ps a cycle
-    per core, ~510 GFLOP/s a core with both busy, where oneDNN's dense bf16 GEMM reaches ~485."""
+    there is nothing to time (no extension, no AVX2 / AVX-512, float16). What a dense GEMM rate or the
+    FLOP bound is a fraction of: the 2-core Zen 5 issues two vdpbf16ps a cycle per core, ~510 GFLOP/s a
+    core with both busy, where oneDNN's dense bf16 GEMM reaches ~485. bf16 on a CPU level without
+    vdpbf16ps (``bf16_widened_on_cpu``): the fp32 FMA rate, what bsbert's kernels widen bf16 to there
+    (``"kind": "fp32", "widened": True``)."""
     from bsbert import _ext
 
     mod = _ext.load(warn=False)
     if mod is None or not hasattr(mod, "cpu_peak_gflops") or dtype not in (torch.float32, torch.bfloat16):
         return None
-    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    widened = dtype == torch.bfloat16 and bf16_widened_on_cpu()
+    kind = "bf16" if dtype == torch.bfloat16 and not widened else "fp32"
     try:
         instruction = mod.cpu_peak_instruction(kind)
         rates = mod.cpu_peak_gflops(kind, seconds)
     except RuntimeError:  # the CPU (or BSBERT_CPU_ISA) lacks the instruction: nothing to compare with
         return None
     return {"gflops": sum(rates), "per_thread": list(rates), "instruction": instruction, "kind": kind,
-            "threads": len(rates), "seconds": seconds}
+            "widened": widened, "threads": len(rates), "seconds": seconds}

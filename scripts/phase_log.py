@@ -14,7 +14,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.timing import dense_gemm_gflops, dense_gemm_probe, probe_rate
+from bsbert.timing import bound_probe, dense_gemm_gflops, probe_rate
 
 
 def main():
@@ -24,8 +24,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
-    backend = dense_gemm_gflops("cpu", dt)["backend"]
-    probe, flops = dense_gemm_probe(backend, "cpu", dt, 384, 1024, 4096)
+    peak = dense_gemm_gflops("cpu", dt)
+    probe, flops = bound_probe(peak, "cpu")
     model = models.seed_like_model().eval().to(dt)
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=args.seq, progress=False)
@@ -44,7 +44,7 @@ def main():
             rate = probe_rate(probe, flops, rounds=5, target_s=0.02)
             blocks.append((ts[len(ts) // 2] * 1e3, rate))
             print(f"{time.strftime('%H:%M:%S')} forward median {blocks[-1][0]:.2f} ms ({len(ts)} forwards), "
-                  f"{backend} {rate:.0f} GFLOP/s", flush=True)
+                  f"{peak['label']} {rate:.0f} GFLOP/s", flush=True)
     blocks.sort()
     third = max(1, len(blocks) // 3)
     for name, part in (("fastest", blocks[:third]), ("slowest", blocks[-third:])):

@@ -36,7 +36,9 @@ def test_every_thread_reports_a_rate():
 def test_bf16_times_vdpbf16ps_only_where_the_cpu_has_it():
     r = cpu_peak_gflops(torch.bfloat16, seconds=0.02)
     if ISA == "avx512_bf16":
-        assert r is not None and r["instruction"] == "vdpbf16ps zmm" and r["kind"] == "bf16"
+        assert r is not None and r["instruction"] == "vdpbf16ps zmm" and r["kind"] == "bf16" and not r["widened"]
+    elif SIMD:  # bf16 runs widened to fp32 FMAs there: that is its ceiling
+        assert r is not None and r["kind"] == "fp32" and r["widened"] and r["instruction"].startswith("vfmadd")
     else:
         assert r is None
 
@@ -46,15 +48,21 @@ def test_isa_cap_selects_the_avx2_loop(monkeypatch):
         pytest.skip("needs AVX-512 to cap it")
     monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
     assert cpu_peak_gflops(torch.float32, seconds=0.02)["instruction"] == "vfmadd*ps ymm"
-    assert cpu_peak_gflops(torch.bfloat16, seconds=0.02) is None  # no vdpbf16ps below avx512_bf16
+    # no vdpbf16ps below avx512_bf16: bf16 is widened, and its peak is the fp32 FMA's
+    r = cpu_peak_gflops(torch.bfloat16, seconds=0.02)
+    assert r["instruction"] == "vfmadd*ps ymm" and r["kind"] == "fp32" and r["widened"]
     with pytest.raises(RuntimeError, match="needs avx512_bf16.*avx2"):
         _C.cpu_peak_gflops("bf16", 0.01)
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx512")
+    r = cpu_peak_gflops(torch.bfloat16, seconds=0.02)
+    assert r["instruction"] == "vfmadd*ps zmm" and r["widened"]
 
 
 def test_nothing_to_time_is_none_not_an_error(monkeypatch):
     assert cpu_peak_gflops(torch.float16) is None
     monkeypatch.setenv("BSBERT_CPU_ISA", "portable")
     assert cpu_peak_gflops(torch.float32, seconds=0.01) is None
+    assert cpu_peak_gflops(torch.bfloat16, seconds=0.01) is None
     with pytest.raises(RuntimeError, match="no SIMD multiply-add to time"):
         _C.cpu_peak_gflops("fp32", 0.01)
 

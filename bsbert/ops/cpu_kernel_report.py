@@ -5,8 +5,10 @@
 second) of oneDNN (``torch.ops.mkldnn._linear_pointwise`` on a prepacked weight) and of
 ``F.linear``, and ``ratio_vs_onednn`` = ours useful / oneDNN dense. The three are timed interleaved
 (round-robin, best of ``rounds``) so that background load affects them alike; ``ours_of_isa_peak``
-is ours useful over the instruction peak (bsbert.timing.cpu_peak_gflops, measured once per dtype). Used by
-``bsbert bench --kernels``; ``python -m bsbert.ops.cpu_kernel_report`` prints the table.
+is ours useful over the instruction peak (bsbert.timing.cpu_peak_gflops, measured once per dtype). bf16 on a
+CPU without a bf16 dot product (AVX2, AVX-512 without BF16): oneDNN runs the GEMM in fp32 (``onednn_dtype``),
+what bf16 work runs as there; its bf16 GEMM is missing or emulated. Used by ``bsbert bench --kernels``;
+``python -m bsbert.ops.cpu_kernel_report`` prints the table.
 """
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
 
     if not _ext.has_op("bsr_linear"):
         raise RuntimeError(f"bsbert::bsr_linear is unavailable: {_ext.reason_unavailable()}")
-    from bsbert.timing import cpu_peak_gflops
+    from bsbert.timing import bf16_widened_on_cpu, cpu_peak_gflops
 
     rows = []
     for dtype in dtypes:
         peak = cpu_peak_gflops(dtype)  # the instruction peak, all threads at once (None: nothing to time)
+        dnn_dtype = torch.float32 if dtype == torch.bfloat16 and bf16_widened_on_cpu() else dtype
         for (n, k) in shapes:
             for d in densities:
                 w32 = block_sparse_weight(n, k, block, d, seed=n + k)
@@ -70,7 +73,7 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
                         x, bsm.crow_indices, bsm.col_indices, packed, bias, n, k, block, gelu)
                     lin = lambda: F.linear(x, w, bias)  # noqa: E731
                     fns = [ours, lin]
-                    dnn = _onednn(x, w, bias)
+                    dnn = _onednn(x.to(dnn_dtype), w.to(dnn_dtype), bias.to(dnn_dtype))
                     if dnn is not None:
                         fns.append(dnn)
                     ts = best_of_interleaved(fns, rounds, target_s=0.03)
@@ -84,6 +87,7 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
                         "flinear_ms": ts[1] * 1e3, "flinear_gflops": dense / ts[1] / 1e9,
                         "onednn_ms": ts[2] * 1e3 if dnn else None,
                         "onednn_gflops": dense / ts[2] / 1e9 if dnn else None,
+                        "onednn_dtype": str(dnn_dtype).replace("torch.", "") if dnn else None,
                     }
                     base = row["onednn_gflops"] or row["flinear_gflops"]
                     row["ratio_vs_onednn"] = row["ours_gflops"] / base
@@ -103,6 +107,8 @@ HEADER = ("dtype", "M", "N x K", "density", "ours GF/s", "oneDNN GF/s", "F.linea
 
 def format_row(r: dict) -> str:
     dnn = f"{r['onednn_gflops']:.1f}" if r["onednn_gflops"] else "-"
+    if r["onednn_gflops"] and r.get("onednn_dtype") not in (None, r["dtype"]):
+        dnn += f" ({r['onednn_dtype']})"  # bf16 widened here: oneDNN in fp32
     of_peak = f"{r['ours_of_isa_peak']:.0%} of {r['isa_peak_gflops']:.0f}" if r.get("ours_of_isa_peak") else "-"
     return (f"| {r['dtype']} | {r['m']} | {r['n']}x{r['k']} | {r['block_density']:.2f} | "
             f"{r['ours_gflops']:.1f} | {dnn} | {r['flinear_gflops']:.1f} | {r['ratio_vs_onednn']:.2f} | "

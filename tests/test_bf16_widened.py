@@ -1,0 +1,145 @@
+"""bf16 on a CPU without a bf16 dot product (AVX2, AVX-512 without BF16; here: BSBERT_CPU_ISA caps).
+
+bsbert's kernels then widen bf16 to fp32 FMAs, oneDNN has no bf16 GEMM (AVX2) and torch's bf16 F.linear is
+an emulation ~4x slower than fp32. What the measurements must do there: the FLOP bound's dense rate may be
+the fp32 GEMM (probed as fp32, labelled so), the instruction peak is the fp32 FMA's, the kernel report
+compares with oneDNN in fp32, and `bsbert bench` / `bsbert info` say that bf16 runs widened.
+"""
+import json
+
+import pytest
+import torch
+
+from bsbert import _ext
+from bsbert import timing
+
+_C = _ext.load(warn=False)
+ISA = _C.cpu_isa() if _C is not None and hasattr(_C, "cpu_isa") else "portable"
+needs_simd = pytest.mark.skipif(ISA not in ("avx2", "avx512", "avx512_bf16"), reason="no AVX2/AVX-512 here")
+
+
+@needs_simd
+@pytest.mark.parametrize("cap, widened", [("avx2", True), ("avx512", True), ("avx512_bf16", False)])
+def test_widened_follows_the_cpu_level(monkeypatch, cap, widened):
+    if cap == "avx512_bf16" and ISA != "avx512_bf16" or cap == "avx512" and ISA == "avx2":
+        pytest.skip(f"this CPU cannot run at {cap}")
+    monkeypatch.setenv("BSBERT_CPU_ISA", cap)
+    assert timing.bf16_widened_on_cpu() is widened
+
+
+def test_portable_level_is_not_called_widened(monkeypatch):
+    monkeypatch.setenv("BSBERT_CPU_ISA", "portable")
+    assert not timing.bf16_widened_on_cpu()  # no SIMD at all: nothing to say about bf16 specifically
+
+
+@needs_simd
+def test_bound_candidates_include_fp32_only_for_widened_bf16(monkeypatch):
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    r = timing.dense_gemm_gflops("cpu", torch.bfloat16, m=8, k=32, n=32, rounds=1)
+    fp32 = [lb for lb in r["all_gflops"] if lb.endswith("(float32)")]
+    assert fp32, r["all_gflops"]  # the fp32 GEMMs were candidates
+    assert r["widened"] == (r["probe_dtype"] == "float32") and r["dtype"] == "torch.bfloat16"
+    assert r["gflops"] == r["all_gflops"][r["label"]] == max(r["all_gflops"].values())
+    # fp32 work, or bf16 on a CPU with a bf16 dot product: the requested dtype only
+    r32 = timing.dense_gemm_gflops("cpu", torch.float32, m=8, k=32, n=32, rounds=1)
+    assert not r32["widened"] and all("(" not in lb for lb in r32["all_gflops"])
+    if ISA == "avx512_bf16":
+        monkeypatch.setenv("BSBERT_CPU_ISA", "avx512_bf16")
+        r = timing.dense_gemm_gflops("cpu", torch.bfloat16, m=8, k=32, n=32, rounds=1)
+        assert not r["widened"] and all("(" not in lb for lb in r["all_gflops"])
+
+
+@needs_simd
+def test_widened_winner_is_labelled_and_probed_in_fp32(monkeypatch):
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    calls = []
+
+    def fake(fns, rounds=5, target_s=0.01, device="cpu"):
+        calls.append(len(fns))
+        return [1.0 if i < len(fns) // 2 else 0.5 for i in range(len(fns))]  # the fp32 half is faster
+
+    monkeypatch.setattr(timing, "best_of_interleaved", fake)
+    r = timing.dense_gemm_gflops("cpu", torch.bfloat16, m=8, k=32, n=32, rounds=1)
+    assert r["widened"] and r["probe_dtype"] == "float32" and r["label"] == f"{r['backend']} (float32)"
+    # the probe the bench re-times between its blocks is that fp32 GEMM, at the M asked for
+    probe, flops = timing.bound_probe(r, "cpu", m=4)
+    assert flops == 2.0 * 4 * 32 * 32
+    out = probe()
+    assert out.dtype == torch.float32 and out.shape == (4, 32)
+    probe_b, _ = timing.bound_probe(dict(r, probe_dtype="bfloat16", backend="torch-dense"), "cpu")
+    assert probe_b().dtype == torch.bfloat16 and probe_b().shape == (8, 32)
+
+
+@needs_simd
+def test_kernel_report_compares_widened_bf16_with_fp32_onednn(monkeypatch):
+    if not _ext.has_op("bsr_linear"):
+        pytest.skip("extension not built")
+    from bsbert.ops import cpu_kernel_report as r
+
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    rows = r.run_kernel_report(shapes=((64, 64),), densities=(0.5,), ms=(8,), rounds=1, dtypes=(torch.bfloat16,))
+    row = rows[0]
+    if row["onednn_gflops"] is None:
+        pytest.skip("torch without oneDNN")
+    assert row["dtype"] == "bfloat16" and row["onednn_dtype"] == "float32"
+    assert "(float32)" in r.format_row(row)
+    assert row["isa_peak_gflops"] is not None and "% of " in r.format_row(row)  # the fp32 FMA peak
+    monkeypatch.delenv("BSBERT_CPU_ISA")
+    if ISA == "avx512_bf16":  # native bf16: oneDNN's bf16 GEMM, unlabelled
+        row = r.run_kernel_report(shapes=((64, 64),), densities=(0.5,), ms=(8,), rounds=1,
+                                  dtypes=(torch.bfloat16,))[0]
+        assert row["onednn_dtype"] == "bfloat16" and "(float32)" not in r.format_row(row)
+
+
+@needs_simd
+def test_info_says_bf16_is_widened(monkeypatch):
+    from bsbert.info import _cpu_peak
+
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    line = _cpu_peak()
+    assert "bf16 widened to fp32" in line and "fp32 " in line and "vfmadd*ps ymm" in line
+    if ISA == "avx512_bf16":
+        monkeypatch.delenv("BSBERT_CPU_ISA")
+        assert "widened" not in _cpu_peak() and "vdpbf16ps zmm" in _cpu_peak()
+
+
+@needs_simd
+def test_bench_with_a_widened_bound_probes_fp32_and_says_so(monkeypatch, tmp_path, capsys):
+    """The bench on a bf16 model where the fp32 GEMM set the bound: the probes between the patched blocks
+    re-time that fp32 GEMM, the JSON records it, and the table's caption and the log say bf16 is widened."""
+    from bsbert import bench
+    from bsbert.cli import main
+
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    monkeypatch.setenv("COLUMNS", "500")  # rich wraps its log and caption at the terminal width
+    real = timing.dense_gemm_gflops
+    probed = []
+
+    def widened_winner(device="cpu", dtype=torch.float32, **kw):
+        r = real(device, dtype, **kw)
+        lb = next(lb for lb in r["all_gflops"] if lb.endswith("(float32)"))
+        probed.append(lb)
+        return dict(r, backend=lb.split(" ")[0], label=lb, gflops=r["all_gflops"][lb], probe_dtype="float32",
+                    widened=True)
+
+    monkeypatch.setattr(bench, "dense_gemm_gflops", widened_winner)
+    dtypes = []
+    real_probe = timing.bound_probe
+
+    def spy(peak, device="cpu", m=None):
+        fn, flops = real_probe(peak, device, m)
+        dtypes.append(fn().dtype)
+        return fn, flops
+
+    monkeypatch.setattr(bench, "bound_probe", spy)
+    assert main(["bench", "--small", "--seq", "8", "--repeats", "1", "--trials", "2", "--select", "heuristic",
+                 "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    res = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert res["dense_gemm"]["widened"] and res["dense_gemm"]["probe_dtype"] == "float32"
+    assert dtypes and set(dtypes) == {torch.float32}  # every bound probe of the run was the fp32 GEMM
+    assert res["isa_peak"]["widened"] and res["isa_peak"]["kind"] == "fp32"
+    run = res["runs"][0]
+    assert run["max_rel_diff_patched"] < 0.1 and run["patched_over_bound"] > 0
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())
+    assert "bf16 runs widened to fp32" in text and "float32 model may run faster" in text
