@@ -61,3 +61,12 @@ def has_sm90a() -> bool:
     built before this query existed has none."""
     mod = load(warn=False)
     return mod is not None and getattr(mod, "with_sm90a", lambda: False)()
+
+
+def bf16_widened_on_cpu() -> bool:
+    """True where bsbert's CPU kernels run bf16 widened to fp32: the CPU level (after BSBERT_CPU_ISA) has
+    AVX2 or AVX-512 but no ``vdpbf16ps``. There a bf16 GEMM's ceiling is the fp32 multiply-add rate, and
+    the bf16 GEMMs torch offers are slow emulations (the 2-core Zen 5 capped to AVX2: torch's bf16
+    F.linear 52-63 GFLOP/s, oneDNN none, oneDNN fp32 ~230-245, bsbert's widened bf16 kernel 174-214)."""
+    mod = load(warn=False)
+    return mod is not None and hasattr(mod, "cpu_isa") and mod.cpu_isa() in ("avx2", "avx512")

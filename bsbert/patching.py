@@ -268,6 +268,18 @@ def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
     return model.bsbert_plan
 
 
+def _warn_if_bf16_widened() -> None:
+    """A bf16 CPU model on a CPU without a bf16 dot product: say that fp32 may be the faster choice, since
+    patch cannot change the model's dtype for the user."""
+    from bsbert import _ext
+
+    if _ext.bf16_widened_on_cpu():
+        warnings.warn("this CPU has no bf16 dot-product instruction (AVX512-BF16): bsbert's bf16 kernels widen "
+                      "bf16 to fp32, so a float32 copy of the model may run faster (on a Zen 5 capped to AVX2 "
+                      "the bf16 forward took 1.2x the float32 one); `python -m bsbert.info` shows the CPU level",
+                      RuntimeWarning, stacklevel=4)
+
+
 def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) -> None:
     """Build every replacement (choosing backends as opts say), then swap them in and install the lean
     forwards; the model's plan is ``plan`` (or a fresh analysis) with the choices filled in."""
@@ -283,6 +295,8 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
                       "(no dropout, no gradients through custom kernels); call model.eval()",
                       RuntimeWarning, stacklevel=3)
     device = next(model.parameters()).device
+    if device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16 and not setup.get("repatch"):
+        _warn_if_bf16_widened()
     replacements = []
     for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not setup["progress"],
                           unit="layer"):

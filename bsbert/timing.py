@@ -189,17 +189,6 @@ def dense_gemm_probe(backend: str, device="cpu", dtype=torch.float32, m=384, k=1
     return (lambda: prepared(x)), 2.0 * m * k * n
 
 
-def bf16_widened_on_cpu() -> bool:
-    """True where bsbert's CPU kernels run bf16 widened to fp32: the CPU level (after BSBERT_CPU_ISA) has
-    AVX2 or AVX-512 but no ``vdpbf16ps``. There a bf16 GEMM's ceiling is the fp32 multiply-add rate, and
-    the bf16 GEMMs torch offers are slow emulations (the 2-core Zen 5 capped to AVX2: torch's bf16
-    F.linear 52-60 GFLOP/s, oneDNN none, oneDNN fp32 ~230, bsbert's widened bf16 kernel 183-202)."""
-    from bsbert import _ext
-
-    mod = _ext.load(warn=False)
-    return mod is not None and hasattr(mod, "cpu_isa") and mod.cpu_isa() in ("avx2", "avx512")
-
-
 def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=30) -> dict:
     """The best dense GEMM rate this device offers torch here (oneDNN on CPU when it supports the
     dtype, torch's default F.linear; cuBLAS on CUDA): the denominator of FLOP bounds. The candidates
@@ -207,15 +196,16 @@ def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, 
     not one lowered by a busy moment (30 rounds: with 10, a 2-core VM gave 417-434 GFLOP/s where the
     kernel report measured oneDNN at 450-477 the same hour).
 
-    bf16 on a CPU without a bf16 dot product (``bf16_widened_on_cpu``): the same GEMMs in fp32 are
+    bf16 on a CPU without a bf16 dot product (``_ext.bf16_widened_on_cpu``): the same GEMMs in fp32 are
     candidates too, since fp32 is what bf16 work runs as there (a user could run the model in fp32), and
     a bound at the emulated bf16 rate would be ~4x too loose. ``probe_dtype`` says which dtype won,
     ``widened`` whether it is fp32 for bf16 work, ``label`` names both; ``bound_probe`` rebuilds it."""
+    from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
 
     dev = torch.device(device)
     dtypes = [dtype]
-    if dev.type == "cpu" and dtype == torch.bfloat16 and bf16_widened_on_cpu():
+    if dev.type == "cpu" and dtype == torch.bfloat16 and _ext.bf16_widened_on_cpu():
         dtypes.append(torch.float32)
     cands = [(nm, dt) for dt in dtypes for nm in ("onednn-dense", "torch-dense")
              if not BACKENDS[nm].not_supported_reasons(dev, dt, None)]
@@ -247,14 +237,14 @@ def cpu_peak_gflops(dtype=torch.float32, seconds: float = 0.25) -> dict | None:
     there is nothing to time (no extension, no AVX2 / AVX-512, float16). What a dense GEMM rate or the
     FLOP bound is a fraction of: the 2-core Zen 5 issues two vdpbf16ps a cycle per core, ~510 GFLOP/s a
     core with both busy, where oneDNN's dense bf16 GEMM reaches ~485. bf16 on a CPU level without
-    vdpbf16ps (``bf16_widened_on_cpu``): the fp32 FMA rate, what bsbert's kernels widen bf16 to there
+    vdpbf16ps (``_ext.bf16_widened_on_cpu``): the fp32 FMA rate, what bsbert's kernels widen bf16 to there
     (``"kind": "fp32", "widened": True``)."""
     from bsbert import _ext
 
     mod = _ext.load(warn=False)
     if mod is None or not hasattr(mod, "cpu_peak_gflops") or dtype not in (torch.float32, torch.bfloat16):
         return None
-    widened = dtype == torch.bfloat16 and bf16_widened_on_cpu()
+    widened = dtype == torch.bfloat16 and _ext.bf16_widened_on_cpu()
     kind = "bf16" if dtype == torch.bfloat16 and not widened else "fp32"
     try:
         instruction = mod.cpu_peak_instruction(kind)

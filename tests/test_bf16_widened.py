@@ -24,12 +24,12 @@ def test_widened_follows_the_cpu_level(monkeypatch, cap, widened):
     if cap == "avx512_bf16" and ISA != "avx512_bf16" or cap == "avx512" and ISA == "avx2":
         pytest.skip(f"this CPU cannot run at {cap}")
     monkeypatch.setenv("BSBERT_CPU_ISA", cap)
-    assert timing.bf16_widened_on_cpu() is widened
+    assert _ext.bf16_widened_on_cpu() is widened
 
 
 def test_portable_level_is_not_called_widened(monkeypatch):
     monkeypatch.setenv("BSBERT_CPU_ISA", "portable")
-    assert not timing.bf16_widened_on_cpu()  # no SIMD at all: nothing to say about bf16 specifically
+    assert not _ext.bf16_widened_on_cpu()  # no SIMD at all: nothing to say about bf16 specifically
 
 
 @needs_simd
@@ -104,6 +104,7 @@ def test_info_says_bf16_is_widened(monkeypatch):
 
 
 @needs_simd
+@pytest.mark.filterwarnings("ignore:this CPU has no bf16 dot-product")  # patch's own (tested below)
 def test_bench_with_a_widened_bound_probes_fp32_and_says_so(monkeypatch, tmp_path, capsys):
     """The bench on a bf16 model where the fp32 GEMM set the bound: the probes between the patched blocks
     re-time that fp32 GEMM, the JSON records it, and the table's caption and the log say bf16 is widened."""
@@ -143,3 +144,29 @@ def test_bench_with_a_widened_bound_probes_fp32_and_says_so(monkeypatch, tmp_pat
     captured = capsys.readouterr()
     text = " ".join((captured.out + captured.err).split())
     assert "bf16 runs widened to fp32" in text and "float32 model may run faster" in text
+
+
+@needs_simd
+def test_patch_of_a_bf16_model_says_fp32_may_be_faster_where_bf16_is_widened(monkeypatch):
+    """patch cannot change the model's dtype, so it says so once; not on CPUs with a bf16 dot product, and
+    not for float32 models."""
+    import warnings
+
+    import bsbert
+    from tests.helpers import tiny_pruned
+
+    def patch_warnings(model):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            bsbert.patch(model, select="heuristic", progress=False)
+        bsbert.unpatch(model)
+        return [str(x.message) for x in w if "bf16 dot-product" in str(x.message)]
+
+    monkeypatch.setenv("BSBERT_CPU_ISA", "avx2")
+    model = tiny_pruned().eval().to(torch.bfloat16)
+    said = patch_warnings(model)
+    assert len(said) == 1 and "float32 copy of the model may run faster" in said[0]
+    assert patch_warnings(tiny_pruned().eval()) == []  # float32: nothing to say
+    if ISA == "avx512_bf16":
+        monkeypatch.delenv("BSBERT_CPU_ISA")
+        assert patch_warnings(model) == []

@@ -54,12 +54,12 @@ def run_kernel_report(shapes=DEFAULT_SHAPES, densities=DEFAULT_DENSITIES, ms=(38
 
     if not _ext.has_op("bsr_linear"):
         raise RuntimeError(f"bsbert::bsr_linear is unavailable: {_ext.reason_unavailable()}")
-    from bsbert.timing import bf16_widened_on_cpu, cpu_peak_gflops
+    from bsbert.timing import cpu_peak_gflops
 
     rows = []
     for dtype in dtypes:
         peak = cpu_peak_gflops(dtype)  # the instruction peak, all threads at once (None: nothing to time)
-        dnn_dtype = torch.float32 if dtype == torch.bfloat16 and bf16_widened_on_cpu() else dtype
+        dnn_dtype = torch.float32 if dtype == torch.bfloat16 and _ext.bf16_widened_on_cpu() else dtype
         for (n, k) in shapes:
             for d in densities:
                 w32 = block_sparse_weight(n, k, block, d, seed=n + k)
