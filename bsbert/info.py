@@ -20,14 +20,15 @@ def _cpu_peak() -> str:
     GFLOP/s are shares of."""
     from bsbert.timing import cpu_peak_gflops
 
+    from bsbert import _ext
+
     parts = []
-    for dtype in (torch.bfloat16, torch.float32):
+    if _ext.bf16_widened_on_cpu():  # said instead of timing the fp32 loop twice: a float32 model may be faster
+        parts.append("bf16 widened to fp32 (no bf16 dot product at this CPU level: bsbert's bf16 GEMMs run fp32 "
+                     "FMAs, a float32 model may be faster)")
+    for dtype in (torch.float32,) if parts else (torch.bfloat16, torch.float32):
         r = cpu_peak_gflops(dtype, seconds=0.05)
-        if r is not None and r.get("widened"):
-            # said, not measured twice: where it matters, a float32 model can be the faster choice
-            parts.append("bf16 widened to fp32 (no bf16 dot product at this CPU level: bsbert's bf16 GEMMs "
-                         "run fp32 FMAs, a float32 model may be faster)")
-        elif r is not None:
+        if r is not None:
             parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} threads)")
     return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
 
