@@ -294,8 +294,9 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
         warnings.warn("patching a model in training mode: bsbert modules are inference-only "
                       "(no dropout, no gradients through custom kernels); call model.eval()",
                       RuntimeWarning, stacklevel=3)
-    device = next(model.parameters()).device
-    if device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16 and not setup.get("repatch"):
+    first = next(model.parameters())
+    device = first.device
+    if device.type == "cpu" and first.dtype == torch.bfloat16 and not setup.get("repatch"):
         _warn_if_bf16_widened()
     replacements = []
     for lp, layer in tqdm(list(zip(plan.layers, layers)), desc="bsbert patch", disable=not setup["progress"],

@@ -61,6 +61,7 @@ def test_widened_winner_is_labelled_and_probed_in_fp32(monkeypatch):
     monkeypatch.setattr(timing, "best_of_interleaved", fake)
     r = timing.dense_gemm_gflops("cpu", torch.bfloat16, m=8, k=32, n=32, rounds=1)
     assert r["widened"] and r["probe_dtype"] == "float32" and r["label"] == f"{r['backend']} (float32)"
+    assert calls == [len(r["all_gflops"])]  # every candidate, both dtypes, timed in one interleaved call
     # the probe the bench re-times between its blocks is that fp32 GEMM, at the M asked for
     probe, flops = timing.bound_probe(r, "cpu", m=4)
     assert flops == 2.0 * 4 * 32 * 32
