@@ -90,7 +90,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             "and a float32 model may run faster than a bf16 one")
     isa_peak = cpu_peak_gflops(dt) if dev.type == "cpu" else None
     if isa_peak:
-        say(f"  instruction peak ({isa_peak['instruction']}, {isa_peak['threads']} threads at once): "
+        say(f"  instruction peak ({isa_peak['instruction']}, {_threads(isa_peak['threads'])} at once): "
             f"{isa_peak['gflops']:.1f} GFLOP/s; the dense GEMM reaches {peak['gflops'] / isa_peak['gflops']:.0%} of it")
 
     say("building dense BERT-large (random weights) ...")
@@ -304,16 +304,20 @@ def _device_name(dev) -> str:
     return name
 
 
+def _threads(n) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def table(results) -> Table:
     t = Table(title=f"bsbert bench — {results['model']} on {results['device_name']} "
                     f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
-                    f"{results['threads']} threads"
+                    f"{_threads(results['threads'])}"
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     if results.get("isa_peak"):
         ip, dg = results["isa_peak"], results["dense_gemm"]
         t.caption = (f"FLOP bound at {dg.get('label', dg['backend'])} {dg['gflops']:.0f} GFLOP/s = "
                      f"{dg['gflops'] / ip['gflops']:.0%} of the instruction peak ({ip['instruction']}, "
-                     f"{ip['gflops']:.0f} GFLOP/s on {ip['threads']} threads)"
+                     f"{ip['gflops']:.0f} GFLOP/s on {_threads(ip['threads'])})"
                      + ("; bf16 runs widened to fp32 on this CPU (no bf16 dot product)" if dg.get("widened") else "")
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))

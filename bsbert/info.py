@@ -29,7 +29,7 @@ def _cpu_peak() -> str:
     for dtype in (torch.float32,) if parts else (torch.bfloat16, torch.float32):
         r = cpu_peak_gflops(dtype, seconds=0.05)
         if r is not None:
-            parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} threads)")
+            parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} thread{'' if r['threads'] == 1 else 's'})")
     return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
 
 

@@ -29,7 +29,18 @@ for dt in float32 bfloat16; do
       > "$OUT/bench-$dt.txt" 2>&1
 done
 
-# Skip the rest with AVX2_TOO=0. The same CPU capped to AVX2 in all three libraries: what users of AVX2-only CPUs
+# One thread (ONE_THREAD_TOO=0 skips it): the same forwards on one core, where nothing waits for another thread
+# and the bound's probe runs on one core too; against the 2-thread runs above it shows what the second core costs
+# (stop 25).
+if [ "${ONE_THREAD_TOO:-1}" = 1 ]; then
+  log "end to end on one thread (fp32 then bf16)"
+  for dt in float32 bfloat16; do
+    bsbert bench --threads 1 --seq 384 128 --dtype "$dt" --repeats 5 --out "$OUT/bench-1thread" \
+        > "$OUT/bench-1thread-$dt.txt" 2>&1
+  done
+fi
+
+# AVX2_TOO=0 skips this block. The same CPU capped to AVX2 in all three libraries: what users of AVX2-only CPUs
 # get (stop 24). Ratios carry over better than times: the caches and clocks stay this CPU's.
 if [ "${AVX2_TOO:-1}" = 1 ] && grep -q avx512 /proc/cpuinfo; then
   log "the same CPU capped to AVX2 (kernels, attention, end to end)"

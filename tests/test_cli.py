@@ -144,6 +144,11 @@ def test_bench_flags_a_run_whose_probes_moved():
                         patched_best_over_bound=1, patched_paired_over_bound={"median": 1},
                         max_rel_diff_patched=0.0)
     assert "NOT STEADY" in table(r).caption
+    # one thread is "1 thread" in the title and the caption (bench --threads 1)
+    assert "2 threads" in table(r).title and "on 2 threads" in table(r).caption
+    r["threads"] = 1
+    r["isa_peak"]["threads"] = 1
+    assert "1 thread)" in table(r).title and "on 1 thread)" in table(r).caption and "1 threads" not in table(r).caption
 
 
 def test_bench_trials_must_be_positive(capsys):
