@@ -3,8 +3,8 @@ alternating in one process, each thread count with its own probe of the FLOP bou
 `bsbert bench` uses) right after its forwards. Prints, per thread count, the forward's median, the probe's
 best rate and forward / bound; then how each scaled from 1 thread to N.
 
-Why: `bsbert bench` at 1 thread gives patched/bound 1.04-1.08 where the 2-thread runs give 1.09-1.17
-(stop 25). The difference splits into the forward's own scaling (serial Python between the ops, threads
+Why: `bsbert bench --threads 1` gives patched/bound 1.04-1.08 (stop 25) where 2-thread runs of bf16 at seq
+128 give 1.09-1.17 (stops 24-25, outside the VM's slow phases). The difference splits into the forward's own scaling (serial Python between the ops, threads
 that end a region apart, the attention's tail) and the probe's: on the 2-core VM the probe, whose 8 MB of
 weights stay in L3, can scale past 2x in a calm phase and falls in a slow one while the 1-thread probe
 holds. One process and interleaved rounds put both thread counts in the same phase of the machine.
