@@ -23,7 +23,7 @@ from rich.table import Table
 import bsbert
 from bsbert import models
 from bsbert.timing import (bound_probe, cpu_peak_gflops, dense_gemm_gflops, paired_bound_ratio,
-                           paired_time_ratio, time_fn, time_in_trials)
+                           paired_time_ratio, threads_text, time_fn, time_in_trials)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,7 +90,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             "and a float32 model may run faster than a bf16 one")
     isa_peak = cpu_peak_gflops(dt) if dev.type == "cpu" else None
     if isa_peak:
-        say(f"  instruction peak ({isa_peak['instruction']}, {_threads(isa_peak['threads'])} at once): "
+        say(f"  instruction peak ({isa_peak['instruction']}, {threads_text(isa_peak['threads'])} at once): "
             f"{isa_peak['gflops']:.1f} GFLOP/s; the dense GEMM reaches {peak['gflops'] / isa_peak['gflops']:.0%} of it")
 
     say("building dense BERT-large (random weights) ...")
@@ -304,20 +304,16 @@ def _device_name(dev) -> str:
     return name
 
 
-def _threads(n) -> str:
-    return f"{n} thread" + ("" if n == 1 else "s")
-
-
 def table(results) -> Table:
     t = Table(title=f"bsbert bench — {results['model']} on {results['device_name']} "
                     f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
-                    f"{_threads(results['threads'])}"
+                    f"{threads_text(results['threads'])}"
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     if results.get("isa_peak"):
         ip, dg = results["isa_peak"], results["dense_gemm"]
         t.caption = (f"FLOP bound at {dg.get('label', dg['backend'])} {dg['gflops']:.0f} GFLOP/s = "
                      f"{dg['gflops'] / ip['gflops']:.0%} of the instruction peak ({ip['instruction']}, "
-                     f"{ip['gflops']:.0f} GFLOP/s on {_threads(ip['threads'])})"
+                     f"{ip['gflops']:.0f} GFLOP/s on {threads_text(ip['threads'])})"
                      + ("; bf16 runs widened to fp32 on this CPU (no bf16 dot product)" if dg.get("widened") else "")
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))

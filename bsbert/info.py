@@ -18,9 +18,8 @@ def _cuda_kernels(mod) -> str:
 def _cpu_peak() -> str:
     """The CPU's multiply-add issue rate on torch's threads (a 0.05 s probe per dtype), what the GEMMs'
     GFLOP/s are shares of."""
-    from bsbert.timing import cpu_peak_gflops
-
     from bsbert import _ext
+    from bsbert.timing import cpu_peak_gflops, threads_text
 
     parts = []
     if _ext.bf16_widened_on_cpu():  # said instead of timing the fp32 loop twice: a float32 model may be faster
@@ -29,7 +28,7 @@ def _cpu_peak() -> str:
     for dtype in (torch.float32,) if parts else (torch.bfloat16, torch.float32):
         r = cpu_peak_gflops(dtype, seconds=0.05)
         if r is not None:
-            parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {r['threads']} thread{'' if r['threads'] == 1 else 's'})")
+            parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {threads_text(r['threads'])})")
     return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
 
 

@@ -226,6 +226,11 @@ def bound_probe(peak: dict, device="cpu", m: int | None = None):
     return dense_gemm_probe(peak["backend"], device, getattr(torch, peak["probe_dtype"]), m or m0, k, n)
 
 
+def threads_text(n: int) -> str:
+    """A thread count as text, "1 thread" or "n threads" (the bench, info and the scripts)."""
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

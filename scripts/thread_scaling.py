@@ -20,7 +20,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.timing import bound_probe, dense_gemm_gflops, probe_rate
+from bsbert.timing import bound_probe, dense_gemm_gflops, probe_rate, threads_text
 
 
 def main():
@@ -55,7 +55,7 @@ def main():
                     fwd[n].append(time.perf_counter() - t0)
                 rate[n].append(probe_rate(probe, probe_flops, rounds=5, target_s=0.02))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{n} thread(s) {fwd[n][-1] * 1e3:.2f} ms, probe {rate[n][-1]:.0f} GFLOP/s" for n in counts),
+                f"{threads_text(n)} {fwd[n][-1] * 1e3:.2f} ms, probe {rate[n][-1]:.0f} GFLOP/s" for n in counts),
                 flush=True)
     print(f"\nseed-like BERT-large, seq {args.seq}, {args.dtype}, {peak['label']} probe, {args.rounds} rounds")
     rows = {}
@@ -64,7 +64,7 @@ def main():
         best = max(rate[n])
         bound_ms = remaining / (best * 1e9) * 1e3
         rows[n] = (f_ms, best, bound_ms)
-        print(f"{n} thread(s): forward median {f_ms:.2f} ms, probe best {best:.0f} GFLOP/s "
+        print(f"{threads_text(n)}: forward median {f_ms:.2f} ms, probe best {best:.0f} GFLOP/s "
               f"(median {statistics.median(rate[n]):.0f}), bound {bound_ms:.2f} ms, forward/bound {f_ms / bound_ms:.3f}")
     (f1, p1, b1), (fn, pn, bn) = rows[1], rows[args.threads]
     print(f"1 -> {args.threads} threads: forward {f1 / fn:.3f}x faster, probe {pn / p1:.3f}x; "
