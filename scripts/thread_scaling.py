@@ -49,7 +49,7 @@ def main():
                 torch.set_num_threads(n)
                 for _ in range(2):  # the other thread count's caches and thread pool state
                     model(**inp)
-                for _ in range(4 * n):  # ~0.1 s of forwards either way
+                for _ in range(4 * n):  # about the same wall time of forwards on either thread count
                     t0 = time.perf_counter()
                     model(**inp)
                     fwd[n].append(time.perf_counter() - t0)
