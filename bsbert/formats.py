@@ -36,6 +36,16 @@ class BlockStats:
     empty_block_rows: int
 
 
+def _converted(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values in dtype (contiguous), refusing values that a narrower dtype turns into Inf (float16's
+    largest is 65504): the kernels would compute with them silently."""
+    out = values.to(dtype).contiguous()
+    if out.dtype != values.dtype and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"weight overflows {dtype}: its largest magnitude {values.abs().max().item():.4g} exceeds "
+                         f"{torch.finfo(dtype).max:.4g}")
+    return out
+
+
 class BlockSparseMatrix:
     """A validated BSR matrix; construct with :meth:`from_dense` or the checked constructor."""
 
@@ -166,7 +176,7 @@ class BlockSparseMatrix:
         crow = torch.zeros(np_ // block + 1, dtype=torch.int32, device=weight.device)
         crow[1:] = counts.cumsum(0).to(torch.int32)
         rows, cols = keep.nonzero(as_tuple=True)
-        values = tiles[rows, cols].to(dtype).contiguous()
+        values = _converted(tiles[rows, cols], dtype)
         return cls((n, k), block, crow, cols.to(torch.int32), values)
 
     def to_dense(self) -> torch.Tensor:
@@ -181,7 +191,7 @@ class BlockSparseMatrix:
     def to(self, device=None, dtype=None) -> "BlockSparseMatrix":
         return BlockSparseMatrix(
             self.shape, self.block, self.crow_indices.to(device), self.col_indices.to(device),
-            self.values.to(device=device, dtype=dtype).contiguous())
+            _converted(self.values.to(device=device), dtype or self.dtype))
 
     def __repr__(self):
         return (f"BlockSparseMatrix(shape={self.shape}, block={self.block}, "

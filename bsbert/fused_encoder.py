@@ -232,6 +232,17 @@ _COLLECTOR: list = []  # [transformers' capture context variable, or None], look
 def _capturing() -> bool:
     """transformers (>= 5) is collecting hidden states / attentions through its layer hooks. (The context
     variable is looked up once: the import statement alone cost ~30 us per call in a cold forward.)"""
+    return bool(_collected())
+
+
+def collecting(key: str) -> bool:
+    """transformers is collecting ``key`` ("attentions", "hidden_states") in this forward."""
+    collected = _collected()
+    return bool(collected) and key in collected
+
+
+def _collected():
+    """What transformers collects in this forward (a dict keyed by output name), or None."""
     if not _COLLECTOR:
         try:
             from transformers.utils.output_capturing import _active_collector
@@ -240,13 +251,13 @@ def _capturing() -> bool:
         _COLLECTOR.append(_active_collector)
     collector = _COLLECTOR[0]
     if collector is None:
-        return False
+        return None
     # Under torch.compile transformers keeps a capture in a plain attribute (its CompileableContextVar
     # sets `compiling` then), and before torch 2.14 dynamo cannot trace ContextVar.get: calling get()
     # broke the graph of every compiled patched forward on torch 2.11-2.13 (found with torch 2.13).
     if torch.compiler.is_compiling() and not getattr(collector, "compiling", False):
-        return False
-    return bool(collector.get())
+        return None
+    return collector.get()
 
 
 def _is_capture_hook(hook) -> bool:

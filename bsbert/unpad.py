@@ -40,6 +40,12 @@ def install(encoder, adapter) -> None:
     layer_fn = _STYLES[adapter.layer_style]
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        from bsbert import fused_encoder
+
+        # Hidden states / attentions are collected by transformers' hooks on the layers, which this
+        # forward does not call: the padded forward, through the layers, gives them (or says why not).
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or fused_encoder._capturing():
+            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
         b, s, h = hidden_states.shape
         keep = key_padding_mask(attention_mask, b, s) if attention_mask is not None else None
         if keep is None:  # nothing to remove

@@ -1,5 +1,6 @@
 // One place for bsbert's op schemas (TORCH_LIBRARY(bsbert)); kernels register implementations per
 // dispatch key in csrc/cpu and csrc/cuda, fake (meta) kernels live in bsbert/ops/fake.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -71,6 +72,17 @@ TORCH_LIBRARY(bsbert, m) {
   // float32 or bfloat16; weight [out_features, K] and bias [out_features] (or None) in x's dtype.
   // Products and sums in fp32, rounded once to x's dtype.
   m.def("head_logits(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+// The ops are inference kernels without derivatives. With no Autograd kernel torch only warns when a
+// backward pass reaches one and then gives nothing before it a gradient (a patched model's backward left
+// every encoder weight without .grad). This kernel makes that backward raise "derivative for
+// bsbert::<op> is not implemented" instead; under no_grad / inference_mode it is never reached.
+TORCH_LIBRARY_IMPL(bsbert, Autograd, m) {
+  for (const char* op : {"bsr_linear", "pruned_attention", "pruned_attention_varlen", "add_layer_norm",
+                         "bsr_linear_add_layer_norm", "bert_embeddings", "bert_encoder", "bert_encoder_registered",
+                         "head_logits"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace {

@@ -49,11 +49,11 @@ def test_padding():
     assert bsm.padded_shape == (96, 128)
     assert bsm.block_rows == 3 and bsm.block_cols == 4
     assert torch.equal(bsm.to_dense(), w)
-    # the padded part of stored blocks is zero
-    full = torch.zeros(96, 128)
-    full[:70, :100] = w
-    last = bsm.values[-1]
-    assert torch.equal(last[6:, :], torch.zeros(26, 32))
+    # the padded part of stored blocks is zero: rows 70-95 of the last block row, columns 100-127 of
+    # the last block column
+    assert torch.equal(bsm.values[-1][6:, :], torch.zeros(26, 32))
+    last_col = bsm.values[bsm.col_indices == 3]
+    assert last_col.shape[0] == 3 and torch.equal(last_col[:, :, 4:], torch.zeros(3, 32, 28))
 
 
 def test_stats_and_flops():
@@ -120,8 +120,8 @@ def test_index_errors():
     q = dict(p, crow_indices=torch.tensor([0, 4, 6], dtype=torch.int32))
     with pytest.raises(ValueError, match="strictly increasing"):  # row 0 would hold cols 0,1,2,0
         BlockSparseMatrix(**q)
-    q = dict(p, crow_indices=torch.tensor([0, 4, 3], dtype=torch.int32))
-    with pytest.raises(ValueError):
+    q = dict(p, crow_indices=torch.tensor([0, 7, 6], dtype=torch.int32))  # starts at 0, ends at nnz
+    with pytest.raises(ValueError, match="non-decreasing"):
         BlockSparseMatrix(**q)
     cols = p["col_indices"].clone()
     cols[0] = 3
@@ -148,6 +148,12 @@ def test_from_dense_errors():
         BlockSparseMatrix.from_dense(torch.ones(32, 32), 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="meta"):
         BlockSparseMatrix.from_dense(torch.ones(32, 32, device="meta"), 16)
+    big = torch.full((32, 32), 1e5)  # finite in fp32, Inf in float16
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        BlockSparseMatrix.from_dense(big, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        BlockSparseMatrix.from_dense(big, 32).to(dtype=torch.float16)
+    assert BlockSparseMatrix.from_dense(big, 32, dtype=torch.bfloat16).values.isfinite().all()
 
 
 if given is not None:

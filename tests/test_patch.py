@@ -230,6 +230,10 @@ def test_attention_is_measured_at_the_sequence_shape():
     model = tiny_pruned()
     with pytest.raises(ValueError, match="seq must be >= 1"):
         bsbert.patch(model, seq=0, progress=False)
+    for tokens in (0, -5, 2.5):  # (0 divided by zero, -5 reached torch as a negative size, or passed)
+        for select in ("measure", "heuristic"):
+            with pytest.raises(ValueError, match="tokens must be an int >= 1"):
+                bsbert.patch(model, tokens=tokens, select=select, progress=False)
     assert not bsbert.is_patched(model)
     bsbert.patch(model, tokens=96, seq=32, progress=False)
     measured = [lp.attention_reason for lp in model.bsbert_plan.layers if "measured" in lp.attention_reason]
@@ -280,3 +284,48 @@ def test_key_padding_mask_refuses_non_padding_masks():
     additive = torch.zeros(1, 1, 1, 3)
     additive[..., 2] = torch.finfo(torch.float32).min
     assert key_padding_mask(additive, 1, 3).tolist() == [[True, True, False]]
+    additive[..., 1] = -1e4  # BERT's classic masking value: masks as finfo.min does
+    assert key_padding_mask(additive, 1, 3).tolist() == [[True, False, False]]
+    for soft in (-2.0, -9999.0, 0.5, float("nan")):  # a bias, not padding: refused, never ignored
+        additive[..., 1] = soft
+        with pytest.raises(ValueError, match="not a padding mask"):
+            key_padding_mask(additive, 1, 3)
+
+
+@pytest.mark.parametrize("attention", ["cpu", "torch-sdpa"])
+def test_classic_additive_mask_masks(attention):
+    # A 4-D additive mask with -10000 at the padded keys (BERT's classic value) gives the masked model's
+    # output, not the unmasked one (the kernels once read only finfo.min as masked).
+    model = tiny_pruned(heads=(2, 4), ffn=(30, 20))
+    inp = inputs(batch=2, seq=19, pad_from=11)
+    ref = _run(model, inp)
+    keep = inp["attention_mask"].bool()
+    additive = torch.zeros(2, 1, 1, 19).masked_fill(~keep[:, None, None, :], -1e4)
+    bsbert.patch(model, attention=attention, select="heuristic", progress=False)
+    got = _run(model, {"input_ids": inp["input_ids"], "attention_mask": additive})
+    assert rel_err(ref, got) <= TOL_FP32
+    unmasked = _run(model, {"input_ids": inp["input_ids"]})
+    assert rel_err(unmasked, got) > 10 * TOL_FP32  # (the padding does change the outputs here)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_output_attentions_refused(unpad):
+    # transformers records attention maps from its own attention classes: on a patched model it would
+    # return none, silently. The patched attention says why instead.
+    model = tiny_pruned(heads=(2, 4), ffn=(30, 20))
+    inp = inputs(batch=2, seq=9, pad_from=5)
+    bsbert.patch(model, select="heuristic", progress=False, unpad=unpad)
+    with pytest.raises(bsbert.BsbertError, match="output_attentions"):
+        _run(model, {**inp, "output_attentions": True})
+    assert _run(model, inp).start_logits.shape == (2, 9)  # and plain calls still run
+
+
+def test_backward_through_patched_model_raises():
+    # bsbert's ops have no derivatives: a backward pass that reaches one raises (torch only warned and
+    # left every encoder weight without a gradient before the ops had an Autograd kernel).
+    model = tiny_pruned(heads=(2, 4), ffn=(30, 20))
+    inp = inputs(batch=2, seq=9)
+    bsbert.patch(model, select="heuristic", progress=False)
+    out = model(**inp)  # grad mode on: the forward itself runs
+    with pytest.raises(RuntimeError, match="derivative for bsbert::.* is not implemented"):
+        out.start_logits.sum().backward()

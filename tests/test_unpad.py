@@ -73,3 +73,18 @@ def test_unpadded_distilbert():
         out = model(**inp).last_hidden_state
     keep = inp["attention_mask"].bool()
     assert ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item() <= 1e-4
+
+
+def test_unpadded_model_still_returns_hidden_states():
+    # transformers collects hidden states through hooks on the layers, which the padding-free forward
+    # does not call: such a call takes the padded forward (it returned none before).
+    model = tiny_pruned(heads=(2, 4), ffn=(50, 20))
+    inp = _mixed_batch([3, 11], seq=11)
+    with torch.inference_mode():
+        ref = model.bert(**inp, output_hidden_states=True).hidden_states
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    with torch.inference_mode():
+        got = model.bert(**inp, output_hidden_states=True).hidden_states
+    assert len(got) == len(ref) == 3
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, atol=1e-5, rtol=1e-4)

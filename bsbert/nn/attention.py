@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bsbert import fused_encoder
+from bsbert.errors import BsbertError
 from bsbert.generation import Bumps
 from bsbert.nn.linear import SparseLinear
 
@@ -36,6 +38,11 @@ class PrunedSelfAttention(Bumps, nn.Module):
                 *args, cache=None, **kwargs):
         if cache is not None:
             raise ValueError("PrunedSelfAttention is for bidirectional encoders: a KV cache is not supported")
+        if kwargs.get("output_attentions") or fused_encoder.collecting("attentions"):
+            # (transformers would quietly return no attention maps: it records them from its own classes)
+            raise BsbertError("output_attentions is not available on a bsbert-patched model: its attention "
+                              "kernels never form the attention probabilities; run the model before "
+                              "bsbert.patch or after bsbert.unpatch to get them")
         b, s, _ = hidden_states.shape
         if self.num_heads == 0:  # every head removed: nothing reaches the output projection
             ctx = hidden_states.new_zeros(b, s, 0)

@@ -15,16 +15,29 @@ import torch.nn.functional as F
 from bsbert import _ext
 
 
+# An additive mask value at or below this masks its key: the softmax weight of a score lowered by 1e4
+# underflows to exactly 0 in fp32 (e^-104 already does), so BERT's classic -10000 masks as finfo.min does.
+MASKED_AT_OR_BELOW = -1e4
+
+
 def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
     """transformers' 4-D encoder mask (bool: True = attend, or additive float) -> bool [B, S].
 
     BERT encoders only build padding masks, whose rows are all equal; anything else (a custom
-    per-query mask) cannot be expressed as key padding and raises instead of computing a wrong answer.
+    per-query mask, or an additive mask with a value that is neither 0 nor a masking value <= -1e4,
+    i.e. a soft bias) cannot be expressed as key padding and raises instead of computing a wrong answer.
     """
     if attention_mask is None:
         return None
     m = attention_mask
-    keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    if m.dtype == torch.bool:
+        keep = m
+    else:
+        keep = m > MASKED_AT_OR_BELOW
+        # (data-dependent: checked in eager only, as the per-query check below)
+        if not torch.compiler.is_compiling() and not bool(((m == 0) | (m <= MASKED_AT_OR_BELOW)).all()):  # NaN fails
+            raise ValueError("additive attention mask has values other than 0 (attend) and <= -1e4 (masked): a "
+                             "soft bias, not a padding mask; use patch(..., attention='torch-sdpa') for such masks")
     keep = keep.expand(b, 1, s, s) if keep.dim() == 4 else keep
     if keep.dim() == 4:
         if keep.shape[1] != 1:
@@ -204,6 +217,8 @@ def measure_shape(tokens: int, seq: int | None) -> tuple[int, int]:
     """(batch, seq) the attention candidates are timed at: ``tokens`` rows as sequences of ``seq`` (default
     ``min(tokens, 512)``). Attention cost grows with S^2 per sequence, so 4096 rows timed as one sequence
     would rank the kernels for a shape no BERT forward has."""
+    if not hasattr(tokens, "__index__") or isinstance(tokens, bool) or tokens < 1:  # (numpy ints pass)
+        raise ValueError(f"tokens must be an int >= 1 (the rows the candidates are timed on), got {tokens!r}")
     if seq is not None and seq < 1:
         raise ValueError(f"seq must be >= 1, got {seq}")
     s = min(tokens, MAX_MEASURE_SEQ) if seq is None else seq
