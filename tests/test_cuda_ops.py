@@ -88,20 +88,20 @@ BSR_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lead,n,k,block,density", BSR_CASES)
-@pytest.mark.parametrize("bias_on,gelu", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("bias_on,gelu", [(False, False), (True, False), (False, True), (True, True)])
 def test_bsr_linear_matches_float64(dtype, lead, n, k, block, density, bias_on, gelu):
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
 
     gen = torch.Generator().manual_seed(hash((lead, n, k, block, bias_on, gelu)) % 2**31)
-    w = _random_bsr_weight(n, k, block, density, gen)
-    bsm = BlockSparseMatrix.from_dense(w.to(dtype), block, pad=True).to(DEV)
+    w = _random_bsr_weight(n, k, block, density, gen).to(dtype)  # the reference weight, as stored
+    bsm = BlockSparseMatrix.from_dense(w, block, pad=True).to(DEV)
     x = torch.randn(*lead, k, generator=gen).to(dtype).to(DEV)
     bias = (torch.randn(n, generator=gen) * 0.5).to(dtype).to(DEV) if bias_on else None
     y = _bsr_call(x, bsm, bias, gelu)
     torch.cuda.synchronize()
     assert y.shape == (*lead, n) and y.dtype == dtype and y.is_contiguous()
-    ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), None if bias is None else bias.cpu(), gelu)
+    ref = _ref_linear(x.cpu(), w, None if bias is None else bias.cpu(), gelu)
     torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
@@ -124,11 +124,12 @@ def test_bsr_linear_every_tile_config(block, tile, monkeypatch):
     for weight in (w, dense_w):
         for m in (1, 2 * bm + 37):
             for dtype in (torch.float16, torch.bfloat16):
-                bsm = BlockSparseMatrix.from_dense(weight.to(dtype), block, pad=True).to(DEV)
+                wq = weight.to(dtype)  # the reference weight, as stored
+                bsm = BlockSparseMatrix.from_dense(wq, block, pad=True).to(DEV)
                 x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
                 bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
                 y = _bsr_call(x, bsm, bias, True)
-                ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
+                ref = _ref_linear(x.cpu(), wq, bias.cpu(), True)
                 torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 
@@ -168,14 +169,15 @@ def test_bsr_linear_slab_long_runs(tile, pattern, monkeypatch):
             w[rb * 32:(rb + 1) * 32] = torch.randn(min(32, n - rb * 32), k, generator=gen, dtype=torch.float64)
         w /= math.sqrt(k)
     for dtype in (torch.float16, torch.bfloat16):
-        bsm = BlockSparseMatrix.from_dense(w.to(dtype), 32, pad=True).to(DEV)
+        wq = w.to(dtype)  # the reference weight, as stored
+        bsm = BlockSparseMatrix.from_dense(wq, 32, pad=True).to(DEV)
         x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
         bias = torch.randn(n, generator=gen).to(dtype).to(DEV)
         monkeypatch.delenv("BSBERT_CUDA_BSR_TILE", raising=False)
         y_default = _bsr_call(x, bsm, bias, True)
         monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", tile)
         y = _bsr_call(x, bsm, bias, True)
-        ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), bias.cpu(), True)
+        ref = _ref_linear(x.cpu(), wq, bias.cpu(), True)
         torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
         torch.testing.assert_close(y, y_default)
 
@@ -188,14 +190,14 @@ def test_bsr_linear_default_tile_at_bert_large_sizes(monkeypatch):
 
     gen = torch.Generator().manual_seed(11)
     for m, n, k in ((12288, 1024, 1024), (12288, 256, 4096)):
-        w = _random_bsr_weight(n, k, 32, 0.25, gen)
-        bsm = BlockSparseMatrix.from_dense(w.half(), 32, pad=True).to(DEV)
+        w = _random_bsr_weight(n, k, 32, 0.25, gen).half()  # the reference weight, as stored
+        bsm = BlockSparseMatrix.from_dense(w, 32, pad=True).to(DEV)
         x = torch.randn(m, k, generator=gen).half().to(DEV)
         monkeypatch.delenv("BSBERT_CUDA_BSR_TILE", raising=False)
         y = _bsr_call(x, bsm, None, False)
         monkeypatch.setenv("BSBERT_CUDA_BSR_TILE", "128x4")
         torch.testing.assert_close(y, _bsr_call(x, bsm, None, False))
-        ref = _ref_linear(x[:512].cpu(), bsm.to_dense().cpu(), None, False)
+        ref = _ref_linear(x[:512].cpu(), w, None, False)
         torch.testing.assert_close(y[:512].cpu().double(), ref, **TOL[torch.float16])
 
 
@@ -230,11 +232,12 @@ def test_bsr_linear_strided_and_unaligned_x(dtype):
 
     gen = torch.Generator().manual_seed(7)
     n, k = 96, 128
-    bsm = BlockSparseMatrix.from_dense(_random_bsr_weight(n, k, 32, 0.5, gen).to(dtype), 32).to(DEV)
+    w = _random_bsr_weight(n, k, 32, 0.5, gen).to(dtype)  # the reference weight, as stored
+    bsm = BlockSparseMatrix.from_dense(w, 32).to(DEV)
     big = torch.randn(40, k + 3, generator=gen).to(dtype).to(DEV)
     for x in (big[:, 1:k + 1], big[:, :k].t().contiguous().t(), big[::2, 2:k + 2]):
         y = _bsr_call(x, bsm, None, False)
-        ref = _ref_linear(x.cpu(), bsm.to_dense().cpu(), None, False)
+        ref = _ref_linear(x.cpu(), w, None, False)
         torch.testing.assert_close(y.cpu().double(), ref, **TOL[dtype])
 
 

@@ -193,3 +193,56 @@ def test_bad_inputs():
         pruned_attention_triton(qkv, torch.ones(1, 5, dtype=torch.bool, device=DEVICE), 2, 32, 0.1)
     with pytest.raises(ValueError, match="int32"):
         pruned_attention_varlen_triton(qkv[0], torch.tensor([0, 4], device=DEVICE), 4, 2, 32, 0.1)
+
+
+def _varlen_raises(qkv, cu, max_seqlen, match, h=2, d=32):
+    with pytest.raises(ValueError, match=match):
+        pruned_attention_varlen_triton(qkv, cu, max_seqlen, h, d, 0.1)
+
+
+def test_varlen_bad_cu_seqlens():
+    """Same checks, in the same words, as the CPU op (csrc/cpu/pruned_attention_cpu.cpp): each of these
+    used to launch and read / write outside the sequences (wrong rows, or a crash)."""
+    h, d = 2, 32
+    qkv = torch.randn(80, 3 * h * d, device=DEVICE)
+
+    def cu(*v):
+        return torch.tensor(v, dtype=torch.int32, device=DEVICE)
+
+    _varlen_raises(qkv, cu(0, 80), 1, r"sequence 0 has 80 tokens, more than max_seqlen = 1")
+    _varlen_raises(qkv[:40], cu(0, 80), 80, r"cu_seqlens\[-1\] = 80 exceeds the 40 tokens of qkv")
+    _varlen_raises(qkv, cu(0, 10, 5), 10, r"cu_seqlens must be non-decreasing, got 10 then 5 at index 1")
+    _varlen_raises(qkv, cu(3, 10), 10, r"cu_seqlens\[0\] must be 0, got 3")
+    _varlen_raises(qkv, cu(0, 10), -1, r"max_seqlen must be >= 0, got -1")
+    _varlen_raises(qkv, cu(0, 10).long(), 10, r"cu_seqlens must be int32, got torch.int64")
+    _varlen_raises(qkv, cu(0, 10)[None], 10, r"cu_seqlens must be 1-D \[batch \+ 1\], got shape \(1, 2\)")
+    _varlen_raises(qkv, cu(), 10, r"cu_seqlens must be 1-D \[batch \+ 1\], got shape \(0,\)")
+    # a meta argument dispatches to the fake kernel: it too must refuse (not return an unwritten tensor)
+    _varlen_raises(qkv, cu(0, 10).to("meta"), 10, r"cu_seqlens is on meta but qkv is on")
+    with pytest.raises(ValueError, match="key_padding_mask is on meta but qkv is on"):
+        pruned_attention_triton(qkv.view(1, 80, -1), torch.ones(1, 80, dtype=torch.bool, device="meta"),
+                                h, d, 0.1)
+
+
+def test_varlen_tail_rows_are_zero_and_strided_cu():
+    """Rows past cu_seqlens[-1] belong to no sequence: zeros (the CPU op does the same), not whatever
+    the allocator hands back. The NaN tensor freed just before makes stale memory likely to show."""
+    gen = torch.Generator().manual_seed(5)
+    h, d, t = 2, 32, 14
+    qkv = _qkv((t, 3 * h * d), torch.float32, gen)
+    torch.full((t, h * d), float("nan"), device=DEVICE)  # freed at once; its memory is likely reused
+    # a strided cu_seqlens ([0, 5, 9]): the kernel must not read the elements in between
+    cu = torch.tensor([0, 0, 5, 5, 9, 9], dtype=torch.int32, device=DEVICE)[::2]
+    out = pruned_attention_varlen_triton(qkv, cu, 5, h, d, 0.2)
+    assert out.shape == (t, h * d)
+    assert bool((out[9:] == 0).all())
+    refs, tors = [], []
+    for a, b in ((0, 5), (5, 9)):
+        refs.append(_ref_attention(qkv[a:b][None].double(), None, h, d, 0.2)[0])
+        tors.append(_ref_attention(qkv[a:b][None], None, h, d, 0.2)[0])
+    _assert_close(out[:9], torch.cat(refs), torch.cat(tors))
+    # no token in any sequence (max_seqlen 0, no launch): every row is a tail row
+    torch.full((t, h * d), float("nan"), device=DEVICE)
+    zero = pruned_attention_varlen_triton(qkv, torch.tensor([0, 0], dtype=torch.int32, device=DEVICE),
+                                          0, h, d, 0.2)
+    assert bool((zero == 0).all())

@@ -68,17 +68,20 @@ def _block_mask(n, k, b, density, gen, empty_rows=(), dense_rows=()):
 
 
 def _make(n, k, b, dtype, density=0.5, seed=0, empty_rows=(), dense_rows=(), wdtype=None):
+    """(bsm, w, gen): the matrix under test and the dense weight it was built from, rounded to the
+    stored dtype as the matrix stores it -- references are built from ``w``, never from ``bsm``."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / math.sqrt(k)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / math.sqrt(max(k, 1))
     w = w * _block_mask(n, k, b, density, gen, empty_rows, dense_rows)
     bsm = BlockSparseMatrix.from_dense(w, b, pad=True, dtype=wdtype or dtype).to(DEVICE)
-    return bsm, gen
+    return bsm, w.to(wdtype or dtype).to(DEVICE), gen
 
 
-def _check(x, bsm, bias, gelu, **kw):
-    """Run the kernel; compare with fp64 and with PyTorch in x.dtype on the same rounded inputs."""
+def _check(x, bsm, w, bias, gelu, **kw):
+    """Run the kernel; compare with fp64 and with PyTorch in x.dtype on the same rounded inputs
+    (``w``: the dense weight ``bsm`` was built from; the kernel converts weight blocks to x.dtype)."""
     y = bsr_linear_triton(x, bsm, bias, gelu=gelu, **kw)
-    w = bsm.to_dense().to(x.dtype)
+    w = w.to(x.dtype)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     tor = F.linear(x, w, bias)
     if gelu:
@@ -106,12 +109,12 @@ def _fp32_bound(x, w, bias, ref64):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(dtype, block, has_bias, gelu):
     n, k, m = 2 * block + 5, 3 * block - 7, 37  # N, K not multiples of the block; odd M
-    bsm, gen = _make(n, k, block, dtype, density=0.6, seed=block + 7 * has_bias + 3 * gelu,
-                     empty_rows=(1,), dense_rows=(0,))
+    bsm, w, gen = _make(n, k, block, dtype, density=0.6, seed=block + 7 * has_bias + 3 * gelu,
+                        empty_rows=(1,), dense_rows=(0,))
     assert bsm.stats.empty_block_rows >= 1
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if has_bias else None
-    y = _check(x, bsm, bias, gelu)
+    y = _check(x, bsm, w, bias, gelu)
     # the empty block row writes exactly bias (+GELU), or zeros
     rows = slice(block, 2 * block)
     expect = torch.zeros_like(y[:, rows]) if bias is None else bias[rows].expand(m, -1)
@@ -122,13 +125,32 @@ def test_matches_reference(dtype, block, has_bias, gelu):
 
 @pytest.mark.parametrize("m", [1, 2, 33, 70])
 def test_any_m(m):
-    bsm, gen = _make(48, 80, 16, torch.float32, density=0.5, seed=m)
+    bsm, w, gen = _make(48, 80, 16, torch.float32, density=0.5, seed=m)
     x = torch.randn(m, 80, generator=gen).to(DEVICE)
-    _check(x, bsm, torch.randn(48, generator=gen).to(DEVICE), gelu=False)
+    _check(x, bsm, w, torch.randn(48, generator=gen).to(DEVICE), gelu=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [161, 200, 256])
+def test_several_m_groups(m, dtype):
+    """More M tiles than one launch group (interpreter: BLOCK_M 32, GROUP_M 4 -> 6, 7, 8 tiles: a
+    partial last group of 2 or 3 tiles, and two full groups), so the grouped launch order must still
+    reach every (M tile, block row) exactly once. On a GPU (BLOCK_M up to 64, GROUP_M 8) these are
+    one group; the CUDA-sized cases live in the benchmarks."""
+    bsm, w, gen = _make(96, 64, 16, dtype, density=0.6, seed=m, empty_rows=(2,))
+    x = torch.randn(m, 64, generator=gen).to(DEVICE, dtype)
+    _check(x, bsm, w, torch.randn(96, generator=gen).to(DEVICE, dtype), gelu=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_m_one(dtype):
+    bsm, w, gen = _make(64, 48, 16, dtype, density=0.6, seed=21)
+    x = torch.randn(1, 48, generator=gen).to(DEVICE, dtype)
+    _check(x, bsm, w, torch.randn(64, generator=gen).to(DEVICE, dtype), gelu=False)
 
 
 def test_m_zero():
-    bsm, _ = _make(32, 32, 16, torch.float32)
+    bsm, _, _ = _make(32, 32, 16, torch.float32)
     y = bsr_linear_triton(torch.empty(0, 32, device=DEVICE), bsm)
     assert y.shape == (0, 32)
 
@@ -148,34 +170,45 @@ def test_all_zero_matrix(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fully_dense(dtype):
-    bsm, gen = _make(64, 96, 32, dtype, density=1.0, seed=3)
+    bsm, w, gen = _make(64, 96, 32, dtype, density=1.0, seed=3)
     assert bsm.stats.block_density == 1.0
     x = torch.randn(19, 96, generator=gen).to(DEVICE, dtype)
-    _check(x, bsm, torch.randn(64, generator=gen).to(DEVICE, dtype), gelu=True)
+    _check(x, bsm, w, torch.randn(64, generator=gen).to(DEVICE, dtype), gelu=True)
 
 
 def test_leading_dims_and_strided_x():
-    bsm, gen = _make(32, 48, 16, torch.float32, density=0.7, seed=5)
+    bsm, w, gen = _make(32, 48, 16, torch.float32, density=0.7, seed=5)
     big = torch.randn(2, 3, 96, generator=gen).to(DEVICE)
     x = big[..., ::2]  # non-contiguous last dim, 3-D
-    y = _check(x, bsm, None, gelu=False)
+    y = _check(x, bsm, w, None, gelu=False)
     assert y.shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_x(dtype):
+    """Row stride != K (every other row of a wider tensor) and column-major x (stride_xk = M)."""
+    bsm, w, gen = _make(48, 40, 16, dtype, density=0.6, seed=6)
+    big = torch.randn(2 * 37, 40 + 8, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(48, generator=gen).to(DEVICE, dtype)
+    for x in (big[::2, 3:43], big[:37, :40].t().contiguous().t()):
+        assert not x.is_contiguous()
+        _check(x, bsm, w, bias, gelu=False)
 
 
 def test_weight_in_other_dtype():
     """fp32-stored weight blocks are converted on load to the activation dtype."""
-    bsm, gen = _make(40, 40, 16, torch.bfloat16, density=0.6, seed=9, wdtype=torch.float32)
+    bsm, w, gen = _make(40, 40, 16, torch.bfloat16, density=0.6, seed=9, wdtype=torch.float32)
     x = torch.randn(9, 40, generator=gen).to(DEVICE, torch.bfloat16)
     y = bsr_linear_triton(x, bsm)
-    w = bsm.to_dense().to(torch.bfloat16)
+    w = w.to(torch.bfloat16)  # stored in fp32, converted to x's dtype on load
     _assert_close(y, F.linear(x.double(), w.double()), F.linear(x, w))
 
 
 def test_allow_tf32_flag_runs():
-    bsm, gen = _make(32, 32, 32, torch.float32, density=1.0, seed=2)
+    bsm, w, gen = _make(32, 32, 32, torch.float32, density=1.0, seed=2)
     x = torch.randn(4, 32, generator=gen).to(DEVICE)
     y = bsr_linear_triton(x, bsm, allow_tf32=True)
-    ref = F.linear(x.double(), bsm.to_dense().double())
+    ref = F.linear(x.double(), w.double())
     # tf32 keeps 10 mantissa bits: allow its error (exact under the interpreter)
     torch.testing.assert_close(y.double(), ref, atol=1e-2, rtol=1e-2)
 
@@ -183,7 +216,7 @@ def test_allow_tf32_flag_runs():
 def test_registered_op_and_fake():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    bsm, gen = _make(48, 40, 16, torch.float32, density=0.5, seed=11)
+    bsm, _, gen = _make(48, 40, 16, torch.float32, density=0.5, seed=11)
     x = torch.randn(6, 40, generator=gen).to(DEVICE)
     bias = torch.randn(48, generator=gen).to(DEVICE)
     op = torch.ops.bsbert.triton_bsr_linear
@@ -198,7 +231,7 @@ def test_registered_op_and_fake():
 
 
 def test_opcheck():
-    bsm, gen = _make(32, 32, 16, torch.float32, density=0.5, seed=12)
+    bsm, _, gen = _make(32, 32, 16, torch.float32, density=0.5, seed=12)
     x = torch.randn(3, 32, generator=gen).to(DEVICE)
     torch.library.opcheck(
         torch.ops.bsbert.triton_bsr_linear.default,
@@ -207,11 +240,114 @@ def test_opcheck():
 
 
 def test_bad_inputs():
-    bsm, _ = _make(32, 32, 16, torch.float32)
-    with pytest.raises(ValueError, match="input features"):
+    bsm, _, _ = _make(32, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="in_features"):
         bsr_linear_triton(torch.randn(2, 31, device=DEVICE), bsm)
     with pytest.raises(ValueError, match="bias"):
         bsr_linear_triton(torch.randn(2, 32, device=DEVICE), bsm, torch.zeros(31, device=DEVICE))
+
+
+# ---- raw op errors: the CPU op's checks (tests/test_bsr_linear_cpu.py::test_errors), same words ----
+def _args(n=64, k=48, block=16):
+    bsm, _, _ = _make(n, k, block, torch.float32, density=0.6, seed=31)
+    assert bsm.nnz_blocks >= 2 and bsm.block_rows >= 3
+    return [torch.randn(5, k, device=DEVICE), bsm.crow_indices.clone(), bsm.col_indices.clone(),
+            bsm.values, None, n, k, False, False]
+
+
+def _raises(args, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.bsbert.triton_bsr_linear(*args)
+
+
+def test_errors():
+    a = _args()
+    a[0] = a[0].double()
+    _raises(a, r"x dtype torch.float64 is not supported")
+    a = _args()
+    a[0] = torch.randn(5, 47, device=DEVICE)
+    _raises(a, r"x.shape\[-1\] = 47 does not match in_features = 48")
+    a = _args()
+    a[0] = torch.tensor(1.0, device=DEVICE)
+    _raises(a, "at least 1 dimension")
+    a = _args()
+    a[5] = -1
+    _raises(a, r"negative out_features \(-1\)")
+    a = _args()
+    a[3] = a[3][:, :8, :8].contiguous()
+    _raises(a, "block must be 16, 32 or 64, got 8")
+    a = _args()
+    a[3] = a[3][:, :, :8]
+    _raises(a, r"values must be \[nnz_blocks, block, block\]")
+    a = _args()
+    a[3] = a[3].double()
+    _raises(a, "values dtype torch.float64")
+    a = _args()
+    a[1] = a[1].long()
+    _raises(a, "crow_indices and col_indices must be int32")
+    a = _args()
+    a[2] = a[2][None]
+    _raises(a, "must be 1-D")
+    a = _args()
+    a[1] = a[1][:-1]
+    _raises(a, r"crow_indices must have ceil\(out_features/block\)\+1 = 5 entries, got 4")
+    a = _args()
+    a[3] = a[3][:-1]  # fewer blocks than col_indices entries: the kernel read past values
+    _raises(a, "values must hold nnz_blocks")
+    a = _args()
+    a[4] = torch.randn(63, device=DEVICE)
+    _raises(a, r"bias must have shape \[64\], got \(63,\)")
+    a = _args()
+    a[4] = torch.ones(64, dtype=torch.int32, device=DEVICE)
+    _raises(a, "bias dtype torch.int32")
+
+
+def test_wrong_device():
+    """A meta argument dispatches to the fake kernel: it refuses too (no unwritten output)."""
+    for i, name in ((1, "crow_indices"), (2, "col_indices"), (3, "values"), (4, "bias")):
+        a = _args()
+        a[i] = (a[i] if a[i] is not None else torch.zeros(64, device=DEVICE)).to("meta")
+        _raises(a, f"{name} is on meta but x is on")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="index values are checked where they are free: on the CPU")
+def test_corrupt_indices():
+    """Indices that used to give garbage (values ~1e29, inf, plausible junk) or read out of bounds."""
+    a = _args()
+    a[2][0] = 99
+    _raises(a, r"col_indices\[0\] = 99 is outside \[0, ceil\(in_features/block\) = 3\)")
+    a = _args()
+    a[2][-1] = -1
+    _raises(a, rf"col_indices\[{a[2].numel() - 1}\] = -1 is outside")
+    a = _args()
+    a[1][-1] += 1
+    _raises(a, rf"crow_indices must run from 0 to nnz_blocks = {a[2].numel()}, got 0\.\.")
+    a = _args()
+    a[1][0] = 1
+    _raises(a, "crow_indices must run from 0 to nnz_blocks")
+    a = _args()
+    a[1][1] = a[1][-1]  # row 0 takes every block, row 1 ends before it starts
+    assert a[1][2] < a[1][1]
+    _raises(a, r"crow_indices must be non-decreasing \(row 1\)")
+
+
+def test_strided_indices_and_k_zero():
+    """Non-contiguous crow/col views (the kernel indexes them as dense arrays) give the same result;
+    in_features = 0 gives bias (no block can be stored)."""
+    bsm, w, gen = _make(64, 48, 16, torch.float32, density=0.6, seed=32)
+    x = torch.randn(7, 48, generator=gen).to(DEVICE)
+    crow = torch.stack([bsm.crow_indices, bsm.crow_indices * 0 - 7], 1).reshape(-1)[::2]
+    col = torch.stack([bsm.col_indices, bsm.col_indices * 0 + 99], 1).reshape(-1)[::2]
+    assert not crow.is_contiguous() and not col.is_contiguous()
+    y = torch.ops.bsbert.triton_bsr_linear(x, crow, col, bsm.values, None, 64, 48, False, False)
+    ref = F.linear(x.double(), w.double())
+    _assert_close(y, ref, F.linear(x, w), fp32_bound=_fp32_bound(x, w, None, ref))
+    bias = torch.randn(32, generator=gen).to(DEVICE)
+    y = torch.ops.bsbert.triton_bsr_linear(
+        torch.randn(3, 0, device=DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE),
+        torch.zeros(0, dtype=torch.int32, device=DEVICE), torch.zeros(0, 16, 16, device=DEVICE), bias,
+        32, 0, False, False)
+    torch.testing.assert_close(y, bias.expand(3, -1), atol=0, rtol=0)
 
 
 def test_not_supported_reasons():
@@ -241,9 +377,9 @@ def test_random_shapes(block):
         k = int(torch.randint(1, 3 * block, (1,), generator=gen))
         m = int(torch.randint(1, 50, (1,), generator=gen))
         density = float(torch.rand(1, generator=gen))
-        bsm, g2 = _make(n, k, block, torch.float32, density=density, seed=1000 * block + trial)
+        bsm, w, g2 = _make(n, k, block, torch.float32, density=density, seed=1000 * block + trial)
         x = torch.randn(m, k, generator=g2).to(DEVICE)
-        _check(x, bsm, torch.randn(n, generator=g2).to(DEVICE), gelu=bool(trial % 2))
+        _check(x, bsm, w, torch.randn(n, generator=g2).to(DEVICE), gelu=bool(trial % 2))
 
 
 def test_torch_compile_aot_eager():
@@ -251,7 +387,7 @@ def test_torch_compile_aot_eager():
     under the interpreter opaque custom_ops (inductor also works there but takes ~25 s to compile)."""
     from bsbert.triton.attention import pruned_attention_triton
 
-    bsm, gen = _make(96, 32, 16, torch.float32, density=0.6, seed=13)
+    bsm, _, gen = _make(96, 32, 16, torch.float32, density=0.6, seed=13)
     x = torch.randn(2, 5, 32, generator=gen).to(DEVICE)
     bias = torch.randn(96, generator=gen).to(DEVICE)
 

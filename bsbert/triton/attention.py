@@ -6,7 +6,8 @@ copies):
 * padded form: ``qkv [B, S, 3*H*D]`` whose last dim is laid out ``(3, H, D)`` (q | k | v, head-major),
   ``key_padding_mask`` bool ``[B, S]`` (``True`` = attend) or ``None``; returns ``[B, S, H*D]``;
 * varlen form: ``qkv [T, 3*H*D]`` (the sequences concatenated), ``cu_seqlens`` int32 ``[B+1]``
-  (``cu_seqlens[-1]`` must equal ``T``), ``max_seqlen``; returns ``[T, H*D]``. Lengths 0 and 1 work.
+  (starting at 0, non-decreasing, ``cu_seqlens[-1] <= T``), ``max_seqlen`` (>= every length); returns
+  ``[T, H*D]``, zeros in the rows past ``cu_seqlens[-1]``. Lengths 0 and 1 work.
 
 The output's last dim is laid out ``(H, D)``, ready for the attention output projection. One program
 computes ``BLOCK_M`` queries of one (sequence, head): it streams the keys/values in ``BLOCK_N`` tiles
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bsbert.triton.bsr_linear import round_to_bf16
+from bsbert.triton.bsr_linear import is_traced, round_to_bf16
 from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
                                     is_interpreted, launcher, make_op, next_pow2)
 
@@ -190,11 +191,12 @@ def _launch(qkv, mask, cu, out, s, h, d, scale, strides_q, strides_m, strides_o,
         launcher(kernel)[grid](*args, **meta)
 
 
-def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
+def _check_padded_args(qkv, key_padding_mask, num_heads, head_dim):
+    """Shape / dtype / device checks (no values read): the op and its fake kernel both run them -- a
+    meta-device argument dispatches to the fake kernel, which must not return an unwritten tensor."""
     _check_common(qkv, num_heads, head_dim, 2)
-    bsz, s, _ = qkv.shape
-    out = torch.empty((bsz, s, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     if key_padding_mask is not None:
+        bsz, s, _ = qkv.shape
         if key_padding_mask.shape != (bsz, s):
             raise ValueError(f"key_padding_mask must have shape {(bsz, s)}, got "
                              f"{tuple(key_padding_mask.shape)}")
@@ -203,6 +205,12 @@ def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
                              f"{qkv.device}")
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
+
+
+def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
+    _check_padded_args(qkv, key_padding_mask, num_heads, head_dim)
+    bsz, s, _ = qkv.shape
+    out = torch.empty((bsz, s, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0 or is_fake(out):
         return out
     if key_padding_mask is not None:
@@ -216,23 +224,67 @@ def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
     return out
 
 
-def _attention_varlen_impl(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
+def _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim):
+    """Shape / dtype / device checks (no values read; the op and its fake kernel run them), in the CPU
+    op's words (csrc/cpu/pruned_attention_cpu.cpp): a bad cu_seqlens makes the kernel read / write
+    outside qkv and out."""
     _check_common(qkv, num_heads, head_dim, 1)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != qkv.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but qkv is on {qkv.device}")
+        raise ValueError(f"pruned_attention_varlen: cu_seqlens is on {cu_seqlens.device} but qkv is on "
+                         f"{qkv.device}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"pruned_attention_varlen: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"pruned_attention_varlen: cu_seqlens must be 1-D [batch + 1], got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if max_seqlen < 0:
+        raise ValueError(f"pruned_attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
+
+
+def _attention_varlen_impl(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
+    _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim)
     t = qkv.shape[0]
     bsz = cu_seqlens.numel() - 1
-    out = torch.empty((t, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
-    if out.numel() == 0 or bsz == 0 or max_seqlen <= 0 or is_fake(out):
+    if is_traced(cu_seqlens) or cu_seqlens.device.type == "cuda":
+        # Values unchecked, every row starts at zero (the rows past cu_seqlens[-1] must read as zeros):
+        # torch.compile tracing this (triton_op) body does not know them until run time, and on a GPU
+        # reading them is a device -> host sync per call (per layer of an unpadded forward, and not
+        # allowed during CUDA-graph capture), as for the BSR op's indices there; bsbert's unpad path
+        # builds cu_seqlens itself. Under the interpreter (CPU tensors) they are checked below.
+        out = torch.zeros((t, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+        if is_fake(out):
+            return out
+    else:
+        end = _check_cu_seqlens(cu_seqlens, max_seqlen, t)
+        out = torch.empty((t, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+        if end < t:  # tokens outside every sequence: zeros, not whatever the allocator left there
+            out[end:].zero_()
+    if out.numel() == 0 or bsz == 0 or max_seqlen == 0:
         return out
+    cu_seqlens = cu_seqlens.contiguous()  # the kernel reads cu_seqlens[b] at cu_ptr + b
     _launch(qkv, out, cu_seqlens, out, 0, num_heads, head_dim, scale,
             (0, qkv.stride(0), qkv.stride(1)), (0, 0), (0, out.stride(0)), int(max_seqlen), bsz,
             True, False)
     return out
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen, t) -> int:
+    """Value checks of cu_seqlens (on the CPU: under the interpreter); returns cu_seqlens[-1]. The kernel
+    trusts these values for its addresses."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"pruned_attention_varlen: cu_seqlens[0] must be 0, got {cu[0]}")
+    for b in range(len(cu) - 1):
+        if cu[b + 1] < cu[b]:
+            raise ValueError(f"pruned_attention_varlen: cu_seqlens must be non-decreasing, got {cu[b]} "
+                             f"then {cu[b + 1]} at index {b}")
+        if cu[b + 1] - cu[b] > max_seqlen:
+            raise ValueError(f"pruned_attention_varlen: sequence {b} has {cu[b + 1] - cu[b]} tokens, "
+                             f"more than max_seqlen = {max_seqlen}")
+    if cu[-1] > t:
+        raise ValueError(f"pruned_attention_varlen: cu_seqlens[-1] = {cu[-1]} exceeds the {t} tokens "
+                         f"of qkv")
+    return cu[-1]
 
 
 def _register():
@@ -249,10 +301,12 @@ def _register():
 
     @op.register_fake
     def _fake(qkv, key_padding_mask, num_heads, head_dim, scale):
+        _check_padded_args(qkv, key_padding_mask, num_heads, head_dim)
         return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads * head_dim))
 
     @op_varlen.register_fake
     def _fake_varlen(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
+        _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim)
         return qkv.new_empty((qkv.shape[0], num_heads * head_dim))
 
     return op, op_varlen
@@ -279,7 +333,9 @@ def pruned_attention_varlen_triton(qkv: torch.Tensor, cu_seqlens: torch.Tensor, 
                                    scale: float | None = None) -> torch.Tensor:
     """Varlen attention. ``qkv [T, 3*H*D]``, ``cu_seqlens`` int32 ``[B+1]`` -> ``[T, H*D]``.
 
-    ``max_seqlen`` must be >= the longest sequence (it sizes the launch grid; no device sync).
+    ``max_seqlen`` must be >= the longest sequence (it sizes the launch grid). ``cu_seqlens``' values are checked
+    on CPU tensors (the interpreter) and trusted on a GPU (reading them there is a sync per call); rows past
+    ``cu_seqlens[-1]`` are zeros.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)

@@ -15,6 +15,8 @@ programs running together share the same few x tiles in L2.
 * empty block rows: the loop does nothing and the program still writes ``bias`` (+ GELU), or zeros.
 * autotuned on GPUs (key: M bucket, N, K, block, density bucket); one fixed small config under the
   Triton interpreter.
+* checks: shapes, dtypes and devices always (free); the index values (crow from 0 to nnz, non-decreasing,
+  col in range) only where they are free to read, under the interpreter -- see ``_check_indices``.
 
 The op ``torch.ops.bsbert.triton_bsr_linear`` (``torch.library.triton_op`` on GPUs, so that
 ``torch.compile`` sees the kernel; an opaque ``custom_op`` under the interpreter) has a fake kernel;
@@ -22,6 +24,7 @@ The op ``torch.ops.bsbert.triton_bsr_linear`` (``torch.library.triton_op`` on GP
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import triton
@@ -163,23 +166,80 @@ def _density_bucket(nnz, total: int) -> int:
     return int(round(10 * nnz / max(total, 1)))
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """True while tracing (fake / meta / functional tensors): there are no values to read."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return is_fake(t) or isinstance(t, FunctionalTensor)
+
+
 def _check(x, crow, col, values, bias, n, k):
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} input features but the weight has K={k}")
-    if values.dim() != 3 or values.shape[1] != values.shape[2]:
-        raise ValueError(f"values must be [nnz_blocks, b, b], got {tuple(values.shape)}")
-    b = values.shape[1]
-    if b not in (16, 32, 64):
-        raise ValueError(f"block {b} not in (16, 32, 64)")
-    if crow.numel() != (n + b - 1) // b + 1:
-        raise ValueError(f"crow_indices must have {(n + b - 1) // b + 1} entries for N={n}, block {b}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x dtype {x.dtype} is not supported (fp16, bf16, fp32)")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    """Shape / dtype / device checks, in the words of the CPU op (csrc/cpu/bsr_linear.cpp ``prepare``).
+    Free (no values read), so always run, by the op and by its fake kernel alike: a meta-device argument
+    dispatches to the fake kernel, which must refuse rather than hand back an unwritten tensor."""
+    if n < 0 or k < 0:
+        raise ValueError(f"bsr_linear: negative out_features ({n}) or in_features ({k})")
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"bsr_linear: {name} is on {t.device} but x is on {x.device}")
+    if x.dim() < 1:
+        raise ValueError("bsr_linear: x must have at least 1 dimension")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"bsr_linear: x dtype {x.dtype} is not supported (fp16, bf16, fp32)")
+    if x.shape[-1] != k:
+        raise ValueError(f"bsr_linear: x.shape[-1] = {x.shape[-1]} does not match in_features = {k}")
+    if crow.dtype != torch.int32 or col.dtype != torch.int32:
+        raise ValueError(f"bsr_linear: crow_indices and col_indices must be int32, got {crow.dtype} "
+                         f"and {col.dtype}")
+    if crow.dim() != 1 or col.dim() != 1:
+        raise ValueError(f"bsr_linear: crow_indices and col_indices must be 1-D, got shapes "
+                         f"{tuple(crow.shape)} and {tuple(col.shape)}")
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"bsr_linear: values must be [nnz_blocks, block, block], got "
+                         f"{tuple(values.shape)}")
+    b = values.shape[1]
+    if b not in (16, 32, 64):
+        raise ValueError(f"bsr_linear: block must be 16, 32 or 64, got {b}")
+    if values.dtype not in _DTYPES:
+        raise ValueError(f"bsr_linear: values dtype {values.dtype} is not supported (fp16, bf16, fp32)")
+    nbr = (n + b - 1) // b
+    if crow.numel() != nbr + 1:
+        raise ValueError(f"bsr_linear: crow_indices must have ceil(out_features/block)+1 = {nbr + 1} "
+                         f"entries, got {crow.numel()}")
+    if values.shape[0] != col.numel():
+        raise ValueError(f"bsr_linear: values must hold nnz_blocks = {col.numel()} blocks (one per "
+                         f"col_indices entry), got shape {tuple(values.shape)}")
+    if bias is not None:
+        if bias.device != x.device:
+            raise ValueError(f"bsr_linear: bias is on {bias.device} but x is on {x.device}")
+        if bias.shape != (n,):
+            raise ValueError(f"bsr_linear: bias must have shape [{n}], got {tuple(bias.shape)}")
+        if bias.dtype not in _DTYPES:
+            raise ValueError(f"bsr_linear: bias dtype {bias.dtype} is not supported (fp16, bf16, fp32)")
+
+
+def _check_indices(crow, col, k, b):
+    """Value checks of the BSR indices (the kernel trusts them as addresses). Run only where they are
+    free: indices on the CPU, i.e. under the interpreter. On a GPU reading them is a device -> host copy
+    and a sync per call, which stalls the launch queue and is illegal inside CUDA-graph capture (the
+    benchmarks and torch.compile's reduce-overhead capture these calls); there the indices come from a
+    BlockSparseMatrix, which validates them once when it is built."""
+    nnz, nbc = col.numel(), (k + b - 1) // b
+    first, last = int(crow[0]), int(crow[-1])
+    if first != 0 or last != nnz:
+        raise ValueError(f"bsr_linear: crow_indices must run from 0 to nnz_blocks = {nnz}, got "
+                         f"{first}..{last}")
+    bad = (crow[1:] < crow[:-1]).nonzero()
+    if bad.numel():
+        raise ValueError(f"bsr_linear: crow_indices must be non-decreasing (row {int(bad[0])})")
+    bad = ((col < 0) | (col >= nbc)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"bsr_linear: col_indices[{i}] = {int(col[i])} is outside [0, "
+                         f"ceil(in_features/block) = {nbc})")
 
 
 def _bsr_linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -188,15 +248,18 @@ def _bsr_linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
     _check(x, crow, col, values, bias, n, k)
     check_device(x, INTERPRETED)
     b = values.shape[1]
+    if crow.device.type == "cpu" and not is_traced(crow) and not is_traced(col):
+        _check_indices(crow, col, k, b)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    m = math.prod(lead)
+    x2 = x.reshape(m, k)  # not reshape(-1, k): that is ambiguous (an error) for k = 0
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0 or is_fake(y):
         return y.reshape(*lead, n)
     if bias is not None:
         bias = bias.contiguous()
     values = values.contiguous()
+    crow, col = crow.contiguous(), col.contiguous()  # the kernel reads entry i at ptr + i
     nbr = crow.numel() - 1
     nbc = max((k + b - 1) // b, 1)
     precision = "tf32" if (x.dtype != torch.float32 or allow_tf32) else "ieee"
@@ -238,6 +301,7 @@ def _register():
     @op.register_fake
     def _fake(x, crow_indices, col_indices, values, bias, out_features, in_features, gelu,
               allow_tf32):
+        _check(x, crow_indices, col_indices, values, bias, out_features, in_features)
         return x.new_empty((*x.shape[:-1], out_features))
 
     return op
