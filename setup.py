@@ -5,7 +5,8 @@ Environment switches (all optional):
   BSBERT_FORCE_CUDA=1        build the CUDA sources even if torch cannot see a GPU (default when a
                              toolkit is found and torch is a CUDA build: a GPU is not needed to compile)
   BSBERT_CUDA_ARCH_LIST      e.g. "8.0;8.6;9.0a" (default "8.0;9.0a": sm_80 code also runs on sm_86/89; 9.0a is
-                             Hopper with its wgmma kernels, and replaces a plain 9.0), same syntax as TORCH_CUDA_ARCH_LIST
+                             Hopper with its wgmma kernels, and replaces a plain 9.0), same syntax as TORCH_CUDA_ARCH_LIST;
+                             wins over TORCH_CUDA_ARCH_LIST when both are set (used alone, that one is honoured)
   BSBERT_SKIP_EXTENSION=1    pure-Python install (bsbert falls back to its torch paths)
   MAX_JOBS                   parallel compile jobs (ninja)
   CUDA_HOME                  toolkit location; default: /usr/local/cuda if it holds bin/nvcc
@@ -46,8 +47,21 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
         if cuda_home is None or torch.version.cuda is None:
             sys.exit("BSBERT_FORCE_CUDA=1 but no CUDA toolkit was found or torch is not a CUDA build")
         build_cuda = True
-    if build_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("BSBERT_CUDA_ARCH_LIST", "8.0;9.0a")
+    if build_cuda:
+        # torch's cpp_extension reads TORCH_CUDA_ARCH_LIST. bsbert's own variable is the more specific
+        # request, so it wins when both are set (a TORCH_CUDA_ARCH_LIST exported for other builds must not
+        # silently override it); with neither, bsbert's default. Say which list is used and why.
+        if os.environ.get("BSBERT_CUDA_ARCH_LIST"):
+            arch_source = "BSBERT_CUDA_ARCH_LIST"
+            if os.environ.get("TORCH_CUDA_ARCH_LIST", "") not in ("", os.environ["BSBERT_CUDA_ARCH_LIST"]):
+                arch_source += f" (overrides TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r})"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["BSBERT_CUDA_ARCH_LIST"]
+        elif os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            arch_source = "TORCH_CUDA_ARCH_LIST"
+        else:
+            arch_source = "bsbert's default"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+        print(f"bsbert: CUDA arch list {os.environ['TORCH_CUDA_ARCH_LIST']!r} from {arch_source}", file=sys.stderr)
     has_sm90a = False
     if build_cuda:
         # 9.0a (sm_90a) carries the Hopper wgmma kernels. With both 9.0 and 9.0a in the list the GPU could

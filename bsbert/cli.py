@@ -6,18 +6,21 @@ import sys
 
 
 def _bench(args):
-    if args.kernels:
+    if args.kernels or args.sweep:
         import torch
 
+        if args.threads:  # run_bench sets it itself; the table and sweep run on torch's threads
+            torch.set_num_threads(args.threads)
+    if args.kernels:
         from bsbert.ops.cpu_kernel_report import format_table, run_kernel_report
 
-        print(format_table(run_kernel_report(ms=(args.batch * args.seq[0],),
-                                             dtypes=(getattr(torch, args.dtype if args.dtype != "float16" else "float32"),))))
+        print(format_table(run_kernel_report(ms=tuple(args.batch * s for s in args.seq),
+                                             dtypes=(getattr(torch, args.dtype),))))
         return 0
     if args.sweep:
         from bsbert.sweep import run_sweep, sweep_table
 
-        res = run_sweep(batches=args.batches, seqs=args.seq if args.seq_given else (128, 384),
+        res = run_sweep(batches=args.batches, seqs=args.seq if "seq" in args.given else (128, 384),
                         dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
                         small=args.small, memory=args.memory, warmup_s=args.warmup_s)
         return _print_result(sweep_table(res), res, width=160)
@@ -29,6 +32,52 @@ def _bench(args):
                     select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s,
                     trials=args.trials, engines=args.engines)
     return _print_result(table(res), res, width=175 + 30 * len(args.engines))
+
+
+# Which of bench's flags each mode uses; a flag given for a mode that does not use it is an error
+# rather than silently dropped (a user who asks for --threads 1 or --dtype float16 must not get a
+# table measured on something else without noticing).
+_SWEEP_ONLY = {"batches", "dtypes", "memory"}
+_MODE_FLAGS = {
+    "bench": {"seq", "batch", "dtype", "device", "threads", "model", "repeats", "trials", "warmup_s", "select",
+              "engines", "out", "compile", "small"},
+    "sweep": {"seq", "device", "threads", "repeats", "warmup_s", "out", "small"} | _SWEEP_ONLY,
+    "kernels": {"seq", "batch", "dtype", "device", "threads"},
+}
+
+
+def _check_bench_flags(parser: argparse.ArgumentParser, args, given: set) -> None:
+    """Reject flags that the chosen bench mode would ignore, and a --device that cannot run here."""
+    if args.sweep and args.kernels:
+        parser.error("--sweep and --kernels are two different modes: give one of them")
+    mode = "kernels" if args.kernels else "sweep" if args.sweep else "bench"
+    extra = sorted(given - _MODE_FLAGS[mode] - {"sweep", "kernels"})
+    if extra:
+        flags = ", ".join("--" + d.replace("_", "-") for d in extra)
+        what = {"bench": "only apply with --sweep", "sweep": "do not apply to --sweep",
+                "kernels": "do not apply to --kernels"}[mode]
+        parser.error(f"{flags}: {what}" + (" (the kernel table is CPU only, rows for each M = batch * seq; "
+                                           "it takes --seq, --batch, --dtype float32|bfloat16, --threads)"
+                                           if mode == "kernels" else ""))
+    import torch
+
+    if args.device == "auto":  # what `bsbert profile` does too: the GPU when torch sees one
+        # (the kernel table is CPU only: there auto is the CPU, whatever GPU the machine has)
+        args.device = "cpu" if mode == "kernels" or not torch.cuda.is_available() else "cuda"
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: not a torch device ({exc})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                     f"CUDA build: {torch.version.cuda or 'no'})")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: bsbert bench runs on cpu or cuda")
+    if mode == "kernels":
+        if dev.type != "cpu":
+            parser.error(f"--device {args.device}: --kernels times the CPU kernels only")
+        if args.dtype == "float16":
+            parser.error("--dtype float16: --kernels has CPU kernels for float32 and bfloat16 only")
 
 
 def _print_result(tbl, res, width: int) -> int:
@@ -65,47 +114,66 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_bench_args(b: argparse.ArgumentParser, engines, suppress: bool = False) -> None:
+    """bench's flags. With suppress=True every default is argparse.SUPPRESS, so that parsing the same
+    command line again yields exactly the flags the user gave (whatever their value): what
+    _check_bench_flags needs, and robust to `--flag=value` and abbreviated flags."""
+    def d(value):
+        return argparse.SUPPRESS if suppress else value
+
+    b.add_argument("--seq", type=_positive_int, nargs="+", default=d([384]),
+                   help="sequence length(s) (default 384; with --sweep 128 384)")
+    b.add_argument("--batch", type=_positive_int, default=d(1))
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d("float32"))
+    b.add_argument("--device", default=d("auto"),
+                   help="cpu, cuda (or cuda:N), or auto (default): cuda when torch sees a GPU, else cpu")
+    b.add_argument("--threads", type=_positive_int, default=d(None),
+                   help="torch.set_num_threads (default: all cores); also for --sweep and --kernels")
+    b.add_argument("--model", default=d(None), help="local HF checkpoint dir (default: seed-like model)")
+    b.add_argument("--repeats", type=_positive_int, default=d(3),
+                   help="timed forwards per variant (per block for the patched one)")
+    b.add_argument("--trials", type=_positive_int, default=d(None),
+                   help="time the patched forward in this many blocks of --repeats, the FLOP bound's dense GEMM "
+                        "probed between them (default 5 on CPU, 1 on CUDA): one slow stretch of a shared "
+                        "machine moves one block, not the median")
+    b.add_argument("--warmup-s", type=float, default=d(1.0),
+                   help="seconds of untimed forwards before each timed variant (default 1: the first forwards "
+                        "after patch can run slower than the steady state)")
+    b.add_argument("--select", choices=["measure", "measure-gpu", "heuristic"], default=d(None),
+                   help="how patch picks each linear's and attention's backend: wall clock ('measure'), GPU "
+                        "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "
+                        "measure-gpu with --compile reduce-overhead on CUDA, else measure")
+    # bsbert is not on PyPI: the extra installs from the checkout (or name the packages directly)
+    b.add_argument("--engines", nargs="+", choices=list(engines), default=d([]), metavar="ENGINE",
+                   help=f"also time other inference engines on the packed model (dead heads / neurons "
+                        f"removed, dense kernels) and bsbert's speedup over each; of: {', '.join(engines)} "
+                        f"(CPU; pip install openvino onnxruntime onnx, or pip install '.[engines]' in the "
+                        f"checkout; onnxruntime in float32 only)")
+    b.add_argument("--out", default=d("bench-out"), help="directory for the JSON and PNG")
+    b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=d(None),
+                   help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "
+                        "CUDA graphs, no host launch cost)")
+    b.add_argument("--small", action="store_true", default=d(False), help="2-layer models (smoke test)")
+    b.add_argument("--sweep", action="store_true", default=d(False),
+                   help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory); takes "
+                        "--seq --device --threads --repeats --warmup-s --out --small --memory")
+    b.add_argument("--kernels", action="store_true", default=d(False),
+                   help="CPU kernel table instead: bsbert's BSR GEMM vs oneDNN/torch dense, rows for each "
+                        "M = batch*seq; takes --seq --batch --dtype float32|bfloat16 --threads --device cpu")
+    b.add_argument("--memory", action="store_true", default=d(False),
+                   help="with --sweep on CPU: measure peak activation memory in child processes (slower)")
+    b.add_argument("--batches", type=_positive_int, nargs="+", default=d([1, 8, 32]), help="with --sweep")
+    b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=d(None),
+                   help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
+
+
 def main(argv=None) -> int:
     from bsbert.engines import ENGINES
 
     p = argparse.ArgumentParser(prog="bsbert", description="fast kernels for pruned BERT models")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="dense BERT-large vs the patched seed-like model on this device")
-    b.add_argument("--seq", type=int, nargs="+", default=[384], help="sequence length(s) (default 384)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    b.add_argument("--model", default=None, help="local HF checkpoint dir (default: seed-like model)")
-    b.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (per block for the patched one)")
-    b.add_argument("--trials", type=_positive_int, default=None,
-                   help="time the patched forward in this many blocks of --repeats, the FLOP bound's dense GEMM "
-                        "probed between them (default 5 on CPU, 1 on CUDA): one slow stretch of a shared "
-                        "machine moves one block, not the median")
-    b.add_argument("--warmup-s", type=float, default=1.0,
-                   help="seconds of untimed forwards before each timed variant (default 1: the first forwards "
-                        "after patch can run slower than the steady state)")
-    b.add_argument("--select", choices=["measure", "measure-gpu", "heuristic"], default=None,
-                   help="how patch picks each linear's and attention's backend: wall clock ('measure'), GPU "
-                        "time from CUDA graphs ('measure-gpu'), a density rule ('heuristic'); default "
-                        "measure-gpu with --compile reduce-overhead on CUDA, else measure")
-    b.add_argument("--engines", nargs="+", choices=list(ENGINES), default=[], metavar="ENGINE",
-                   help=f"also time other inference engines on the packed model (dead heads / neurons "
-                        f"removed, dense kernels) and bsbert's speedup over each; of: {', '.join(ENGINES)} "
-                        f"(CPU; pip install 'bsbert[engines]'; onnxruntime in float32 only)")
-    b.add_argument("--out", default="bench-out", help="directory for the JSON and PNG")
-    b.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"], default=None,
-                   help="time torch.compile(model, mode=...) of every variant (reduce-overhead on CUDA: "
-                        "CUDA graphs, no host launch cost)")
-    b.add_argument("--small", action="store_true", help="2-layer models (smoke test)")
-    b.add_argument("--sweep", action="store_true",
-                   help="dense vs patched over --batches x seq x --dtypes (latency, throughput, memory)")
-    b.add_argument("--kernels", action="store_true",
-                   help="CPU kernel table instead: bsbert's BSR GEMM vs oneDNN/torch dense (M = batch*seq)")
-    b.add_argument("--memory", action="store_true",
-                   help="with --sweep on CPU: measure peak activation memory in child processes (slower)")
-    b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="with --sweep")
-    b.add_argument("--dtypes", nargs="+", default=None, help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
+    _add_bench_args(b, ENGINES)
     b.set_defaults(fn=_bench)
     a = sub.add_parser("analyze", help="print the pruning structure and FLOP bound of a model")
     a.add_argument("--model", default=None)
@@ -122,7 +190,11 @@ def main(argv=None) -> int:
 
         return profile_main(argv[1:])
     args = p.parse_args(argv)
-    args.seq_given = "--seq" in argv
+    if args.cmd == "bench":
+        given_parser = argparse.ArgumentParser(prog="bsbert bench", add_help=False)
+        _add_bench_args(given_parser, ENGINES, suppress=True)
+        args.given = set(vars(given_parser.parse_args(argv[1:])))
+        _check_bench_flags(b, args, args.given)
     return args.fn(args)
 
 

@@ -88,6 +88,7 @@ def collect() -> dict:
         info[f"{key.lower()}_ops"] = ", ".join(have) or "none"
     info["cpu_peak"] = _cpu_peak()
     info["engines"] = _engines()
+    info["huge_pages"] = _huge_pages()
     backends = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -96,17 +97,45 @@ def collect() -> dict:
                 reasons = be.not_supported_reasons(torch.device(dev), dtype, block)
                 backends[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = reasons
     info["backends"] = backends
+    # the attention kernels patch chooses among (patch(attention=...)), at BERT's head size 64
+    from bsbert.ops.attention_backends import ATTENTION_BACKENDS
+
+    attention = {}
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for name, be in ATTENTION_BACKENDS.items():
+                reasons = be.not_supported_reasons(torch.device(dev), dtype, ATTENTION_HEAD_DIM)
+                attention[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = reasons
+    info["attention_backends"] = attention
     return info
+
+
+ATTENTION_HEAD_DIM = 64  # BERT-base/large's head size: what the attention rows are checked at
+
+
+def _huge_pages() -> str:
+    """Whether patch can put the CPU kernel's packed weights in 2 MiB pages here (bsbert.hugepages)."""
+    from bsbert import hugepages
+
+    why = hugepages.unavailable_reason()
+    return (f"yes (transparent huge pages: {hugepages.thp_mode()}; BSBERT_HUGEPAGES=0 turns them off)"
+            if why is None else f"no: {why}")
+
+
+_TABLES = {"backends": "linear backends (device/dtype/backend: usable, or why not):",
+           "attention_backends": f"attention backends (device/dtype/backend, head_dim {ATTENTION_HEAD_DIM}: "
+                                 "usable, or why not):"}
 
 
 def main():
     info = collect()
     for k, v in info.items():
-        if k != "backends":
+        if k not in _TABLES:
             print(f"{k:>15}: {v}")
-    print("backends (device/dtype/backend: usable, or why not):")
-    for k, reasons in info["backends"].items():
-        print(f"  {k:<32} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
+    for key, title in _TABLES.items():
+        print(title)
+        for k, reasons in info[key].items():
+            print(f"  {k:<32} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,26 @@
-"""NVTX ranges around every bsbert module ("bsbert/L{layer}/{op}"), for Nsight Systems.
+"""Named ranges around every patched module, for Nsight Systems (NVTX) or torch.profiler (CPU).
 
-Off by default and free when off: ranges are added as forward hooks only inside ``ranges(model)``
-(or when BSBERT_NVTX=1 at patch time), and removed on exit. On CPU the same hooks emit
-``torch.profiler.record_function`` ranges instead, so torch.profiler traces show the same names.
+Range names, one per patched module of layer N (the layer's index in the encoder):
+
+    bsbert/layerN/qkv                 fused Q/K/V linear
+    bsbert/layerN/PrunedSelfAttention the attention over the kept heads (holds the qkv range)
+    bsbert/layerN/attn_out            attention output linear
+    bsbert/layerN/attn_out+add_norm   that linear + the fused residual add + LayerNorm (BERT-style blocks)
+    bsbert/layerN/intermediate        FFN input linear + activation (holds the ffn_in range)
+    bsbert/layerN/ffn_in              FFN input linear
+    bsbert/layerN/ffn_out             FFN output linear
+    bsbert/layerN/ffn_out+add_norm    that linear + the fused residual add + LayerNorm
+    bsbert/layerN/ffn                 the whole FFN where the adapter has one FFN block (DistilBERT)
+
+An output linear on cpu-bsr runs inside its ``+add_norm`` module as one fused op, so it has no range of
+its own there; an output block that is not BERT-style keeps only the linear's range.
+
+Off by default and free when off: the ranges are forward hooks, added only inside ``ranges(model)`` and
+removed on exit, or, with ``BSBERT_NVTX=1`` in the environment when ``bsbert.patch`` runs, added at the
+end of ``patch`` (``attach_if_enabled``) and kept for the patched model's life (``bsbert.load`` does not
+add them). Hooks make the one-op CPU encoder step aside for the per-layer path while they exist. NVTX
+ranges for a model on CUDA, ``torch.profiler.record_function`` ranges otherwise, so torch.profiler traces
+show the same names.
 """
 from __future__ import annotations
 
@@ -18,6 +36,19 @@ _OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate, FusedFFN, DenseAdd
 
 def env_enabled() -> bool:
     return os.environ.get("BSBERT_NVTX", "0") == "1"
+
+
+def _model_on_cuda(model: torch.nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
+
+
+def attach_if_enabled(model: torch.nn.Module) -> list:
+    """Called by ``bsbert.patch`` when it finishes: with BSBERT_NVTX=1, ranges on the patched modules for
+    as long as they are in the model (an unpatch swaps them out, hooks and all). -> the hook handles."""
+    if not env_enabled():
+        return []
+    return add_hooks(model, use_nvtx=_model_on_cuda(model), permanent=True)
 
 
 def _label(name: str, module) -> str:
@@ -36,12 +67,16 @@ def _label(name: str, module) -> str:
     return f"bsbert/layer{layer}/{type(module).__name__}" if layer is not None else f"bsbert/{short}"
 
 
-def add_hooks(model: torch.nn.Module, use_nvtx: bool | None = None) -> list:
-    use_nvtx = torch.cuda.is_available() if use_nvtx is None else use_nvtx
+def add_hooks(model: torch.nn.Module, use_nvtx: bool | None = None, permanent: bool = False) -> list:
+    """Range hooks on every patched module; ``use_nvtx`` None: NVTX when the model is on CUDA. A module
+    that already has BSBERT_NVTX's permanent ranges gets no second pair (each range would show twice)."""
+    use_nvtx = _model_on_cuda(model) if use_nvtx is None else use_nvtx
     handles = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, _OPS):
+        if not isinstance(mod, _OPS) or getattr(mod, "_bsbert_nvtx_permanent", False):
             continue
+        if permanent:
+            mod._bsbert_nvtx_permanent = True
         label = _label(name, mod)
         if use_nvtx:
             def pre(m, args, _l=label):
@@ -63,7 +98,8 @@ def add_hooks(model: torch.nn.Module, use_nvtx: bool | None = None) -> list:
 
 @contextlib.contextmanager
 def ranges(model: torch.nn.Module, use_nvtx: bool | None = None):
-    """``with bsbert.nvtx.ranges(model): model(**inputs)`` — named ranges per patched module."""
+    """``with bsbert.nvtx.ranges(model): model(**inputs)`` — named ranges per patched module (names in
+    the module docstring), NVTX for a CUDA model unless ``use_nvtx`` says otherwise."""
     handles = add_hooks(model, use_nvtx)
     try:
         yield model

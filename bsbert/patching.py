@@ -255,6 +255,11 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     if not keep_original:
         for s in model._bsbert_swaps:
             s[2] = None
+    # BSBERT_NVTX=1: named ranges for the patched model's life (attached last, so that neither the model
+    # check nor verify times their hooks)
+    from bsbert import nvtx
+
+    nvtx.attach_if_enabled(model)
     return model
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 import torch
@@ -24,10 +25,18 @@ NCU_KERNEL_REGEX = "regex:bsr|pruned_attention|_attn|bsbert"
 
 
 def commands(args) -> dict:
-    base = f"bsbert profile --device {args.device} --dtype {args.dtype} --seq {args.seq} --batch {args.batch}"
+    """The nsys / ncu command lines that profile what this run profiled: every option that changes the
+    model, its inputs or the steps is carried over (a dropped --model or --small would profile another
+    model), only --trace (the CPU trace path) is not; ncu profiles one step (it replays each kernel)."""
+    base = (f"bsbert profile --device {args.device} --dtype {args.dtype} --seq {args.seq} --batch {args.batch}"
+            f" --warmup {args.warmup}")
+    if args.model:
+        base += f" --model {shlex.quote(args.model)}"
+    if args.small:
+        base += " --small"
     return {
         "nsys": ("nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop -t cuda,nvtx "
-                 f"-o bsbert-seq{args.seq} {base}"),
+                 f"-o bsbert-seq{args.seq} {base} --steps {args.steps}"),
         "ncu": (f"ncu --nvtx --nvtx-include 'bsbert/' -k '{NCU_KERNEL_REGEX}' --set full "
                 f"-o bsbert-kernels {base} --steps 1"),
     }
@@ -35,16 +44,22 @@ def commands(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bsbert profile")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when torch sees a GPU, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--model", default=None)
-    p.add_argument("--small", action="store_true", help="2-layer model")
-    p.add_argument("--trace", default="bsbert-trace.json", help="CPU: torch.profiler Chrome trace path")
+    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: the seed-like model)")
+    p.add_argument("--small", action="store_true", help="2-layer seed-like model")
+    p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)
+    if args.model and args.small:  # --small shortens the seed-like model; a checkpoint keeps its layers
+        p.error("--small applies to the seed-like model only, not with --model")
+    if args.trace is not None and torch.device(args.device).type != "cpu":
+        p.error(f"--trace: the Chrome trace is written on CPU only (on {args.device} use nsys / ncu)")
+    args.trace = args.trace or "bsbert-trace.json"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     dev = torch.device(args.device)
     over = {"num_hidden_layers": 2} if args.small else {}

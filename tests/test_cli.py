@@ -61,6 +61,16 @@ def test_info(capsys):
     info_main()
     out = capsys.readouterr().out
     assert "cpu/float32/torch-dense" in out and "extension" in out
+    # the attention kernels too, each usable or why not, and whether packed weights get huge pages
+    attention = out[out.index("attention backends"):].splitlines()
+    for name in ("cpu", "torch-sdpa", "triton", "cuda"):
+        row = next(x for x in attention if x.split()[0] == f"cpu/float32/{name}")
+        assert row.split()[1] in ("yes", "no:"), row
+    assert next(x for x in attention if x.split()[0] == "cpu/float32/torch-sdpa").split()[1] == "yes"
+    from bsbert import hugepages
+
+    line = next(x for x in out.splitlines() if "huge_pages:" in x)
+    assert ("yes (" in line) == (hugepages.unavailable_reason() is None), line
     assert "cpu_peak:" in out  # the instruction peak, or why it is not measurable
     from bsbert.engines import why_unavailable
 
@@ -159,3 +169,160 @@ def test_bench_trials_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--trials", "0"])
     assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "--threads", "1", "--model", "x"], "--model: do not apply to --sweep"),
+    (["--sweep", "--batch", "2", "--dtype", "bfloat16", "--select", "heuristic"],
+     "--batch, --dtype, --select: do not apply to --sweep"),
+    (["--sweep", "--compile", "default"], "--compile: do not apply to --sweep"),
+    (["--sweep", "--trials", "2"], "--trials: do not apply to --sweep"),
+    (["--sweep", "--engines", "openvino"], "--engines: do not apply to --sweep"),
+    (["--kernels", "--repeats", "2"], "--repeats: do not apply to --kernels"),
+    (["--kernels", "--small", "--out", "x"], "--out, --small: do not apply to --kernels"),
+    (["--kernels", "--dtype", "float16"], "--dtype float16: --kernels has CPU kernels for float32 and bfloat16"),
+    (["--kernels", "--device", "cuda:0"], "--device cuda:0: "),
+    (["--kernels", "--sweep"], "--sweep and --kernels are two different modes"),
+    (["--batches", "1", "2"], "--batches: only apply with --sweep"),
+    (["--memory", "--dtypes", "float32"], "--dtypes, --memory: only apply with --sweep"),
+    (["--device", "tpu"], "--device 'tpu': not a torch device"),
+    (["--threads", "0"], "--threads: must be >= 1, got 0"),
+])
+def test_bench_rejects_flags_that_do_not_apply(argv, message, capsys):
+    """A flag the chosen mode would ignore is an argparse error naming the flag and the mode."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_flags_given_in_other_spellings_count(capsys):
+    """Given is given, whatever the spelling or value (the default value, `--flag=value`, an abbreviation)."""
+    for argv, flag in ((["--sweep", "--batch", "1"], "--batch"), (["--sweep", "--batch=1"], "--batch"),
+                       (["--sweep", "--sel", "measure"], "--select")):
+        with pytest.raises(SystemExit):
+            main(["bench", *argv])
+        assert f"{flag}: do not apply to --sweep" in capsys.readouterr().err
+
+
+def test_bench_threads_reach_sweep_and_kernels(monkeypatch):
+    """--threads is honoured by --sweep and --kernels (they run on torch's threads), --seq by --kernels."""
+    import torch
+
+    import bsbert.cli as cli
+    import bsbert.ops.cpu_kernel_report as ckr
+    import bsbert.sweep as sweep
+
+    seen = {}
+
+    def fake_sweep(**kw):
+        seen["sweep"] = (torch.get_num_threads(), kw["seqs"], kw["device"])
+        return {"json": "x"}
+
+    def fake_kernels(**kw):
+        seen["kernels"] = (torch.get_num_threads(), kw["ms"], kw["dtypes"])
+        return []
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "sweep_table", lambda res: "table")
+    monkeypatch.setattr(ckr, "run_kernel_report", fake_kernels)
+    monkeypatch.setattr(ckr, "format_table", lambda rows: "table")
+    monkeypatch.setattr(cli, "_print_result", lambda tbl, res, width: 0)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["bench", "--sweep", "--threads", str(want), "--device", "cpu"]) == 0
+        assert seen["sweep"] == (want, (128, 384), "cpu")  # --seq not given: the sweep's own lengths
+        torch.set_num_threads(before)
+        assert main(["bench", "--kernels", "--threads", str(want), "--seq", "128", "384", "--batch", "2",
+                     "--dtype", "bfloat16"]) == 0
+        assert seen["kernels"] == (want, (256, 768), (torch.bfloat16,))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bench_device_defaults_to_cuda_when_available(monkeypatch):
+    """Like `bsbert profile`: without --device, bench runs on the GPU when torch sees one, else on the CPU."""
+    import torch
+
+    import bsbert.bench as bench
+    import bsbert.cli as cli
+
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: seen.append(kw["device"]) or {"json": "x"})
+    monkeypatch.setattr(bench, "table", lambda res: "table")
+    monkeypatch.setattr(cli, "_print_result", lambda tbl, res, width: 0)
+    for available, want in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
+        assert main(["bench", "--small"]) == 0 and seen[-1] == want
+    assert main(["bench", "--device", "cpu"]) == 0 and seen[-1] == "cpu"
+    import bsbert.ops.cpu_kernel_report as ckr  # --kernels is CPU only: auto is the CPU there, GPU or not
+
+    monkeypatch.setattr(ckr, "run_kernel_report", lambda **kw: [])
+    monkeypatch.setattr(ckr, "format_table", lambda rows: "table")
+    assert main(["bench", "--kernels", "--seq", "8"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+
+
+def test_profile_prints_commands_that_profile_the_same_model(tmp_path, capsys):
+    """The nsys / ncu commands `bsbert profile` prints carry every option that changes what is profiled."""
+    import argparse
+
+    from bsbert.profile import commands
+    from bsbert.profile import main as profile_main
+
+    args = argparse.Namespace(device="cuda", dtype="float16", seq=128, batch=8, steps=4, warmup=2,
+                              model="/ckpts/my model", small=False, trace=None)
+    cmds = commands(args)
+    for cmd in cmds.values():
+        for part in ("--device cuda", "--dtype float16", "--seq 128", "--batch 8", "--warmup 2",
+                     "--model '/ckpts/my model'"):
+            assert part in cmd, (part, cmd)
+        assert "--small" not in cmd
+    assert cmds["nsys"].endswith("--steps 4") and cmds["ncu"].endswith("--steps 1")
+    assert "--small" in commands(argparse.Namespace(**{**vars(args), "model": None, "small": True}))["ncu"]
+    # the CPU run prints the GPU command for the same (small) model
+    trace = tmp_path / "t.json"
+    assert profile_main(["--device", "cpu", "--small", "--seq", "8", "--steps", "1", "--warmup", "1",
+                         "--trace", str(trace)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("on a GPU: "))
+    assert "--small" in line and "--seq 8" in line and "--device cuda" in line and trace.exists()
+    with pytest.raises(SystemExit):
+        profile_main(["--model", "x", "--small"])
+    assert "--small applies to the seed-like model only" in capsys.readouterr().err
+
+
+def test_nvtx_env_adds_ranges_at_patch_time(monkeypatch):
+    """BSBERT_NVTX=1 when patch runs: the named ranges (bsbert/layerN/...) stay on the patched model,
+    ranges() adds no second set, and unpatch takes them away with the patched modules."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import bsbert
+    from bsbert import nvtx
+    from tests.helpers import inputs, tiny_pruned
+
+    def hooked(model):
+        return [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+
+    model = tiny_pruned()
+    bsbert.patch(model, select="heuristic", progress=False)
+    assert not hooked(model)  # off by default
+    bsbert.unpatch(model)
+    monkeypatch.setenv("BSBERT_NVTX", "1")
+    bsbert.patch(model, select="heuristic", progress=False)
+    n_hooked = len(hooked(model))
+    assert n_hooked > 0
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs())
+    names = {e.key for e in prof.key_averages()}
+    for expected in ("bsbert/layer0/PrunedSelfAttention", "bsbert/layer0/qkv", "bsbert/layer0/ffn_in",
+                     "bsbert/layer0/intermediate", "bsbert/layer0/ffn_out+add_norm"):
+        assert expected in names, sorted(n for n in names if n.startswith("bsbert"))
+    with nvtx.ranges(model, use_nvtx=False):  # already there: no duplicates
+        assert all(len(m._forward_pre_hooks) == 1 for m in hooked(model))
+    assert len(hooked(model)) == n_hooked
+    bsbert.unpatch(model)
+    assert not hooked(model)
