@@ -23,7 +23,7 @@ log "fused add + LayerNorm vs torch"
 (cd "$ROOT" && python -m benchmarks.test_add_layer_norm 40) > "$OUT/add-layer-norm.md"
 
 log "end to end: seed-like BERT-large, batch 1, seq 384 and 128, fp32 then bf16; other engines on the packed model"
-# (engines not installed are recorded as unavailable: pip install 'bsbert[engines]')
+# (engines not installed are recorded as unavailable: pip install openvino onnxruntime onnx, or '.[engines]')
 for dt in float32 bfloat16; do
   bsbert bench --seq 384 128 --dtype "$dt" --repeats 10 --engines openvino onnxruntime --out "$OUT/bench" \
       > "$OUT/bench-$dt.txt" 2>&1

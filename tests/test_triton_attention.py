@@ -246,3 +246,39 @@ def test_varlen_tail_rows_are_zero_and_strided_cu():
     zero = pruned_attention_varlen_triton(qkv, torch.tensor([0, 0], dtype=torch.int32, device=DEVICE),
                                           0, h, d, 0.2)
     assert bool((zero == 0).all())
+
+
+def _attn_config_ids():
+    from bsbert.triton.attention import _attn_configs
+
+    return [f"m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" for c in _attn_configs()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", range(len(_attn_config_ids())), ids=_attn_config_ids())
+def test_every_tuning_config_matches_reference(monkeypatch, cfg):
+    # Each autotuning config forced (the other tests run the fixed one: BSBERT_TRITON_AUTOTUNE=0 in
+    # tests/conftest.py), padded with a mask and varlen, lengths that cross its tiles.
+    from bsbert.triton import _common
+    from bsbert.triton import attention as ta
+
+    if DEVICE != "cuda":
+        pytest.skip("the tuning configs are compiled for a GPU (the interpreter runs one config)")
+    c = ta._attn_configs()[cfg]
+    monkeypatch.setenv("BSBERT_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(ta, "_fixed_attn_kernel", lambda: _common.fixed_config_kernel(
+        ta._attn_kernel, dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages))
+    gen = torch.Generator().manual_seed(cfg)
+    s = 2 * max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) + 5
+    for dtype in (torch.float16, torch.bfloat16):
+        qkv = _qkv((3, s, 3 * 2 * 64), dtype, gen, big=True)
+        lengths = torch.tensor([s, s // 2 + 1, 0])
+        mask = (torch.arange(s)[None, :] < lengths[:, None]).to(DEVICE)
+        _check_padded(qkv, mask, 2, 64, 0.125)
+        cu = torch.tensor([0, s, s + 7, 2 * s], dtype=torch.int32, device=DEVICE)
+        flat = qkv.reshape(-1, qkv.shape[-1])[: 2 * s]
+        out = pruned_attention_varlen_triton(flat, cu, s, 2, 64, 0.125)
+        for a, b in ((0, s), (s, s + 7), (s + 7, 2 * s)):
+            seq = flat[a:b][None]
+            _assert_close(out[a:b][None], _ref_attention(seq.double(), None, 2, 64, 0.125),
+                          _ref_attention(seq, None, 2, 64, 0.125))

@@ -398,3 +398,35 @@ def test_torch_compile_aot_eager():
     torch._dynamo.reset()
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(out, f(x))
+
+
+def _tuning_config_ids():
+    from bsbert.triton.bsr_linear import _tuning_configs
+
+    return [f"bm{c.kwargs['BLOCK_M']}w{c.num_warps}s{c.num_stages}" for c in _tuning_configs()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", range(len(_tuning_config_ids())), ids=_tuning_config_ids())
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_every_tuning_config_matches_reference(monkeypatch, cfg, block):
+    # The autotuner may pick any of these on a GPU, while the other tests run one fixed config
+    # (tests/conftest.py sets BSBERT_TRITON_AUTOTUNE=0): each config, forced, against float64, at an M that
+    # spans several GROUP_M groups of its tiles with a partial last one, ragged N and K, an empty block row.
+    from bsbert.triton import _common
+    from bsbert.triton import bsr_linear as tb
+
+    if DEVICE != "cuda":
+        pytest.skip("the tuning configs are compiled for a GPU (the interpreter runs one config)")
+    c = tb._tuning_configs()[cfg]
+    if block == 64 and c.kwargs["BLOCK_M"] == 256:
+        pytest.skip("pruned for block 64 (register pressure), never chosen")
+    monkeypatch.setenv("BSBERT_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(tb, "_fixed_kernel", lambda m: _common.fixed_config_kernel(
+        tb._bsr_linear_kernel, dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages))
+    for dtype in (torch.float16, torch.bfloat16):
+        bsm, w, gen = _make(3 * block + 5, 4 * block - 7, block, dtype, density=0.5, seed=cfg, empty_rows=(1,))
+        m = 9 * c.kwargs["BLOCK_M"] * c.kwargs["GROUP_M"] // 8 + 3  # > one group of tiles, a partial last one
+        x = torch.randn(m, w.shape[1], generator=gen).to(DEVICE, dtype)
+        bias = torch.randn(w.shape[0], generator=gen).to(DEVICE, dtype)
+        _check(x, bsm, w, bias, gelu=True)

@@ -186,9 +186,12 @@ def _launch(qkv, mask, cu, out, s, h, d, scale, strides_q, strides_m, strides_o,
         def grid(meta_):
             return (triton.cdiv(grid_m_len, meta_["BLOCK_M"]), batch * h)
 
-        kernel = _tuned_attn if autotune_enabled() else fixed_config_kernel(  # BSBERT_TRITON_AUTOTUNE=0
-            _attn_kernel, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
-        launcher(kernel)[grid](*args, **meta)
+        launcher(_tuned_attn if autotune_enabled() else _fixed_attn_kernel())[grid](*args, **meta)
+
+
+def _fixed_attn_kernel():
+    """One untuned config (BSBERT_TRITON_AUTOTUNE=0). (Tests replace it to run each tuning config.)"""
+    return fixed_config_kernel(_attn_kernel, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
 
 
 def _check_padded_args(qkv, key_padding_mask, num_heads, head_dim):
