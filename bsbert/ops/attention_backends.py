@@ -20,6 +20,13 @@ from bsbert import _ext
 MASKED_AT_OR_BELOW = -1e4
 
 
+def _check_additive(m: torch.Tensor, eager: bool) -> None:
+    """An additive (float) mask holds 0 (attend) or masking values (<= -1e4) only; NaN fails both."""
+    if eager and m.dtype != torch.bool and not bool(((m == 0) | (m <= MASKED_AT_OR_BELOW)).all()):
+        raise ValueError("additive attention mask has values other than 0 (attend) and <= -1e4 (masked): a "
+                         "soft bias, not a padding mask; use patch(..., attention='torch-sdpa') for such masks")
+
+
 def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
     """transformers' 4-D encoder mask (bool: True = attend, or additive float) -> bool [B, S].
 
@@ -30,26 +37,23 @@ def key_padding_mask(attention_mask: torch.Tensor | None, b: int, s: int) -> tor
     if attention_mask is None:
         return None
     m = attention_mask
-    if m.dtype == torch.bool:
-        keep = m
-    else:
-        keep = m > MASKED_AT_OR_BELOW
-        # (data-dependent: checked in eager only, as the per-query check below)
-        if not torch.compiler.is_compiling() and not bool(((m == 0) | (m <= MASKED_AT_OR_BELOW)).all()):  # NaN fails
-            raise ValueError("additive attention mask has values other than 0 (attend) and <= -1e4 (masked): a "
-                             "soft bias, not a padding mask; use patch(..., attention='torch-sdpa') for such masks")
-    keep = keep.expand(b, 1, s, s) if keep.dim() == 4 else keep
-    if keep.dim() == 4:
-        if keep.shape[1] != 1:
-            raise ValueError(f"attention mask with {keep.shape[1]} head planes is not a padding mask")
-        if not torch.compiler.is_compiling() and not bool((keep == keep[:, :, :1, :]).all()):
+    eager = not torch.compiler.is_compiling()  # the value checks are data-dependent: eager only
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            raise ValueError(f"attention mask with {m.shape[1]} head planes is not a padding mask")
+        row = m[:, 0, 0, :]
+        _check_additive(row, eager)
+        # (rows equal in value: then every row passes the additive check as the first did; one pass over
+        # the mask per layer, and none for transformers' [B, 1, 1, S] form)
+        if eager and m.shape[2] != 1 and not bool((m == m[:, :, :1, :]).all()):
             raise ValueError("attention mask differs between query rows (not a padding mask); "
                              "use patch(..., attention='torch-sdpa') for custom masks")
-        keep = keep[:, 0, 0, :]
-    elif keep.dim() == 2:
-        pass
+        m = row
+    elif m.dim() == 2:
+        _check_additive(m, eager)
     else:
         raise ValueError(f"unsupported attention mask shape {tuple(attention_mask.shape)}")
+    keep = (m if m.dtype == torch.bool else m > MASKED_AT_OR_BELOW).expand(b, s)
     # Eager: no padding -> None, so the kernels take their unmasked path. Under torch.compile that
     # check is data-dependent (a graph break in every layer; each attention module then compiles as a
     # frame of its own and, with a different head count per layer, hits dynamo's recompile limit), so
