@@ -63,6 +63,28 @@ def has_sm90a() -> bool:
     return mod is not None and getattr(mod, "with_sm90a", lambda: False)()
 
 
+_KERNEL_PROBLEMS: dict = {}
+
+
+def cuda_kernel_problem(device) -> str | None:
+    """None if the extension's CUDA kernels can run on ``device`` (a CUDA torch.device), else why not: a GPU
+    whose architecture the build has no code for (BSBERT_CUDA_ARCH_LIST) would fail at its first launch,
+    inside patch's measurement. Asked once per device."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _KERNEL_PROBLEMS:
+        mod = load(warn=False)
+        probe = getattr(mod, "cuda_kernel_problem", None)  # (an extension built before this query: not asked)
+        problem = probe(index) if probe is not None else ""
+        if problem:
+            major, minor = torch.cuda.get_device_capability(index)
+            problem = (f"this build has no kernel code for {torch.cuda.get_device_name(index)} (sm_{major}{minor}): "
+                       f"{problem}; rebuild with BSBERT_CUDA_ARCH_LIST including {major}.{minor}")
+        _KERNEL_PROBLEMS[index] = problem or None
+    return _KERNEL_PROBLEMS[index]
+
+
 def bf16_widened_on_cpu() -> bool:
     """True where bsbert's CPU kernels run bf16 widened to fp32: the CPU level (after BSBERT_CPU_ISA) has
     AVX2 or AVX-512 but no ``vdpbf16ps``. There a bf16 GEMM's ceiling is the fp32 multiply-add rate, and

@@ -85,6 +85,15 @@ TORCH_LIBRARY_IMPL(bsbert, Autograd, m) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
+#ifdef BSBERT_WITH_CUDA
+namespace bsbert {
+namespace cuda {
+std::string bsr_linear_image_problem(int64_t device);  // csrc/cuda/bsr_linear_cuda.cu
+std::string attention_image_problem(int64_t device);   // csrc/cuda/pruned_attention_cuda.cu
+}  // namespace cuda
+}  // namespace bsbert
+#endif
+
 namespace {
 const char* torch_version_built() {
 #ifdef BSBERT_TORCH_VERSION
@@ -98,6 +107,17 @@ bool with_cuda() {
   return true;
 #else
   return false;
+#endif
+}
+// Empty if the CUDA kernels can run on CUDA device `device`, else why not (e.g. no code for its
+// architecture in this build).
+std::string cuda_kernel_problem(int64_t device) {
+#ifdef BSBERT_WITH_CUDA
+  std::string p = bsbert::cuda::bsr_linear_image_problem(device);
+  return p.empty() ? bsbert::cuda::attention_image_problem(device) : p;
+#else
+  (void)device;
+  return "the extension was built without CUDA kernels";
 #endif
 }
 bool with_sm90a() {
@@ -114,6 +134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("torch_version", &torch_version_built, "torch version this extension was compiled against");
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
   m.def("with_sm90a", &with_sm90a, "whether the CUDA kernels include sm_90a code (the Hopper wgmma kernels)");
+  m.def("cuda_kernel_problem", &cuda_kernel_problem, pybind11::arg("device"),
+        "empty if the CUDA kernels can run on that CUDA device, else why not (e.g. no code for its architecture)");
   m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
   m.def("encoder_register", &bsbert::cpu::encoder_register, pybind11::arg("tensors"), pybind11::arg("ints"),
         pybind11::arg("floats"),

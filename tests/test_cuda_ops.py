@@ -250,6 +250,30 @@ def test_bsr_linear_empty_inputs():
     assert _bsr_call(x, bsm, None, False).shape == (0, 64)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bsr_linear_no_inputs_gives_the_bias(gelu):
+    # in_features = 0: y = bias (then GELU), as the CPU op; x.reshape(-1, 0) used to fail before any check
+    _require_cuda_kernel("bsr_linear")
+    from bsbert.formats import BlockSparseMatrix
+
+    bsm = BlockSparseMatrix.from_dense(torch.zeros(64, 0), 32, pad=True, dtype=torch.float16).to(DEV)
+    x = torch.randn(4, 0, dtype=torch.float16, device=DEV)
+    bias = torch.randn(64, dtype=torch.float16, device=DEV)
+    y = _bsr_call(x, bsm, bias, gelu)
+    want = torch.nn.functional.gelu(bias.float()) if gelu else bias.float()
+    torch.testing.assert_close(y.float(), want.expand(4, 64), **TOL[torch.float16])
+    assert torch.equal(_bsr_call(x, bsm, None, False), torch.zeros(4, 64, dtype=torch.float16, device=DEV))
+
+
+def test_cuda_kernels_have_code_for_this_gpu():
+    # the probe patch's backends ask before offering the CUDA kernels (no kernel image -> not eligible)
+    _require_cuda_kernel("bsr_linear")
+    from bsbert import _ext
+
+    assert _ext.load().cuda_kernel_problem(torch.cuda.current_device()) == ""
+    assert _ext.cuda_kernel_problem(torch.device(DEV)) is None
+
+
 def test_bsr_linear_errors_name_the_problem():
     _require_cuda_kernel("bsr_linear")
     from bsbert.formats import BlockSparseMatrix
@@ -333,6 +357,41 @@ def test_pruned_attention_strided_qkv(dtype):
     for qkv in (big[..., :3 * h * d], big[..., 1:3 * h * d + 1]):  # in-place strides; unaligned -> copy
         out = torch.ops.bsbert.pruned_attention(qkv, None, h, d, 0.125)
         torch.testing.assert_close(out.cpu().double(), _ref_attention(qkv.cpu(), None, h, d, 0.125), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pruned_attention_contiguous_but_unaligned_qkv(dtype):
+    # contiguous, starting 2 bytes past a 16-byte boundary: .contiguous() returned it as is and the
+    # kernel's 16-byte cp.async copies read misaligned addresses; the op now copies it (padded and varlen)
+    _require_cuda_kernel("pruned_attention")
+    b, s, h, d = 2, 70, 2, 64
+    buf = torch.randn(1 + b * s * 3 * h * d, dtype=dtype, device=DEV)
+    qkv = buf[1:].view(b, s, 3 * h * d)
+    assert qkv.is_contiguous() and qkv.data_ptr() % 16 != 0
+    out = torch.ops.bsbert.pruned_attention(qkv, None, h, d, 0.125)
+    torch.testing.assert_close(out.cpu().double(), _ref_attention(qkv.cpu(), None, h, d, 0.125), **TOL[dtype])
+    flat = buf[1:1 + s * 3 * h * d].view(s, 3 * h * d)
+    cu = torch.tensor([0, s], dtype=torch.int32, device=DEV)
+    out = torch.ops.bsbert.pruned_attention_varlen(flat, cu, s, h, d, 0.125)
+    torch.testing.assert_close(out.cpu().double(), _ref_attention(flat[None].cpu(), None, h, d, 0.125)[0],
+                               **TOL[dtype])
+
+
+def test_pruned_attention_varlen_untrusted_lengths_stay_in_bounds():
+    # The CUDA op trusts cu_seqlens / max_seqlen (reading them is a sync): a too-small max_seqlen still
+    # gives every row (each CTA loops over the query tiles), max_seqlen = 0 too (it returned zeros), and
+    # sequence bounds past the tokens are clamped to them (they read and wrote outside qkv and out).
+    _require_cuda_kernel("pruned_attention_varlen")
+    h, d, t = 2, 64, 150
+    qkv = torch.randn(t, 3 * h * d, dtype=torch.float16, device=DEV)
+    cu = torch.tensor([0, 70, t], dtype=torch.int32, device=DEV)
+    ref = torch.ops.bsbert.pruned_attention_varlen(qkv, cu, 80, h, d, 0.125)
+    for small in (1, 0):
+        torch.testing.assert_close(torch.ops.bsbert.pruned_attention_varlen(qkv, cu, small, h, d, 0.125), ref)
+    bad = torch.tensor([0, 70, 4000], dtype=torch.int32, device=DEV)
+    out = torch.ops.bsbert.pruned_attention_varlen(qkv, bad, 4000, h, d, 0.125)
+    torch.cuda.synchronize()  # (an out-of-bounds access would surface here as a CUDA error)
+    torch.testing.assert_close(out, ref)  # the last sequence clamped to the 150 tokens there are
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -164,6 +164,9 @@ class ExtensionAttention(AttentionBackend):
                 ok = False
             if not ok:
                 reasons.append(f"extension was built without the {self.dispatch_key} attention kernel")
+            elif dev == "cuda" and device.type == "cuda" and torch.cuda.is_available() \
+                    and _ext.cuda_kernel_problem(device):
+                reasons.append(_ext.cuda_kernel_problem(device))
         if dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             reasons.append(f"dtype {dtype} not supported ({names})")

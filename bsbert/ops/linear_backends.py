@@ -192,6 +192,8 @@ class CudaBsr(LinearBackend):
             reasons.append(f"C++ extension unavailable: {_ext.reason_unavailable()}")
         elif not _has_kernel("bsr_linear", "CUDA"):
             reasons.append("extension was built without CUDA kernels")
+        elif device.type == "cuda" and torch.cuda.is_available() and _ext.cuda_kernel_problem(device):
+            reasons.append(_ext.cuda_kernel_problem(device))
         if dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {dtype} not supported (float16, bfloat16)")
         if block not in (None, 16, 32, 64):

@@ -59,8 +59,10 @@ def _attn_kernel(
     b = pid_bh // H
     h = pid_bh % H
     if VARLEN:
-        seq_start = tl.load(cu_ptr + b)
-        seqlen = tl.load(cu_ptr + b + 1) - seq_start
+        # S = the tokens there are: cu_seqlens is not checked on a GPU (a sync), so its bounds are clamped to
+        # them, and a bad value cannot make this program read or write outside qkv and out
+        seq_start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), S)
+        seqlen = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), seq_start), S) - seq_start
         q_base = qkv_ptr + seq_start.to(tl.int64) * stride_qs
         o_base = out_ptr + seq_start.to(tl.int64) * stride_os
     else:
@@ -253,7 +255,8 @@ def _attention_varlen_impl(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, sca
         # torch.compile tracing this (triton_op) body does not know them until run time, and on a GPU
         # reading them is a device -> host sync per call (per layer of an unpadded forward, and not
         # allowed during CUDA-graph capture), as for the BSR op's indices there; bsbert's unpad path
-        # builds cu_seqlens itself. Under the interpreter (CPU tensors) they are checked below.
+        # builds cu_seqlens itself, and the kernel clamps the bounds to the tokens there are. Under the
+        # interpreter (CPU tensors) they are checked below.
         out = torch.zeros((t, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
         if is_fake(out):
             return out
@@ -265,7 +268,7 @@ def _attention_varlen_impl(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, sca
     if out.numel() == 0 or bsz == 0 or max_seqlen == 0:
         return out
     cu_seqlens = cu_seqlens.contiguous()  # the kernel reads cu_seqlens[b] at cu_ptr + b
-    _launch(qkv, out, cu_seqlens, out, 0, num_heads, head_dim, scale,
+    _launch(qkv, out, cu_seqlens, out, t, num_heads, head_dim, scale,
             (0, qkv.stride(0), qkv.stride(1)), (0, 0), (0, out.stride(0)), int(max_seqlen), bsz,
             True, False)
     return out

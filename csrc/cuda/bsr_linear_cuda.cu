@@ -30,6 +30,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <string>
 #include <torch/library.h>
@@ -265,7 +266,7 @@ SlabLaunch slab_launch(Kernel kernel, const char* prefix, int M, int N, int K) {
               " needs ", smem, " bytes of shared memory for in_features=", K, " (a ", Cfg::BM, " x ",
               Cfg::slab_cols(K), " slab of x plus the W rings); this GPU allows ", optin,
               " per block: use a smaller slab or a rows x warps tile");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, smem));
   BSBERT_CHECK(per_sm > 0, "bsr_linear (CUDA): the slab kernel cannot be resident with ", smem,
@@ -513,14 +514,23 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   const int64_t K = in_features, N = out_features;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
+  // M from the leading sizes: reshape({-1, K}) is ambiguous (an error) for K = 0
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor x2 = x.reshape({M, K}).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0 || N == 0) return y.view(out_shape);
   at::Tensor bias_c;
   if (bias_p) {
     bias_c = bias_p->contiguous();
     bias_p = &bias_c;
+  }
+  if (K == 0) {  // no inputs: y = bias (then GELU), as on the CPU; the kernels assume K > 0
+    if (bias_p) {
+      y.copy_(bias_p->unsqueeze(0).expand({M, N}));
+    } else {
+      y.zero_();
+    }
+    return (gelu ? at::gelu(y) : y).view(out_shape);
   }
 
   if (dtype == at::kFloat) {
@@ -561,6 +571,16 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
 #endif  // BSBERT_KERNELS_ONLY
 
 }  // namespace
+
+#ifndef BSBERT_KERNELS_ONLY
+// Empty if this build's block-sparse kernels can run on CUDA device `device`, else why not (a GPU whose
+// architecture the build has no code for: its first launch would fail inside patch's measurement).
+std::string bsr_linear_image_problem(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return kernel_image_problem(reinterpret_cast<const void*>(&bsr_linear_mma_kernel<__half, Cfg32x64>));
+}
+#endif
+
 }  // namespace cuda
 }  // namespace bsbert
 

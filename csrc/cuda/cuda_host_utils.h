@@ -8,6 +8,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
 
 namespace bsbert {
 namespace cuda {
@@ -34,6 +38,29 @@ inline int sm_count() { return cached_device_attr<cudaDevAttrMultiProcessorCount
 inline int max_smem_optin() { return cached_device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+
+// Lets `kernel` use up to the current device's opt-in maximum of dynamic shared memory, once per (device,
+// kernel). The attribute is only a ceiling (each launch still asks for its own size); setting it on every
+// call to that call's size could race with another host thread launching the same kernel with more.
+inline void allow_max_dynamic_smem(const void* kernel) {
+  static std::mutex mu;
+  static std::set<std::pair<int, const void*>> done;
+  const std::pair<int, const void*> key{static_cast<int>(c10::cuda::current_device()), kernel};
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin()));
+  done.insert(key);
+}
+
+// Empty if `kernel` has code the current device can run, else the runtime's reason (e.g. no kernel image
+// for this GPU's architecture in this build). The error is cleared: it is an answer here, not a failure.
+inline std::string kernel_image_problem(const void* kernel) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) return std::string();
+  (void)cudaGetLastError();
+  return cudaGetErrorString(err);
+}
 
 }  // namespace cuda
 }  // namespace bsbert

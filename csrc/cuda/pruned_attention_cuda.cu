@@ -13,6 +13,7 @@
 
 #ifndef BSBERT_KERNELS_ONLY
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,6 +45,7 @@ struct AttnParams {
   int64_t mask_batch_stride;
   int64_t mask_token_stride;
   int seqlen;                 // padded form: S
+  int total_tokens;           // varlen form: T (sequence bounds from cu_seqlens are clamped to [0, T])
   int num_heads;
   float scale_log2;           // scale * log2(e)
 };
@@ -67,8 +69,12 @@ __global__ void __launch_bounds__(kThreads) pruned_attention_fwd_kernel(const At
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int start = 0, L = p.seqlen;
   if (p.cu_seqlens != nullptr) {
-    start = p.cu_seqlens[b];
-    L = p.cu_seqlens[b + 1] - start;
+    // cu_seqlens' values are not checked on the host (a sync per call); clamped, a bad one cannot make
+    // this CTA read or write outside qkv and out
+    const int s0 = min(max(p.cu_seqlens[b], 0), p.total_tokens);
+    const int s1 = min(max(p.cu_seqlens[b + 1], s0), p.total_tokens);
+    start = s0;
+    L = s1 - s0;
   }
   const T* base = p.qkv + b * p.qkv_batch_stride + static_cast<int64_t>(start) * p.qkv_token_stride;
   const T* qg = base + h * D;
@@ -298,7 +304,8 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
   BSBERT_CHECK(B <= 65535, "pruned_attention (CUDA): batch size must be <= 65535, got ", B);
   BSBERT_CHECK(S < (int64_t{1} << 31), "pruned_attention (CUDA): sequence too long");
   c10::cuda::CUDAGuard guard(qkv_in.device());
-  at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.contiguous();
+  // (clone, not contiguous(): a contiguous qkv that starts off a 16-byte boundary would come back as is)
+  at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor mask;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     mask = *key_padding_mask;
@@ -342,12 +349,15 @@ at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tens
               "max_seqlen must be in [0, 2^31), got ", max_seqlen);
   const int64_t B = cu_seqlens.numel() - 1, T = qkv_in.size(0);
   BSBERT_CHECK(B <= 65535, "pruned_attention_varlen (CUDA): batch size must be <= 65535, got ", B);
+  BSBERT_CHECK(T < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): too many tokens (", T, ")");
   c10::cuda::CUDAGuard guard(qkv_in.device());
-  at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.contiguous();
+  // (clone, not contiguous(): a contiguous qkv that starts off a 16-byte boundary would come back as is)
+  at::Tensor qkv = rows_aligned(qkv_in) ? qkv_in : qkv_in.clone(at::MemoryFormat::Contiguous);
   // Every token belongs to a sequence when cu_seqlens[B] == T (the documented contract); zeros make the
   // result deterministic for tokens outside all sequences should a caller break it.
   at::Tensor out = at::zeros({T, num_heads * head_dim}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0 || T == 0 || max_seqlen == 0) return out;
+  // (max_seqlen only sizes the grid: a CTA loops over the query tiles of a longer sequence, so even 0 works)
+  if (B == 0 || T == 0) return out;
   auto fill = [&](auto& p) {
     p.qkv_batch_stride = 0;
     p.qkv_token_stride = qkv.stride(0);
@@ -355,14 +365,24 @@ at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tens
     p.out_token_stride = out.stride(0);
     p.cu_seqlens = cu_seqlens.data_ptr<int>();
     p.seqlen = 0;
+    p.total_tokens = static_cast<int>(T);
   };
-  const int grid_x = static_cast<int>(std::min<int64_t>((max_seqlen + kBr - 1) / kBr, 65535));
+  const int grid_x = static_cast<int>(std::clamp<int64_t>((max_seqlen + kBr - 1) / kBr, 1, 65535));
   launch_for_dtype(qkv, out, num_heads, head_dim, scale, grid_x, B, fill);
   return out;
 }
 #endif  // BSBERT_KERNELS_ONLY
 
 }  // namespace
+
+#ifndef BSBERT_KERNELS_ONLY
+// Empty if this build's attention kernel can run on CUDA device `device`, else why not.
+std::string attention_image_problem(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return kernel_image_problem(reinterpret_cast<const void*>(&pruned_attention_fwd_kernel<__half, 64>));
+}
+#endif
+
 }  // namespace cuda
 }  // namespace bsbert
 
