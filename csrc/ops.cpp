@@ -12,6 +12,8 @@ TORCH_LIBRARY(bsbert, m) {
   //   x: [..., K] (any strides), crow_indices int32 [ceil(N/block)+1], col_indices int32 [nnz_blocks],
   //   packed_values: blocks in the layout of the backend that owns the dispatch key
   //   (see bsbert/ops/packing.py), bias: [N] or None. Returns [..., N], contiguous, x's dtype.
+  //   The CPU kernel checks the index values; the CUDA one trusts them (reading them is a sync per call):
+  //   bsbert.formats.BlockSparseMatrix validates them when it is built.
   m.def(
       "bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor packed_values, "
       "Tensor? bias, int out_features, int in_features, int block, bool gelu) -> Tensor");
