@@ -73,9 +73,15 @@ fi
 
 # Numerical tests on the GPU (CUDA C++ ops, Triton kernels compiled for real, patch on cuda). conftest
 # sets BSBERT_TRITON_AUTOTUNE=0 there: one fixed config per shape instead of autotuning each.
-TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -k "not (errors or rejects)" \
+# (every Triton autotuning config against float64 is a step of its own, below: ~90 compilations)
+TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
+  -k "not (errors or rejects or tuning_config)" \
   tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
   tests/test_patch.py tests/test_profile_nvtx.py tests/test_model_check.py
+if [[ " ${GPU_STEPS:-} " == *" pytest_tuning_configs "* ]]; then
+  TAIL=12 step pytest_tuning_configs 150 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=5 -k tuning_config \
+    tests/test_triton_bsr_linear.py tests/test_triton_attention.py
+fi
 
 # Only when named in GPU_STEPS (the full pytest_gpu above includes it): the CUDA op tests alone.
 if [[ " ${GPU_STEPS:-} " == *" pytest_cuda_ops "* ]]; then
