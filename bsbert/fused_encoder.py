@@ -65,6 +65,28 @@ class Program:
     watch: list = field(default_factory=list, repr=False)
     watch_bsbert: list = field(default_factory=list, repr=False)
     generation: int = -1  # the counter's value when watch_bsbert last matched
+    # (dict, key, float) for every float the op was given (a LayerNorm's eps, the attention scale), compared
+    # by value: the op holds the number, not the attribute. ``values``: LayerNorm eps, a plain attribute of
+    # torch's class that no hook sees set, looked up on every call (2 a layer); ``values_bsbert``: the
+    # attention scale (PrunedSelfAttention bumps the counter), looked up only when the counter has moved
+    values: list = field(default_factory=list, repr=False)
+    values_bsbert: list = field(default_factory=list, repr=False)
+    # (module, class) for each LayerNorm the op normalises with: a class swapped in place (what
+    # torch.nn.utils.parametrize does; it also registers modules and parameters, which bump the
+    # counter) would compute something else. Looked at only when the counter has moved
+    types: list = field(default_factory=list, repr=False)
+    # the encoder's layer list as the op took it: (the encoder's _modules dict, the ModuleList's name there,
+    # the ModuleList, a tuple of its layers). A layer deleted, inserted, replaced or appended, or another
+    # list put in its place, leaves the op running the old layers; `del` / insert / pop write the
+    # ModuleList's dict directly (no hook, no counter), so this is looked at on every call: one lookup and
+    # a tuple of the layers compared by identity (~0.3 us for 24 layers). None: not watched (a program
+    # made by program() alone, not installed on an encoder)
+    layer_list: tuple | None = field(default=None, repr=False)
+    # list name -> for each entry of that list, the object whose __dict__ the entry's dict is (else None): a
+    # copy (deepcopy, pickle) of the program must watch its copied modules' own __dict__s, and a copied
+    # module gets a fresh __dict__ (nn.Module.__setstate__ updates it from the copied state), so
+    # __setstate__ takes vars() of the copied owners again. (_modules / _parameters dicts copy as they are.)
+    vars_owners: dict = field(default_factory=dict, repr=False)
     # the lists registered with the extension (bsbert._C.encoder_register) on the first run: a call then
     # passes one int instead of ~20 tensors a layer (480 for BERT-large: ~150 us of a cold bf16 seq-128
     # forward, plus ~3 us a layer to unpack them in the op). False: this build has no registry.
@@ -75,6 +97,14 @@ class Program:
 
     def __post_init__(self):
         self.hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+        self._index_values()
+
+    def _index_values(self):
+        # `values` as parallel sequences: the per-call check is then one list built by map() in C and one
+        # list comparison (48 LayerNorm eps of BERT-large: ~0.9 us warm against ~1.9 us for a generator)
+        self._value_dicts = tuple(d for d, _, _ in self.values)
+        self._value_keys = tuple(k for _, k, _ in self.values)
+        self._value_floats = [v for _, _, v in self.values]
 
     def run(self, hidden, key_padding_mask):
         """The encoder op on ``hidden`` (the registered form when the build has it)."""
@@ -92,16 +122,37 @@ class Program:
         state["no_hooks_at"] = -1  # the copy's modules are others (a deep copy carries their hooks along)
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for name, owners in self.vars_owners.items():
+            entries = getattr(self, name)
+            for i, owner in enumerate(owners):
+                if owner is not None:
+                    entries[i] = (vars(owner),) + tuple(entries[i][1:])
+        self._index_values()
+
     def stale(self) -> bool:
-        if any(d.get(k) is not v for d, k, v in self.watch):
+        listed = self.layer_list
+        if listed is not None:
+            owner, name, ml, entries = listed
+            if owner.get(name) is not ml or tuple(ml._modules.values()) != entries:
+                return True
+        if any(d.get(k) is not v for d, k, v in self.watch) \
+                or list(map(dict.get, self._value_dicts, self._value_keys)) != self._value_floats:
             return True
         now = generation.current()
         if now == self.generation:
             return False
-        if any(d.get(k) is not v for d, k, v in self.watch_bsbert):
+        if any(d.get(k) is not v for d, k, v in self.watch_bsbert) \
+                or any(d.get(k) != v for d, k, v in self.values_bsbert) or any(type(m) is not t for m, t in self.types):
             return True
         self.generation = now  # nothing of this encoder's was replaced: the counter moved elsewhere
         return False
+
+    def watch_layer_list(self, encoder: nn.Module, name: str) -> None:
+        """Watch ``encoder.<name>`` (the ModuleList the layers came from) for edits (see ``layer_list``)."""
+        ml = encoder._modules[name]
+        self.layer_list = (encoder._modules, name, ml, tuple(ml._modules.values()))
 
 
 class _Registration:
@@ -130,14 +181,36 @@ class _Registration:
 def _watch(owner, name: str) -> tuple:
     """(the dict that holds owner.name, name, its current value, whether a write of it bumps
     bsbert.generation's counter: any attribute of a bsbert class, a submodule of any module once
-    generation.watch_module_assignments is in place), for Program.stale."""
+    generation.watch_module_assignments is in place; owner when the dict is its __dict__, else None), for
+    Program.stale."""
     if isinstance(owner, nn.Module) and name in owner._modules:
         d = owner._modules
         counted = isinstance(owner, generation.Bumps) or generation.watch_module_assignments()
-    else:
-        d = vars(owner)
-        counted = isinstance(owner, generation.Bumps)
-    return d, name, d[name], counted
+        return d, name, d[name], counted, None
+    d = vars(owner)
+    return d, name, d[name], isinstance(owner, generation.Bumps), owner
+
+
+def _watch_parameter(owner: nn.Module, name: str) -> tuple:
+    """_watch for the parameter ``owner.name`` (a LayerNorm's weight / bias): the entry of its
+    ``_parameters`` dict. Assigning a Parameter or None (``norm.weight = nn.Parameter(...)``,
+    ``load_state_dict(assign=True)``, torch.nn.utils.parametrize) goes through register_parameter,
+    whose global hook bumps the counter once :func:`_watch_parameter_assignments` is in place."""
+    return owner._parameters, name, owner._parameters.get(name), _watch_parameter_assignments(), None
+
+
+_PARAMETER_HOOK: list = []  # [RemovableHandle or None] once installed
+
+
+def _watch_parameter_assignments() -> bool:
+    """Install (once, for the process) a global parameter-registration hook that bumps bsbert.generation's
+    counter, as generation.watch_module_assignments does for submodules; False if this torch has none
+    (then the parameters are looked up on every call). (It reuses generation's module hook function,
+    whose signature -- module, name, value -> None -- is the parameter hook's too.)"""
+    if not _PARAMETER_HOOK:
+        register = getattr(nn_module, "register_module_parameter_registration_hook", None)
+        _PARAMETER_HOOK.append(register(generation._bump_on_assignment) if register is not None else None)
+    return _PARAMETER_HOOK[0] is not None
 
 
 def _linear_args(lin, gelu: bool, where: str):
@@ -164,7 +237,7 @@ def program(layers, dtype: torch.dtype) -> Program | str:
     from bsbert import fast_layer
     from bsbert.nn import DenseAddLayerNorm, FusedIntermediate, PrunedSelfAttention
 
-    tensors, ints, floats, modules, watch = [], [], [], [], []
+    tensors, ints, floats, modules, watch, values, types = [], [], [], [], [], [], []
     for i, layer in enumerate(layers):
         if not fast_layer.installed(layer):
             return f"layer {i} is not on bsbert's lean layer forward"
@@ -205,14 +278,25 @@ def program(layers, dtype: torch.dtype) -> Program | str:
             lin = owner.qkv if owner is sa else owner.dense
             watch += [_watch(owner, "qkv" if owner is sa else "dense"), _watch(lin, "choice"),
                       _watch(lin.choice, "prepared")]
+        for norm in (so.LayerNorm, out.LayerNorm):  # the op holds these tensors: watch the norms' entries
+            watch += [_watch_parameter(norm, "weight"), _watch_parameter(norm, "bias")]
+            types.append((norm, type(norm)))
         floats += [float(sa.scale), float(so.LayerNorm.eps), float(out.LayerNorm.eps)]
+        values += [(vars(sa), "scale", floats[-3], isinstance(sa, generation.Bumps), sa),
+                   (vars(so.LayerNorm), "eps", floats[-2], False, so.LayerNorm),
+                   (vars(out.LayerNorm), "eps", floats[-1], False, out.LayerNorm)]
         modules += list(layer.modules())
     if any(t is not None and t.device.type != "cpu" for t in tensors):
         return "weights are not on the CPU"
     if not _has_cpu_kernel("bert_encoder"):
         return "bsbert::bert_encoder has no CPU kernel in this build"
-    return Program(tensors, ints, floats, dtype, list(layers), modules, watch=[w[:3] for w in watch if not w[3]],
-                   watch_bsbert=[w[:3] for w in watch if w[3]])
+    if not all(k in d for d, k, *_ in values):
+        return "the attention scale or a LayerNorm's eps is not a plain attribute"
+    lists = {"watch": [w for w in watch if not w[3]], "watch_bsbert": [w for w in watch if w[3]],
+             "values": [v for v in values if not v[3]], "values_bsbert": [v for v in values if v[3]]}
+    return Program(tensors, ints, floats, dtype, list(layers), modules, types=types,
+                   vars_owners={k: [e[4] for e in v] for k, v in lists.items()},
+                   **{k: [e[:3] for e in v] for k, v in lists.items()})
 
 
 def _has_cpu_kernel(op: str) -> bool:
@@ -306,7 +390,8 @@ def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> s
     if _hooked(prog):
         return "forward hooks on the layers' modules"
     if prog.stale():
-        return "a module or backend choice was replaced after patch (reinstall with bsbert.fused_encoder.install)"
+        return ("a module, backend choice, layer of the layer list, LayerNorm parameter or eps, or attention scale "
+                "was changed after patch (reinstall with bsbert.fused_encoder.install)")
     return None
 
 
@@ -352,9 +437,13 @@ def _output_type(encoder: nn.Module, hidden_size: int, dtype: torch.dtype):
 
 def install(encoder: nn.Module, layers, hidden_size: int, dtype: torch.dtype) -> str | None:
     """Give ``encoder`` the fused forward; returns None, or why not (then nothing is changed)."""
+    name = next((k for k, v in encoder._modules.items() if v is layers), None)
+    if name is None or not isinstance(layers, nn.ModuleList):
+        return "the layers are not a ModuleList of the encoder (its edits could not be watched)"
     prog = program(list(layers), dtype)
     if isinstance(prog, str):
         return prog
+    prog.watch_layer_list(encoder, name)
     try:
         prog.output_type = _output_type(encoder, hidden_size, dtype)
     except Exception as exc:  # the probe must never leave a half-patched model behind

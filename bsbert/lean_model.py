@@ -83,7 +83,12 @@ def _plain(self, attention_mask, args, kwargs) -> bool:
             return False
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.is_floating_point()):
         return False
-    return fused_encoder.installed(self.encoder) and not fused_encoder._capturing()
+    # The lean form calls the encoder's op, not the encoder module: a (pre-)hook on the encoder itself
+    # would not run (the fused encoder's own check looks at the layers' modules; a call through the
+    # module runs the encoder's hooks). Two dict truth tests on one module, ~0.1 us.
+    enc = self._modules.get("encoder")
+    return (enc is not None and fused_encoder.installed(enc) and not enc._forward_hooks
+            and not enc._forward_pre_hooks and not fused_encoder._capturing())
 
 
 _HAS_OP: dict[str, bool] = {}  # op name -> bsbert._ext.has_op, looked up once (an older build lacks some)
@@ -115,6 +120,16 @@ def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtyp
                                                        "token_type_embeddings", "LayerNorm", "dropout"))
     if any(m is None for m in (word, pos, tt, norm, drop)) or _hooked(emb, word, pos, tt, norm, drop):
         return None
+    # The op is nn.Embedding lookups, an add and nn.LayerNorm with the identity for dropout: a subclass,
+    # another module or an instance forward in any of those places, an embedding that renormalises its
+    # rows (max_norm), a dropout still in training mode, or default ids other than the buffers' arange /
+    # zeros would compute something else (~1 us of lookups)
+    if type(word) is not nn.Embedding or type(pos) is not nn.Embedding or type(tt) is not nn.Embedding \
+            or word.max_norm is not None or pos.max_norm is not None or tt.max_norm is not None \
+            or not (type(drop) is nn.Dropout and not drop.training or type(drop) is nn.Identity) \
+            or any("forward" in m.__dict__ for m in (word, pos, tt, norm, drop)) \
+            or not _default_ids(d, token_type_ids is None):
+        return None
     w, g, b = word._parameters.get("weight"), norm._parameters.get("weight"), norm._parameters.get("bias")
     if w is None or g is None or b is None or w.dtype != dtype or w.device.type != "cpu" \
             or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 \
@@ -125,6 +140,27 @@ def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtyp
                                        or token_type_ids.device.type != "cpu"):
         return None
     return torch.ops.bsbert.bert_embeddings(input_ids, token_type_ids, w, pos.weight, tt.weight, g, b, norm.eps)
+
+
+def _default_ids(d: dict, default_types: bool) -> bool:
+    """The embeddings' ``position_ids`` buffer holds 0, 1, 2, ... and (when the call gives no token types)
+    its ``token_type_ids`` buffer zeros, as the op assumes (transformers' forward reads the buffers).
+    Checked once per buffer object and version (an in-place edit bumps it; an edit through ``.data``
+    does not, and is not seen), so a call costs two lookups and two version reads."""
+    bufs = d["_buffers"]
+    pos_ids, tt_ids = bufs.get("position_ids"), bufs.get("token_type_ids")
+    if pos_ids is None or (default_types and tt_ids is None):
+        return False
+    tt_version = -1 if tt_ids is None else tt_ids._version
+    seen = d.get("_bsbert_default_ids")
+    if seen is None or seen[0] is not pos_ids or seen[1] != pos_ids._version or seen[2] is not tt_ids \
+            or seen[3] != tt_version:
+        ok = pos_ids.dim() == 2 and pos_ids.shape[0] == 1 and not pos_ids.is_floating_point() and torch.equal(
+            pos_ids[0].cpu(), torch.arange(pos_ids.shape[1], dtype=pos_ids.dtype))
+        ok_types = tt_ids is not None and not tt_ids.is_floating_point() and not bool(tt_ids.any())
+        # (written into the dict: nn.Module's __setattr__ would cost more and this is no state of the model)
+        seen = d["_bsbert_default_ids"] = (pos_ids, pos_ids._version, tt_ids, tt_version, ok, ok_types)
+    return seen[4] and (seen[5] or not default_types)
 
 
 def _lean_sequence(self, input_ids, attention_mask, token_type_ids, position_ids, args, kwargs):

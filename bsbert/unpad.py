@@ -34,10 +34,48 @@ def _layer_distilbert(layer, adapter, x, info):
 _STYLES = {"bert": _layer_bert, "distilbert": _layer_distilbert}
 
 
+class _HookWatch:
+    """The hook dicts of every module in the layers this forward ran last, for bsbert.fused_encoder._hooked
+    (which looks at them only when torch's hook-handle counter has moved since they were found empty).
+    ``key``: (bsbert.generation's counter, the layers) when they were collected: a layer or submodule
+    replaced since (a submodule assignment bumps the counter) brings in other modules, so they are
+    collected again."""
+
+    def __init__(self):
+        self.key = None
+        self.hook_dicts: list = []
+        self.no_hooks_at = -1
+
+
+def _hooked(watch: _HookWatch, layers) -> bool:
+    """A forward (pre-)hook, global or on any module of ``layers``: this forward calls the layers' parts
+    directly (the attention's unpadded form, add_layer_norm), so such a hook would be skipped or see other
+    shapes; the padded forward, through the modules, runs it. Per call, while nothing moved: the global
+    dicts, a tuple of the layers and two counters (~0.5 us for 24 layers)."""
+    from bsbert import fused_encoder, generation
+
+    counted = generation.watch_module_assignments()  # (installed by install(); False on an old torch)
+    key = (generation.current(), tuple(layers)) if counted else None
+    if key is None or key != watch.key:
+        watch.hook_dicts = [d for layer in layers for m in layer.modules()
+                            for d in (m._forward_pre_hooks, m._forward_hooks)]
+        watch.no_hooks_at = -1
+        watch.key = key
+    return fused_encoder._hooked(watch)
+
+
 def install(encoder, adapter) -> None:
     """Give ``encoder`` (a patched BertEncoder-like module) the padding-free forward."""
-    padded_forward = encoder.forward
+    from bsbert import generation
+
+    # The padded forward is the class's own (uninstall restores it by deleting this instance attribute),
+    # called on `self`: a closure over encoder.forward would, in a deep copy, run the original's layers.
+    def padded_forward(self, *args, **kwargs):
+        return type(self).forward(self, *args, **kwargs)
+
     layer_fn = _STYLES[adapter.layer_style]
+    generation.watch_module_assignments()  # a replaced layer part bumps the counter (see _HookWatch)
+    hooks = _HookWatch()
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         from bsbert import fused_encoder
@@ -45,14 +83,17 @@ def install(encoder, adapter) -> None:
         # Hidden states / attentions are collected by transformers' hooks on the layers, which this
         # forward does not call: the padded forward, through the layers, gives them (or says why not).
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or fused_encoder._capturing():
-            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
+            return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         b, s, h = hidden_states.shape
         keep = key_padding_mask(attention_mask, b, s) if attention_mask is not None else None
         if keep is None:  # nothing to remove
-            return padded_forward(hidden_states, attention_mask, *args, **kwargs)
+            return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
+        layers = getattr(self, adapter.layers_attr)
+        if _hooked(hooks, layers):  # a hook this forward would skip: the padded forward runs it
+            return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         info = UnpadInfo(keep, attention_mask)
         x = info.unpad(hidden_states)
-        for layer in getattr(self, adapter.layers_attr):
+        for layer in layers:
             x = layer_fn(layer, adapter, x, info)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=info.pad(x))
 

@@ -1,6 +1,8 @@
 """patch(fast_layers=...): bsbert's lean layer forward computes exactly what transformers' layer
 forward computes with the same modules, keeps transformers' hooks working, and comes off with
 unpatch / verify's swap to the original."""
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,37 @@ def test_distilbert_keeps_transformers_forward():
         out = model(**inp).last_hidden_state
     keep = inp["attention_mask"].bool()
     assert ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("where", ["attention", "global"])
+def test_hooks_on_the_attention_block_run(where, unpad):
+    # The lean layer forward calls attention.self and attention.output directly, never the BertAttention
+    # module: a hook on it (or a global one) takes the class's forward, as in the unpatched model.
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 60))
+    ref = copy.deepcopy(model)
+    inp = inputs(pad_from=20)
+    handles = []
+    for m in (ref, model):
+        def double(mod, args, out):
+            return (out[0] * 2,) + tuple(out[1:]) if isinstance(out, tuple) else out * 2
+
+        if where == "attention":
+            handles.append(m.bert.encoder.layer[1].attention.register_forward_hook(double))
+    if where == "global":  # counts BertAttention calls in both models
+        calls = []
+        handles.append(torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, a, o: calls.append(1) if type(mod).__name__ == "BertAttention" else None))
+    try:
+        want = _run(ref, inp)
+        bsbert.patch(model, select="heuristic", progress=False, unpad=unpad)
+        n = len(calls) if where == "global" else 0
+        got = _run(model, inp)
+        if where == "global":
+            assert len(calls) - n == 3  # one BertAttention call per layer, as in the unpatched model
+    finally:
+        for h in handles:
+            h.remove()
+    real = inp["attention_mask"].bool()
+    for k in ("start_logits", "end_logits"):
+        assert torch.allclose(want[k][real], got[k][real], atol=1e-4, rtol=1e-4)

@@ -604,3 +604,125 @@ def test_a_layer_norm_pair_of_two_dtypes_is_not_kept():
         assert torch.equal(ran2, listed2) and not torch.equal(ran2, ran)
     finally:
         torch.set_num_threads(old)
+
+
+def _edit_layer_list(model, how):
+    enc = model.bert.encoder
+    if how == "del":
+        del enc.layer[2]
+    elif how == "slice":
+        enc.layer = enc.layer[:2]  # another ModuleList in its place
+    elif how == "setitem":
+        enc.layer[0] = enc.layer[2]
+    elif how == "append":
+        enc.layer.append(copy.deepcopy(enc.layer[2]))
+    elif how == "insert":
+        enc.layer.insert(1, copy.deepcopy(enc.layer[0]))  # written into the ModuleList's dict: no hook
+    elif how == "direct":
+        enc.layer._modules["1"] = copy.deepcopy(enc.layer[2])  # past every hook and counter
+
+
+@needs_op
+@pytest.mark.parametrize("how", ["del", "slice", "setitem", "append", "insert", "direct"])
+def test_an_edited_layer_list_is_never_run_as_the_old_one(monkeypatch, how):
+    # the op runs the layers it was given: after the encoder's ModuleList is edited (or replaced) it would
+    # compute the old stack (rel err 2.6e-2..3.9e-2 on this model): the per-layer path runs the new one
+    model = _patched()
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    calls = _called(monkeypatch)
+    before = _run(model, inp)
+    assert calls == [1]
+    _edit_layer_list(model, how)
+    fused, per_layer = _both(model, inp)
+    assert calls == [1]  # stale: the per-layer path ran (both times)
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+    assert not torch.equal(fused.start_logits, before.start_logits)
+    enc = model.bert.encoder
+    fused_encoder.uninstall(enc)  # reinstalled on the new list: fused again, the same bits
+    assert fused_encoder.install(enc, enc.layer, 128, torch.float32) is None
+    again = _run(model, inp)
+    assert calls == [1, 1] and torch.equal(again.start_logits, per_layer.start_logits)
+
+
+def test_install_needs_the_encoders_layer_list():
+    model = tiny_pruned(heads=HEADS, ffn=FFN)
+    enc = model.bert.encoder
+    why = fused_encoder.install(enc, list(enc.layer), 128, torch.float32)  # a copy: its edits would be missed
+    assert "not a ModuleList of the encoder" in why and not fused_encoder.installed(enc)
+
+
+def _double(norm):
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    parametrize.register_parametrization(norm, "weight", Double())
+
+
+@needs_op
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(m.bert.encoder.layer[0].output.LayerNorm, "eps", 0.5),
+    lambda m: setattr(m.bert.encoder.layer[2].attention.output.LayerNorm, "eps", 0.3),
+    lambda m: setattr(m.bert.encoder.layer[0].output.LayerNorm, "weight",
+                      torch.nn.Parameter(m.bert.encoder.layer[0].output.LayerNorm.weight.detach() * 2)),
+    lambda m: setattr(m.bert.encoder.layer[1].attention.output.LayerNorm, "bias",
+                      torch.nn.Parameter(m.bert.encoder.layer[1].attention.output.LayerNorm.bias.detach() + 1)),
+    lambda m: m.bert.encoder.layer[1].output.LayerNorm.register_parameter(
+        "weight", torch.nn.Parameter(m.bert.encoder.layer[1].output.LayerNorm.weight.detach() * 3)),
+    lambda m: _double(m.bert.encoder.layer[0].output.LayerNorm),  # swaps the module's class too
+    lambda m: setattr(m.bert.encoder.layer[0].attention.self, "scale", 1.0),
+], ids=["eps", "eps_attention", "weight_param", "bias_param", "register_parameter", "parametrize", "scale"])
+def test_layer_norm_and_scale_changes_are_never_computed_with_the_old_ones(monkeypatch, edit):
+    # the op holds the LayerNorms' weight / bias tensors and the eps / scale numbers it was given: a new
+    # Parameter, a parametrization or another number would leave it computing the old LayerNorm (rel err
+    # 2.8e-3..6.1e-3) or scale (4e-4 off the per-layer path): the per-layer path, which reads them, runs
+    model = _patched()
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    calls = _called(monkeypatch)
+    before = _run(model, inp)
+    edit(model)
+    fused, per_layer = _both(model, inp)
+    assert calls == [1]
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+    assert not torch.equal(fused.start_logits, before.start_logits)
+
+
+@needs_op
+def test_an_equal_eps_or_scale_keeps_the_op(monkeypatch):
+    # eps / scale are compared by value: the same number set again (another float object) is no change
+    model = _patched()
+    inp = inputs(batch=1, seq=9)
+    calls = _called(monkeypatch)
+    layer = model.bert.encoder.layer[1]
+    layer.output.LayerNorm.eps = float(repr(layer.output.LayerNorm.eps))
+    layer.attention.self.scale = float(repr(layer.attention.self.scale))
+    _run(model, inp)
+    assert calls == [1]
+
+
+@needs_op
+@pytest.mark.parametrize("edit", ["eps", "choice"])
+def test_a_copied_program_watches_the_copys_modules(monkeypatch, edit):
+    # a deep copy's modules get fresh __dict__s (nn.Module.__setstate__ fills them): the copy's program must
+    # watch those, not copies of the original's (an eps or choice set on the copy went unseen)
+    from bsbert.ops.linear_backends import OneDnnDense
+
+    twin = copy.deepcopy(_patched())
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    calls = _called(monkeypatch)
+    before = _run(twin, inp)
+    layer = twin.bert.encoder.layer[0]
+    if edit == "eps":
+        layer.output.LayerNorm.eps = 0.5
+    else:
+        lin = layer.attention.self.qkv
+        choice = copy.copy(lin.choice)
+        choice.prepared = OneDnnDense().prepare(lin.packed_weight() * 2, lin.bias, False, None)
+        choice.backend = OneDnnDense.name
+        lin.choice = choice
+    fused, per_layer = _both(twin, inp)
+    assert calls == [1]
+    assert torch.equal(fused.start_logits, per_layer.start_logits)
+    assert not torch.equal(fused.start_logits, before.start_logits)

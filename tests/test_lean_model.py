@@ -241,3 +241,123 @@ def test_qa_head_op_follows_the_module():
     assert seen == [1]
     out = model(**inp)  # autograd on: qa_outputs itself, so the logits carry its graph
     assert out.start_logits.requires_grad
+
+
+def _double_output(mod, args, out):
+    if isinstance(out, torch.Tensor):
+        return out * 2
+    out.last_hidden_state = out.last_hidden_state * 2
+    return out
+
+
+def _halve_input(mod, args, kwargs):
+    if args:
+        return (args[0] * 0.5,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 0.5}
+
+
+@needs_op
+@pytest.mark.parametrize("task", ["qa", "base", "cls"])
+@pytest.mark.parametrize("kind", ["hook", "pre_hook"])
+def test_hooks_on_the_encoder_itself_run(monkeypatch, task, kind):
+    # the lean forms call the encoder's op, not the encoder module: with a hook on the encoder they hand
+    # the call to transformers (the hook ran never and the output was off by 0.50 before)
+    monkeypatch.setattr(lean_model, "_head_logits", lambda *a: None)  # qa_outputs itself: bit for bit
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64), task=task)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic")
+    bert = model if task == "base" else model.bert
+    assert lean_model.installed(bert)
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    with torch.inference_mode():
+        plain = model(**inp)
+    seen = []
+    if kind == "hook":
+        h = bert.encoder.register_forward_hook(lambda *a: (seen.append(1), _double_output(*a))[1])
+    else:
+        h = bert.encoder.register_forward_pre_hook(lambda *a: (seen.append(1), _halve_input(*a))[1],
+                                                   with_kwargs=True)
+    try:
+        lean, ref = _both_of(model, bert, inp)
+    finally:
+        h.remove()
+    assert seen == [1, 1]
+    key = "last_hidden_state" if task == "base" else ("start_logits" if task == "qa" else "logits")
+    assert torch.equal(lean[key], ref[key]) and not torch.equal(lean[key], plain[key])
+
+
+def _both_of(model, bert, inp):
+    with torch.inference_mode():
+        lean = model(**inp)
+        lean_model.detach(bert)
+        try:
+            ref = model(**inp)
+        finally:
+            lean_model.attach(bert)
+    return lean, ref
+
+
+class _Twice(torch.nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 2
+
+
+def _subclassed(emb, name):
+    old = getattr(emb, name)
+    new = _Twice(old.num_embeddings, old.embedding_dim)
+    new.weight = old.weight
+    setattr(emb, name, new)
+
+
+class _Halve(torch.nn.Module):
+    def forward(self, x):
+        return x * 0.5
+
+
+@needs_op
+@pytest.mark.parametrize("edit", [
+    lambda e: _subclassed(e, "word_embeddings"),
+    lambda e: _subclassed(e, "position_embeddings"),
+    lambda e: _subclassed(e, "token_type_embeddings"),
+    lambda e: setattr(e.word_embeddings, "max_norm", 0.1),
+    lambda e: setattr(e, "dropout", _Halve()),
+    lambda e: e.dropout.train(),
+    lambda e: setattr(e.LayerNorm, "forward", lambda x: torch.nn.functional.layer_norm(x, (128,)) * 2),
+    lambda e: e.token_type_ids.fill_(1),
+    lambda e: e.position_ids.add_(1),
+], ids=["word_subclass", "position_subclass", "type_subclass", "max_norm", "dropout_module", "dropout_training",
+        "instance_forward", "type_ids_buffer", "position_ids_buffer"])
+def test_embeddings_op_steps_aside_for_what_it_does_not_compute(monkeypatch, edit):
+    # bsbert::bert_embeddings is nn.Embedding lookups + LayerNorm with default ids 0.. and type 0: another
+    # module or forward, a renormalising embedding, a dropout at work or edited default-id buffers made
+    # it compute something else (rel err up to 0.69); the module runs instead
+    model = _patched()
+    inp = inputs(batch=2, seq=13, pad_from=6)
+    monkeypatch.setattr(lean_model, "_head_logits", lambda *a: None)
+    with torch.inference_mode():
+        plain = model(**inp)
+        edit(model.bert.embeddings)
+        torch.manual_seed(0)
+        lean = model(**inp)
+        lean_model.detach(model.bert)
+        torch.manual_seed(0)
+        ref = model(**inp)
+        lean_model.attach(model.bert)
+        assert lean_model._embeddings_op(model.bert.embeddings, inp["input_ids"], None, None, torch.float32) is None
+    assert torch.equal(lean.start_logits, ref.start_logits) and not torch.equal(lean.start_logits, plain.start_logits)
+
+
+@needs_op
+def test_embeddings_op_checks_the_default_id_buffers_once_per_version():
+    model = _patched()
+    emb = model.bert.embeddings
+    ids = inputs(batch=1, seq=7)["input_ids"]
+    with torch.inference_mode():
+        assert lean_model._embeddings_op(emb, ids, None, None, torch.float32) is not None
+        seen = emb.__dict__["_bsbert_default_ids"]
+        assert lean_model._embeddings_op(emb, ids, None, None, torch.float32) is not None
+        assert emb.__dict__["_bsbert_default_ids"] is seen  # nothing changed: not looked at again
+        emb.token_type_ids[0, 3] = 1
+        assert lean_model._embeddings_op(emb, ids, None, None, torch.float32) is None
+        assert lean_model._embeddings_op(emb, ids, torch.zeros_like(ids), None, torch.float32) is not None
+        emb.token_type_ids.zero_()
+        assert lean_model._embeddings_op(emb, ids, None, None, torch.float32) is not None

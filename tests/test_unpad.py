@@ -88,3 +88,84 @@ def test_unpadded_model_still_returns_hidden_states():
     assert len(got) == len(ref) == 3
     for r, g in zip(ref, got):
         assert torch.allclose(r, g, atol=1e-5, rtol=1e-4)
+
+
+def _doubling(seen):
+    def hook(mod, args, out):
+        seen.append(type(mod).__name__)
+        return out * 2 if isinstance(out, torch.Tensor) else (out[0] * 2,) + tuple(out[1:])
+    return hook
+
+
+@pytest.mark.parametrize("where", ["", "attention.self", "output", "global"], ids=["layer", "self", "output", "global"])
+def test_unpadded_forward_runs_hooks(where):
+    # the padding-free forward calls the layers' parts directly: a hook on a layer (or a part it does not
+    # call as a module) never ran and the output was off by 0.94; such a call takes the padded forward
+    model = tiny_pruned(heads=(2, 4, 1), ffn=(50, 20, 7))
+    inp = _mixed_batch([3, 17, 9], seq=17)
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    plain = _hidden(model, inp)
+    seen = []
+    if where == "global":
+        from torch.nn.modules.module import register_module_forward_hook
+
+        h = register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__) if m is target else None)
+        target = model.bert.encoder.layer[1].attention.self
+    else:
+        h = model.bert.encoder.layer[1].get_submodule(where).register_forward_hook(_doubling(seen))
+    try:
+        out = _hidden(model, inp)
+    finally:
+        h.remove()
+    keep = inp["attention_mask"].bool()
+    if where == "global":  # (an observing hook: the values stay, the hook sees the module called)
+        assert seen == ["PrunedSelfAttention"]
+        assert ((out - plain)[keep].abs().max() / plain[keep].abs().max()).item() <= 1e-6
+        return
+    assert len(seen) == 1
+    bsbert.unpatch(model)  # the reference: the dense model with the same hook on the same place
+    h = model.bert.encoder.layer[1].get_submodule(where).register_forward_hook(_doubling(seen))
+    try:
+        ref = _hidden(model, inp)
+    finally:
+        h.remove()
+    assert len(seen) == 2
+    assert ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item() <= 1e-4
+    assert not torch.allclose(out[keep], plain[keep])
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    out_again = _hidden(model, inp)  # hook removed: padding-free again, padded rows zero
+    assert torch.count_nonzero(out_again[~keep]) == 0
+
+
+def test_unpadded_forward_sees_hooks_on_replaced_layers():
+    # the hook dicts are collected again when a layer (or a layer's part) is replaced
+    import copy
+
+    model = tiny_pruned(heads=(2, 4), ffn=(50, 20))
+    inp = _mixed_batch([3, 11], seq=11)
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    _hidden(model, inp)
+    seen = []
+    new = copy.deepcopy(model.bert.encoder.layer[1])
+    new.output.register_forward_hook(lambda *a: seen.append(1))
+    model.bert.encoder.layer[1] = new
+    out = _hidden(model, inp)
+    assert seen == [1]
+    keep = inp["attention_mask"].bool()
+    assert torch.count_nonzero(out[~keep]) != 0  # the padded forward ran
+
+
+def test_a_deep_copy_falls_back_to_its_own_layers():
+    # The padding-free forward's fallback (the padded forward: here for a batch without padding) runs the
+    # copy's layers, not the original's (it was a closure over the original encoder's forward).
+    import copy
+
+    model = tiny_pruned(heads=(2, 4), ffn=(50, 20))
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    twin = copy.deepcopy(model)
+    inp = _mixed_batch([11, 11], seq=11)  # no padding: the padded forward runs
+    before = _hidden(twin, inp)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.LayerNorm.weight.mul_(3)  # the original changes, the copy not
+    assert torch.equal(_hidden(twin, inp), before)
+    assert not torch.allclose(_hidden(model, inp), before)
