@@ -3,6 +3,7 @@ swaps (plain attribute assignments, which cannot fail) happen together; ``unpatc
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import torch
@@ -67,6 +68,54 @@ def check_plan_choices(plan: Plan) -> None:
         raise ValueError(f"select='plan' needs a plan with every backend chosen (from a patched model's "
                          f"bsbert_plan or a bsbert save); this one has none for {', '.join(missing[:4])}"
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+
+
+_LAYER_STRUCTURE = ("num_heads", "head_dim", "kept_heads", "folded_heads", "ffn_size", "kept_neurons",
+                    "folded_neurons")
+
+
+def _differs(a, b) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) != norm(b)
+
+
+def plan_for_model(plan: Plan, model: nn.Module) -> Plan:
+    """A plan passed to patch only lends its choices (backends, blocks, attention kernels): which heads
+    and neurons are kept and folded must be this model's own, or patch would pack the wrong rows and
+    fold the wrong biases, silently (another model's plan, even one with the same counts). -> this
+    model's analysis with ``plan``'s choices; BsbertError naming the first layer and field that differ.
+    Runs before anything changes."""
+    own = analyze(model)
+
+    def refuse(where: str, mine, theirs):
+        def short(v):
+            text = str(list(v) if isinstance(v, tuple) else v)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        raise BsbertError(f"the plan passed to patch does not describe this model: {where} is {short(theirs)} "
+                          f"in the plan but {short(mine)} in the model (a plan records which heads and FFN "
+                          f"neurons a model keeps; pass this model's own plan, or none)")
+
+    for name in ("family", "encoder_path", "hidden_size"):
+        if _differs(getattr(own, name), getattr(plan, name)):
+            refuse(name, getattr(own, name), getattr(plan, name))
+    if len(own.layers) != len(plan.layers):
+        refuse("the number of layers", len(own.layers), len(plan.layers))
+    for mine, theirs in zip(own.layers, plan.layers):
+        for name in _LAYER_STRUCTURE:
+            if _differs(getattr(mine, name), getattr(theirs, name)):
+                refuse(f"layer {mine.index} {name}", getattr(mine, name), getattr(theirs, name))
+        if set(mine.linears) != set(theirs.linears):
+            refuse(f"layer {mine.index} linears", sorted(mine.linears), sorted(theirs.linears))
+        for lname, lin in mine.linears.items():
+            other = theirs.linears[lname]
+            for shape in ("dense_shape", "packed_shape"):
+                if _differs(getattr(lin, shape), getattr(other, shape)):
+                    refuse(f"layer {mine.index} {lname} {shape}", getattr(lin, shape), getattr(other, shape))
+            lin.format, lin.block, lin.backend, lin.reason = other.format, other.block, other.backend, other.reason
+            lin.timings_ms = dict(other.timings_ms)
+        mine.attention_backend, mine.attention_reason = theirs.attention_backend, theirs.attention_reason
+    return own
 
 
 def fold_dead_heads(lins, lp) -> torch.Tensor:
@@ -157,6 +206,8 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     else:
         swaps[adapter.intermediate] = FusedIntermediate(lin["ffn_in"], None if fuse_gelu else act)
         swaps.update(_output_swap(layer, adapter, adapter.ffn_out, lin["ffn_out"]))
+    for path, new in swaps.items():  # in the mode of the module each replaces (a new module is in training mode)
+        new.train(layer.get_submodule(path).training)
     return swaps
 
 
@@ -233,7 +284,9 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
             raise ValueError("select='plan' reuses a plan's backends: pass plan= (e.g. another patched "
                              "model's bsbert_plan)")
         check_plan_choices(plan)
-        plan = copy.deepcopy(plan)  # often another model's own plan: patch fills in its copy, not that one
+    if plan is not None:
+        # often another model's own plan: patch fills in a new one, built from this model's analysis
+        plan = plan_for_model(plan, model)
     check_why_not = model_check.why_not(check_model, select, backend, format, device)  # errors here too
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "seq": seq, "attention": attention}
@@ -323,10 +376,93 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
     set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, setup["fast_layers"])
     set_fused_encoder(plan, encoder, layers, setup["fused_encoder"], _encoder_owner(model, enc_path), model)
+    mark_patched(model, encoder, swaps, plan)
+
+
+def mark_patched(model: nn.Module, encoder: nn.Module, swaps: list, plan: Plan) -> None:
+    """The last step of patch and bsbert.load: record what was swapped and install the guards."""
     object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
     model._bsbert_swaps = swaps
     model._bsbert_patched = True
     model.bsbert_plan = plan
+    install_guards(model)
+
+
+# ---- guards: calls that would leave a patched model half converted or silently different ------------
+# nn.Module's own methods, overridden on the instance (the class stays what it was) of the model and of
+# every module holding a patched one, so that a call on any of them refuses before anything changes
+# (Module.to converts children first: a guard only inside the patched modules would fire after the
+# embeddings had been converted). unpatch removes them.
+
+CONVERSION_REFUSED = ("bsbert: a patched model cannot change dtype or device ({what}): its packed weights live "
+                      "in the kernels' prepared calls, out of reach of .to()/.half()/.cuda(), so a conversion "
+                      "would leave it half converted; nothing was converted. bsbert.unpatch(model), convert it, "
+                      "then bsbert.patch it again (a model from bsbert.load: bsbert.load(dir, device=...))")
+
+
+def _guarded_apply(self, fn, *args, **kwargs):
+    """Module._apply (behind .to, .half, .float, .cuda, .cpu, .to_empty, ...): allowed only when ``fn``
+    leaves the tensors as they are (.float() of an fp32 model, .to() its own device), judged on one
+    floating-point tensor of the module, the smallest."""
+    probes = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+    if probes:
+        probe = min(probes, key=torch.Tensor.numel)
+        try:
+            out = fn(probe)
+        except Exception as exc:  # e.g. .cuda() where there is none: refused either way
+            raise BsbertError(CONVERSION_REFUSED.format(what=f"the conversion failed: {exc}")) from exc
+        if out is not probe:
+            what = (f"{probe.dtype} on {probe.device} -> {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+                    else "a conversion that replaces its tensors")
+            raise BsbertError(CONVERSION_REFUSED.format(what=what.replace("torch.", "")))
+    return type(self)._apply(self, fn, *args, **kwargs)
+
+
+def _guarded_train(self, mode: bool = True):
+    """train(True) would turn dropout on in the modules bsbert left (embeddings, task head) but not in its
+    own (no dropout, no gradients through the kernels): a hybrid that matches neither mode. eval() and
+    train(False) go through."""
+    if mode:
+        raise BsbertError("a bsbert-patched model is inference-only: train() would give a hybrid (dropout in the "
+                          "embeddings and task head, none in the patched encoder); use eval(), or "
+                          "bsbert.unpatch(model) to train and bsbert.patch it again afterwards")
+    return type(self).train(self, mode)
+
+
+def _guarded_save_pretrained(self, *args, **kwargs):
+    raise BsbertError("save_pretrained on a bsbert-patched model would write a checkpoint without the encoder's "
+                      "linears (they live in bsbert's packed modules, not in state_dict), which from_pretrained "
+                      "would fill with random weights; use bsbert.save(model, dir) / bsbert.load(dir), or "
+                      "bsbert.unpatch(model) first")
+
+
+_GUARDS = {"_apply": _guarded_apply, "train": _guarded_train, "save_pretrained": _guarded_save_pretrained}
+
+
+def _guarded_modules(model: nn.Module) -> list[nn.Module]:
+    """The model and every module that holds (or is) one of bsbert's patched modules."""
+    from bsbert.nn.linear import NotPickled  # every patched module type
+
+    inside = {""}
+    for name, m in model.named_modules():
+        if isinstance(m, NotPickled):
+            parts = name.split(".")
+            inside.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return [m for name, m in model.named_modules() if name in inside]
+
+
+def install_guards(model: nn.Module) -> None:
+    for m in _guarded_modules(model):
+        for name, guard in _GUARDS.items():
+            if hasattr(type(m), name):  # save_pretrained: transformers' models only
+                object.__setattr__(m, name, types.MethodType(guard, m))
+
+
+def remove_guards(modules) -> None:
+    for m in modules:
+        for name, guard in _GUARDS.items():
+            if getattr(vars(m).get(name), "__func__", None) is guard:
+                object.__delattr__(m, name)
 
 
 def set_huge_pages(plan: Plan, layers) -> None:
@@ -376,8 +512,14 @@ def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: n
         lean_model.install_head(model, owner)  # BertForQuestionAnswering only; print(model) shows it
 
 
+_NO_ORIGINALS = ("the original modules were dropped (patch(..., keep_original=False)) or never loaded "
+                 "(a model from bsbert.load holds only the packed ones)")
+
+
 def swap_modules(model: nn.Module, which: str) -> None:
     """Put the 'original' or the 'patched' modules in place (verify uses this to compare)."""
+    if any(s[2] is None for s in model._bsbert_swaps):  # before anything changes
+        raise NotPatchedError(f"verify needs the original modules: {_NO_ORIGINALS}")
     from bsbert import unpad as unpad_mod
 
     enc = getattr(model, "_bsbert_encoder", None)
@@ -388,8 +530,6 @@ def swap_modules(model: nn.Module, which: str) -> None:
         enc.forward = model._bsbert_unpad_forward
         enc._bsbert_unpadded = True
         model._bsbert_unpad_forward = None
-    if any(s[2] is None for s in model._bsbert_swaps):
-        raise NotPatchedError("the original modules were dropped (patch(..., keep_original=False))")
     from bsbert import fast_layer
 
     from bsbert import fused_encoder
@@ -419,8 +559,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not getattr(model, "_bsbert_patched", False):
         raise NotPatchedError("model was not patched by bsbert")
     if any(s[2] is None for s in model._bsbert_swaps):
-        raise NotPatchedError("cannot unpatch: the original modules were dropped "
-                              "(patch(..., keep_original=False) or a model loaded with bsbert.load)")
+        raise NotPatchedError(f"cannot unpatch: {_NO_ORIGINALS}")
+    remove_guards(model.modules())
     swap_modules(model, "original")
     from bsbert import unpad as unpad_mod
 

@@ -85,7 +85,8 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
 
     from bsbert.adapters import find_encoder, set_submodule
     from bsbert.errors import BsbertError
-    from bsbert.patching import _encoder_owner, modules_from_packed, set_fast_layers, set_fused_encoder, set_huge_pages
+    from bsbert.patching import (_encoder_owner, mark_patched, modules_from_packed, set_fast_layers,
+                                  set_fused_encoder, set_huge_pages)
     from bsbert.plan import Plan
 
     meta_path, w_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -186,10 +187,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     set_fast_layers(model, plan, layers, adapter, plan.fast_layers_reason != "fast_layers=False")
     set_fused_encoder(plan, encoder, layers, plan.fused_encoder_reason != "fused_encoder=False",
                       _encoder_owner(model, plan.encoder_path), model)
-    object.__setattr__(model, "_bsbert_encoder", encoder)  # a reference, not a registered submodule
-    model._bsbert_swaps = swaps
-    model._bsbert_patched = True
-    model.bsbert_plan = plan
+    mark_patched(model, encoder, swaps, plan)
     return model
 
 

@@ -329,3 +329,54 @@ def test_backward_through_patched_model_raises():
     out = model(**inp)  # grad mode on: the forward itself runs
     with pytest.raises(RuntimeError, match="derivative for bsbert::.* is not implemented"):
         out.start_logits.sum().backward()
+
+
+@pytest.mark.parametrize("select", ["plan", "heuristic"])
+@pytest.mark.parametrize("other", ["other structure", "same counts, other seed"])
+def test_a_plan_for_another_model_is_refused(select, other):
+    """A plan lends its backends; the kept heads and neurons must be the model's own (another model's plan
+    packed the wrong rows: rel err 2e-2, verify FAILed)."""
+    donor = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 60))
+    bsbert.patch(donor, select="heuristic", progress=False)
+    model = (tiny_pruned(heads=(4, 1, 2), ffn=(10, 37, 60)) if other == "other structure"
+             else tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 60), seed=5))
+    before = repr(model)
+    with pytest.raises(bsbert.BsbertError, match=r"plan passed to patch does not describe this model: layer 0 "
+                                                 r"kept_heads is \[.*\] in the plan but \[.*\] in the model"):
+        bsbert.patch(model, select=select, plan=donor.bsbert_plan, progress=False)
+    assert not bsbert.is_patched(model) and repr(model) == before
+
+
+def test_a_plan_is_compared_field_by_field():
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 60))
+    bsbert.patch(model, select="heuristic", progress=False)
+    own = copy.deepcopy(model.bsbert_plan)
+    bsbert.unpatch(model)
+    edits = {"layer 1 kept_neurons": lambda p: p.layers[1].kept_neurons.pop(),
+             "layer 2 folded_heads": lambda p: p.layers[2].folded_heads.append(3),
+             "layer 0 ffn_in packed_shape": lambda p: setattr(p.layers[0].linears["ffn_in"], "packed_shape", (99, 128)),
+             "the number of layers": lambda p: p.layers.pop()}
+    for where, edit in edits.items():
+        plan = copy.deepcopy(own)
+        edit(plan)
+        with pytest.raises(bsbert.BsbertError, match=f"does not describe this model: {where}"):
+            bsbert.patch(model, select="plan", plan=plan, progress=False)
+        assert not bsbert.is_patched(model)
+    # the model's own plan (also as JSON) is taken; the given plan is left as it was
+    from bsbert.plan import Plan
+
+    plan = Plan.from_dict(own.to_dict())
+    bsbert.patch(model, select="plan", plan=plan, progress=False)
+    assert model.bsbert_plan is not plan and model.bsbert_plan.layers[0].kept_heads == own.layers[0].kept_heads
+    assert not any((lin.reason or "").startswith("plan: ") for lp in plan.layers for lin in lp.linears.values())
+
+
+def test_failed_verify_without_originals_leaves_the_model_as_it_was():
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 60))
+    bsbert.patch(model, select="heuristic", progress=False, keep_original=False, unpad=True)
+    inp = inputs(pad_from=20)
+    out = _run(model, inp)
+    with pytest.raises(bsbert.NotPatchedError, match="verify needs the original modules.*bsbert.load"):
+        bsbert.verify(model)
+    assert model.bert.encoder._bsbert_unpadded  # not left with the padded encoder forward
+    assert torch.equal(_run(model, inp)["start_logits"], out["start_logits"])

@@ -31,8 +31,10 @@ def test_round_trip_exact(tmp_path, task):
     assert rel_err(ref, out2) <= 1e-4
     assert "PrunedSelfAttention" in repr(loaded)
     # no dense original in memory: nothing to unpatch to
-    with pytest.raises(bsbert.NotPatchedError, match="dropped"):
+    with pytest.raises(bsbert.NotPatchedError, match="dropped.*never loaded.*bsbert.load"):
         bsbert.unpatch(loaded)
+    with pytest.raises(bsbert.NotPatchedError, match="verify needs the original modules.*bsbert.load"):
+        bsbert.verify(loaded)
     # the file holds packed weights, smaller than the dense ones
     dense_params = sum(p.numel() for n, p in tiny_pruned(task=task).named_parameters() if "encoder" in n)
     from safetensors import safe_open

@@ -7,10 +7,10 @@ import torch.nn as nn
 from bsbert import fused_encoder
 from bsbert.errors import BsbertError
 from bsbert.generation import Bumps
-from bsbert.nn.linear import SparseLinear
+from bsbert.nn.linear import NotPickled, SparseLinear
 
 
-class PrunedSelfAttention(Bumps, nn.Module):
+class PrunedSelfAttention(NotPickled, Bumps, nn.Module):
     """Drop-in for transformers' BertSelfAttention (encoder, inference): same call signature, returns
     ``(context, None)`` with context ``[B, S, kept_heads * head_dim]``.
 

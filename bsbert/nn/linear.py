@@ -1,15 +1,38 @@
 """Kernel-backed linear modules that replace a pruned model's nn.Linear layers."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bsbert.errors import BsbertError
 from bsbert.generation import Bumps
 from bsbert.ops.dispatch import Choice
 
+PICKLE_REFUSED = ("a bsbert-patched model cannot be pickled (pickle, torch.save(model)): its kernels' prepared "
+                  "calls are closures over packed weights and kernel handles, which pickle cannot store; use "
+                  "bsbert.save(model, dir) and bsbert.load(dir), or bsbert.unpatch(model) first")
 
-class SparseLinear(Bumps, nn.Module):
+
+class NotPickled:
+    """Mixin for bsbert's patched modules: pickling them is refused with :data:`PICKLE_REFUSED` rather
+    than failing on some closure deep inside ("Can't pickle local object ..."). copy.deepcopy still works:
+    it copies those closures by reference, which is fine for a copy living in the same process."""
+
+    def __reduce_ex__(self, protocol):
+        raise BsbertError(PICKLE_REFUSED)
+
+    def __deepcopy__(self, memo):
+        # what copy.deepcopy does for a plain object through object.__reduce_ex__, refused above
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+
+class SparseLinear(NotPickled, Bumps, nn.Module):
     """``act(x @ W.T + b)`` for a packed (dead rows/columns removed) weight, run by the backend that
     the dispatcher chose. An empty weight (every head or neuron removed) yields the bias."""
 
@@ -47,7 +70,7 @@ class SparseLinear(Bumps, nn.Module):
                 f"backend={be}, density={self.density:.3f}{', gelu' if self.gelu else ''}")
 
 
-class FusedIntermediate(Bumps, nn.Module):
+class FusedIntermediate(NotPickled, Bumps, nn.Module):
     """Replaces BertIntermediate: linear + activation, the exact GELU fused into the GEMM when the
     backend has it."""
 
@@ -60,7 +83,7 @@ class FusedIntermediate(Bumps, nn.Module):
         return h if self.act is None else self.act(h)
 
 
-class FusedFFN(Bumps, nn.Module):
+class FusedFFN(NotPickled, Bumps, nn.Module):
     """Replaces a whole FFN block ``ffn_out(act(ffn_in(x)))`` (DistilBERT's ``FFN``)."""
 
     def __init__(self, ffn_in: SparseLinear, act, ffn_out: SparseLinear):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsbert.generation import Bumps
-from bsbert.nn.linear import SparseLinear
+from bsbert.nn.linear import NotPickled, SparseLinear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -66,7 +66,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) 
     return F.layer_norm(x + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-class DenseAddLayerNorm(Bumps, nn.Module):
+class DenseAddLayerNorm(NotPickled, Bumps, nn.Module):
     """Replaces BertSelfOutput / BertOutput (``LayerNorm(dropout(dense(h)) + input_tensor)``) for
     inference: ``dense`` is the kernel-backed linear, then the fused add + LayerNorm; dropout is the
     identity in eval mode and is dropped. ``LayerNorm`` is the original module itself (same
