@@ -22,7 +22,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.timing import (bound_probe, cpu_peak_gflops, dense_gemm_gflops, paired_bound_ratio,
+from bsbert.timing import (bert_dense_shapes, bound_probe, cpu_peak_gflops, dense_gemm_gflops, paired_bound_ratio,
                            paired_time_ratio, threads_text, time_fn, time_in_trials)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,8 +81,11 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     say = console.log
     say(f"bsbert bench: seqs={list(seqs)} batch={batch} dtype={dtype} device={device} "
         f"threads={torch.get_num_threads()} repeats={repeats} trials={trials}{' (small: 2 layers)' if small else ''}")
-    say("measuring the best dense GEMM rate (FLOP-bound denominator) ...")
-    peak = dense_gemm_gflops(dev, dt)
+    # the bound's rate: the best dense GEMM over a BERT-large layer's four shapes (a --model checkpoint of
+    # another size is probed again at its own shapes below, before any run)
+    shapes = bert_dense_shapes()
+    say(f"measuring the best dense GEMM rate (FLOP-bound denominator; M=384, (K, N) in {shapes}) ...")
+    peak = dense_gemm_gflops(dev, dt, shapes=shapes)
     say(f"  {peak['label']}: {peak['gflops']:.1f} GFLOP/s")
     if peak.get("widened"):
         say(f"  no bf16 dot product on this CPU: bf16 runs widened to fp32 here (the bound uses the fp32 "
@@ -99,6 +102,13 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     pruned = (models.load_local(model_path, dtype=dt) if model_path
               else models.seed_like_model(dtype=dt, **overrides)).to(dev)
     plan = bsbert.analyze(pruned)
+    cfg = pruned.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
+    own = bert_dense_shapes(hidden, getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", 4 * hidden))
+    if own != shapes:
+        shapes = own
+        peak = dense_gemm_gflops(dev, dt, shapes=shapes)
+        say(f"  the model's own shapes {shapes}: {peak['label']}: {peak['gflops']:.1f} GFLOP/s")
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "warmup_s": warmup_s, "torch": torch.__version__,
                "bsbert": bsbert.__version__,
@@ -171,7 +181,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         if dev.type == "cuda":
             # A GPU's dense rate depends strongly on M (an M=384 GEMM leaves an H100 mostly idle), so
             # the bound for this run uses the rate at this run's M = batch * seq.
-            peak = dense_gemm_gflops(dev, dt, m=batch * seq)
+            peak = dense_gemm_gflops(dev, dt, m=batch * seq, shapes=shapes)
             say(f"\\[seq {seq}] {peak['label']} at M={batch * seq}: {peak['gflops']:.1f} GFLOP/s")
         packed = batch * full_plan.flops(seq, "packed")
         dense_fl = batch * full_plan.flops(seq, "dense")
@@ -203,7 +213,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         # between runs of this command, and a slow moment at the start made a loose bound. The bound
         # uses the faster of the two (the stricter bound); both are in the JSON.
         say("measuring the dense GEMM rate again ...")
-        again = dense_gemm_gflops(dev, dt)
+        again = dense_gemm_gflops(dev, dt, shapes=shapes)
         say(f"  {again['label']}: {again['gflops']:.1f} GFLOP/s (at the start: {peak['gflops']:.1f})")
         results["dense_gemm_start"], results["dense_gemm_end"] = peak, again
         between = [g for run in results["runs"] for g in run["timings"]["patched"].get("probe_gflops", [])]

@@ -189,7 +189,15 @@ def dense_gemm_probe(backend: str, device="cpu", dtype=torch.float32, m=384, k=1
     return (lambda: prepared(x)), 2.0 * m * k * n
 
 
-def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=30) -> dict:
+def bert_dense_shapes(hidden: int = 1024, intermediate: int = 4096) -> list[tuple[int, int]]:
+    """(K, N) of a BERT layer's dense GEMMs: attention output, fused Q/K/V, FFN in, FFN out. The bound's
+    rate is the best over them: one shape alone (FFN in, the probe up to stop 25) ran 3-6% under the
+    fastest (1024 x 1024) on the 2-core Zen 5, a looser bound than the model's own shapes give."""
+    return [(hidden, hidden), (hidden, 3 * hidden), (hidden, intermediate), (intermediate, hidden)]
+
+
+def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, rounds=30,
+                      shapes: list[tuple[int, int]] | None = None) -> dict:
     """The best dense GEMM rate this device offers torch here (oneDNN on CPU when it supports the
     dtype, torch's default F.linear; cuBLAS on CUDA): the denominator of FLOP bounds. The candidates
     are timed in interleaved rounds and the best round counts, so the bound is the machine's rate,
@@ -199,7 +207,10 @@ def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, 
     bf16 on a CPU without a bf16 dot product (``_ext.bf16_widened_on_cpu``): the same GEMMs in fp32 are
     candidates too, since fp32 is what bf16 work runs as there (a user could run the model in fp32), and
     a bound at the emulated bf16 rate would be ~4x too loose. ``probe_dtype`` says which dtype won,
-    ``widened`` whether it is fp32 for bf16 work, ``label`` names both; ``bound_probe`` rebuilds it."""
+    ``widened`` whether it is fp32 for bf16 work, ``label`` names both; ``bound_probe`` rebuilds it.
+
+    ``shapes``: (K, N) pairs to probe at M = ``m`` (default: ``k`` x ``n`` alone); the fastest shape and
+    backend count (``shape``: the winner's [m, k, n], which ``bound_probe`` probes again)."""
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
 
@@ -207,16 +218,21 @@ def dense_gemm_gflops(device="cpu", dtype=torch.float32, m=384, k=1024, n=4096, 
     dtypes = [dtype]
     if dev.type == "cpu" and dtype == torch.bfloat16 and _ext.bf16_widened_on_cpu():
         dtypes.append(torch.float32)
-    cands = [(nm, dt) for dt in dtypes for nm in ("onednn-dense", "torch-dense")
-             if not BACKENDS[nm].not_supported_reasons(dev, dt, None)]
-    labels = [nm if dt == dtype else f"{nm} ({_dtype_name(dt)})" for nm, dt in cands]
-    probes = [dense_gemm_probe(nm, dev, dt, m, k, n) for nm, dt in cands]
+    shapes = [tuple(s) for s in shapes] if shapes else [(k, n)]
+    cands = [(nm, dt, kn) for dt in dtypes for nm in ("onednn-dense", "torch-dense")
+             if not BACKENDS[nm].not_supported_reasons(dev, dt, None) for kn in shapes]
+
+    def label(nm, dt, kn):
+        return nm + (f" {kn[0]}x{kn[1]}" if len(shapes) > 1 else "") + ("" if dt == dtype else f" ({_dtype_name(dt)})")
+
+    labels = [label(*c) for c in cands]
+    probes = [dense_gemm_probe(nm, dev, dt, m, *kn) for nm, dt, kn in cands]
     secs = best_of_interleaved([probe for probe, _ in probes], rounds=rounds, target_s=0.05, device=dev)
     rates = {lb: flops / t / 1e9 for lb, (_, flops), t in zip(labels, probes, secs)}
     i = max(range(len(cands)), key=lambda j: rates[labels[j]])
     return {"backend": cands[i][0], "label": labels[i], "gflops": rates[labels[i]], "all_gflops": rates,
-            "shape": [m, k, n], "dtype": str(dtype), "probe_dtype": _dtype_name(cands[i][1]),
-            "widened": cands[i][1] != dtype}
+            "shape": [m, *cands[i][2]], "shapes": [list(kn) for kn in shapes], "dtype": str(dtype),
+            "probe_dtype": _dtype_name(cands[i][1]), "widened": cands[i][1] != dtype}
 
 
 def bound_probe(peak: dict, device="cpu", m: int | None = None):

@@ -14,7 +14,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.timing import bound_probe, dense_gemm_gflops, probe_rate
+from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate
 
 
 def main():
@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
-    peak = dense_gemm_gflops("cpu", dt)
+    peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, flops = bound_probe(peak, "cpu")
     model = models.seed_like_model().eval().to(dt)
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))

@@ -20,7 +20,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.timing import bound_probe, dense_gemm_gflops, probe_rate, threads_text
+from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate, threads_text
 
 
 def main():
@@ -35,7 +35,8 @@ def main():
     dt = getattr(torch, args.dtype)
     counts = (1, args.threads)
     torch.set_num_threads(args.threads)
-    peak = dense_gemm_gflops("cpu", dt)  # which GEMM is the bound's, chosen as bench chooses it
+    # which GEMM is the bound's, chosen as bench chooses it
+    peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, probe_flops = bound_probe(peak, "cpu")
     model = models.seed_like_model(dtype=dt).eval()
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))

@@ -171,3 +171,17 @@ def test_patch_of_a_bf16_model_says_fp32_may_be_faster_where_bf16_is_widened(mon
     if ISA == "avx512_bf16":
         monkeypatch.delenv("BSBERT_CPU_ISA")
         assert patch_warnings(model) == []
+
+
+def test_dense_rate_is_the_best_over_the_shapes():
+    # The bound's rate: every backend at every (K, N) given, the fastest counts, and its shape is what
+    # bound_probe times again between the patched blocks.
+    shapes = timing.bert_dense_shapes(32, 64)
+    assert shapes == [(32, 32), (32, 96), (32, 64), (64, 32)]
+    r = timing.dense_gemm_gflops("cpu", torch.float32, m=8, rounds=1, shapes=shapes)
+    assert r["gflops"] == max(r["all_gflops"].values()) and r["shapes"] == [list(s) for s in shapes]
+    assert tuple(r["shape"][1:]) in shapes and r["shape"][0] == 8
+    assert f"{r['shape'][1]}x{r['shape'][2]}" in r["label"]
+    assert {lb.split(" ")[1] for lb in r["all_gflops"]} == {f"{k}x{n}" for k, n in shapes}
+    fn, flops = timing.bound_probe(r, "cpu")
+    assert fn().shape == (8, r["shape"][2]) and flops == 2.0 * 8 * r["shape"][1] * r["shape"][2]
