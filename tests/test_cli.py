@@ -14,6 +14,10 @@ def test_bench_small(tmp_path, capsys):
     res = json.loads(js[0].read_text())
     run = res["runs"][0]
     assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
+    assert res["outputs_ok"] is True and res["outputs_limit"] == 1e-4 and "outputs_off" not in res
+    # the bound's rate is the best over a BERT layer's four dense shapes; the winner's is probed between blocks
+    assert res["dense_gemm"]["shapes"] == [[1024, 1024], [1024, 3072], [1024, 4096], [4096, 1024]]
+    assert res["dense_gemm"]["shape"][1:] in res["dense_gemm"]["shapes"]
     # the paired ratio against a probe at the run's own M (16 rows here; the strict one probes M=384)
     assert run["patched_paired_over_bound_at_m"]["m"] == 16 and run["patched_paired_over_bound_at_m"]["median"] > 0
     # the patched forward in blocks (default 5 on CPU), the same dense GEMM probed before each and after the last
@@ -326,3 +330,28 @@ def test_nvtx_env_adds_ranges_at_patch_time(monkeypatch):
     assert len(hooked(model)) == n_hooked
     bsbert.unpatch(model)
     assert not hooked(model)
+
+
+def test_bench_flags_outputs_that_differ():
+    # a run whose packed or patched outputs are off the masked dense model beyond the dtype's limit is
+    # flagged (log, JSON, caption): its times are no valid comparison
+    from bsbert.bench import MAX_REL_DIFF_OK, _outputs_check, table
+
+    said = []
+    runs = [{"seq": 8, "max_rel_diff_packed": 1e-6, "max_rel_diff_patched": 2e-6},
+            {"seq": 16, "max_rel_diff_packed": 1e-6, "max_rel_diff_patched": 3e-3}]
+    r = {"dtype": "float32", "runs": runs}
+    _outputs_check(r, said.append)
+    assert r["outputs_ok"] is False and r["outputs_limit"] == MAX_REL_DIFF_OK["float32"]
+    assert r["outputs_off"] == [{"seq": 16, "variant": "patched", "max_rel_diff": 3e-3}] and "DIFFER" in said[-1]
+    nan = {"dtype": "bfloat16", "runs": [dict(runs[0], max_rel_diff_patched=float("nan"))]}
+    _outputs_check(nan, said.append)
+    assert nan["outputs_ok"] is False  # (a NaN is never within the limit)
+    ok = {"dtype": "bfloat16", "runs": [dict(runs[1], max_rel_diff_patched=3.2e-2)]}
+    _outputs_check(ok, said.append)
+    assert ok["outputs_ok"] is True
+    r.update(device="cpu", batch=1, threads=2, model="m", device_name="cpu", runs=[dict(runs[1], dense_ms=1,
+             packed_ms=1, patched_ms=1, speedup_vs_dense=1, packing_speedup_vs_dense=1, speedup_vs_packing=1,
+             flop_bound_speedup=1, remaining_bound_ms=1, patched_over_bound=1, patched_best_over_bound=1,
+             patched_paired_over_bound={"median": 1})])
+    assert "OUTPUTS DIFFER" in table(r).caption
