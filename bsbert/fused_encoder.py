@@ -195,22 +195,9 @@ def _watch_parameter(owner: nn.Module, name: str) -> tuple:
     """_watch for the parameter ``owner.name`` (a LayerNorm's weight / bias): the entry of its
     ``_parameters`` dict. Assigning a Parameter or None (``norm.weight = nn.Parameter(...)``,
     ``load_state_dict(assign=True)``, torch.nn.utils.parametrize) goes through register_parameter,
-    whose global hook bumps the counter once :func:`_watch_parameter_assignments` is in place."""
-    return owner._parameters, name, owner._parameters.get(name), _watch_parameter_assignments(), None
-
-
-_PARAMETER_HOOK: list = []  # [RemovableHandle or None] once installed
-
-
-def _watch_parameter_assignments() -> bool:
-    """Install (once, for the process) a global parameter-registration hook that bumps bsbert.generation's
-    counter, as generation.watch_module_assignments does for submodules; False if this torch has none
-    (then the parameters are looked up on every call). (It reuses generation's module hook function,
-    whose signature -- module, name, value -> None -- is the parameter hook's too.)"""
-    if not _PARAMETER_HOOK:
-        register = getattr(nn_module, "register_module_parameter_registration_hook", None)
-        _PARAMETER_HOOK.append(register(generation._bump_on_assignment) if register is not None else None)
-    return _PARAMETER_HOOK[0] is not None
+    whose global hook bumps the counter once :func:`generation.watch_parameter_assignments` is in place
+    (a torch without that hook: the entry is looked up on every call)."""
+    return owner._parameters, name, owner._parameters.get(name), generation.watch_parameter_assignments(), None
 
 
 def _linear_args(lin, gelu: bool, where: str):

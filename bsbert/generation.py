@@ -24,6 +24,7 @@ from __future__ import annotations
 
 _COUNT = [0]
 _ASSIGNMENT_HOOK: list = []  # [RemovableHandle] once installed
+_PARAMETER_HOOK: list = []  # [RemovableHandle or None] once installed
 
 
 def current() -> int:
@@ -51,13 +52,26 @@ def _bump_on_assignment(module, name, submodule):
     return None  # the submodule as given
 
 
+def _install_once(slot: list, hook_name: str) -> bool:
+    """Install (once, for the process) torch's global registration hook ``hook_name`` with the bump; False if
+    this torch has no such hook."""
+    if not slot:
+        from torch.nn.modules import module as nn_module
+
+        register = getattr(nn_module, hook_name, None)
+        slot.append(register(_bump_on_assignment) if register is not None else None)
+    return slot[0] is not None
+
+
 def watch_module_assignments() -> bool:
     """Install (once, for the process) the global module-registration hook that bumps the counter on every
     submodule assignment; False if this torch has no such hook (then those attributes are looked up on
     every call)."""
-    if not _ASSIGNMENT_HOOK:
-        from torch.nn.modules import module as nn_module
+    return _install_once(_ASSIGNMENT_HOOK, "register_module_module_registration_hook")
 
-        register = getattr(nn_module, "register_module_module_registration_hook", None)
-        _ASSIGNMENT_HOOK.append(register(_bump_on_assignment) if register is not None else None)
-    return _ASSIGNMENT_HOOK[0] is not None
+
+def watch_parameter_assignments() -> bool:
+    """The same for parameters: assigning a Parameter or None (``norm.weight = nn.Parameter(...)``,
+    ``load_state_dict(assign=True)``, torch.nn.utils.parametrize) goes through register_parameter, whose
+    global hook (same signature: module, name, value -> None) then bumps the counter."""
+    return _install_once(_PARAMETER_HOOK, "register_module_parameter_registration_hook")
