@@ -73,6 +73,13 @@ def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """True while tracing (fake / meta / functional tensors): there are no values to read."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return is_fake(t) or isinstance(t, FunctionalTensor)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

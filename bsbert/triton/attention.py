@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bsbert.triton.bsr_linear import is_traced, round_to_bf16
-from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
+from bsbert.triton.bsr_linear import round_to_bf16
+from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake, is_traced,
                                     is_interpreted, launcher, make_op, next_pow2)
 
 __all__ = ["pruned_attention_triton", "pruned_attention_varlen_triton", "triton_pruned_attention",

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
-                                    is_interpreted, launcher, make_op, next_pow2)
+                                    is_interpreted, is_traced, launcher, make_op, next_pow2)
 
 __all__ = ["bsr_linear_triton", "triton_bsr_linear"]
 
@@ -167,13 +167,6 @@ def _density_bucket(nnz, total: int) -> int:
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def is_traced(t: torch.Tensor) -> bool:
-    """True while tracing (fake / meta / functional tensors): there are no values to read."""
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return is_fake(t) or isinstance(t, FunctionalTensor)
 
 
 def _check(x, crow, col, values, bias, n, k):
