@@ -89,25 +89,24 @@ def collect() -> dict:
     info["cpu_peak"] = _cpu_peak()
     info["engines"] = _engines()
     info["huge_pages"] = _huge_pages()
-    backends = {}
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for name, be in BACKENDS.items():
-                block = 32 if be.format == "bsr" else None
-                reasons = be.not_supported_reasons(torch.device(dev), dtype, block)
-                backends[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = reasons
-    info["backends"] = backends
+    info["backends"] = _reasons(BACKENDS, lambda be: 32 if be.format == "bsr" else None)
     # the attention kernels patch chooses among (patch(attention=...)), at BERT's head size 64
     from bsbert.ops.attention_backends import ATTENTION_BACKENDS
 
-    attention = {}
+    info["attention_backends"] = _reasons(ATTENTION_BACKENDS, lambda be: ATTENTION_HEAD_DIM)
+    return info
+
+
+def _reasons(backends: dict, arg) -> dict:
+    """"device/dtype/name" -> why backend ``name`` cannot run there (empty: it can), for every device here
+    and dtype; ``arg(backend)``: the third argument of its not_supported_reasons (block / head_dim)."""
+    out = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for name, be in ATTENTION_BACKENDS.items():
-                reasons = be.not_supported_reasons(torch.device(dev), dtype, ATTENTION_HEAD_DIM)
-                attention[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = reasons
-    info["attention_backends"] = attention
-    return info
+            for name, be in backends.items():
+                out[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = be.not_supported_reasons(
+                    torch.device(dev), dtype, arg(be))
+    return out
 
 
 ATTENTION_HEAD_DIM = 64  # BERT-base/large's head size: what the attention rows are checked at
