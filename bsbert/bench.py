@@ -134,7 +134,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "bsbert": bsbert.__version__,
                "compile": compile_mode, "select": select, "trials": trials, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
-               "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak, "engines": list(engines)}
+               "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak, "engines": list(engines),
+               "plan_tables": {}}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
         inp = _inputs(batch, seq, dense.config.vocab_size, dev)
@@ -197,6 +198,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         with torch.inference_mode():
             diff_full = _max_rel_diff(ref, pruned(**inp), inp)
         full_backends = _backend_counts(full_plan)
+        # each seq's own plan: its backends were chosen for this seq (keyed by str(seq), as JSON keys are)
+        results["plan_tables"][str(seq)] = full_plan.table(seq)
         bsbert.unpatch(pruned)
         if dev.type == "cuda":
             # A GPU's dense rate depends strongly on M (an M=384 GEMM leaves an H100 mostly idle), so
@@ -247,7 +250,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                 _apply_bound(run, best)
         if isa_peak:
             _apply_isa_peak(results, isa_peak, cpu_peak_gflops(dt), say)
-    results["plan_table"] = full_plan.table(seqs[-1])
+    results["plan_table"] = results["plan_tables"][str(seqs[-1])]  # the last seq's, as before plan_tables
     _outputs_check(results, say)
     _write(results, out_dir, console)
     return results
@@ -354,7 +357,7 @@ def table(results) -> Table:
     engines = results.get("engines", [])
     for col in ("seq", "dense ms", "packed ms", "patched ms", "speedup", "packing speedup",
                 "patched vs packed", *(c for e in engines for c in (f"{e} ms", f"patched vs {e} alone / paired")),
-                "FLOP bound", "bound ms", "patched/bound", "best/bound",
+                "speedup bound", "bound ms", "patched/bound", "best/bound",
                 "blocks/bound", "paired/bound", "paired/bound@M", "max rel diff"):
         t.add_column(col, justify="right")
     for r in results["runs"]:

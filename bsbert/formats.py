@@ -46,6 +46,44 @@ def _converted(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def validate_indices(crow_indices: torch.Tensor, col_indices: torch.Tensor, shape, block: int, *,
+                     sorted_cols: bool = True, prefix: str = "") -> None:
+    """Check the index *values* of a BSR matrix of logical ``shape = (out_features, in_features)`` and
+    square ``block``: ``crow_indices`` runs from 0 to ``nnz_blocks = col_indices.numel()`` and never
+    decreases, every ``col_indices`` entry is a block column (``0 <= c < ceil(in_features/block)``) and,
+    with ``sorted_cols``, the columns inside each block row are strictly increasing. Raises a ValueError
+    naming the first offending entry (``prefix`` goes in front of the message, e.g. ``"bsr_linear: "``: the
+    words are those of the CPU op, csrc/cpu/bsr_linear.cpp ``prepare``).
+
+    Expects the structure already checked (1-D int32 tensors, ``crow_indices`` with
+    ``ceil(out_features/block) + 1`` entries). Reads the values: tensors on another device are copied to
+    the CPU (a device -> host copy and a sync), so callers on a hot path run it on CPU tensors only.
+
+    Used by :class:`BlockSparseMatrix` (which also requires sorted columns: its canonical form) and by
+    the Triton op on CPU tensors (``sorted_cols=False``: the kernels, like the CPU op, accumulate a block
+    row's blocks in any order)."""
+    crow, col = crow_indices.cpu(), col_indices.cpu()
+    nnz, nbc = col.numel(), -(-int(shape[1]) // block)
+    first, last = int(crow[0]), int(crow[-1])
+    if first != 0 or last != nnz:
+        raise ValueError(f"{prefix}crow_indices must run from 0 to nnz_blocks = {nnz}, got {first}..{last}")
+    bad = (crow[1:] < crow[:-1]).nonzero()
+    if bad.numel():
+        raise ValueError(f"{prefix}crow_indices must be non-decreasing (row {int(bad[0])})")
+    bad = ((col < 0) | (col >= nbc)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"{prefix}col_indices[{i}] = {int(col[i])} is outside [0, "
+                         f"ceil(in_features/block) = {nbc})")
+    if sorted_cols and nnz > 1:
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), (crow[1:] - crow[:-1]).long())
+        bad = ((rows[1:] == rows[:-1]) & (col[1:] <= col[:-1])).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"{prefix}col_indices of block row {int(rows[i])} must be strictly increasing, got "
+                             f"col_indices[{i}] = {int(col[i])} then col_indices[{i + 1}] = {int(col[i + 1])}")
+
+
 class BlockSparseMatrix:
     """A validated BSR matrix; construct with :meth:`from_dense` or the checked constructor."""
 
@@ -127,22 +165,7 @@ class BlockSparseMatrix:
             raise ValueError("values must be contiguous")
         if v.device.type == "meta":
             raise ValueError("values are on the meta device: materialise the weights first")
-        cpu_ci, cpu_co = ci.cpu(), co.cpu()
-        if int(cpu_ci[0]) != 0 or int(cpu_ci[-1]) != co.numel():
-            raise ValueError(
-                f"crow_indices must start at 0 and end at nnz_blocks={co.numel()}, got "
-                f"{int(cpu_ci[0])}..{int(cpu_ci[-1])}")
-        if bool((cpu_ci[1:] < cpu_ci[:-1]).any()):
-            raise ValueError("crow_indices must be non-decreasing")
-        if co.numel():
-            if int(cpu_co.min()) < 0 or int(cpu_co.max()) >= self.block_cols:
-                raise ValueError(
-                    f"col_indices must lie in [0, {self.block_cols}), got range "
-                    f"[{int(cpu_co.min())}, {int(cpu_co.max())}]")
-            for r in range(self.block_rows):
-                seg = cpu_co[int(cpu_ci[r]):int(cpu_ci[r + 1])]
-                if seg.numel() > 1 and bool((seg[1:] <= seg[:-1]).any()):
-                    raise ValueError(f"col_indices of block row {r} must be strictly increasing")
+        validate_indices(ci, co, self.shape, b)
 
     # ---- conversions --------------------------------------------------------------------------
     @classmethod

@@ -86,3 +86,54 @@ def qa_outputs_itself(monkeypatch):
     from bsbert import lean_model
 
     monkeypatch.setattr(lean_model, "_head_logits", lambda *a: None)
+
+
+# ---- argument errors of the block-sparse linear ops ------------------------------------------------
+# torch.ops.bsbert.bsr_linear (the CPU op, csrc/cpu/bsr_linear.cpp ``prepare``) and
+# torch.ops.bsbert.triton_bsr_linear refuse these arguments in the same words. Both take
+# (x, crow_indices, col_indices, values or packed values, bias, out_features, in_features, ...); the cases
+# are written for out_features 64, in_features 48, block 16 (4 block rows, 3 block columns), at least one
+# stored block. A case is (argument index, its replacement as a function of the unchanged arguments, the
+# message: a regex, or a function of the unchanged arguments giving one); see ``assert_arg_error``.
+def _replaced(t: torch.Tensor, i: int, v) -> torch.Tensor:
+    """A copy of ``t`` with ``t[i] = v`` (a case never writes into the arguments it was given)."""
+    t = t.clone()
+    t[i] = v
+    return t
+
+
+BSR_ARG_ERRORS = [  # shapes and dtypes: checked without reading any values
+    pytest.param(0, lambda a: a[0][0, 0], "x must have at least 1 dimension", id="x-0d"),
+    pytest.param(0, lambda a: a[0][:, :47].contiguous(), r"x.shape\[-1\] = 47 does not match in_features = 48",
+                 id="x-width"),
+    pytest.param(5, lambda a: -1, r"negative out_features \(-1\)", id="out-features-negative"),
+    pytest.param(1, lambda a: a[1].long(), "crow_indices and col_indices must be int32, got", id="crow-int64"),
+    pytest.param(2, lambda a: a[2][None], "crow_indices and col_indices must be 1-D", id="col-2d"),
+    pytest.param(1, lambda a: a[1][:-1], r"crow_indices must have ceil\(out_features/block\)\+1 = 5 entries, got 4",
+                 id="crow-short"),
+]
+
+BSR_INDEX_ERRORS = [  # index values (bsbert.formats.validate_indices): indices that gave garbage or read out of bounds
+    pytest.param(2, lambda a: _replaced(a[2], 0, 99),
+                 r"col_indices\[0\] = 99 is outside \[0, ceil\(in_features/block\) = 3\)", id="col-too-large"),
+    pytest.param(2, lambda a: _replaced(a[2], -1, -1),
+                 lambda a: rf"col_indices\[{a[2].numel() - 1}\] = -1 is outside", id="col-negative"),
+    pytest.param(1, lambda a: _replaced(a[1], -1, a[1][-1] + 1),
+                 lambda a: rf"crow_indices must run from 0 to nnz_blocks = {a[2].numel()}, got 0\.\.{a[2].numel() + 1}",
+                 id="crow-end"),
+    pytest.param(1, lambda a: _replaced(a[1], 0, 1), "crow_indices must run from 0 to nnz_blocks", id="crow-start"),
+    # row 0 takes every block, row 1 ends (at 0) before it starts
+    pytest.param(1, lambda a: _replaced(_replaced(a[1], 1, a[1][-1]), 2, 0),
+                 r"crow_indices must be non-decreasing \(row 1\)", id="crow-decreasing"),
+]
+
+
+def assert_arg_error(op, args, index, replace, match, errors=ValueError):
+    """``op(*args)`` with ``args[index]`` replaced by ``replace(args)`` raises ``errors`` matching ``match`` (a
+    regex, or a function of the unchanged ``args`` giving one). ``args`` itself is left as it was."""
+    if callable(match):
+        match = match(args)
+    args = list(args)
+    args[index] = replace(args)
+    with pytest.raises(errors, match=match):
+        op(*args)

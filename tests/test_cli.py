@@ -15,6 +15,8 @@ def test_bench_small(tmp_path, capsys):
     run = res["runs"][0]
     assert run["seq"] == 16 and run["max_rel_diff_patched"] <= 1e-4 and run["flop_bound_speedup"] > 1
     assert res["outputs_ok"] is True and res["outputs_limit"] == 1e-4 and "outputs_off" not in res
+    # every seq's plan table, keyed by seq ("plan_table": the last seq's, for readers of older JSON)
+    assert res["plan_tables"] == {"16": res["plan_table"]} and "FLOPs at seq 16:" in res["plan_table"]
     # the bound's rate is the best over a BERT layer's four dense shapes; the winner's is probed between blocks
     assert res["dense_gemm"]["shapes"] == [[1024, 1024], [1024, 3072], [1024, 4096], [4096, 1024]]
     assert res["dense_gemm"]["shape"][1:] in res["dense_gemm"]["shapes"]
@@ -355,3 +357,6 @@ def test_bench_flags_outputs_that_differ():
              flop_bound_speedup=1, remaining_bound_ms=1, patched_over_bound=1, patched_best_over_bound=1,
              patched_paired_over_bound={"median": 1})])
     assert "OUTPUTS DIFFER" in table(r).caption
+    # dense / remaining FLOPs is a speedup bound, "bound ms" the time one
+    headers = [c.header for c in table(r).columns]
+    assert "speedup bound" in headers and "bound ms" in headers and "FLOP bound" not in headers

@@ -115,21 +115,22 @@ def test_constructor_errors(mutate, match):
 def test_index_errors():
     p = _parts(BlockSparseMatrix.from_dense(torch.ones(64, 96), 32))  # 2 rows x 3 cols, all stored
     q = dict(p, crow_indices=torch.tensor([1, 3, 6], dtype=torch.int32))
-    with pytest.raises(ValueError, match="start at 0"):
+    with pytest.raises(ValueError, match=r"crow_indices must run from 0 to nnz_blocks = 6, got 1\.\.6"):
         BlockSparseMatrix(**q)
     q = dict(p, crow_indices=torch.tensor([0, 4, 6], dtype=torch.int32))
-    with pytest.raises(ValueError, match="strictly increasing"):  # row 0 would hold cols 0,1,2,0
+    with pytest.raises(ValueError, match=r"block row 0 must be strictly increasing, got col_indices\[2\] = 2 "
+                                          r"then col_indices\[3\] = 0"):  # row 0 would hold cols 0,1,2,0
         BlockSparseMatrix(**q)
     q = dict(p, crow_indices=torch.tensor([0, 7, 6], dtype=torch.int32))  # starts at 0, ends at nnz
-    with pytest.raises(ValueError, match="non-decreasing"):
+    with pytest.raises(ValueError, match=r"crow_indices must be non-decreasing \(row 1\)"):
         BlockSparseMatrix(**q)
     cols = p["col_indices"].clone()
     cols[0] = 3
-    with pytest.raises(ValueError, match="col_indices must lie"):
+    with pytest.raises(ValueError, match=r"col_indices\[0\] = 3 is outside \[0, ceil\(in_features/block\) = 3\)"):
         BlockSparseMatrix(**dict(p, col_indices=cols))
     cols = p["col_indices"].clone()
     cols[0], cols[1] = cols[1].item(), cols[0].item()
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="block row 0 must be strictly increasing"):
         BlockSparseMatrix(**dict(p, col_indices=cols))
 
 

@@ -27,6 +27,7 @@ if bt.not_supported_reasons(DEVICE, torch.float32):
                 allow_module_level=True)
 
 from bsbert.triton.bsr_linear import bsr_linear_triton  # noqa: E402
+from tests.helpers import BSR_ARG_ERRORS, BSR_INDEX_ERRORS, assert_arg_error  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -247,7 +248,7 @@ def test_bad_inputs():
         bsr_linear_triton(torch.randn(2, 32, device=DEVICE), bsm, torch.zeros(31, device=DEVICE))
 
 
-# ---- raw op errors: the CPU op's checks (tests/test_bsr_linear_cpu.py::test_errors), same words ----
+# ---- raw op errors: the CPU op's checks in its words (the shared cases in tests/helpers.py) ------
 def _args(n=64, k=48, block=16):
     bsm, _, _ = _make(n, k, block, torch.float32, density=0.6, seed=31)
     assert bsm.nnz_blocks >= 2 and bsm.block_rows >= 3
@@ -260,46 +261,23 @@ def _raises(args, match):
         torch.ops.bsbert.triton_bsr_linear(*args)
 
 
-def test_errors():
-    a = _args()
-    a[0] = a[0].double()
-    _raises(a, r"x dtype torch.float64 is not supported")
-    a = _args()
-    a[0] = torch.randn(5, 47, device=DEVICE)
-    _raises(a, r"x.shape\[-1\] = 47 does not match in_features = 48")
-    a = _args()
-    a[0] = torch.tensor(1.0, device=DEVICE)
-    _raises(a, "at least 1 dimension")
-    a = _args()
-    a[5] = -1
-    _raises(a, r"negative out_features \(-1\)")
-    a = _args()
-    a[3] = a[3][:, :8, :8].contiguous()
-    _raises(a, "block must be 16, 32 or 64, got 8")
-    a = _args()
-    a[3] = a[3][:, :, :8]
-    _raises(a, r"values must be \[nnz_blocks, block, block\]")
-    a = _args()
-    a[3] = a[3].double()
-    _raises(a, "values dtype torch.float64")
-    a = _args()
-    a[1] = a[1].long()
-    _raises(a, "crow_indices and col_indices must be int32")
-    a = _args()
-    a[2] = a[2][None]
-    _raises(a, "must be 1-D")
-    a = _args()
-    a[1] = a[1][:-1]
-    _raises(a, r"crow_indices must have ceil\(out_features/block\)\+1 = 5 entries, got 4")
-    a = _args()
-    a[3] = a[3][:-1]  # fewer blocks than col_indices entries: the kernel read past values
-    _raises(a, "values must hold nnz_blocks")
-    a = _args()
-    a[4] = torch.randn(63, device=DEVICE)
-    _raises(a, r"bias must have shape \[64\], got \(63,\)")
-    a = _args()
-    a[4] = torch.ones(64, dtype=torch.int32, device=DEVICE)
-    _raises(a, "bias dtype torch.int32")
+_OWN_ERRORS = [  # the Triton op's own words, where the CPU op (packed values, fp32/bf16 only) differs
+    pytest.param(0, lambda a: a[0].double(), r"x dtype torch.float64 is not supported", id="x-float64"),
+    pytest.param(3, lambda a: a[3][:, :8, :8].contiguous(), "block must be 16, 32 or 64, got 8", id="block-8"),
+    pytest.param(3, lambda a: a[3][:, :, :8], r"values must be \[nnz_blocks, block, block\]", id="values-shape"),
+    pytest.param(3, lambda a: a[3].double(), "values dtype torch.float64", id="values-float64"),
+    # fewer blocks than col_indices entries: the kernel read past values
+    pytest.param(3, lambda a: a[3][:-1], "values must hold nnz_blocks", id="values-short"),
+    pytest.param(4, lambda a: torch.randn(63, device=DEVICE), r"bias must have shape \[64\], got \(63,\)",
+                 id="bias-shape"),
+    pytest.param(4, lambda a: torch.ones(64, dtype=torch.int32, device=DEVICE), "bias dtype torch.int32",
+                 id="bias-int32"),
+]
+
+
+@pytest.mark.parametrize("index,replace,match", BSR_ARG_ERRORS + _OWN_ERRORS)
+def test_errors(index, replace, match):
+    assert_arg_error(torch.ops.bsbert.triton_bsr_linear, _args(), index, replace, match)
 
 
 def test_wrong_device():
@@ -311,24 +289,24 @@ def test_wrong_device():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="index values are checked where they are free: on the CPU")
-def test_corrupt_indices():
+@pytest.mark.parametrize("index,replace,match", BSR_INDEX_ERRORS)
+def test_corrupt_indices(index, replace, match):
     """Indices that used to give garbage (values ~1e29, inf, plausible junk) or read out of bounds."""
-    a = _args()
-    a[2][0] = 99
-    _raises(a, r"col_indices\[0\] = 99 is outside \[0, ceil\(in_features/block\) = 3\)")
-    a = _args()
-    a[2][-1] = -1
-    _raises(a, rf"col_indices\[{a[2].numel() - 1}\] = -1 is outside")
-    a = _args()
-    a[1][-1] += 1
-    _raises(a, rf"crow_indices must run from 0 to nnz_blocks = {a[2].numel()}, got 0\.\.")
-    a = _args()
-    a[1][0] = 1
-    _raises(a, "crow_indices must run from 0 to nnz_blocks")
-    a = _args()
-    a[1][1] = a[1][-1]  # row 0 takes every block, row 1 ends before it starts
-    assert a[1][2] < a[1][1]
-    _raises(a, r"crow_indices must be non-decreasing \(row 1\)")
+    assert_arg_error(torch.ops.bsbert.triton_bsr_linear, _args(), index, replace, match)
+
+
+def test_unsorted_columns_accepted():
+    """A block row's blocks in any order: the kernel, like the CPU op, does not need them sorted (only
+    BlockSparseMatrix keeps them sorted), so the index check does not ask for it; the same result."""
+    bsm, w, gen = _make(48, 64, 16, torch.float32, density=1.0, seed=33)
+    x = torch.randn(5, 64, generator=gen).to(DEVICE)
+    crow = bsm.crow_indices.tolist()
+    perm = torch.cat([torch.arange(s, e).flip(0) for s, e in zip(crow[:-1], crow[1:])]).to(DEVICE)
+    assert not torch.equal(perm, torch.arange(perm.numel(), device=DEVICE))
+    y = torch.ops.bsbert.triton_bsr_linear(x, bsm.crow_indices, bsm.col_indices[perm].contiguous(),
+                                           bsm.values[perm].contiguous(), None, 48, 64, False, False)
+    ref = F.linear(x.double(), w.double())
+    _assert_close(y, ref, F.linear(x, w), fp32_bound=_fp32_bound(x, w, None, ref))
 
 
 def test_strided_indices_and_k_zero():

@@ -18,6 +18,18 @@ def _op_exists(qualname: str) -> bool:
         return False
 
 
+def _same_device(op: str, ref_name: str, ref, **others) -> None:
+    """A tensor argument on another device than ``ref`` (one meta tensor among CPU ones sends the call
+    here, to the Meta kernel, which would return an uninitialised CPU tensor as the op's result)."""
+    for name, t in others.items():
+        ts = t if isinstance(t, (list, tuple)) else [t]
+        for i, u in enumerate(ts):
+            if u is not None and u.device != ref.device:
+                where = f"{name}[{i}]" if isinstance(t, (list, tuple)) else name
+                raise RuntimeError(f"{op}: {where} is on {u.device} but {ref_name} is on {ref.device}; "
+                                   f"all tensors must share a device")
+
+
 def _bsr_linear_fake(x, crow_indices, col_indices, packed_values, bias, out_features, in_features,
                      block, gelu):
     for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices),
@@ -42,6 +54,7 @@ def _bsr_linear_fake(x, crow_indices, col_indices, packed_values, bias, out_feat
 
 
 def _pruned_attention_fake(qkv, key_padding_mask, num_heads, head_dim, scale):
+    _same_device("pruned_attention", "qkv", qkv, key_padding_mask=key_padding_mask)
     torch._check(qkv.dim() == 3, lambda: "pruned_attention: qkv must be [B, S, 3*H*D]")
     torch._check(qkv.shape[-1] == 3 * num_heads * head_dim,
                  lambda: f"pruned_attention: qkv last dim {qkv.shape[-1]} != 3*{num_heads}*{head_dim}")
@@ -49,6 +62,7 @@ def _pruned_attention_fake(qkv, key_padding_mask, num_heads, head_dim, scale):
 
 
 def _pruned_attention_varlen_fake(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
+    _same_device("pruned_attention_varlen", "qkv", qkv, cu_seqlens=cu_seqlens)
     torch._check(qkv.dim() == 2, lambda: "pruned_attention_varlen: qkv must be [T, 3*H*D]")
     torch._check(qkv.shape[-1] == 3 * num_heads * head_dim,
                  lambda: f"pruned_attention_varlen: qkv last dim {qkv.shape[-1]} != 3*{num_heads}*{head_dim}")
@@ -83,6 +97,7 @@ def _bsr_linear_add_layer_norm_fake(x, crow_indices, col_indices, packed_values,
 
 
 def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
+    _same_device("bert_encoder", "hidden", hidden, key_padding_mask=key_padding_mask, tensors=list(tensors))
     torch._check(hidden.dim() == 3, lambda: f"bert_encoder: hidden must be [B, S, hidden_size], got {tuple(hidden.shape)}")
     from bsbert.fused_encoder import FLOATS_PER_LAYER, INTS_PER_LAYER, TENSORS_PER_LAYER
 
@@ -95,11 +110,14 @@ def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
 
 
 def _bert_encoder_registered_fake(hidden, key_padding_mask, handle):
+    _same_device("bert_encoder_registered", "hidden", hidden, key_padding_mask=key_padding_mask)
     torch._check(hidden.dim() == 3, lambda: f"bert_encoder: hidden must be [B, S, hidden_size], got {tuple(hidden.shape)}")
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
 def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type, ln_weight, ln_bias, eps):
+    _same_device("bert_embeddings", "word", word, input_ids=input_ids, token_type_ids=token_type_ids,
+                 position=position, token_type=token_type, ln_weight=ln_weight, ln_bias=ln_bias)
     torch._check(input_ids.dim() == 2, lambda: f"bert_embeddings: input_ids must be [batch, seq], got shape "
                                                f"{tuple(input_ids.shape)}")
     torch._check(word.dim() == 2, lambda: "bert_embeddings: word must be a 2-D [vocab, hidden] table")
@@ -110,6 +128,7 @@ def _bert_embeddings_fake(input_ids, token_type_ids, word, position, token_type,
 
 
 def _head_logits_fake(x, weight, bias):
+    _same_device("head_logits", "x", x, weight=weight, bias=bias)
     torch._check(x.dim() >= 1, lambda: "head_logits: x must have at least 1 dimension")
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
                  lambda: f"head_logits: weight must be [out_features, {x.shape[-1]}] (x's last dim), got shape "

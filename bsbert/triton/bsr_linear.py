@@ -16,7 +16,8 @@ programs running together share the same few x tiles in L2.
 * autotuned on GPUs (key: M bucket, N, K, block, density bucket); one fixed small config under the
   Triton interpreter.
 * checks: shapes, dtypes and devices always (free); the index values (crow from 0 to nnz, non-decreasing,
-  col in range) only where they are free to read, under the interpreter -- see ``_check_indices``.
+  col in range: ``bsbert.formats.validate_indices``) only where they are free to read, on CPU tensors
+  under the interpreter; on a GPU the kernel trusts them (see ``_bsr_linear_impl``).
 
 The op ``torch.ops.bsbert.triton_bsr_linear`` (``torch.library.triton_op`` on GPUs, so that
 ``torch.compile`` sees the kernel; an opaque ``custom_op`` under the interpreter) has a fake kernel;
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bsbert.formats import validate_indices
 from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
                                     is_interpreted, is_traced, launcher, make_op, next_pow2)
 
@@ -214,35 +216,19 @@ def _check(x, crow, col, values, bias, n, k):
             raise ValueError(f"bsr_linear: bias dtype {bias.dtype} is not supported (fp16, bf16, fp32)")
 
 
-def _check_indices(crow, col, k, b):
-    """Value checks of the BSR indices (the kernel trusts them as addresses). Run only where they are
-    free: indices on the CPU, i.e. under the interpreter. On a GPU reading them is a device -> host copy
-    and a sync per call, which stalls the launch queue and is illegal inside CUDA-graph capture (the
-    benchmarks and torch.compile's reduce-overhead capture these calls); there the indices come from a
-    BlockSparseMatrix, which validates them once when it is built."""
-    nnz, nbc = col.numel(), (k + b - 1) // b
-    first, last = int(crow[0]), int(crow[-1])
-    if first != 0 or last != nnz:
-        raise ValueError(f"bsr_linear: crow_indices must run from 0 to nnz_blocks = {nnz}, got "
-                         f"{first}..{last}")
-    bad = (crow[1:] < crow[:-1]).nonzero()
-    if bad.numel():
-        raise ValueError(f"bsr_linear: crow_indices must be non-decreasing (row {int(bad[0])})")
-    bad = ((col < 0) | (col >= nbc)).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(f"bsr_linear: col_indices[{i}] = {int(col[i])} is outside [0, "
-                         f"ceil(in_features/block) = {nbc})")
-
-
 def _bsr_linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                      bias: torch.Tensor | None, n: int, k: int, gelu: bool,
                      allow_tf32: bool) -> torch.Tensor:
     _check(x, crow, col, values, bias, n, k)
     check_device(x, INTERPRETED)
     b = values.shape[1]
+    # The index values (the kernel trusts them as addresses) are checked only where reading them is free:
+    # indices on the CPU, i.e. under the interpreter. On a GPU reading them is a device -> host copy and a
+    # sync per call, which stalls the launch queue and is illegal inside CUDA-graph capture (the
+    # benchmarks and torch.compile's reduce-overhead capture these calls); there the indices come from a
+    # BlockSparseMatrix, which validated them once when it was built. Columns need not be sorted.
     if crow.device.type == "cpu" and not is_traced(crow) and not is_traced(col):
-        _check_indices(crow, col, k, b)
+        validate_indices(crow, col, (n, k), b, sorted_cols=False, prefix="bsr_linear: ")
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2 = x.reshape(m, k)  # not reshape(-1, k): that is ambiguous (an error) for k = 0

@@ -156,7 +156,15 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
   }
   const at::Tensor wc = word.contiguous(), pc = position.contiguous(), tc = token_type.contiguous();
   at::Tensor y = at::empty({B, S, H}, word.options().memory_format(at::MemoryFormat::Contiguous));
-  if (y.numel() == 0) return at::layer_norm(y, {H}, ln_weight, ln_bias, eps);
+  // at::layer_norm takes a weight and bias of one dtype: a mixed pair (each allowed above) is widened to
+  // fp32, as add_layer_norm does (it stopped in torch with "mixed dtype (CPU): expect parameter to have
+  // scalar type of Float", naming neither the op nor the argument).
+  auto layer_norm = [&](const at::Tensor& t) {
+    if (ln_weight.scalar_type() != ln_bias.scalar_type())
+      return at::layer_norm(t, {H}, ln_weight.to(at::kFloat), ln_bias.to(at::kFloat), eps);
+    return at::layer_norm(t, {H}, ln_weight, ln_bias, eps);
+  };
+  if (y.numel() == 0) return layer_norm(y);
 
   const bool bf16 = dt == at::kBFloat16;
   auto sum_bf16 = sum_row_bf16;
@@ -203,7 +211,7 @@ at::Tensor bert_embeddings_cpu(const at::Tensor& input_ids, const std::optional<
     }
   });
   // torch's own LayerNorm kernel: with the sums above, the values are transformers' bit for bit
-  return at::layer_norm(y, {H}, ln_weight, ln_bias, eps);
+  return layer_norm(y);
 }
 
 }  // namespace cpu

@@ -56,6 +56,8 @@ struct Linear {
   int64_t kind, n, k, block;
   at::Tensor a, b, c;  // bsr: crow, col, packed; dense: weight (b, c undefined)
   std::optional<at::Tensor> bias;
+  int64_t layer = 0;  // where it is, for messages: layer, kLinearNames[j]
+  int64_t j = 0;
 };
 
 at::Tensor required(const c10::List<std::optional<at::Tensor>>& t, int64_t i, int64_t layer, const char* what) {
@@ -83,6 +85,8 @@ Linear linear_of(const c10::List<std::optional<at::Tensor>>& t, c10::IntArrayRef
     l.c = required(t, ti + 2, layer, "packed_values");
   }
   if (l.bias.has_value() && !l.bias->defined()) l.bias.reset();
+  l.layer = layer;
+  l.j = j;
   return l;
 }
 
@@ -103,7 +107,31 @@ at::Tensor dense_linear(const at::Tensor& x, const Linear& l, bool gelu) {
   return stack.back().toTensor();
 }
 
+// A dense linear's weight and bias against its input (O(1)): oneDNN reports a wrong shape or dtype as
+// "could not create a primitive descriptor for the inner product forward propagation primitive" and
+// torch's linear names neither the layer nor the argument.
+void check_dense(const at::Tensor& x, const Linear& l) {
+  const at::Tensor& w = l.a;
+  const char* name = kLinearNames[l.j];
+  BSBERT_CHECK(w.device().is_cpu(), "bert_encoder: layer ", l.layer, " ", name, ": dense weight must be on the CPU, got ",
+               w.device());
+  BSBERT_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "bert_encoder: layer ", l.layer, " ", name,
+               ": dense weight must be [out_features, ", x.size(-1), "] (the input's last dim), got shape ", w.sizes());
+  BSBERT_CHECK(w.scalar_type() == x.scalar_type(), "bert_encoder: layer ", l.layer, " ", name, ": dense weight dtype (",
+               w.scalar_type(), ") must match the hidden states' dtype (", x.scalar_type(), ")");
+  if (!l.bias.has_value()) return;
+  const at::Tensor& b = *l.bias;
+  BSBERT_CHECK(b.device().is_cpu() && b.dim() == 1 && b.size(0) == w.size(0), "bert_encoder: layer ", l.layer, " ",
+               name, ": bias must be a CPU tensor of shape [", w.size(0), "] (the weight's rows), got ", b.sizes(),
+               " on ", b.device());
+  // (oneDNN also takes an fp32 bias with bf16 inputs; torch's linear wants one dtype)
+  const bool fp32_ok = l.kind == kDense && x.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kFloat;
+  BSBERT_CHECK(b.scalar_type() == x.scalar_type() || fp32_ok, "bert_encoder: layer ", l.layer, " ", name,
+               ": bias dtype (", b.scalar_type(), ") must match the hidden states' dtype (", x.scalar_type(), ")");
+}
+
 at::Tensor linear(const at::Tensor& x, const Linear& l, bool gelu) {
+  if (l.kind != kBsr) check_dense(x, l);
   if (l.kind == kDense) return dense_linear(x, l, gelu);
   if (l.kind == kTorchDense) {  // F.linear then F.gelu (exact erf), as the torch-dense backend
     const at::Tensor y = at::linear(x, l.a, l.bias);
@@ -128,6 +156,13 @@ bool chain_enabled() {
   return env == nullptr || env[0] != '0';
 }
 
+// a * b, or -1 when either is negative or the product overflows.
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) return -1;
+  return r;
+}
+
 // The chained layers' intermediates (QKV, context, the attention LayerNorm's output, the FFN hidden
 // layer and every layer output but the last, in two alternating slots) in memory kept per calling
 // thread between calls, cut into tensors without an allocation each: per layer those were five
@@ -138,14 +173,18 @@ class Intermediates {
  public:
   enum Slot { kQkv, kCtx, kAttnOut, kFfnHidden, kX0, kX1, kSlots };
 
-  // widths[s]: the widest row slot s holds (elements); M rows of dtype dt.
+  // widths[s]: the widest row slot s holds (elements); M rows of dtype dt. A width that is negative or
+  // whose bytes overflow (sizes from the op's ints, before any check has looked at them: a wrapped
+  // product gave slots that overlapped) turns the buffer off; the ops' own checks then name the problem.
   Intermediates(int64_t M, const int64_t (&widths)[kSlots], at::ScalarType dt) : M_(M), dt_(dt) {
     const int64_t esz = at::elementSize(dt);
     int64_t bytes = 0;
     for (int s = 0; s < kSlots; ++s) {
       offset_[s] = bytes;
       width_[s] = widths[s];
-      bytes += (M * widths[s] * esz + 63) / 64 * 64;
+      const int64_t slot = checked_mul(checked_mul(M, widths[s]), esz);
+      if (slot < 0 || slot > kMaxFloats * 4) return;
+      bytes += (slot + 63) / 64 * 64;
     }
     if (bytes / 4 + 16 <= kMaxFloats)
       base_ = reinterpret_cast<char*>(
@@ -157,7 +196,7 @@ class Intermediates {
   // Slot s as an [M, width] tensor, or an undefined one (the op allocates) when the buffer is off or
   // the slot narrower (a layer whose shapes the op's own checks will reject).
   at::Tensor get(Slot s, int64_t width) const {
-    if (base_ == nullptr || width > width_[s]) return at::Tensor();
+    if (base_ == nullptr || width < 0 || width > width_[s]) return at::Tensor();
     return at::from_blob(base_ + offset_[s], {M_, width}, at::TensorOptions().dtype(dt_));
   }
 
@@ -175,11 +214,47 @@ struct LayerArgs {
   double scale = 0, eps_attn = 0, eps_out = 0;
   Linear qkv, out, in, ffo;
   at::Tensor ln_attn_w, ln_attn_b, ln_out_w, ln_out_b;
-  // Whether a chain prepared for this layer reads its LayerNorms' weights themselves (a pair of two
-  // dtypes, or a non-contiguous one, is converted / copied when the chain is prepared: a kept chain
-  // would not see an in-place edit of it, so such a layer's chain is prepared on every call).
-  bool ln_as_stored = false;
 };
+
+// Whether a chain prepared for this layer reads its LayerNorms' weights themselves (a pair of two
+// dtypes, or a non-contiguous one, is converted / copied when the chain is prepared: a kept chain
+// would not see an in-place edit of it, so such a layer's chain is prepared on every call). Looked at
+// on every call (O(1)): a weight's dtype or layout may change after registration (.data =).
+bool ln_as_stored(const LayerArgs& l) {
+  return l.ln_attn_w.scalar_type() == l.ln_attn_b.scalar_type() &&
+         l.ln_out_w.scalar_type() == l.ln_out_b.scalar_type() && l.ln_attn_w.is_contiguous() &&
+         l.ln_attn_b.is_contiguous() && l.ln_out_w.is_contiguous() && l.ln_out_b.is_contiguous();
+}
+
+// One registered tensor as a kept chain found it when it was prepared. The chain holds raw pointers
+// into its index, packed and LayerNorm tensors and checked the index values once, so it is reused only
+// while each is the same memory, size, dtype and layout, unwritten since (version counter; an inference
+// tensor has none). Without this a kept chain read freed memory after `.data =` / set_ (e.g.
+// bsbert.hugepages.place moves packed values that way) or resize_, and unchecked index values after an
+// in-place edit (a segfault). A changed tensor makes the chain be prepared again, with the op's checks.
+struct TensorStamp {
+  at::Tensor t;
+  const void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+  bool contiguous;
+  int64_t version;  // -1: an inference tensor
+
+  explicit TensorStamp(const at::Tensor& x)
+      : t(x), data(x.data_ptr()), numel(x.numel()), dtype(x.scalar_type()), contiguous(x.is_contiguous()),
+        version(x.is_inference() ? -1 : static_cast<int64_t>(x._version())) {}
+  bool unchanged() const {
+    if (t.data_ptr() != data || t.numel() != numel || t.scalar_type() != dtype || t.is_contiguous() != contiguous)
+      return false;
+    return version < 0 ? t.is_inference() : !t.is_inference() && static_cast<int64_t>(t._version()) == version;
+  }
+};
+
+bool unchanged(const std::vector<TensorStamp>& stamps) {
+  for (const TensorStamp& s : stamps)
+    if (!s.unchanged()) return false;
+  return true;
+}
 
 // A chained layer's row chain kept between calls of a registered encoder. Preparing a chain (the four
 // linears' checks and arguments, the index scans, the bias copies) took ~20 us a layer with the
@@ -191,7 +266,19 @@ struct CachedChain {
   const void* ctx = nullptr;       // the attention output it reads
   const void* residual = nullptr;  // the layer input it adds (the previous layer's output)
   at::Tensor x_next, qkv_next;     // its outputs
+  std::vector<TensorStamp> stamps;  // the registered tensors it reads but for biases (refresh_biases)
 };
+
+// The stamps of a chain prepared for layer l (next: the next layer's QKV linear when the chain computes it).
+std::vector<TensorStamp> chain_stamps(const LayerArgs& l, const Linear* next) {
+  std::vector<TensorStamp> v;
+  v.reserve(16);
+  for (const Linear* lin : {&l.out, &l.in, &l.ffo, next})
+    if (lin != nullptr)
+      for (const at::Tensor* t : {&lin->a, &lin->b, &lin->c}) v.emplace_back(*t);
+  for (const at::Tensor* t : {&l.ln_attn_w, &l.ln_attn_b, &l.ln_out_w, &l.ln_out_b}) v.emplace_back(*t);
+  return v;
+}
 
 // The kept chains of one registered encoder, valid for calls of the same shape, dtype, Intermediates
 // buffer and BsrRowChain::config(). Not kept: the first layer's chain (its residual is the op's input,
@@ -257,9 +344,6 @@ EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c1
     l.ln_out_b = required(tensors, ln + 3, i, "output LayerNorm bias");
     BSBERT_CHECK(l.heads > 0, "bert_encoder: layer ", i, " has ", l.heads,
                  " heads (a layer without heads runs on the per-layer path)");
-    l.ln_as_stored = l.ln_attn_w.scalar_type() == l.ln_attn_b.scalar_type() &&
-                     l.ln_out_w.scalar_type() == l.ln_out_b.scalar_type() && l.ln_attn_w.is_contiguous() &&
-                     l.ln_attn_b.is_contiguous() && l.ln_out_w.is_contiguous() && l.ln_out_b.is_contiguous();
   }
   return e;
 }
@@ -274,7 +358,8 @@ void check_hidden(const at::Tensor& hidden) {
 // integer attention mask as transformers' models get it (nonzero = attend) converted to bool, or
 // dropped when it masks nothing. Why here: the lean forward's test for a zero in the mask in Python
 // (mask.all(), then bool()) cost ~50 us of a cold bf16 seq-128 forward; this scan is ~100 values.
-std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>& mask) {
+// hidden: the op's input (its [B, S] is the mask's shape).
+std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>& mask, const at::Tensor& hidden) {
   if (!mask.has_value() || !mask->defined() || mask->scalar_type() == at::kBool) return mask;
   const at::Tensor& m = *mask;
   BSBERT_CHECK(at::isIntegralType(m.scalar_type(), /*includeBool=*/false),
@@ -282,6 +367,11 @@ std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>
                "(nonzero = attend), got ", m.scalar_type());
   BSBERT_CHECK(m.device().is_cpu(), "bert_encoder (CPU kernel): key_padding_mask must be on the CPU, got ",
                m.device());
+  // Before the scan: a mask without a zero is dropped, and the attention (which checks the shape of the
+  // masks it gets) never saw it, so a mask of any shape was taken when it held only ones.
+  BSBERT_CHECK(m.dim() == 2 && m.size(0) == hidden.size(0) && m.size(1) == hidden.size(1),
+               "bert_encoder: key_padding_mask must have shape [", hidden.size(0), ", ", hidden.size(1),
+               "] (hidden's [B, S]), got ", m.sizes());
   const at::Tensor mc = m.contiguous();
   bool any_zero = false;
   AT_DISPATCH_INTEGRAL_TYPES(mc.scalar_type(), "attention_padding_mask", [&] {
@@ -294,7 +384,7 @@ std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>
 
 // The layers on hidden (checked by the caller with check_hidden).
 at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>& mask_in, const EncoderArgs& e) {
-  const std::optional<at::Tensor> key_padding_mask = attention_padding_mask(mask_in);
+  const std::optional<at::Tensor> key_padding_mask = attention_padding_mask(mask_in, hidden);
   const int64_t layers = static_cast<int64_t>(e.layers.size());
   at::Tensor x = hidden;
   at::Tensor qkv;  // this layer's, when the previous layer's chain computed it
@@ -303,7 +393,7 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
   for (int64_t i = 0; chain && i < layers; ++i) {
     const LayerArgs& l = e.layers[i];
     widths[Intermediates::kQkv] = std::max(widths[Intermediates::kQkv], l.qkv.n);
-    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], l.heads * l.head_dim);
+    widths[Intermediates::kCtx] = std::max(widths[Intermediates::kCtx], checked_mul(l.heads, l.head_dim));
     widths[Intermediates::kFfnHidden] = std::max(widths[Intermediates::kFfnHidden], l.in.n);
   }
   const int64_t M = hidden.size(0) * hidden.size(1);
@@ -336,16 +426,18 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
     if (!qkv.defined()) qkv = linear(x, l.qkv, false);
     const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
     // the attention's output, made here when chained: the chain is prepared while the attention runs
-    at::Tensor ctx_out = buf.get(Intermediates::kCtx, l.heads * l.head_dim);
-    if (chained && !ctx_out.defined()) ctx_out = at::empty({M, l.heads * l.head_dim}, hidden.options());
-    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), l.heads * l.head_dim});
+    // (ctx_width < 0: heads * head_dim negative or overflowing; the attention's checks reject it)
+    const int64_t ctx_width = checked_mul(l.heads, l.head_dim);
+    at::Tensor ctx_out = buf.get(Intermediates::kCtx, ctx_width);
+    if (chained && !ctx_out.defined() && ctx_width >= 0) ctx_out = at::empty({M, ctx_width}, hidden.options());
+    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), ctx_width});
 
     // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
     // their checks and arguments are prepared by this thread inside the attention's region (or, kept
     // from an earlier call, only their biases copied again)
-    CachedChain* keep = chained && cache && i > 0 && !last && l.ln_as_stored ? &cache->layers[i] : nullptr;
+    CachedChain* keep = chained && cache && i > 0 && !last && ln_as_stored(l) ? &cache->layers[i] : nullptr;
     const bool reuse = keep != nullptr && keep->chain && keep->ctx == ctx_out.data_ptr() &&
-                       keep->residual == x.data_ptr();
+                       keep->residual == x.data_ptr() && unchanged(keep->stamps);
     std::unique_ptr<BsrRowChain> chain_ptr = chained && !reuse ? std::make_unique<BsrRowChain>() : nullptr;
     at::Tensor x_next, qkv_next;
     SideWork prepare_chain;
@@ -386,7 +478,9 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
       } else {
         chain_ptr->run();
         if (keep != nullptr) {
-          *keep = CachedChain{std::move(chain_ptr), ctx_out.data_ptr(), x.data_ptr(), x_next, qkv_next};
+          const Linear* next = qkv_next.defined() ? &e.layers[i + 1].qkv : nullptr;  // (keep: not the last)
+          *keep = CachedChain{std::move(chain_ptr), ctx_out.data_ptr(), x.data_ptr(), x_next, qkv_next,
+                              chain_stamps(l, next)};
         } else {
           done_chain = std::move(chain_ptr);
         }

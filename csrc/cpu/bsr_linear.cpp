@@ -139,7 +139,8 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   BSBERT_CHECK(crow.dim() == 1 && col.dim() == 1, "bsr_linear: crow_indices and col_indices must be 1-D");
   BsrCall c;
   const int64_t b = block, N = out_features, K = in_features;
-  const int64_t nbr = (N + b - 1) / b, nbc = (K + b - 1) / b;
+  // (not (N + b - 1) / b: that wraps around for N near INT64_MAX, and the error then named a negative count)
+  const int64_t nbr = N / b + (N % b != 0), nbc = K / b + (K % b != 0);
   BSBERT_CHECK(crow.numel() == nbr + 1, "bsr_linear: crow_indices must have ceil(out_features/block)+1 = ",
               nbr + 1, " entries, got ", crow.numel());
   const int64_t nnzb = col.numel();
@@ -449,7 +450,10 @@ struct BsrRowChain::Impl {
                         const std::optional<at::Tensor>& bias, int64_t n, int64_t k, int64_t block, bool gelu,
                         const at::Tensor& out) {
     float* bias_buf = nullptr;
-    if (bias.has_value() && bias->defined() && block > 0 && n >= 0)
+    // (only for a bias of the right shape, so that n is the size of a real tensor: a huge n from
+    // bert_encoder's ints would be a huge allocation before prepare's checks name the problem)
+    if (bias.has_value() && bias->defined() && (block == 16 || block == 32 || block == 64) && bias->dim() == 1 &&
+        bias->size(0) == n)
       bias_buf = biases.emplace_back((n + block - 1) / block * block).data();
     calls.push_back(prepare(x, crow, col, packed, bias, n, k, block, gelu, bias_buf, &out));
     BsrCall& c = calls.back();

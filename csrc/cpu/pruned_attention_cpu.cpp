@@ -77,8 +77,12 @@ void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int6
               " (CPU kernel): head_dim must be a multiple of 16 in [16, ", kAttnMaxHeadDim, "], got ", head_dim);
   BSBERT_CHECK(qkv.dim() == want_dim, op, ": qkv must be ", want_dim, "-D (",
               want_dim == 3 ? "[B, S, 3*H*D]" : "[T, 3*H*D]", "), got shape ", qkv.sizes());
-  BSBERT_CHECK(qkv.size(-1) == 3 * num_heads * head_dim, op, ": qkv last dimension must be 3 * num_heads * ",
-              "head_dim = ", 3 * num_heads * head_dim, ", got ", qkv.size(-1));
+  // Divided rather than multiplied: 3 * num_heads * head_dim wraps around for a huge num_heads (2^60 + 1
+  // heads of 16 matched a last dim of 48), and the kernel then ran that many heads over a small output.
+  const int64_t width = qkv.size(-1);
+  BSBERT_CHECK(width % (3 * head_dim) == 0 && width / (3 * head_dim) == num_heads, op,
+               ": qkv last dimension must be 3 * num_heads * head_dim = 3 * ", num_heads, " * ", head_dim,
+               ", got ", width);
   BSBERT_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 

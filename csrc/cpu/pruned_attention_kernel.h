@@ -169,12 +169,15 @@ struct AttnKernel {
 
   // 2^x for x <= 0: round to n, polynomial for 2^(x - n) on [-1/2, 1/2], exponent bits for 2^n.
   // Clamping at -127 makes masked keys (-inf) exactly 0: pow2i(-127) is the all-zero pattern.
+  // A NaN stays NaN (x is max's second operand: maxps, and the portable max, return it when either is
+  // NaN), so a NaN or infinite score makes the row NaN as in torch's softmax; clamped to -127 it was a
+  // weight of 0, and a row whose query held a NaN came out as zeros.
   // The polynomial is the degree-7 Taylor series of e^(f ln2): truncation error < 1e-8 on the range.
   static inline reg exp2v(reg x) {
     constexpr double l = 0.69314718055994530942;
     constexpr double c2 = l * l / 2, c3 = c2 * l / 3, c4 = c3 * l / 4, c5 = c4 * l / 5, c6 = c5 * l / 6,
                      c7 = c6 * l / 7;
-    x = V::max(x, V::set1(-127.f));
+    x = V::max(V::set1(-127.f), x);
     const reg n = V::round(x);
     const reg f = V::sub(x, n);
     reg p = V::set1(float(c7));
