@@ -148,6 +148,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_registered_count", &bsbert::cpu::encoder_registered_count, "encoders registered now");
   m.def("encoder_cached_chains", &bsbert::cpu::encoder_cached_chains, pybind11::arg("handle"),
         "layers whose prepared row chain the registered encoder keeps for its next call");
+  m.def("encoder_chain_reuses", &bsbert::cpu::encoder_chain_reuses, pybind11::arg("handle"),
+        "how many times the registered encoder ran a kept row chain instead of preparing it (all calls)");
   m.def("cpu_peak_gflops", &bsbert::cpu::cpu_peak_gflops, pybind11::arg("kind"), pybind11::arg("seconds"),
         "per-thread GFLOP/s of register-only multiply-add chains ('fp32': FMA, 'bf16': vdpbf16ps), all of "
         "torch's threads at once");

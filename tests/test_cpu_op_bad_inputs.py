@@ -163,10 +163,14 @@ class _Registered:
         self.before = self.run()
         assert torch.equal(self.run(), self.before)
         assert self.mod.encoder_cached_chains(self.handle) == 1  # the audited path: a kept chain
+        assert self.reuses() == 1  # ... run again on the second call (not prepared again)
 
     def run(self):
         with torch.inference_mode():
             return ops.bert_encoder_registered(self.hidden, None, self.handle)
+
+    def reuses(self):
+        return self.mod.encoder_chain_reuses(self.handle)
 
     def listed(self):
         with torch.inference_mode():
@@ -247,7 +251,17 @@ def test_registered_chain_is_kept_again_after_a_change(registered):
         p.mul_(0.5)
     assert torch.equal(registered.run(), registered.listed())
     assert registered.mod.encoder_cached_chains(registered.handle) == 1
+    assert registered.reuses() == 1  # the changed chain was prepared again, not run as kept
     assert torch.equal(registered.run(), registered.listed())
+    assert registered.reuses() == 2  # and kept again
+
+
+def test_registered_chain_is_reused_while_nothing_changed(registered):
+    # the stamps must not make every call prepare its chains again (the cache would silently stop paying):
+    # an unchanged encoder reuses its kept chain on every call, also after other tensors were read
+    for n in range(2, 5):
+        assert torch.equal(registered.run(), registered.before)
+        assert registered.reuses() == n
 
 
 # ---- bert_embeddings -----------------------------------------------------------------------------------

@@ -726,3 +726,31 @@ def test_a_copied_program_watches_the_copys_modules(monkeypatch, edit):
     assert calls == [1]
     assert torch.equal(fused.start_logits, per_layer.start_logits)
     assert not torch.equal(fused.start_logits, before.start_logits)
+
+
+@needs_op
+@needs_registry
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_model_reuses_its_kept_chains(dtype):
+    # The patched model's plain forwards go through the registered encoder, whose middle layers' kept row
+    # chains must run again on every call after the first (each kept chain is reused only while the
+    # tensors it reads are unchanged: a stamp that never matched would prepare them all on every call, a
+    # silent ~0.4% loss with the same outputs)
+    mod = _registry()
+    model = tiny_pruned(heads=(2, 3, 4, 2, 3), ffn=(100, 37, 64, 50, 20)).to(dtype)
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic", backend="cpu-bsr")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # (row chains need row tiles on two threads at these 2 x 30 rows)
+    try:
+        inp = inputs(batch=2, seq=30, vocab=model.config.vocab_size)
+        with torch.inference_mode():
+            first = model(**inp).start_logits
+            handle = model.bert.encoder._bsbert_program._registered.handle
+            kept, reused = mod.encoder_cached_chains(handle), mod.encoder_chain_reuses(handle)
+            assert kept == 3 and reused == 0  # layers 1-3 of 5, prepared on the first call
+            for n in (1, 2):
+                assert torch.equal(model(**inp).start_logits, first)
+                assert mod.encoder_chain_reuses(handle) == n * kept
+    finally:
+        torch.set_num_threads(old)
+        bsbert.unpatch(model)

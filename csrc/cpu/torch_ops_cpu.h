@@ -40,6 +40,7 @@ bool encoder_release(int64_t handle);
 int64_t encoder_registered_count();
 // How many layers' row chains the registered encoder keeps for its next call (0 before its first call).
 int64_t encoder_cached_chains(int64_t handle);
+int64_t encoder_chain_reuses(int64_t handle);
 
 }  // namespace cpu
 }  // namespace bsbert
