@@ -83,16 +83,30 @@ def find_encoder(model: nn.Module) -> tuple[str, nn.Module, EncoderAdapter]:
         f"models) have a different attention and are not supported")
 
 
-def check_config(model: nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return
-    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        raise UnsupportedModelError(
-            "decoder / cross-attention BERT configs are not supported: bsbert patches bidirectional "
-            "encoders (config.is_decoder and config.add_cross_attention must be False)")
-    pet = getattr(cfg, "position_embedding_type", "absolute")
-    if pet not in (None, "absolute"):
-        raise UnsupportedModelError(
-            f"position_embedding_type={pet!r} is not supported (relative attention scores); "
-            f"only 'absolute' models can be patched")
+_DECODER_REFUSED = ("decoder / cross-attention BERT configs are not supported: bsbert patches bidirectional "
+                    "encoders (config.is_decoder and config.add_cross_attention must be False)")
+
+
+def check_config(model: nn.Module, encoder: nn.Module | None = None) -> None:
+    """Refuse decoders, cross-attention and relative-position attention. Read from the model's config, the
+    encoder's own config and the flags its layers were built with: a model without a config of its own (a
+    user's wrapper, nn.DataParallel) or whose top-level config differs from its layers' still holds a
+    causal BertModel, which the bidirectional patched attention would compute silently wrong."""
+    if encoder is None:
+        encoder = find_encoder(model)[1]
+    configs = [c for c in (getattr(model, "config", None), getattr(encoder, "config", None)) if c is not None]
+    for cfg in configs:
+        if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+            raise UnsupportedModelError(_DECODER_REFUSED)
+        pet = getattr(cfg, "position_embedding_type", "absolute")
+        if pet not in (None, "absolute"):
+            raise UnsupportedModelError(
+                f"position_embedding_type={pet!r} is not supported (relative attention scores); "
+                f"only 'absolute' models can be patched")
+    # transformers' layers keep what they were built as: BertLayer.is_decoder / add_cross_attention /
+    # crossattention, BertSelfAttention.is_causal (used when a call has no mask)
+    for name, m in encoder.named_modules():
+        if (getattr(m, "is_decoder", False) is True or getattr(m, "add_cross_attention", False) is True
+                or getattr(m, "is_causal", False) is True or "crossattention" in m._modules):
+            raise UnsupportedModelError(f"{_DECODER_REFUSED}; the encoder's module '{name}' "
+                                        f"({type(m).__name__}) was built as a decoder / causal / cross-attention layer")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bsbert.adapters import check_config, find_encoder, set_submodule
-from bsbert.analyze import analyze, head_rows, layer_linears
+from bsbert.analyze import analyze, check_no_patched_part, head_rows, layer_linears
 from bsbert.errors import AlreadyPatchedError, BsbertError, NotPatchedError, UnsupportedModelError
 from bsbert.nn import DenseAddLayerNorm, FusedFFN, FusedIntermediate, PrunedSelfAttention, SparseLinear
 from bsbert.ops.attention_backends import measure_shape
@@ -211,17 +211,106 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     return swaps
 
 
-def _output_swap(layer, adapter, dense_path: str, dense: SparseLinear) -> dict[str, nn.Module]:
-    """BERT's SelfOutput / Output (dense -> dropout -> LayerNorm(h + input_tensor)) is replaced as a
-    whole by DenseAddLayerNorm (fused add + LayerNorm, reusing the original LayerNorm module). A parent
-    with any other make-up (a variant with extra submodules) only gets its linear swapped."""
+def _output_swap_path(layer, adapter, dense_path: str) -> str:
+    """The module _output_swap replaces: BERT's SelfOutput / Output (dense -> dropout -> LayerNorm(h +
+    input_tensor)) as a whole, a parent with any other make-up (a variant with extra submodules) only its linear."""
     parent_path = dense_path.rpartition(".")[0]
     parent = layer.get_submodule(parent_path) if parent_path else None
     children = dict(parent.named_children()) if parent is not None else {}
     if (adapter.layer_style == "bert" and set(children) == {"dense", "dropout", "LayerNorm"}
             and isinstance(children["LayerNorm"], nn.LayerNorm)):
-        return {parent_path: DenseAddLayerNorm(dense, children["LayerNorm"])}
+        return parent_path
+    return dense_path
+
+
+def _output_swap(layer, adapter, dense_path: str, dense: SparseLinear) -> dict[str, nn.Module]:
+    """BERT's SelfOutput / Output is replaced as a whole by DenseAddLayerNorm (fused add + LayerNorm,
+    reusing the original LayerNorm module); elsewhere only the linear is swapped (_output_swap_path)."""
+    path = _output_swap_path(layer, adapter, dense_path)
+    if path != dense_path:
+        return {path: DenseAddLayerNorm(dense, layer.get_submodule(path).LayerNorm)}
     return {dense_path: dense}
+
+
+def _replaced_paths(layer, adapter) -> list[str]:
+    """The paths (inside one layer) of the modules patch replaces, as modules_from_packed swaps them."""
+    paths = [adapter.self_attention]
+    if not adapter.attention_includes_output:
+        paths.append(_output_swap_path(layer, adapter, adapter.attn_out))
+    if adapter.ffn_block:
+        paths.append(adapter.ffn_block)
+    else:
+        paths += [adapter.intermediate, _output_swap_path(layer, adapter, adapter.ffn_out)]
+    return paths
+
+
+def _forward_is_library(m: nn.Module) -> bool:
+    """``m`` computes what transformers' or torch's own class computes: its class's forward is defined in
+    transformers or torch.nn (a subclass that only adds attributes passes) and no instance forward."""
+    fwd = getattr(type(m), "forward", None)
+    origin = getattr(fwd, "__module__", "") or ""
+    return "forward" not in vars(m) and origin.startswith(("transformers.", "torch.nn."))
+
+
+def check_replaceable(encoder: nn.Module, adapter, enc_path: str) -> None:
+    """Refuse (before anything changes) a model whose modules that patch replaces compute something bsbert
+    does not reproduce, which patch would otherwise drop silently: a forward hook or pre-hook on one of them
+    or inside (it would no longer run; transformers' own output-capturing hooks and torch.nn.utils.prune's
+    hooks excepted: the latter are read by analyze), a user subclass or instance with its own forward, an
+    attention function registered with transformers under a name of one's own. The LayerNorm that
+    DenseAddLayerNorm keeps may have hooks (it then calls the module): only its forward is checked."""
+    from torch.nn.utils import prune
+
+    from bsbert.fused_encoder import _is_capture_hook
+
+    for i, layer in enumerate(getattr(encoder, adapter.layers_attr)):
+        act = layer_act(layer, adapter)
+        for path in _replaced_paths(layer, adapter):
+            top = layer.get_submodule(path)
+            # (DenseAddLayerNorm keeps an output block's LayerNorm and calls it when it has hooks)
+            kept_norm = top._modules.get("LayerNorm") if isinstance(top, nn.Module) and path != adapter.self_attention \
+                else None
+            linears = [f"{sub}." if sub else "" for sub, m in top.named_modules() if isinstance(m, nn.Linear)]
+            for sub, m in top.named_modules():
+                if any(sub.startswith(lin) and sub != lin[:-1] for lin in linears):
+                    continue  # inside a linear (torch.nn.utils.parametrize's modules): analyze reads its weight
+                where = f"{enc_path}.{adapter.layers_attr}.{i}.{path}" + (f".{sub}" if sub else "")
+                if m is not act and not _forward_is_library(m):
+                    fwd = getattr(type(m), "forward", None)
+                    origin = "set on the instance" if "forward" in vars(m) else \
+                        f"{getattr(fwd, '__module__', '?')}.{getattr(fwd, '__qualname__', fwd)}"
+                    raise UnsupportedModelError(
+                        f"{where} ({type(m).__module__}.{type(m).__qualname__}) has a forward of its own "
+                        f"({origin}), not transformers' or torch's: bsbert replaces this module by kernels that "
+                        f"compute transformers' {adapter.family} layer, so the patched model would silently differ "
+                        f"(a quantized, LoRA/adapter-wrapped or subclassed module: merge / dequantize it into "
+                        f"transformers' modules and a plain nn.Linear first)")
+                if m is kept_norm:
+                    continue
+                hooks = [h for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                         if not _is_capture_hook(h) and not isinstance(h, prune.BasePruningMethod)]
+                if hooks:
+                    raise UnsupportedModelError(
+                        f"{where} ({type(m).__name__}) has a forward hook or pre-hook "
+                        f"({getattr(hooks[0], '__qualname__', type(hooks[0]).__qualname__)}): bsbert replaces this "
+                        f"module, so the hook would silently stop running; remove it (handle.remove()) before patch "
+                        f"and register it again after bsbert.unpatch, or hook the layer itself")
+        attn = layer.get_submodule(adapter.self_attention)
+        impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            try:
+                from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+                fn = ALL_ATTENTION_FUNCTIONS.get(impl)
+            except Exception:  # another transformers: nothing to look up
+                fn = None
+            origin = getattr(fn, "__module__", "") or ""
+            if fn is not None and not origin.startswith("transformers."):
+                raise UnsupportedModelError(
+                    f"layer {i} attention runs attn_implementation={impl!r}, a function registered with "
+                    f"transformers' AttentionInterface ({origin}.{getattr(fn, '__qualname__', fn)}): bsbert's "
+                    f"kernels compute standard softmax attention, not whatever that function does; patch a "
+                    f"model with attn_implementation 'sdpa' or 'eager'")
 
 
 def _build_layer(layer, adapter, lp, opts, prefix):
@@ -272,10 +361,13 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
 
     if verify and not keep_original:
         raise ValueError("verify=True needs keep_original=True (the original is the reference)")
+    given, model = model, _unwrap_compiled(model)
     if getattr(model, "_bsbert_patched", False):
         raise AlreadyPatchedError("model is already patched by bsbert; call bsbert.unpatch(model) first")
-    find_encoder(model)  # an unsupported model is refused first (and again in _patch_once: cheap)
-    check_config(model)
+    enc_path, encoder, adapter = find_encoder(model)  # an unsupported model is refused first (and again in _patch_once)
+    check_no_patched_part(model)
+    check_config(model, encoder)
+    check_replaceable(encoder, adapter, enc_path)
     device = next(model.parameters()).device
     check_select(select, device)
     measure_shape(tokens, seq)  # a bad seq is an error before anything changes
@@ -313,7 +405,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     from bsbert import nvtx
 
     nvtx.attach_if_enabled(model)
-    return model
+    return given
 
 
 def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
@@ -342,7 +434,7 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
     """Build every replacement (choosing backends as opts say), then swap them in and install the lean
     forwards; the model's plan is ``plan`` (or a fresh analysis) with the choices filled in."""
     enc_path, encoder, adapter = find_encoder(model)
-    check_config(model)
+    check_config(model, encoder)
     if plan is None:
         plan = analyze(model)
     layers = getattr(encoder, adapter.layers_attr)
@@ -550,14 +642,34 @@ def swap_modules(model: nn.Module, which: str) -> None:
             fused_encoder.attach(enc)
         for m in owners:
             lean_model.attach(m)
-    for layer, path, original, new in model._bsbert_swaps:
+    # the originals back in reverse order: where two layers share a module (the same layer object twice
+    # in the list, a shared BertAttention), the later swap recorded the earlier one's replacement as its
+    # "original", and undoing in order left that replacement in place
+    swaps = model._bsbert_swaps if which != "original" else reversed(model._bsbert_swaps)
+    for layer, path, original, new in swaps:
         set_submodule(layer, path, original if which == "original" else new)
+
+
+def _unwrap_compiled(model):
+    """The model a torch.compile wrapper (OptimizedModule) runs, else ``model``. The wrapper forwards most
+    attribute reads and writes to that model but not all (``object.__setattr__``, ``del``): patching the
+    wrapper itself split bsbert's state between the two, and unpatch then failed half way. patch / unpatch
+    work on the wrapped model, which the wrapper then runs (and recompiles for)."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_modules", {}).get("_orig_mod"), nn.Module):
+        model = model._modules["_orig_mod"]
+    return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the modules that :func:`patch` replaced."""
+    given, model = model, _unwrap_compiled(model)
     if not getattr(model, "_bsbert_patched", False):
-        raise NotPatchedError("model was not patched by bsbert")
+        from bsbert.analyze import patched_part
+
+        part = patched_part(model) if isinstance(model, nn.Module) else None
+        raise NotPatchedError("model was not patched by bsbert" + (
+            f" (its part '{part}' was: bsbert.unpatch that)" if part else ""))
     if any(s[2] is None for s in model._bsbert_swaps):
         raise NotPatchedError(f"cannot unpatch: {_NO_ORIGINALS}")
     remove_guards(model.modules())
@@ -577,7 +689,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.__dict__.pop("_bsbert_fast_layers", None)
     del model.bsbert_plan
     model._bsbert_patched = False
-    return model
+    return given
 
 def is_patched(model: nn.Module) -> bool:
-    return bool(getattr(model, "_bsbert_patched", False))
+    return bool(getattr(_unwrap_compiled(model), "_bsbert_patched", False))

@@ -53,17 +53,20 @@ def save(model, path: str) -> None:
     import bsbert
     from bsbert.adapters import find_encoder
     from bsbert.errors import NotPatchedError
+    from bsbert.patching import _unwrap_compiled
 
+    model = _unwrap_compiled(model)  # torch.compile's wrapper: its class and "_orig_mod." keys are not the model's
     if not bsbert.is_patched(model):
         raise NotPatchedError("save() needs a model patched by bsbert.patch")
     _, encoder, adapter = find_encoder(model)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases = _own_tensors(model.state_dict())
     for (i, name), lin in _linear_modules(model, adapter, encoder).items():
         tensors[f"bsbert.layers.{i}.{name}.weight"] = lin.packed_weight().detach().contiguous()
         tensors[f"bsbert.layers.{i}.{name}.bias"] = lin.bias.detach().contiguous()
     tensors = {k: v.cpu() for k, v in tensors.items()}
     meta = {"format_version": FORMAT_VERSION, "bsbert": bsbert.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "model_class": type(model).__name__,
+            "init_kwargs": _init_kwargs(model), "aliases": aliases,
             "config": model.config.to_dict(), "plan": model.bsbert_plan.to_dict()}
     os.makedirs(path, exist_ok=True)
     # write to temporary names, then rename: an interrupted save never leaves a mixed directory
@@ -73,6 +76,43 @@ def save(model, path: str) -> None:
         json.dump(meta, f, indent=1)
     os.replace(tmp_w, os.path.join(path, WEIGHTS_FILE))
     os.replace(tmp_m, os.path.join(path, META_FILE))
+
+
+def _own_tensors(state: dict) -> tuple[dict, dict]:
+    """state_dict -> (tensors to write, {key: the key whose tensor it is}). Tied weights (a masked-LM head's
+    decoder is the word-embedding matrix, its bias the head's bias) are one tensor under two keys, which
+    safetensors refuses to write ("Some tensors share memory"): each is written once and recorded as an
+    alias that load fills in again. A tensor that only partly overlaps another is written as a copy."""
+    tensors, aliases, exact, storages = {}, {}, {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        if v.numel() == 0:
+            tensors[k] = v.contiguous()
+            continue
+        ptr = v.untyped_storage().data_ptr()
+        ident = (ptr, v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if ident in exact:
+            aliases[k] = exact[ident]
+            continue
+        exact[ident] = k
+        tensors[k] = v.clone() if ptr in storages else v.contiguous()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def _init_kwargs(model) -> dict:
+    """Constructor arguments beyond the config that load must repeat to build the same skeleton:
+    ``add_pooling_layer=False`` of a BertModel-like base model built without its pooler (its state has
+    no pooler tensors, and the default skeleton would ask for them)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "add_pooling_layer" in params and hasattr(model, "pooler") and model.pooler is None:
+        return {"add_pooling_layer": False}
+    return {}
 
 
 def load(path: str, device: str | torch.device = "cpu", *, select: str = "measure", backend: str | None = None,
@@ -112,9 +152,12 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise BsbertError(f"{w_path} is corrupt or unreadable: {exc}") from exc
 
+    for dup, kept in (meta.get("aliases") or {}).items():  # tied tensors, written once (_own_tensors)
+        if kept in tensors and dup not in tensors:
+            tensors[dup] = tensors[kept]
     config = cls.config_class.from_dict(meta["config"])
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, **(meta.get("init_kwargs") or {}))
     model.eval()
     plan = Plan.from_dict(meta["plan"])
     if select == "plan":
