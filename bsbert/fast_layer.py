@@ -17,7 +17,6 @@ the same values unchunked.
 from __future__ import annotations
 
 import torch
-from torch.nn.modules import module as nn_module
 
 from bsbert import instance_forward
 
@@ -27,8 +26,7 @@ def _lean_bert_forward(self, hidden_states, attention_mask=None, encoder_hidden_
     if (encoder_hidden_states is not None or args or kwargs.get("cache") is not None
             or kwargs.get("past_key_values") is not None or kwargs.get("encoder_attention_mask") is not None
             # the lean form never calls the BertAttention module: its hooks (and global ones) need the class's
-            or attn._forward_hooks or attn._forward_pre_hooks
-            or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks):
+            or instance_forward.hooked(attn)):
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
     ctx, _ = self.attention.self(hidden_states, attention_mask)
     a = self.attention.output(ctx, hidden_states)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import types
 
 import torch.nn as nn
+from torch.nn.modules import module as nn_module
 
 
 def attach(module: nn.Module, forward, extra_repr) -> None:
@@ -24,3 +25,10 @@ def detach(module: nn.Module, forward, extra_repr) -> None:
 
 def installed(module: nn.Module, forward) -> bool:
     return getattr(module.__dict__.get("forward"), "__func__", None) is forward
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """A forward (pre-)hook on any of ``modules`` or a global one: a lean form that does not call those
+    modules would skip it, so it must take the modules' own forward then."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))

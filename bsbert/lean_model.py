@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from bsbert import instance_forward
+from bsbert.instance_forward import hooked
 
 # kwargs a plain call may carry, and the values that keep it plain
 _NONE_KWARGS = ("inputs_embeds", "encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values",
@@ -40,14 +41,6 @@ def _is_transformers(module: nn.Module, class_name: str) -> bool:
     """``module`` is an instance of transformers' own class of that name (not a user subclass or twin)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.startswith("transformers.")
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """A forward (pre-)hook on any of ``modules`` or a global one: the lean forms would skip it."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def applies(base: nn.Module, encoder: nn.Module) -> str | None:
@@ -118,7 +111,8 @@ def _embeddings_op(emb: nn.Module, input_ids, token_type_ids, position_ids, dtyp
     mods = d["_modules"]
     word, pos, tt, norm, drop = (mods.get(k) for k in ("word_embeddings", "position_embeddings",
                                                        "token_type_embeddings", "LayerNorm", "dropout"))
-    if any(m is None for m in (word, pos, tt, norm, drop)) or _hooked(emb, word, pos, tt, norm, drop):
+    parts = (word, pos, tt, norm, drop)
+    if any(m is None for m in parts) or hooked(emb, *parts):
         return None
     # The op is nn.Embedding lookups, an add and nn.LayerNorm with the identity for dropout: a subclass,
     # another module or an instance forward in any of those places, an embedding that renormalises its
@@ -197,7 +191,7 @@ def _lean_qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
     squeeze and output type as transformers' forward."""
     bert = self._modules.get("bert")
     if kwargs.get("start_positions") is not None or kwargs.get("end_positions") is not None or bert is None \
-            or not installed(bert) or _hooked(bert) or getattr(self.config, "return_dict", True) is False:
+            or not installed(bert) or hooked(bert) or getattr(self.config, "return_dict", True) is False:
         return type(self).forward(self, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
     rest = {k: v for k, v in kwargs.items() if k not in ("start_positions", "end_positions")}
     seq = _lean_sequence(bert, input_ids, attention_mask, token_type_ids, position_ids, args, rest)

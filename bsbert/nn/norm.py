@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as nn_module
 
 from bsbert.generation import Bumps
+from bsbert.instance_forward import hooked
 from bsbert.nn.linear import NotPickled, SparseLinear
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -80,8 +80,7 @@ class DenseAddLayerNorm(NotPickled, Bumps, nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         n = self.LayerNorm
-        if n._forward_hooks or n._forward_pre_hooks or nn_module._global_forward_hooks \
-                or nn_module._global_forward_pre_hooks:
+        if hooked(n):
             # a hook on the LayerNorm (or a global one) runs only when the module is called: as transformers'
             # output block does, with the same sum (the fused kernels never call it; four dict truth tests)
             return n(self.dense(hidden_states) + input_tensor)

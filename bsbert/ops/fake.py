@@ -32,11 +32,8 @@ def _same_device(op: str, ref_name: str, ref, **others) -> None:
 
 def _bsr_linear_fake(x, crow_indices, col_indices, packed_values, bias, out_features, in_features,
                      block, gelu):
-    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices),
-                    ("packed_values", packed_values), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"bsr_linear: {name} is on {t.device} but x is on {x.device}; "
-                               f"all tensors must share a device")
+    _same_device("bsr_linear", "x", x, crow_indices=crow_indices, col_indices=col_indices,
+                 packed_values=packed_values, bias=bias)
     torch._check(block in (16, 32, 64), lambda: f"bsr_linear: block must be 16, 32 or 64, got {block}")
     torch._check(x.dim() >= 1, lambda: "bsr_linear: x must have at least 1 dimension")
     torch._check(x.shape[-1] == in_features,
@@ -70,10 +67,7 @@ def _pruned_attention_varlen_fake(qkv, cu_seqlens, max_seqlen, num_heads, head_d
 
 
 def _add_layer_norm_fake(x, residual, weight, bias, eps):
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t.device != x.device:
-            raise RuntimeError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}; "
-                               f"all tensors must share a device")
+    _same_device("add_layer_norm", "x", x, residual=residual, weight=weight, bias=bias)
     torch._check(x.dim() >= 1, lambda: "add_layer_norm: x must have at least 1 dimension")
     torch._check(residual.dtype == x.dtype,
                  lambda: f"add_layer_norm: residual dtype ({residual.dtype}) must match x's dtype ({x.dtype})")
