@@ -117,10 +117,17 @@ def test_errors_name_the_problem():
     c["r"] = c["r"].to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="residual dtype"):
         fused(c)
-    c = _case(40, 64, 32)
-    c["lw"] = torch.ones(32)
-    with pytest.raises(RuntimeError, match=r"weight must have shape \[64\]"):
-        fused(c)
+    # the LayerNorm's arguments by this op's names (add_layer_norm's "weight" read as the GEMM's weight)
+    for m in (1, 40):  # both the row-split and the whole-op paths
+        c = _case(m, 64, 32)
+        c["lw"] = torch.ones(32)
+        with pytest.raises(RuntimeError, match=r"^bsr_linear_add_layer_norm: ln_weight must have shape \[64\] "
+                                               r"\(out_features\), got \[32\]"):
+            fused(c)
+        c = _case(m, 64, 32)
+        c["lb"] = c["lb"].double()
+        with pytest.raises(RuntimeError, match=r"^bsr_linear_add_layer_norm: ln_bias must be float32"):
+            fused(c)
     c = _case(40, 64, 32)
     c["x"] = torch.randn(40, 31)
     with pytest.raises(RuntimeError, match="does not match in_features = 32"):

@@ -51,36 +51,37 @@ AddLayerNormFn select_rows_fn() {
   return add_layer_norm_rows_portable;
 }
 
-void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype) {
-  BSBERT_CHECK(t.device().is_cpu(), "add_layer_norm (CPU kernel): ", name, " must be on the CPU, got ",
-              t.device());
-  BSBERT_CHECK(t.dim() == 1 && t.size(0) == N, "add_layer_norm: ", name, " must have shape [", N,
-              "] (the last dim of x), got ", t.sizes());
-  BSBERT_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, "add_layer_norm: ", name,
+void check_affine(const at::Tensor& t, const char* name, int64_t N, at::ScalarType x_dtype,
+                  const LayerNormNames& names) {
+  BSBERT_CHECK(t.device().is_cpu(), names.op, " (CPU kernel): ", name, " must be on the CPU, got ", t.device());
+  BSBERT_CHECK(t.dim() == 1 && t.size(0) == N, names.op, ": ", name, " must have shape [", N, "] (", names.width,
+              "), got ", t.sizes());
+  BSBERT_CHECK(t.scalar_type() == x_dtype || t.scalar_type() == at::kFloat, names.op, ": ", name,
               " must be float32 or x's dtype (", x_dtype, "), got ", t.scalar_type());
 }
 
 }  // namespace
 
 AddLayerNormCall add_layer_norm_prepare(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                                        const at::Tensor& bias, double eps, const at::Tensor& y) {
+                                        const at::Tensor& bias, double eps, const at::Tensor& y,
+                                        const LayerNormNames& names) {
   BSBERT_CHECK(x.device().is_cpu() && residual.device().is_cpu(),
-              "add_layer_norm (CPU kernel): x and residual must be on the CPU, got ", x.device(), " and ",
+              names.op, " (CPU kernel): x and residual must be on the CPU, got ", x.device(), " and ",
               residual.device());
   const auto dt = x.scalar_type();
   BSBERT_CHECK(dt != at::kHalf,
-              "add_layer_norm (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
+              names.op, " (CPU kernel): float16 is not supported on the CPU; use float32 or bfloat16");
   BSBERT_CHECK(dt == at::kFloat || dt == at::kBFloat16,
-              "add_layer_norm (CPU kernel): x must be float32 or bfloat16, got ", dt);
-  BSBERT_CHECK(residual.scalar_type() == dt, "add_layer_norm: residual dtype (", residual.scalar_type(),
+              names.op, " (CPU kernel): x must be float32 or bfloat16, got ", dt);
+  BSBERT_CHECK(residual.scalar_type() == dt, names.op, ": residual dtype (", residual.scalar_type(),
               ") must match x's dtype (", dt, ")");
-  BSBERT_CHECK(x.dim() >= 1, "add_layer_norm: x must have at least 1 dimension");
-  BSBERT_CHECK(residual.sizes() == x.sizes(), "add_layer_norm: residual shape ", residual.sizes(),
+  BSBERT_CHECK(x.dim() >= 1, names.op, ": x must have at least 1 dimension");
+  BSBERT_CHECK(residual.sizes() == x.sizes(), names.op, ": residual shape ", residual.sizes(),
               " must equal x's shape ", x.sizes(), " (no broadcasting)");
-  BSBERT_CHECK(std::isfinite(eps) && eps >= 0, "add_layer_norm: eps must be finite and >= 0, got ", eps);
+  BSBERT_CHECK(std::isfinite(eps) && eps >= 0, names.op, ": eps must be finite and >= 0, got ", eps);
   const int64_t N = x.size(-1);
-  check_affine(weight, "weight", N, dt);
-  check_affine(bias, "bias", N, dt);
+  check_affine(weight, names.weight, N, dt, names);
+  check_affine(bias, names.bias, N, dt, names);
   AddLayerNormCall c;
   // The kernels read gamma and beta in one dtype, as stored (BERT's fp32 or bf16 parameters: no
   // per-call conversion); a mixed pair is widened to fp32.
@@ -110,8 +111,13 @@ AddLayerNormCall add_layer_norm_prepare(const at::Tensor& x, const at::Tensor& r
 
 at::Tensor add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                               const at::Tensor& bias, double eps) {
+  return add_layer_norm_named(x, residual, weight, bias, eps, LayerNormNames{});
+}
+
+at::Tensor add_layer_norm_named(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                const at::Tensor& bias, double eps, const LayerNormNames& names) {
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  const AddLayerNormCall c = add_layer_norm_prepare(x, residual, weight, bias, eps, y);
+  const AddLayerNormCall c = add_layer_norm_prepare(x, residual, weight, bias, eps, y, names);
   if (y.numel() == 0) return y;
   const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / c.args.N);
   at::parallel_for(0, c.rows, grain, [&](int64_t r0, int64_t r1) {

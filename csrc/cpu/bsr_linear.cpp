@@ -420,6 +420,9 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   return c.y.view(c.out_shape);
 }
 
+// bsr_linear_add_layer_norm's own words for its LayerNorm's errors
+const LayerNormNames kFusedLnNames{"bsr_linear_add_layer_norm", "ln_weight", "ln_bias", "out_features"};
+
 // LayerNorm(bsr_linear(x) + residual): the values of bsr_linear followed by add_layer_norm, bit for
 // bit (the GEMM output is rounded to x's dtype before the add, as there).
 at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -432,9 +435,9 @@ at::Tensor bsr_linear_add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& 
   const at::Tensor y = c.y.view(c.out_shape);
   if (!split_rows(c) || c.N == 0) {
     if (c.M > 0 && c.N > 0) run(c);
-    return add_layer_norm_cpu(y, residual, ln_weight, ln_bias, eps);
+    return add_layer_norm_named(y, residual, ln_weight, ln_bias, eps, kFusedLnNames);
   }
-  AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y);
+  AddLayerNormCall ln = add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y, kFusedLnNames);
   run_row_tiles({RowStep{&c, &ln.args, ln.rows_fn}});
   return y;
 }
@@ -491,7 +494,8 @@ at::Tensor BsrRowChain::linear_add_layer_norm(const at::Tensor& x, const at::Ten
   BsrCall& c = impl_->prepare_step(x, crow, col, packed, bias, out_features, in_features, block, false, out);
   check_residual(residual, c);
   const at::Tensor y = c.y.view(c.out_shape);
-  AddLayerNormCall& ln = impl_->lns.emplace_back(add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y));
+  AddLayerNormCall& ln =
+      impl_->lns.emplace_back(add_layer_norm_prepare(y, residual, ln_weight, ln_bias, eps, y, kFusedLnNames));
   impl_->steps.push_back(RowStep{&c, &ln.args, ln.rows_fn});
   return y;
 }
