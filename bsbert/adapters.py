@@ -100,8 +100,12 @@ def check_config(model: nn.Module, encoder: nn.Module | None = None) -> None:
             raise UnsupportedModelError(_DECODER_REFUSED)
         pet = getattr(cfg, "position_embedding_type", "absolute")
         if pet not in (None, "absolute"):
+            # transformers 5's BERT no longer reads this setting (checked: 5.17 and 5.24 compute absolute
+            # attention and drop a checkpoint's distance embeddings), so such a model is not the one that
+            # was trained: refused rather than reproduced.
             raise UnsupportedModelError(
-                f"position_embedding_type={pet!r} is not supported (relative attention scores); "
+                f"position_embedding_type={pet!r} is not supported (relative attention scores; transformers "
+                f"5's BERT ignores the setting, so this model is not the one its checkpoint was trained as); "
                 f"only 'absolute' models can be patched")
     # transformers' layers keep what they were built as: BertLayer.is_decoder / add_cross_attention /
     # crossattention, BertSelfAttention.is_causal (used when a call has no mask)

@@ -103,6 +103,14 @@ def test_a_decoder_without_a_decoder_config_on_top_is_refused(wrap):
                               inp={"input_ids": _inputs()["input_ids"], "use_cache": False})
 
 
+def test_relative_position_models_are_refused_saying_why():
+    # transformers 5 builds such a config as an absolute-position BERT: patch refuses it (saying so) rather
+    # than speed up a model that is not the one its checkpoint was trained as
+    model = _build(position_embedding_type="relative_key")
+    _assert_refused_untouched(model, bsbert.UnsupportedModelError,
+                              r"position_embedding_type='relative_key'.*ignores the setting")
+
+
 # ---- a model whose part is already patched ----------------------------------------------------------
 
 def test_patching_the_whole_after_a_part_names_the_part():
