@@ -39,19 +39,33 @@ def pruned_heads(config_dict: dict) -> dict[int, list[int]]:
         raise ValueError(f"config.json: pruned_heads must map layer -> list of heads, got {type(raw).__name__}")
     out = {}
     for layer, heads in raw.items():
-        try:
-            out[int(layer)] = sorted({int(h) for h in heads})
-        except (TypeError, ValueError):
-            raise ValueError(f"config.json: pruned_heads[{layer!r}] = {heads!r} is not a list of head indices") from None
+        # a list of whole numbers only: int() took a string "12" as heads 1 and 2, 1.7 as head 1, true as head 1
+        # and a dict as its keys, so an edited config pruned other heads than it said, silently
+        ok = isinstance(heads, list) and all(_whole(h) for h in heads) and _whole(layer)
+        if not ok:
+            raise ValueError(f"config.json: pruned_heads[{layer!r}] = {heads!r} is not a list of head indices")
+        out[int(layer)] = sorted({int(h) for h in heads})
     return {k: v for k, v in out.items() if v}
 
 
-def _read_file(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _whole(v) -> bool:
+    """An int, or a string of one (JSON's object keys are strings; transformers 4 wrote the heads as ints)."""
+    if isinstance(v, str):
+        return v.strip().lstrip("-").isdigit()
+    return isinstance(v, int) and not isinstance(v, bool)
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def _read_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' and torch's own errors for a truncated / corrupt file do not name it
+        raise ValueError(f"{path} is corrupt or not a weights file: {type(exc).__name__}: {exc}") from exc
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -63,8 +77,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     for name in _INDEX:
         index = os.path.join(path, name)
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:  # (a KeyError or JSONDecodeError without the file's name before)
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{index} is not a shard index with a 'weight_map' ({type(exc).__name__}: {exc})") \
+                    from exc
             sd = {}
             for fname in files:
                 sd.update(_read_file(os.path.join(path, fname)))

@@ -12,9 +12,12 @@ runs dense kernels (OpenVINO, ONNX Runtime) can be handed. Why: ``bsbert bench -
 choosing between them needs.
 
 The module shares the model's embeddings, LayerNorms and QA head (no copies; the model is not changed)
-and holds packed copies of the four linears of each layer.
+and holds packed copies of the four linears of each layer. Of a model in training mode it takes copies of
+those modules instead, in eval mode (sharing them would switch the model's own to eval mode).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -121,12 +124,22 @@ def packed_bert(model: nn.Module) -> PackedBert:
     if qa is not None and not (isinstance(qa, nn.Linear) and qa.out_features == 2):
         raise UnsupportedModelError(f"packed_bert: the QA head must be a Linear with 2 outputs, got {qa}")
     plan = analyze(model)
+
+    def shared(m):
+        # the packed module runs in eval mode (no dropout) and .eval() sets the flag of the modules it holds:
+        # shared ones of a model in training mode would leave that model training without embedding dropout
+        if not isinstance(m, nn.Module) or not any(x.training for x in m.modules()):
+            return m
+        return copy.deepcopy(m).eval()
+
+    embeddings, qa = shared(embeddings), shared(qa)
     layers = []
     for lp, layer in zip(plan.layers, getattr(encoder, adapter.layers_attr)):
         packed = pack_layer(layer, adapter, lp, f"{name}.{adapter.layers_attr}.{lp.index}")
         attn = layer.get_submodule(adapter.self_attention)
         scale = float(getattr(attn, "scaling", lp.head_dim ** -0.5))
-        layers.append(PackedBertLayer(packed, len(lp.kept_heads), lp.head_dim, scale, layer_act(layer, adapter),
-                                      layer.get_submodule("attention.output.LayerNorm"),
-                                      layer.get_submodule("output.LayerNorm")))
+        layers.append(PackedBertLayer(packed, len(lp.kept_heads), lp.head_dim, scale,
+                                      shared(layer_act(layer, adapter)),
+                                      shared(layer.get_submodule("attention.output.LayerNorm")),
+                                      shared(layer.get_submodule("output.LayerNorm"))))
     return PackedBert(embeddings, layers, qa).eval()

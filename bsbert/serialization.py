@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import torch
 
@@ -52,30 +53,80 @@ def save(model, path: str) -> None:
 
     import bsbert
     from bsbert.adapters import find_encoder
-    from bsbert.errors import NotPatchedError
+    from bsbert.errors import BsbertError, NotPatchedError
     from bsbert.patching import _unwrap_compiled
 
     model = _unwrap_compiled(model)  # torch.compile's wrapper: its class and "_orig_mod." keys are not the model's
     if not bsbert.is_patched(model):
         raise NotPatchedError("save() needs a model patched by bsbert.patch")
+    # load rebuilds the model as transformers.<class name>(config): refuse now, before anything is written, what
+    # it could not rebuild (a user's subclass, a wrapper module without a config), instead of a save that only
+    # fails when loaded, or an AttributeError half way through
+    cls_name = type(model).__name__
+    if getattr(transformers, cls_name, None) is not type(model) or getattr(model, "config", None) is None:
+        raise BsbertError(f"save() stores transformers models, which load() rebuilds by class name and config: "
+                          f"{type(model).__module__}.{type(model).__qualname__} is not a class of transformers "
+                          f"{transformers.__version__} (a subclass or a wrapper); patch and save the transformers "
+                          f"model itself")
+    w_final = os.path.join(path, WEIGHTS_FILE)
+    if os.path.exists(w_final) and not _is_bsbert_weights(w_final):
+        # e.g. save(model, the directory it came from): the dense Hugging Face checkpoint would be replaced by
+        # packed weights, which from_pretrained then loads as a randomly initialised encoder
+        raise BsbertError(f"{w_final} exists and is not a bsbert save (a Hugging Face checkpoint?): save() would "
+                          f"overwrite it; save to another directory")
     _, encoder, adapter = find_encoder(model)
     tensors, aliases = _own_tensors(model.state_dict())
     for (i, name), lin in _linear_modules(model, adapter, encoder).items():
         tensors[f"bsbert.layers.{i}.{name}.weight"] = lin.packed_weight().detach().contiguous()
         tensors[f"bsbert.layers.{i}.{name}.bias"] = lin.bias.detach().contiguous()
     tensors = {k: v.cpu() for k, v in tensors.items()}
+    # one id in both files: the two renames below are not one atomic step, so a save interrupted between them
+    # (or files copied from two saves) leaves weights of one save beside the JSON of another; load refuses that
+    save_id = uuid.uuid4().hex
     meta = {"format_version": FORMAT_VERSION, "bsbert": bsbert.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "model_class": type(model).__name__,
-            "init_kwargs": _init_kwargs(model), "aliases": aliases,
+            "init_kwargs": _init_kwargs(model), "aliases": aliases, "save_id": save_id,
             "config": model.config.to_dict(), "plan": model.bsbert_plan.to_dict()}
+    meta_text = _json_text(meta)  # before anything is written: a config value JSON cannot hold leaves no files
     os.makedirs(path, exist_ok=True)
-    # write to temporary names, then rename: an interrupted save never leaves a mixed directory
+    # write to temporary names, then rename (load checks that both files come from the same save)
     tmp_w, tmp_m = os.path.join(path, WEIGHTS_FILE + ".tmp"), os.path.join(path, META_FILE + ".tmp")
-    safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt", "bsbert_format": str(FORMAT_VERSION)})
-    with open(tmp_m, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp_w, os.path.join(path, WEIGHTS_FILE))
+    safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt", "bsbert_format": str(FORMAT_VERSION),
+                                                          "bsbert_save_id": save_id})
+    with open(tmp_m, "w", encoding="utf-8") as f:
+        f.write(meta_text)
+    os.replace(tmp_w, w_final)
     os.replace(tmp_m, os.path.join(path, META_FILE))
+
+
+def _is_bsbert_weights(path: str) -> bool:
+    """``path`` is a weights file written by save (its safetensors metadata says so)."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            return "bsbert_format" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all, or a corrupt one: not ours to overwrite
+        return False
+
+
+def _json_text(meta: dict) -> str:
+    """bsbert.json's text; BsbertError naming the config entry that JSON cannot hold (a tensor or a set put
+    on the config), instead of json's TypeError without a key."""
+    from bsbert.errors import BsbertError
+
+    try:
+        return json.dumps(meta, indent=1)
+    except (TypeError, ValueError) as exc:
+        where = "config or plan"
+        for k, v in meta["config"].items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                where = f"config.{k}"
+                break
+        raise BsbertError(f"save(): the model's {where} cannot be written as JSON ({exc}); nothing was written") \
+            from exc
 
 
 def _own_tensors(state: dict) -> tuple[dict, dict]:
@@ -123,7 +174,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     import safetensors.torch
     import transformers
 
-    from bsbert.adapters import find_encoder, set_submodule
+    from bsbert.adapters import check_config, find_encoder, set_submodule
     from bsbert.errors import BsbertError
     from bsbert.patching import (_encoder_owner, mark_patched, modules_from_packed, set_fast_layers,
                                   set_fused_encoder, set_huge_pages)
@@ -133,46 +184,66 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     for p in (meta_path, w_path):
         if not os.path.isfile(p):
             raise BsbertError(f"not a bsbert save: {p} is missing")
+    device, st_device = _load_device(device)
     try:
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON, and UnicodeDecodeError (a binary file)
         raise BsbertError(f"{meta_path} is corrupt: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BsbertError(f"{meta_path} is corrupt: it holds a JSON {type(meta).__name__}, not an object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise BsbertError(f"{meta_path} has format version {version!r}; this bsbert reads version {FORMAT_VERSION}")
     for key in ("model_class", "config", "plan"):
         if key not in meta:
             raise BsbertError(f"{meta_path} lacks '{key}'")
-    cls = getattr(transformers, meta["model_class"], None)
-    if cls is None:
-        raise BsbertError(f"transformers {transformers.__version__} has no class {meta['model_class']}")
+    # only a transformers model class (any other attribute of the module, e.g. "AutoConfig", failed later with
+    # an AttributeError)
+    cls = getattr(transformers, meta["model_class"], None) if isinstance(meta["model_class"], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise BsbertError(f"{meta_path}: transformers {transformers.__version__} has no model class "
+                          f"{meta['model_class']!r}")
     try:
-        tensors = safetensors.torch.load_file(w_path, device=str(device))
+        tensors = safetensors.torch.load_file(w_path, device=st_device)
+        with safetensors.safe_open(w_path, "pt") as f:
+            file_id = (f.metadata() or {}).get("bsbert_save_id")
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise BsbertError(f"{w_path} is corrupt or unreadable: {exc}") from exc
+    # save renames the weights first: weights with an id the JSON lacks are the interrupted case (a file with no id
+    # is a save from before the id, or one rewritten by another tool: its shapes are checked below)
+    if file_id is not None and file_id != meta.get("save_id"):
+        raise BsbertError(f"{w_path} and {meta_path} come from different saves (an interrupted bsbert.save, or "
+                          f"files copied from two saves): save the model again")
 
     for dup, kept in (meta.get("aliases") or {}).items():  # tied tensors, written once (_own_tensors)
         if kept in tensors and dup not in tensors:
             tensors[dup] = tensors[kept]
-    config = cls.config_class.from_dict(meta["config"])
-    with torch.device("meta"):
-        model = cls(config, **(meta.get("init_kwargs") or {}))
+    # a config, constructor arguments or plan that cannot be read (edited, or written by another version) is
+    # named as such, not left as a KeyError / TypeError from transformers' or the plan's constructors
+    try:
+        config = cls.config_class.from_dict(meta["config"])
+        with torch.device("meta"):
+            model = cls(config, **(meta.get("init_kwargs") or {}))
+        plan = Plan.from_dict(meta["plan"])
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BsbertError(f"{meta_path}: cannot rebuild {meta['model_class']} from its config, init_kwargs and "
+                          f"plan ({type(exc).__name__}: {exc})") from exc
     model.eval()
-    plan = Plan.from_dict(meta["plan"])
     if select == "plan":
         from bsbert.patching import check_plan_choices
 
         check_plan_choices(plan)
-    _, encoder, adapter = find_encoder(model)
+    enc_prefix, encoder, adapter = find_encoder(model)
+    check_config(model, encoder)  # as patch refuses them: decoders, relative-position attention
     layers = getattr(encoder, adapter.layers_attr)
     if len(plan.layers) != len(layers):
         raise BsbertError(f"plan has {len(plan.layers)} layers, config builds {len(layers)}")
+    _check_plan(plan, layers, adapter, enc_prefix, meta_path)
 
     # every tensor the skeleton needs must be in the file with the right shape
     state = {k: v for k, v in tensors.items() if not k.startswith("bsbert.layers.")}
     replaced_prefixes = []
-    enc_prefix = find_encoder(model)[0]
     for lp in plan.layers:
         base = f"{enc_prefix}.{adapter.layers_attr}.{lp.index}."
         paths = [adapter.self_attention] + ([adapter.attn_out] if not adapter.attention_includes_output else []) \
@@ -186,6 +257,8 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise BsbertError(f"shape mismatch for {k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}")
+        if state[k].is_floating_point() != v.is_floating_point():
+            raise BsbertError(f"dtype mismatch for {k}: file {state[k].dtype}, model {v.dtype}")
     packed_all = {}
     for lp in plan.layers:
         packed = {}
@@ -199,7 +272,18 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
             got = tuple(packed[f"{name}.weight"].shape)
             if got != want:
                 raise BsbertError(f"shape mismatch for layer {lp.index} {name}: file {got}, plan {want}")
+            # the bias too: a wrong one only failed at the first forward, inside a kernel
+            got = tuple(packed[f"{name}.bias"].shape)
+            if got != want[:1]:
+                raise BsbertError(f"shape mismatch for layer {lp.index} {name} bias: file {got}, plan {want[:1]}")
         packed_all[lp.index] = packed
+    # the packed weights of a patched model share one floating dtype (the encoder's); one of another dtype (an
+    # edited file) loaded, then failed inside a kernel at the first forward. (The other tensors may differ: a
+    # bf16 model with fp32 LayerNorms patches, saves and loads.)
+    packed_dtypes = {t.dtype for p in packed_all.values() for t in p.values()}
+    if len(packed_dtypes) > 1 or not all(dt.is_floating_point for dt in packed_dtypes):
+        raise BsbertError(f"{w_path}: the packed weights (bsbert.layers.*) must share one floating dtype, got "
+                          f"{', '.join(sorted(str(dt).replace('torch.', '') for dt in packed_dtypes))}")
 
     model.load_state_dict(state, strict=False, assign=True)
     # buffers that are not persistent (e.g. position_ids) are still on meta: recreate them
@@ -232,6 +316,54 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
                       _encoder_owner(model, plan.encoder_path), model)
     mark_patched(model, encoder, swaps, plan)
     return model
+
+
+def _load_device(device) -> tuple[torch.device, str]:
+    """(the torch.device, the name safetensors takes for it); BsbertError for a device load cannot place the model
+    on. Checked first: safetensors' own error for a bad device was reported as a corrupt file ("cpu:0",
+    "cuda" without a GPU), and "cpu:0", a valid torch device, was refused."""
+    from bsbert.errors import BsbertError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BsbertError(f"load(device={device!r}): not a torch device ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BsbertError(f"load(device={device!r}): bsbert loads onto 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BsbertError(f"load(device={device!r}): torch sees no CUDA GPU here; load onto 'cpu'")
+    return dev, "cpu" if dev.type == "cpu" else str(dev)
+
+
+def _check_plan(plan, layers, adapter, enc_prefix: str, meta_path: str) -> None:
+    """The plan must describe the model the config builds, and its packed shapes must follow from its kept heads
+    and neurons: load builds each attention from the plan's kept_heads / head_dim (with the config's scale) and
+    checks the file's tensors only against packed_shape, so an edited plan (or a config that disagrees with it)
+    loaded and then failed inside a kernel at the first forward, or computed silently with another head size."""
+    from bsbert.errors import BsbertError
+
+    def refuse(what: str):
+        raise BsbertError(f"{meta_path}: the plan does not fit the model its config builds: {what}")
+
+    if plan.family != adapter.family or plan.encoder_path != enc_prefix:
+        refuse(f"plan encoder {plan.family} at {plan.encoder_path!r}, model {adapter.family} at {enc_prefix!r}")
+    for lp, layer in zip(plan.layers, layers):
+        query, hidden = layer.get_submodule(adapter.query), layer.get_submodule(adapter.attn_out).out_features
+        head_dim = getattr(layer.get_submodule(adapter.self_attention), "attention_head_size", None)
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+            head_dim = lp.head_dim  # (no head size of its own: the rows per head are checked below)
+        if lp.head_dim != head_dim or lp.num_heads * lp.head_dim != query.out_features:
+            refuse(f"layer {lp.index} has {lp.num_heads} heads of {lp.head_dim} in the plan, the model "
+                   f"{query.out_features} attention rows in heads of {head_dim}")
+        if set(lp.linears) != set(_LINEARS):
+            refuse(f"layer {lp.index} has linears {sorted(lp.linears)}, not {list(_LINEARS)}")
+        h, n = len(lp.kept_heads) * lp.head_dim, len(lp.kept_neurons)
+        want = {"qkv": (3 * h, hidden), "attn_out": (hidden, h), "ffn_in": (n, hidden), "ffn_out": (hidden, n)}
+        for name, shape in want.items():
+            got = tuple(lp.linears[name].packed_shape)
+            if got != shape:
+                refuse(f"shape mismatch for layer {lp.index} {name}: packed_shape {got}, but its "
+                       f"{len(lp.kept_heads)} kept heads and {n} kept neurons make {shape}")
 
 
 def _rebuild_buffer(module, name, buf, device):
