@@ -27,6 +27,6 @@ mkdir -p "$TMPDIR"
 cd "$SCRATCH/src"
 pip install -q "$@" setuptools wheel ninja
 pip install -q --no-build-isolation -e ".[test]"
-python -m bsbert.info | head -8
+python -m bsbert.info  # (all of it: under pipefail, a `| head` that closes early fails the run)
 # shellcheck disable=SC2086
 python -m pytest ${PYTEST_ARGS:-tests -q} -p no:cacheprovider
