@@ -383,7 +383,21 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "seq": seq, "attention": attention}
     setup = {"unpad": unpad, "fast_layers": fast_layers, "fused_encoder": fused_encoder, "progress": progress}
-    _patch_once(model, plan, opts, setup)
+    # A model in training mode would run as a hybrid that matches neither mode: dropout in the modules bsbert
+    # keeps (embeddings, task head), none in its own (a forward's outputs changed from call to call, ~0.1 off
+    # the eval-mode model's). So patch puts the model in eval mode, and unpatch gives every module back its flag.
+    was_training = [m for m in model.modules() if m.training]
+    if was_training:
+        warnings.warn("patching a model in training mode: bsbert modules are inference-only (no dropout, no "
+                      "gradients through custom kernels), so patch put the model in eval mode; bsbert.unpatch "
+                      "restores training mode", RuntimeWarning, stacklevel=2)
+        model.eval()
+    try:
+        _patch_once(model, plan, opts, setup)
+    except BaseException:
+        _restore_training(was_training)
+        raise
+    model._bsbert_was_training = was_training
     if check_why_not is None:
         model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq,
                         attention_forced=bool(attention))
@@ -408,13 +422,27 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     return given
 
 
+def _restore_training(modules) -> None:
+    """Training mode back on exactly the modules that had it (``Module.train()`` would set every child)."""
+    for m in modules:
+        m.training = True
+
+
 def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
     """Unpatch (if patched: a failed re-patch leaves the original modules), then patch again with the
     backends ``plan`` records (no measuring), on a copy as ``patch(select="plan")`` does; -> the model's plan."""
+    was_training = model.__dict__.get("_bsbert_was_training", [])
     if is_patched(model):
-        unpatch(model)
-    _patch_once(model, copy.deepcopy(plan), {**opts, "select": "plan"},
-                {**setup, "progress": False, "repatch": True})
+        unpatch(model)  # (gives those modules their training flag back: off again while patched)
+    for m in was_training:
+        m.training = False
+    try:
+        _patch_once(model, copy.deepcopy(plan), {**opts, "select": "plan"},
+                    {**setup, "progress": False, "repatch": True})
+    except BaseException:
+        _restore_training(was_training)
+        raise
+    model._bsbert_was_training = was_training
     return model.bsbert_plan
 
 
@@ -440,10 +468,6 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
     layers = getattr(encoder, adapter.layers_attr)
     if len(plan.layers) != len(layers):
         raise UnsupportedModelError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
-    if model.training and not setup.get("repatch"):
-        warnings.warn("patching a model in training mode: bsbert modules are inference-only "
-                      "(no dropout, no gradients through custom kernels); call model.eval()",
-                      RuntimeWarning, stacklevel=3)
     first = next(model.parameters())
     device = first.device
     if device.type == "cpu" and first.dtype == torch.bfloat16 and not setup.get("repatch"):
@@ -688,6 +712,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model._bsbert_swaps
     model.__dict__.pop("_bsbert_fast_layers", None)
     del model.bsbert_plan
+    _restore_training(model.__dict__.pop("_bsbert_was_training", ()))
     model._bsbert_patched = False
     return given
 

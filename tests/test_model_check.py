@@ -94,12 +94,14 @@ def test_check_model_runs_and_keeps_the_faster_forward():
     t = mc["times_ms"]
     assert set(t) in ({"chosen", "sdpa", "dense"}, {"chosen", "sdpa", "dense+sdpa"}) and all(v > 0 for v in t.values())
     assert mc["chosen_ms"] == t["chosen"] and mc["dense_ms"] == t.get("dense", t.get("dense+sdpa"))
-    # the kept variant is the margin rule applied in order: sdpa against the choices, then dense against the best
-    best = "sdpa" if t["sdpa"] < (1 - model_check.MARGIN) * t["chosen"] else "chosen"
-    dense = "dense+sdpa" if best == "sdpa" else "dense"
-    assert dense in t
-    if t[dense] < (1 - model_check.MARGIN) * t[best]:
-        best = dense
+    # the kept variant is the margin rule applied in order over the final times: sdpa against the choices, then
+    # dense against the best. (Which dense variant was timed followed the best at that moment; a re-timing of
+    # the choices may since have lowered their time, so it is read from the times, not re-derived.)
+    dense = "dense+sdpa" if "dense+sdpa" in t else "dense"
+    best = "chosen"
+    for name in ("sdpa", dense):
+        if t[name] < (1 - model_check.MARGIN) * t[best]:
+            best = name
     assert mc["kept"] == best
     assert "the measured choices" in model.bsbert_plan.table(32)
     assert rel_err(ref, _run(model, inp)) <= TOL_FP32

@@ -364,3 +364,32 @@ def test_save_and_load_what_patch_patches(kind, tmp_path):
     if kind.startswith("masked"):  # still one matrix in memory
         emb = loaded.bert.embeddings.word_embeddings.weight
         assert loaded.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+
+
+# ---- a model in training mode ------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:bsbert.patch. the measured backend choices")
+@pytest.mark.parametrize("check_model", [False, True])  # the model check re-patches: the flags must survive it
+def test_a_training_model_is_patched_in_eval_mode_and_unpatch_restores_its_flags(check_model):
+    # was a warning only: the model stayed in training mode, and its forward ran dropout in the embeddings and
+    # QA head but not in bsbert's modules, a hybrid whose outputs changed call to call (~0.1 off eval mode)
+    model = _build().train()
+    model.bert.encoder.layer[1].output.dropout.eval()  # a mixed state, as a user may leave it
+    flags = {name: m.training for name, m in model.named_modules()}
+    inp = _inputs()
+    ref = _out(copy.deepcopy(model).eval(), inp)
+    with pytest.warns(RuntimeWarning, match="put the model in eval mode"):
+        bsbert.patch(model, select="heuristic", progress=False, check_model=check_model)
+    assert not any(m.training for m in model.modules())
+    out1, out2 = _out(model, inp), _out(model, inp)
+    assert torch.equal(out1, out2)
+    assert _rel(ref, out1) < 1e-5
+    bsbert.unpatch(model)
+    assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_a_refused_training_model_keeps_its_mode():
+    model = _build().train()
+    with pytest.raises(ValueError):
+        bsbert.patch(model, select="heuristic", progress=False, seq=0)  # refused before anything changes
+    assert all(m.training for m in model.modules())
