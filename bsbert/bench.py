@@ -29,8 +29,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _inputs(batch, seq, vocab, device, seed=0):
+    """Random token ids in [1000, vocab), or the upper half of a vocabulary of <= 1000 ids (a small
+    --model checkpoint): never a special token's low id, and always an id every model of the run has."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g).to(device)
+    ids = torch.randint(1000 if vocab > 1000 else vocab // 2, vocab, (batch, seq), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
@@ -84,6 +86,24 @@ def default_trials(device) -> int:
     return 1 if torch.device(device).type == "cuda" else 5
 
 
+def prepare_out_dir(out_dir: str, flag: str = "--out") -> None:
+    """Create ``out_dir`` and check that a file can be written there, before the run: the JSON and PNG are
+    written at its end, and an --out that is a file or not writable would otherwise throw the whole run away.
+    ``flag``: the option the error names (``bsbert profile --trace`` checks its file's directory too)."""
+    import tempfile
+
+    from bsbert.errors import BsbertError
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BsbertError(f"{flag} {out_dir!r}: is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise BsbertError(f"{flag} {out_dir!r}: cannot write the results there ({exc.strerror or exc})") from exc
+
+
 def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None, model_path=None,
               repeats=3, out_dir="bench-out", select=None, small=False, console=None,
               compile_mode=None, warmup_s: float = 1.0, trials: int | None = None, engines=()) -> dict:
@@ -93,6 +113,7 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         trials = default_trials(device)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    prepare_out_dir(out_dir)
     if threads:
         torch.set_num_threads(threads)
     dt = DTYPES[dtype]
@@ -101,9 +122,21 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     say = console.log
     say(f"bsbert bench: seqs={list(seqs)} batch={batch} dtype={dtype} device={device} "
         f"threads={torch.get_num_threads()} repeats={repeats} trials={trials}{' (small: 2 layers)' if small else ''}")
-    # the bound's rate: the best dense GEMM over a BERT-large layer's four shapes (a --model checkpoint of
-    # another size is probed again at its own shapes below, before any run)
-    shapes = bert_dense_shapes()
+    # The pruned model first: a --model that cannot be loaded or patched (no checkpoint, not BERT-like) or a
+    # --seq longer than a model's position table fails here, in seconds, not after the dense probes and
+    # dense BERT-large's build.
+    say("building the pruned model ...")
+    pruned = (models.load_local(model_path, dtype=dt) if model_path
+              else models.seed_like_model(dtype=dt, **overrides)).to(dev)
+    plan = bsbert.analyze(pruned)
+    models.check_seq_len(models.max_seq_len(pruned), seqs,
+                         f"the model {model_path!r}" if model_path else "the seed-like model")
+    models.check_seq_len(models.bert_large_config().max_position_embeddings, seqs, "dense BERT-large")
+    # the bound's rate: the best dense GEMM over a layer's four shapes, BERT-large's or the --model's own
+    cfg = pruned.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
+    shapes = bert_dense_shapes(hidden, getattr(cfg, "intermediate_size", None)
+                               or getattr(cfg, "hidden_dim", 4 * hidden))
     say(f"measuring the best dense GEMM rate (FLOP-bound denominator; M=384, (K, N) in {shapes}) ...")
     peak = dense_gemm_gflops(dev, dt, shapes=shapes)
     say(f"  {peak['label']}: {peak['gflops']:.1f} GFLOP/s")
@@ -118,17 +151,6 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
 
     say("building dense BERT-large (random weights) ...")
     dense = models.dense_bert_large(dtype=dt, **overrides).to(dev)
-    say("building the pruned model ...")
-    pruned = (models.load_local(model_path, dtype=dt) if model_path
-              else models.seed_like_model(dtype=dt, **overrides)).to(dev)
-    plan = bsbert.analyze(pruned)
-    cfg = pruned.config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
-    own = bert_dense_shapes(hidden, getattr(cfg, "intermediate_size", None) or getattr(cfg, "hidden_dim", 4 * hidden))
-    if own != shapes:
-        shapes = own
-        peak = dense_gemm_gflops(dev, dt, shapes=shapes)
-        say(f"  the model's own shapes {shapes}: {peak['label']}: {peak['gflops']:.1f} GFLOP/s")
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "warmup_s": warmup_s, "torch": torch.__version__,
                "bsbert": bsbert.__version__,
@@ -138,7 +160,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
                "plan_tables": {}}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
-        inp = _inputs(batch, seq, dense.config.vocab_size, dev)
+        # ids both models have (a --model checkpoint's vocabulary may be smaller than BERT-large's)
+        inp = _inputs(batch, seq, min(dense.config.vocab_size, pruned.get_input_embeddings().num_embeddings), dev)
         say(f"\\[seq {seq}] dense BERT-large, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
         fwd = _runner(dense, compile_mode)
         t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev, warmup_s=warmup_s)

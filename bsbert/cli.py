@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bsbert.errors import BsbertError
+
 
 def _bench(args):
     if args.kernels or args.sweep:
@@ -64,20 +66,31 @@ def _check_bench_flags(parser: argparse.ArgumentParser, args, given: set) -> Non
     if args.device == "auto":  # what `bsbert profile` does too: the GPU when torch sees one
         # (the kernel table is CPU only: there auto is the CPU, whatever GPU the machine has)
         args.device = "cpu" if mode == "kernels" or not torch.cuda.is_available() else "cuda"
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: not a torch device ({exc})")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
-                     f"CUDA build: {torch.version.cuda or 'no'})")
-    if dev.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: bsbert bench runs on cpu or cuda")
+    why = device_problem(args.device, "bsbert bench")
+    if why:
+        parser.error(why)
     if mode == "kernels":
-        if dev.type != "cpu":
+        if torch.device(args.device).type != "cpu":
             parser.error(f"--device {args.device}: --kernels times the CPU kernels only")
         if args.dtype == "float16":
             parser.error("--dtype float16: --kernels has CPU kernels for float32 and bfloat16 only")
+
+
+def device_problem(device: str, prog: str) -> str | None:
+    """Why ``--device device`` cannot run here (None: it can); shared by bench and profile, whose runs
+    would otherwise build (and patch) the model before the first tensor move fails with a traceback."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        return f"--device {device!r}: not a torch device ({exc})"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return (f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'})")
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device}: {prog} runs on cpu or cuda"
+    return None
 
 
 def _print_result(tbl, res, width: int) -> int:
@@ -107,10 +120,28 @@ def _info(args):
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0: --warmup-s inf would warm up forever, nan would skip the warm-up
+    and be written to the JSON as NaN, a negative one silently means 0."""
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
 
 
@@ -121,22 +152,22 @@ def _add_bench_args(b: argparse.ArgumentParser, engines, suppress: bool = False)
     def d(value):
         return argparse.SUPPRESS if suppress else value
 
-    b.add_argument("--seq", type=_positive_int, nargs="+", default=d([384]),
+    b.add_argument("--seq", type=positive_int, nargs="+", default=d([384]),
                    help="sequence length(s) (default 384; with --sweep 128 384)")
-    b.add_argument("--batch", type=_positive_int, default=d(1))
+    b.add_argument("--batch", type=positive_int, default=d(1))
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d("float32"))
     b.add_argument("--device", default=d("auto"),
                    help="cpu, cuda (or cuda:N), or auto (default): cuda when torch sees a GPU, else cpu")
-    b.add_argument("--threads", type=_positive_int, default=d(None),
+    b.add_argument("--threads", type=positive_int, default=d(None),
                    help="torch.set_num_threads (default: all cores); also for --sweep and --kernels")
     b.add_argument("--model", default=d(None), help="local HF checkpoint dir (default: seed-like model)")
-    b.add_argument("--repeats", type=_positive_int, default=d(3),
+    b.add_argument("--repeats", type=positive_int, default=d(3),
                    help="timed forwards per variant (per block for the patched one)")
-    b.add_argument("--trials", type=_positive_int, default=d(None),
+    b.add_argument("--trials", type=positive_int, default=d(None),
                    help="time the patched forward in this many blocks of --repeats, the FLOP bound's dense GEMM "
                         "probed between them (default 5 on CPU, 1 on CUDA): one slow stretch of a shared "
                         "machine moves one block, not the median")
-    b.add_argument("--warmup-s", type=float, default=d(1.0),
+    b.add_argument("--warmup-s", type=_seconds, default=d(1.0),
                    help="seconds of untimed forwards before each timed variant (default 1: the first forwards "
                         "after patch can run slower than the steady state)")
     b.add_argument("--select", choices=["measure", "measure-gpu", "heuristic"], default=d(None),
@@ -162,7 +193,7 @@ def _add_bench_args(b: argparse.ArgumentParser, engines, suppress: bool = False)
                         "M = batch*seq; takes --seq --batch --dtype float32|bfloat16 --threads --device cpu")
     b.add_argument("--memory", action="store_true", default=d(False),
                    help="with --sweep on CPU: measure peak activation memory in child processes (slower)")
-    b.add_argument("--batches", type=_positive_int, nargs="+", default=d([1, 8, 32]), help="with --sweep")
+    b.add_argument("--batches", type=positive_int, nargs="+", default=d([1, 8, 32]), help="with --sweep")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=d(None),
                    help="with --sweep (default float32 bfloat16 [+float16 on cuda])")
 
@@ -176,8 +207,8 @@ def main(argv=None) -> int:
     _add_bench_args(b, ENGINES)
     b.set_defaults(fn=_bench)
     a = sub.add_parser("analyze", help="print the pruning structure and FLOP bound of a model")
-    a.add_argument("--model", default=None)
-    a.add_argument("--seq", type=int, default=384)
+    a.add_argument("--model", default=None, help="local HF checkpoint dir (default: the seed-like model)")
+    a.add_argument("--seq", type=positive_int, default=384, help="sequence length of the FLOP counts (default 384)")
     a.set_defaults(fn=_analyze)
     pr = sub.add_parser("profile", help="steady-state steps for Nsight (CUDA) or a torch.profiler trace (CPU)",
                         add_help=False)
@@ -195,7 +226,11 @@ def main(argv=None) -> int:
         _add_bench_args(given_parser, ENGINES, suppress=True)
         args.given = set(vars(given_parser.parse_args(argv[1:])))
         _check_bench_flags(b, args, args.given)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BsbertError as exc:  # a problem found once running (a --model that is no BERT checkpoint, an --out
+        # that cannot be written, a --seq past the model's positions): one line naming it, not a traceback
+        p.exit(1, f"bsbert {args.cmd}: error: {exc}\n")
 
 
 if __name__ == "__main__":

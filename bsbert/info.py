@@ -1,6 +1,7 @@
 """`python -m bsbert.info`: versions, and which backends are usable here (and why not)."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -52,6 +53,23 @@ def _version(module: str) -> str:
         return "version unknown"
 
 
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512_bf16")  # what the kernels accept in BSBERT_CPU_ISA
+
+
+def _isa_cap_note(effective: str) -> str:
+    """What BSBERT_CPU_ISA did: the kernels (csrc/cpu/isa.cpp) silently ignore a value that is not one of
+    ISA_LEVELS exactly (a typo, "AVX2") and one above the CPU's own level; said here, since the ISA shown
+    alone would not tell a user that the cap they set is not in effect."""
+    cap = os.environ.get("BSBERT_CPU_ISA")
+    if cap is None:
+        return ""
+    if cap not in ISA_LEVELS:
+        return f"; BSBERT_CPU_ISA={cap!r} is not one of {', '.join(ISA_LEVELS)}: ignored"
+    if cap != effective:
+        return f"; BSBERT_CPU_ISA={cap} is above this CPU's level: no effect"
+    return f", capped by BSBERT_CPU_ISA={cap}"
+
+
 def collect() -> dict:
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
@@ -71,8 +89,8 @@ def collect() -> dict:
     except Exception:
         info["transformers"] = "not installed"
     mod = _ext.load(warn=False)
-    info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s)" % (
-        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa())) if mod else \
+    info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s%s)" % (
+        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa(), _isa_cap_note(mod.cpu_isa()))) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
     ops = ("bsr_linear", "bsr_linear_add_layer_norm", "add_layer_norm", "pruned_attention",
@@ -138,4 +156,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python -m bsbert.info | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # (Python's own advice: stdout's final flush fails too)
+        raise SystemExit(0)

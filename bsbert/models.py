@@ -135,21 +135,63 @@ def dense_bert_large(seed: int = 0, dtype=torch.float32, task: str = "qa", **con
 def load_local(path: str, dtype=torch.float32):
     """A local Hugging Face checkpoint directory: an nn_pruning model saved with masked weights, or one
     saved by transformers 4 with its empty heads pruned (``config.pruned_heads``, as nn_pruning's hub
-    models are), which transformers 5 cannot load by itself (bsbert.checkpoints)."""
+    models are), which transformers 5 cannot load by itself (bsbert.checkpoints).
+
+    A path that is no such checkpoint raises :class:`bsbert.errors.BsbertError` naming the path and what
+    is missing (not transformers' own ValueError / OSError from deep inside ``from_pretrained``), so that
+    ``bsbert bench/analyze/profile --model`` can report it as one line."""
+    from bsbert.errors import BsbertError
+
     if not os.path.isdir(path):
-        raise ValueError(f"model path {path!r} is not a directory")
+        raise BsbertError(f"model path {path!r} is " + ("a file, not a checkpoint directory" if os.path.exists(path)
+                                                        else "not a directory (it does not exist)"))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        # a bsbert.save directory holds packed weights and bsbert.json, no Hugging Face config
+        saved = os.path.isfile(os.path.join(path, "bsbert.json"))
+        raise BsbertError(f"model path {path!r} has no config.json: not a Hugging Face checkpoint directory"
+                          + ("; it is a bsbert.save directory: load it with bsbert.load(dir)" if saved else ""))
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModel
 
     from bsbert import checkpoints
 
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = getattr(cfg, "architectures", None) or []
-    loader = AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs) else AutoModel
-    with open(os.path.join(path, "config.json")) as f:
-        pruned = checkpoints.pruned_heads(json.load(f))
-    if pruned:
-        return checkpoints.load_pruned_heads_checkpoint(path, loader, cfg, pruned, dtype)
-    return loader.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        archs = getattr(cfg, "architectures", None) or []
+        loader = AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs) else AutoModel
+        with open(os.path.join(path, "config.json")) as f:
+            pruned = checkpoints.pruned_heads(json.load(f))
+        if pruned:
+            return checkpoints.load_pruned_heads_checkpoint(path, loader, cfg, pruned, dtype)
+        return loader.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
+    except BsbertError:
+        raise
+    except (ValueError, OSError) as exc:  # a bad config.json, no weights file, an unknown model type
+        raise BsbertError(f"model path {path!r}: cannot load it as a Hugging Face checkpoint: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def max_seq_len(model: nn.Module) -> int | None:
+    """The longest sequence ``model``'s absolute position table can embed (None: no such table found).
+    RoBERTa-style embeddings (an int ``padding_idx``) number positions from ``padding_idx + 1``."""
+    limits = []
+    for m in model.modules():
+        pos = getattr(m, "position_embeddings", None)
+        if isinstance(pos, nn.Embedding):
+            pad = getattr(m, "padding_idx", None)
+            offset = pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) else 0
+            limits.append(pos.num_embeddings - offset)
+    return min(limits) if limits else None
+
+
+def check_seq_len(limit: int | None, seqs, what: str) -> None:
+    """BsbertError when a sequence length is longer than ``limit`` (``max_seq_len`` of ``what``): asked before
+    the long work (patching, timing) rather than failing in the first forward with a shape error."""
+    from bsbert.errors import BsbertError
+
+    too_long = [s for s in seqs if limit is not None and s > limit]
+    if too_long:
+        raise BsbertError(f"--seq {too_long[0]}: {what} takes sequences of at most {limit} tokens (its "
+                          f"position embeddings); use --seq <= {limit}")
 
 
 def uncased_tokenizer(path: str | None = None):

@@ -20,6 +20,7 @@ import torch
 
 import bsbert
 from bsbert import models, nvtx
+from bsbert.errors import BsbertError
 
 NCU_KERNEL_REGEX = "regex:bsr|pruned_attention|_attn|bsbert"
 
@@ -43,30 +44,61 @@ def commands(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from bsbert.cli import device_problem, non_negative_int, positive_int
+
     p = argparse.ArgumentParser(prog="bsbert profile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when torch sees a GPU, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--seq", type=int, default=384)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3)
+    # (0 or fewer steps would write an empty trace and exit 0; seq / batch 0 failed deep inside patch)
+    p.add_argument("--seq", type=positive_int, default=384)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--model", default=None, help="local HF checkpoint dir (default: the seed-like model)")
     p.add_argument("--small", action="store_true", help="2-layer seed-like model")
     p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)
+    why = device_problem(args.device, "bsbert profile")  # before the model is built and patched
+    if why:
+        p.error(why)
     if args.model and args.small:  # --small shortens the seed-like model; a checkpoint keeps its layers
         p.error("--small applies to the seed-like model only, not with --model")
     if args.trace is not None and torch.device(args.device).type != "cpu":
         p.error(f"--trace: the Chrome trace is written on CPU only (on {args.device} use nsys / ncu)")
     args.trace = args.trace or "bsbert-trace.json"
+    if torch.device(args.device).type == "cpu":  # torch.profiler's export writes nothing, and says nothing, where it
+        # cannot write (a missing directory, a directory as the path): checked before the work
+        if os.path.isdir(args.trace):
+            p.error(f"--trace {args.trace}: is a directory; give the trace file's path")
+        try:
+            from bsbert.bench import prepare_out_dir
+
+            prepare_out_dir(os.path.dirname(os.path.abspath(args.trace)), "--trace's directory")
+        except BsbertError as exc:
+            p.error(str(exc))
+    try:
+        return _run(args)
+    except BsbertError as exc:  # a --model that is no BERT checkpoint, a --seq past its positions: one line
+        p.exit(1, f"bsbert profile: error: {exc}\n")
+
+
+def _run(args) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     dev = torch.device(args.device)
     over = {"num_hidden_layers": 2} if args.small else {}
+    # progress on stderr (stdout has the profile table / commands): building and patching BERT-large
+    # (patch times each layer's candidates) takes a minute or more on a small CPU
+    print(f"bsbert profile: building {args.model or 'the seed-like model'} ...", file=sys.stderr, flush=True)
     model = (models.load_local(args.model, dtype=dtype) if args.model
              else models.seed_like_model(dtype=dtype, **over)).to(dev)
-    bsbert.patch(model, tokens=args.batch * args.seq, progress=False)
-    ids = torch.randint(1000, model.config.vocab_size, (args.batch, args.seq), device=dev)
+    models.check_seq_len(models.max_seq_len(model), [args.seq],  # before patch, not in the first forward
+                         f"the model {args.model!r}" if args.model else "the seed-like model")
+    bsbert.patch(model, tokens=args.batch * args.seq, progress=True)
+    print(f"bsbert profile: {args.warmup} warm-up steps, then {args.steps} profiled steps ...", file=sys.stderr,
+          flush=True)
+    vocab = model.config.vocab_size  # ids of a small checkpoint's vocabulary too (<= 1000 ids: its upper half)
+    ids = torch.randint(1000 if vocab > 1000 else vocab // 2, vocab, (args.batch, args.seq), device=dev)
     inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -90,6 +122,8 @@ def main(argv=None) -> int:
                 for _ in range(args.steps):
                     model(**inp)
             prof.export_chrome_trace(args.trace)
+            if not os.path.isfile(args.trace):  # (the export does not raise when it fails)
+                raise BsbertError(f"--trace {args.trace}: torch.profiler wrote no trace there")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             print(f"Chrome trace: {os.path.abspath(args.trace)} (open in chrome://tracing or Perfetto)")
             print("on a GPU: " + commands(argparse.Namespace(**{**vars(args), 'device': 'cuda'}))["nsys"])

@@ -17,7 +17,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.bench import DTYPES, _device_name, _inputs
+from bsbert.bench import DTYPES, _device_name, _inputs, prepare_out_dir
 from bsbert.timing import time_fn
 
 
@@ -61,6 +61,10 @@ def peak_forward_mb(fn, device) -> float | None:
 def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", repeats=2, out_dir="bench-out",
               small=False, console=None, memory: bool = False, warmup_s: float = 1.0) -> dict:
     console = console or Console(stderr=True)
+    # before the first configuration: an --out that cannot be written or a --seq past the models' position
+    # table would otherwise end the sweep with a traceback, its measurements lost
+    prepare_out_dir(out_dir)
+    models.check_seq_len(models.bert_large_config().max_position_embeddings, seqs, "BERT-large")
     dev = torch.device(device)
     dtypes = dtypes or (["float32", "bfloat16"] + (["float16"] if dev.type == "cuda" else []))
     over = {"num_hidden_layers": 2} if small else {}
@@ -98,7 +102,9 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
                 r = rows[-1]
                 console.log(f"  dense {t_dense:.1f} ms, patched {t_pat:.1f} ms ({r['speedup']:.2f}x)"
                             + ("  <-- DENSE IS FASTER" if r["dense_faster"] else ""))
-        del dense, pruned
+        # free both before the next dtype's models (an assignment, not `del`: pyflakes took the lambdas above
+        # for uses of deleted names)
+        dense = pruned = None
     res = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "small": small, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
