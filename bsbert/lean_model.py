@@ -140,20 +140,27 @@ def _default_ids(d: dict, default_types: bool) -> bool:
     """The embeddings' ``position_ids`` buffer holds 0, 1, 2, ... and (when the call gives no token types)
     its ``token_type_ids`` buffer zeros, as the op assumes (transformers' forward reads the buffers).
     Checked once per buffer object and version (an in-place edit bumps it; an edit through ``.data``
-    does not, and is not seen), so a call costs two lookups and two version reads."""
+    does not, and is not seen; nor is an in-place edit of an inference tensor), so a call costs two lookups
+    and two version reads."""
     bufs = d["_buffers"]
     pos_ids, tt_ids = bufs.get("position_ids"), bufs.get("token_type_ids")
     if pos_ids is None or (default_types and tt_ids is None):
         return False
-    tt_version = -1 if tt_ids is None else tt_ids._version
+    try:
+        pos_version, tt_version = pos_ids._version, -1 if tt_ids is None else tt_ids._version
+    except RuntimeError:
+        # inference tensors (a model built or loaded under torch.inference_mode) keep no version counter:
+        # reading it raised in every plain call of such a model. Checked once per buffer object then, as
+        # for an edit through .data (looking at them on every call cost ~20 us)
+        pos_version = tt_version = -2
     seen = d.get("_bsbert_default_ids")
-    if seen is None or seen[0] is not pos_ids or seen[1] != pos_ids._version or seen[2] is not tt_ids \
+    if seen is None or seen[0] is not pos_ids or seen[1] != pos_version or seen[2] is not tt_ids \
             or seen[3] != tt_version:
         ok = pos_ids.dim() == 2 and pos_ids.shape[0] == 1 and not pos_ids.is_floating_point() and torch.equal(
             pos_ids[0].cpu(), torch.arange(pos_ids.shape[1], dtype=pos_ids.dtype))
         ok_types = tt_ids is not None and not tt_ids.is_floating_point() and not bool(tt_ids.any())
         # (written into the dict: nn.Module's __setattr__ would cost more and this is no state of the model)
-        seen = d["_bsbert_default_ids"] = (pos_ids, pos_ids._version, tt_ids, tt_version, ok, ok_types)
+        seen = d["_bsbert_default_ids"] = (pos_ids, pos_version, tt_ids, tt_version, ok, ok_types)
     return seen[4] and (seen[5] or not default_types)
 
 
@@ -209,9 +216,10 @@ def _lean_qa_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
 
 def _head_logits(self, seq: torch.Tensor):
     """``qa_outputs(seq)`` as [2, B, S] start / end planes from ``bsbert::head_logits``, or None where
-    ``qa_outputs`` itself must run: not a plain 2-output nn.Linear, hooks on it, autograd on, not a CPU
-    float32/bfloat16 input in the weight's dtype, no op in this build. The op reads the module's weight and
-    bias as they are on every call (an in-place change or a replaced module is simply what it computes).
+    ``qa_outputs`` itself must run: not a plain 2-output nn.Linear, hooks on it, autograd or CPU autocast on,
+    not a CPU float32/bfloat16 input in the weight's dtype, no op in this build. The op reads the module's
+    weight and bias as they are on every call (an in-place change or a replaced module is simply what it
+    computes).
     Why: after the encoder op has streamed the weights through the caches, torch's F.linear for this
     [S, 1024] x [1024, 2] product cost ~215 us in a bf16 seq-128 forward loop (stop 17). Before this op,
     bsbert's GEMM on a packed copy kept per weight version cost 66 us of checks + 62 us, and the split
@@ -220,8 +228,11 @@ def _head_logits(self, seq: torch.Tensor):
     the order of the sums differs from F.linear's, so the last bit can too (tests bound the error at 2x
     F.linear's plus the fp32 sum's typical error)."""
     lin = self._modules.get("qa_outputs")
+    # Under torch.autocast qa_outputs (F.linear) gives bf16 logits, transformers' QA output type then; the
+    # op would give fp32 ones (one C call, ~0.2 us)
     if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks or torch.is_grad_enabled() \
-            or seq.device.type != "cpu" or seq.dtype not in (torch.float32, torch.bfloat16):
+            or seq.device.type != "cpu" or seq.dtype not in (torch.float32, torch.bfloat16) \
+            or torch.is_autocast_enabled("cpu"):
         return None
     p = lin._parameters
     w, b = p.get("weight"), p.get("bias")

@@ -16,7 +16,14 @@ class PrunedSelfAttention(NotPickled, Bumps, nn.Module):
 
     ``attention_mask`` is what transformers passes down: None, a bool mask (True = attend) or an
     additive float mask, broadcastable to ``[B, 1, S, S]``. The torch-sdpa backend takes it unchanged;
-    the Triton/CUDA kernels take the equivalent key-padding mask (and refuse a non-padding mask).
+    the Triton/CUDA kernels take the equivalent key-padding mask (and refuse a non-padding mask). A 4-D
+    mask with a plane per head of the original layer is cut to the kept heads' planes.
+
+    A query that may attend to no key at all (a sequence that is all padding) gets zero context from every
+    backend, as from torch SDPA in the original; but the value bias of the heads whose value weights were
+    removed, which patch folds into the output bias, is then still added, where the original's SDPA gives
+    those heads zero context too (and its eager attention averages every value instead, for every head).
+    Such rows' outputs are meaningless in either model; every other row is exact.
     """
 
     def __init__(self, qkv: SparseLinear, kept_heads: list[int], head_dim: int, scale: float,
@@ -44,11 +51,22 @@ class PrunedSelfAttention(NotPickled, Bumps, nn.Module):
                               "kernels never form the attention probabilities; run the model before "
                               "bsbert.patch or after bsbert.unpatch to get them")
         b, s, _ = hidden_states.shape
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1:
+            attention_mask = self._kept_planes(attention_mask)
         if self.num_heads == 0:  # every head removed: nothing reaches the output projection
             ctx = hidden_states.new_zeros(b, s, 0)
             return (ctx if self.out_proj is None else self.out_proj(ctx)), None
         ctx = self.backend(self.qkv(hidden_states), attention_mask, self.num_heads, self.head_dim, self.scale)
         return (ctx if self.out_proj is None else self.out_proj(ctx)), None
+
+    def _kept_planes(self, mask: torch.Tensor) -> torch.Tensor:
+        """A 4-D mask with a plane per head of the original layer ([B, heads, S, S], as transformers passes
+        it on): the planes of the kept heads, in the kept order. Given whole, torch SDPA failed to broadcast
+        it against the kept heads ("output with shape [2, 1, 11, 11] doesn't match the broadcast shape")."""
+        if self.num_heads and mask.shape[1] <= max(self.kept_heads):
+            raise ValueError(f"attention mask has {mask.shape[1]} head planes, but layer {self.layer_index} "
+                             f"keeps head {max(self.kept_heads)} of its original heads")
+        return mask[:, self.kept_heads]
 
     def forward_unpadded(self, x: torch.Tensor, info) -> torch.Tensor:
         """x: [T, hidden] real tokens only (see bsbert.unpad) -> [T, out]."""
