@@ -391,13 +391,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
         warnings.warn("patching a model in training mode: bsbert modules are inference-only (no dropout, no "
                       "gradients through custom kernels), so patch put the model in eval mode; bsbert.unpatch "
                       "restores training mode", RuntimeWarning, stacklevel=2)
-        model.eval()
-    try:
-        _patch_once(model, plan, opts, setup)
-    except BaseException:
-        _restore_training(was_training)
-        raise
-    model._bsbert_was_training = was_training
+    _patch_in_eval(model, was_training, plan, opts, setup)
     if check_why_not is None:
         model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq,
                         attention_forced=bool(attention))
@@ -422,6 +416,19 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     return given
 
 
+def _patch_in_eval(model: nn.Module, was_training: list, plan: Plan | None, opts: dict, setup: dict) -> None:
+    """_patch_once with ``was_training`` (the modules in training mode before patch) in eval mode, and recorded
+    for unpatch; if it fails, they are given their flag back, as the model was."""
+    for m in was_training:
+        m.training = False
+    try:
+        _patch_once(model, plan, opts, setup)
+    except BaseException:
+        _restore_training(was_training)
+        raise
+    model._bsbert_was_training = was_training
+
+
 def _restore_training(modules) -> None:
     """Training mode back on exactly the modules that had it (``Module.train()`` would set every child)."""
     for m in modules:
@@ -434,15 +441,8 @@ def _repatch(model: nn.Module, plan: Plan, opts: dict, setup: dict) -> Plan:
     was_training = model.__dict__.get("_bsbert_was_training", [])
     if is_patched(model):
         unpatch(model)  # (gives those modules their training flag back: off again while patched)
-    for m in was_training:
-        m.training = False
-    try:
-        _patch_once(model, copy.deepcopy(plan), {**opts, "select": "plan"},
-                    {**setup, "progress": False, "repatch": True})
-    except BaseException:
-        _restore_training(was_training)
-        raise
-    model._bsbert_was_training = was_training
+    _patch_in_eval(model, was_training, copy.deepcopy(plan), {**opts, "select": "plan"},
+                   {**setup, "progress": False, "repatch": True})
     return model.bsbert_plan
 
 

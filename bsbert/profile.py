@@ -97,8 +97,10 @@ def _run(args) -> int:
     bsbert.patch(model, tokens=args.batch * args.seq, progress=True)
     print(f"bsbert profile: {args.warmup} warm-up steps, then {args.steps} profiled steps ...", file=sys.stderr,
           flush=True)
-    vocab = model.config.vocab_size  # ids of a small checkpoint's vocabulary too (<= 1000 ids: its upper half)
-    ids = torch.randint(1000 if vocab > 1000 else vocab // 2, vocab, (args.batch, args.seq), device=dev)
+    from bsbert.bench import _inputs
+
+    # bench's ids (from a small checkpoint's vocabulary too); its token types are left out, as before
+    ids = _inputs(args.batch, args.seq, model.config.vocab_size, dev)["input_ids"]
     inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
         for _ in range(args.warmup):
