@@ -171,7 +171,6 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     """Load a model written by :func:`save`; backends are chosen anew for ``device`` (``select="plan"``:
     the backends the saved plan records, for loading on the kind of device it was saved from)."""
     import safetensors
-    import safetensors.torch
     import transformers
 
     from bsbert.adapters import check_config, find_encoder, set_submodule
@@ -205,9 +204,11 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
         raise BsbertError(f"{meta_path}: transformers {transformers.__version__} has no model class "
                           f"{meta['model_class']!r}")
     try:
-        tensors = safetensors.torch.load_file(w_path, device=st_device)
-        with safetensors.safe_open(w_path, "pt") as f:
+        # one open for the tensors and the save id in the header (what safetensors.torch.load_file does, plus
+        # the metadata it drops)
+        with safetensors.safe_open(w_path, "pt", device=st_device) as f:
             file_id = (f.metadata() or {}).get("bsbert_save_id")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise BsbertError(f"{w_path} is corrupt or unreadable: {exc}") from exc
     # save renames the weights first: weights with an id the JSON lacks are the interrupted case (a file with no id
