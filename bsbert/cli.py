@@ -66,31 +66,23 @@ def _check_bench_flags(parser: argparse.ArgumentParser, args, given: set) -> Non
     if args.device == "auto":  # what `bsbert profile` does too: the GPU when torch sees one
         # (the kernel table is CPU only: there auto is the CPU, whatever GPU the machine has)
         args.device = "cpu" if mode == "kernels" or not torch.cuda.is_available() else "cuda"
-    why = device_problem(args.device, "bsbert bench")
+    why = device_problem(args.device)
     if why:
         parser.error(why)
     if mode == "kernels":
         if torch.device(args.device).type != "cpu":
-            parser.error(f"--device {args.device}: --kernels times the CPU kernels only")
+            parser.error(f"--device {args.device!r}: --kernels times the CPU kernels only")
         if args.dtype == "float16":
             parser.error("--dtype float16: --kernels has CPU kernels for float32 and bfloat16 only")
 
 
-def device_problem(device: str, prog: str) -> str | None:
+def device_problem(device: str) -> str | None:
     """Why ``--device device`` cannot run here (None: it can); shared by bench and profile, whose runs
     would otherwise build (and patch) the model before the first tensor move fails with a traceback."""
-    import torch
+    from bsbert import devices
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        return f"--device {device!r}: not a torch device ({exc})"
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return (f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'no'})")
-    if dev.type not in ("cpu", "cuda"):
-        return f"--device {device}: {prog} runs on cpu or cuda"
-    return None
+    why = devices.device_problem(device)[1]
+    return None if why is None else f"--device {device!r}: {why}"
 
 
 def _print_result(tbl, res, width: int) -> int:

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="2-layer seed-like model")
     p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)
-    why = device_problem(args.device, "bsbert profile")  # before the model is built and patched
+    why = device_problem(args.device)  # before the model is built and patched
     if why:
         p.error(why)
     if args.model and args.small:  # --small shortens the seed-like model; a checkpoint keeps its layers

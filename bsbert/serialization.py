@@ -323,16 +323,13 @@ def _load_device(device) -> tuple[torch.device, str]:
     """(the torch.device, the name safetensors takes for it); BsbertError for a device load cannot place the model
     on. Checked first: safetensors' own error for a bad device was reported as a corrupt file ("cpu:0",
     "cuda" without a GPU), and "cpu:0", a valid torch device, was refused."""
+    from bsbert.devices import device_problem
     from bsbert.errors import BsbertError
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise BsbertError(f"load(device={device!r}): not a torch device ({exc})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise BsbertError(f"load(device={device!r}): bsbert loads onto 'cpu' or 'cuda'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BsbertError(f"load(device={device!r}): torch sees no CUDA GPU here; load onto 'cpu'")
+    dev, why = device_problem(device)
+    if why is not None:
+        hint = "; load onto 'cpu'" if dev is not None and dev.type == "cuda" else ""
+        raise BsbertError(f"load(device={device!r}): {why}{hint}")
     return dev, "cpu" if dev.type == "cpu" else str(dev)
 
 

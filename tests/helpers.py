@@ -56,6 +56,7 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     import os
 
     from bsbert import _ext
+    from bsbert.info import ISA_LEVELS
 
     if not _ext.available():
         return ["portable"]
@@ -65,8 +66,10 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     finally:
         if old is not None:
             os.environ["BSBERT_CPU_ISA"] = old
-    top = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3 if bf16_level else 2}[best]
-    return ["portable", "avx2", "avx512", "avx512_bf16"][: top + 1]
+    levels = list(ISA_LEVELS if bf16_level else ISA_LEVELS[:-1])  # bsbert.info's list: the values the kernels take
+    if best not in levels:  # avx512_bf16 without bf16_level
+        best = "avx512"
+    return levels[: levels.index(best) + 1]
 
 
 def with_threads(n: int, fn):

@@ -187,7 +187,7 @@ def test_bench_trials_must_be_positive(capsys):
     (["--kernels", "--repeats", "2"], "--repeats: do not apply to --kernels"),
     (["--kernels", "--small", "--out", "x"], "--out, --small: do not apply to --kernels"),
     (["--kernels", "--dtype", "float16"], "--dtype float16: --kernels has CPU kernels for float32 and bfloat16"),
-    (["--kernels", "--device", "cuda:0"], "--device cuda:0: "),
+    (["--kernels", "--device", "cuda:0"], "--device 'cuda:0': "),
     (["--kernels", "--sweep"], "--sweep and --kernels are two different modes"),
     (["--batches", "1", "2"], "--batches: only apply with --sweep"),
     (["--memory", "--dtypes", "float32"], "--dtypes, --memory: only apply with --sweep"),

@@ -354,10 +354,14 @@ def test_chained_layer_errors_are_raised_from_inside_the_attention_region():
     model = _patched(backend="cpu-bsr")
     prog = model.bert.encoder._bsbert_program
     hidden = torch.randn(2, 30, 128)
-    tensors = list(prog.tensors)
-    tensors[fused_encoder.TENSORS_PER_LAYER - 4] = torch.ones(127)  # layer 0's attention LayerNorm weight
-    with pytest.raises(RuntimeError, match=r"(add_layer_norm: weight|bsr_linear_add_layer_norm: ln_weight) must have shape \[128\]"):
-        torch.ops.bsbert.bert_encoder(hidden, None, tensors, prog.ints, prog.floats)
+    ln_error = r"(add_layer_norm: weight|bsr_linear_add_layer_norm: ln_weight) must have shape \[128\]"
+    # the error names the layer and which of its LayerNorms (the kernels' own words name neither)
+    for index, where in ((fused_encoder.TENSORS_PER_LAYER - 4, "layer 0, attention output \\+ LayerNorm"),
+                         (2 * fused_encoder.TENSORS_PER_LAYER - 2, "layer 1, FFN out \\+ LayerNorm")):
+        tensors = list(prog.tensors)
+        tensors[index] = torch.ones(127)  # a LayerNorm weight of the wrong width
+        with pytest.raises(RuntimeError, match=ln_error + r".*\(bert_encoder: " + where + r"\)"):
+            torch.ops.bsbert.bert_encoder(hidden, None, tensors, prog.ints, prog.floats)
     out = torch.ops.bsbert.bert_encoder(hidden, None, prog.tensors, prog.ints, prog.floats)  # still fine after
     assert torch.isfinite(out).all()
 

@@ -179,7 +179,7 @@ def test_devices(saved):
     loaded = bsbert.load(str(path), "cpu:0", select="heuristic")  # before: "corrupt or unreadable: device cpu:0 is invalid"
     with torch.inference_mode():
         assert rel_err(model(**inp), loaded(**inp)) == 0
-    for device, match in (("gpu", "not a torch device"), ("meta", "loads onto 'cpu' or 'cuda'")):
+    for device, match in (("gpu", "not a torch device"), ("meta", r"load\(device='meta'\): bsbert runs on 'cpu' or 'cuda'")):
         with pytest.raises(bsbert.BsbertError, match=match):  # before: "model.safetensors is corrupt or unreadable"
             bsbert.load(str(path), device)
     if not torch.cuda.is_available():

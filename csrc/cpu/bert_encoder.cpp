@@ -424,79 +424,97 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
   // other threads wait (~4 us a layer there at bf16 seq 128).
   std::unique_ptr<BsrRowChain> done_chain;
   for (int64_t i = 0; i < layers; ++i) {
-    const LayerArgs& l = e.layers[i];
-    const Linear &out_l = l.out, &in_l = l.in, &ffo_l = l.ffo;
-    const bool last = i + 1 == layers;
-    if (!qkv.defined()) qkv = linear(x, l.qkv, false);
-    const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
-    // the attention's output, made here when chained: the chain is prepared while the attention runs
-    // (ctx_width < 0: heads * head_dim negative or overflowing; the attention's checks reject it)
-    const int64_t ctx_width = checked_mul(l.heads, l.head_dim);
-    at::Tensor ctx_out = buf.get(Intermediates::kCtx, ctx_width);
-    if (chained && !ctx_out.defined() && ctx_width >= 0) ctx_out = at::empty({M, ctx_width}, hidden.options());
-    if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), ctx_width});
+    // what the layer was doing when an argument was refused, added to the error: the kernels' own messages
+    // name their op and argument ("add_layer_norm: weight must have shape ..."), not which layer or which
+    // of its two LayerNorms (set by the side work too: its errors reach this thread after the region)
+    const char* stage = "QKV";
+    try {
+      const LayerArgs& l = e.layers[i];
+      const Linear &out_l = l.out, &in_l = l.in, &ffo_l = l.ffo;
+      const bool last = i + 1 == layers;
+      if (!qkv.defined()) qkv = linear(x, l.qkv, false);
+      const bool chained = chain && chainable(out_l) && chainable(in_l) && chainable(ffo_l);
+      // the attention's output, made here when chained: the chain is prepared while the attention runs
+      // (ctx_width < 0: heads * head_dim negative or overflowing; the attention's checks reject it)
+      const int64_t ctx_width = checked_mul(l.heads, l.head_dim);
+      at::Tensor ctx_out = buf.get(Intermediates::kCtx, ctx_width);
+      if (chained && !ctx_out.defined() && ctx_width >= 0) ctx_out = at::empty({M, ctx_width}, hidden.options());
+      if (ctx_out.defined()) ctx_out = ctx_out.view({hidden.size(0), hidden.size(1), ctx_width});
 
-    // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
-    // their checks and arguments are prepared by this thread inside the attention's region (or, kept
-    // from an earlier call, only their biases copied again)
-    CachedChain* keep = chained && cache && i > 0 && !last && ln_as_stored(l) ? &cache->layers[i] : nullptr;
-    const bool reuse = keep != nullptr && keep->chain && keep->ctx == ctx_out.data_ptr() &&
-                       keep->residual == x.data_ptr() && unchanged(keep->stamps);
-    std::unique_ptr<BsrRowChain> chain_ptr = chained && !reuse ? std::make_unique<BsrRowChain>() : nullptr;
-    at::Tensor x_next, qkv_next;
-    SideWork prepare_chain;
-    if (reuse) {
-      prepare_chain = [&] {
-        done_chain.reset();
-        keep->chain->refresh_biases();
-      };
-    } else if (chained) {
-      prepare_chain = [&] {
-        done_chain.reset();
-        BsrRowChain& ch = *chain_ptr;
-        const at::Tensor a = ch.linear_add_layer_norm(ctx_out, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
-                                                      out_l.block, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn,
-                                                      buf.get(Intermediates::kAttnOut, out_l.n));
-        const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
-                                       buf.get(Intermediates::kFfnHidden, in_l.n));
-        // (the last output is returned: a tensor of its own)
-        x_next = ch.linear_add_layer_norm(
-            h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a, l.ln_out_w, l.ln_out_b,
-            l.eps_out, last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
-        if (!last) {
-          const Linear& next = e.layers[i + 1].qkv;
-          if (chainable(next))
-            qkv_next = ch.linear(x_next, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
-                                 buf.get(Intermediates::kQkv, next.n));
-        }
-      };
-    }
-    const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, l.heads, l.head_dim, l.scale, ctx_out,
-                                                    prepare_chain);
-    if (chained) {
-      RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
+      // attention output, FFN in, FFN out and the next layer's QKV on each thread's rows, one region;
+      // their checks and arguments are prepared by this thread inside the attention's region (or, kept
+      // from an earlier call, only their biases copied again)
+      CachedChain* keep = chained && cache && i > 0 && !last && ln_as_stored(l) ? &cache->layers[i] : nullptr;
+      const bool reuse = keep != nullptr && keep->chain && keep->ctx == ctx_out.data_ptr() &&
+                         keep->residual == x.data_ptr() && unchanged(keep->stamps);
+      std::unique_ptr<BsrRowChain> chain_ptr = chained && !reuse ? std::make_unique<BsrRowChain>() : nullptr;
+      at::Tensor x_next, qkv_next;
+      SideWork prepare_chain;
       if (reuse) {
-        e.chains->reuses.fetch_add(1, std::memory_order_relaxed);
-        keep->chain->run();
-        x = keep->x_next;
-        qkv = keep->qkv_next;
-      } else {
-        chain_ptr->run();
-        if (keep != nullptr) {
-          const Linear* next = qkv_next.defined() ? &e.layers[i + 1].qkv : nullptr;  // (keep: not the last)
-          *keep = CachedChain{std::move(chain_ptr), ctx_out.data_ptr(), x.data_ptr(), x_next, qkv_next,
-                              chain_stamps(l, next)};
-        } else {
-          done_chain = std::move(chain_ptr);
-        }
-        x = x_next;
-        qkv = qkv_next;
+        prepare_chain = [&] {
+          done_chain.reset();
+          keep->chain->refresh_biases();
+        };
+      } else if (chained) {
+        prepare_chain = [&] {
+          done_chain.reset();
+          BsrRowChain& ch = *chain_ptr;
+          stage = "attention output + LayerNorm";
+          const at::Tensor a = ch.linear_add_layer_norm(ctx_out, out_l.a, out_l.b, out_l.c, out_l.bias, out_l.n, out_l.k,
+                                                        out_l.block, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn,
+                                                        buf.get(Intermediates::kAttnOut, out_l.n));
+          stage = "FFN in";
+          const at::Tensor h = ch.linear(a, in_l.a, in_l.b, in_l.c, in_l.bias, in_l.n, in_l.k, in_l.block, true,
+                                         buf.get(Intermediates::kFfnHidden, in_l.n));
+          // (the last output is returned: a tensor of its own)
+          stage = "FFN out + LayerNorm";
+          x_next = ch.linear_add_layer_norm(
+              h, ffo_l.a, ffo_l.b, ffo_l.c, ffo_l.bias, ffo_l.n, ffo_l.k, ffo_l.block, a, l.ln_out_w, l.ln_out_b,
+              l.eps_out, last ? at::Tensor() : buf.get(i % 2 ? Intermediates::kX1 : Intermediates::kX0, ffo_l.n));
+          if (!last) {
+            const Linear& next = e.layers[i + 1].qkv;
+            stage = "the next layer's QKV";
+            if (chainable(next))
+              qkv_next = ch.linear(x_next, next.a, next.b, next.c, next.bias, next.n, next.k, next.block, false,
+                                   buf.get(Intermediates::kQkv, next.n));
+          }
+        };
       }
-    } else {
-      const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn);
-      const at::Tensor h = linear(a, in_l, true);
-      x = linear_add_layer_norm(h, ffo_l, a, l.ln_out_w, l.ln_out_b, l.eps_out);
-      qkv = at::Tensor();
+      stage = "attention";
+      const at::Tensor ctx = pruned_attention_out_cpu(qkv, key_padding_mask, l.heads, l.head_dim, l.scale, ctx_out,
+                                                      prepare_chain);
+      if (chained) {
+        stage = "the row chain (attention output, FFN, the next layer's QKV)";
+        RECORD_FUNCTION("bsbert::bsr_row_chain", std::vector<c10::IValue>());
+        if (reuse) {
+          e.chains->reuses.fetch_add(1, std::memory_order_relaxed);
+          keep->chain->run();
+          x = keep->x_next;
+          qkv = keep->qkv_next;
+        } else {
+          chain_ptr->run();
+          if (keep != nullptr) {
+            const Linear* next = qkv_next.defined() ? &e.layers[i + 1].qkv : nullptr;  // (keep: not the last)
+            *keep = CachedChain{std::move(chain_ptr), ctx_out.data_ptr(), x.data_ptr(), x_next, qkv_next,
+                                chain_stamps(l, next)};
+          } else {
+            done_chain = std::move(chain_ptr);
+          }
+          x = x_next;
+          qkv = qkv_next;
+        }
+      } else {
+        stage = "attention output + LayerNorm";
+        const at::Tensor a = linear_add_layer_norm(ctx, out_l, x, l.ln_attn_w, l.ln_attn_b, l.eps_attn);
+        stage = "FFN in";
+        const at::Tensor h = linear(a, in_l, true);
+        stage = "FFN out + LayerNorm";
+        x = linear_add_layer_norm(h, ffo_l, a, l.ln_out_w, l.ln_out_b, l.eps_out);
+        qkv = at::Tensor();
+      }
+    } catch (c10::Error& err) {
+      err.add_context(msg("bert_encoder: layer ", i, ", ", stage));
+      throw;
     }
   }
   if (cache) {
