@@ -5,11 +5,21 @@ its pure-torch backend. ``status()`` says what happened (used by ``python -m bsb
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 
 _state = {"loaded": False, "module": None, "reason": None}
+
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512_bf16")  # what the CPU kernels accept in BSBERT_CPU_ISA
+
+
+def unknown_isa_cap() -> str | None:
+    """BSBERT_CPU_ISA when it is set to something the kernels ignore (csrc/cpu/isa.cpp takes ISA_LEVELS
+    exactly: "AVX2" or "avx-512" leave the CPU's own level in effect), else None."""
+    cap = os.environ.get("BSBERT_CPU_ISA")
+    return cap if cap is not None and cap not in ISA_LEVELS else None
 
 
 def _try_load():
@@ -34,6 +44,11 @@ def load(warn: bool = True):
             from bsbert.ops.fake import register_fakes
 
             register_fakes()  # meta kernels for torch.compile / export / opcheck
+            cap = unknown_isa_cap()
+            if cap is not None and warn:  # (the kernels read it per call; said once, when they load)
+                warnings.warn(f"BSBERT_CPU_ISA={cap!r} is not one of {', '.join(ISA_LEVELS)}: ignored, the CPU "
+                              f"kernels run at this CPU's level ({_state['module'].cpu_isa()})", RuntimeWarning,
+                              stacklevel=3)
         if _state["module"] is None and warn:
             warnings.warn(f"{_state['reason']}; using bsbert's pure-torch fallbacks", RuntimeWarning,
                           stacklevel=3)

@@ -53,17 +53,18 @@ def _version(module: str) -> str:
         return "version unknown"
 
 
-ISA_LEVELS = ("portable", "avx2", "avx512", "avx512_bf16")  # what the kernels accept in BSBERT_CPU_ISA
 
 
 def _isa_cap_note(effective: str) -> str:
     """What BSBERT_CPU_ISA did: the kernels (csrc/cpu/isa.cpp) silently ignore a value that is not one of
     ISA_LEVELS exactly (a typo, "AVX2") and one above the CPU's own level; said here, since the ISA shown
     alone would not tell a user that the cap they set is not in effect."""
+    from bsbert._ext import ISA_LEVELS, unknown_isa_cap
+
     cap = os.environ.get("BSBERT_CPU_ISA")
     if cap is None:
         return ""
-    if cap not in ISA_LEVELS:
+    if unknown_isa_cap() is not None:
         return f"; BSBERT_CPU_ISA={cap!r} is not one of {', '.join(ISA_LEVELS)}: ignored"
     if cap != effective:
         return f"; BSBERT_CPU_ISA={cap} is above this CPU's level: no effect"

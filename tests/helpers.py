@@ -56,7 +56,7 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     import os
 
     from bsbert import _ext
-    from bsbert.info import ISA_LEVELS
+    from bsbert._ext import ISA_LEVELS
 
     if not _ext.available():
         return ["portable"]
@@ -66,7 +66,7 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     finally:
         if old is not None:
             os.environ["BSBERT_CPU_ISA"] = old
-    levels = list(ISA_LEVELS if bf16_level else ISA_LEVELS[:-1])  # bsbert.info's list: the values the kernels take
+    levels = list(ISA_LEVELS if bf16_level else ISA_LEVELS[:-1])  # the values the kernels take
     if best not in levels:  # avx512_bf16 without bf16_level
         best = "avx512"
     return levels[: levels.index(best) + 1]

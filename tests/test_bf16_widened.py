@@ -185,3 +185,28 @@ def test_dense_rate_is_the_best_over_the_shapes():
     assert {lb.split(" ")[1] for lb in r["all_gflops"]} == {f"{k}x{n}" for k, n in shapes}
     fn, flops = timing.bound_probe(r, "cpu")
     assert fn().shape == (8, r["shape"][2]) and flops == 2.0 * 8 * r["shape"][1] * r["shape"][2]
+
+
+def test_onednn_refusal_keeps_whole_words(monkeypatch):
+    # the backend's reason quotes oneDNN's first line; cut at 80 characters it ended mid-word ("...propagatio)")
+    from bsbert.ops import linear_backends
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    line = ("could not create a primitive descriptor for the inner product forward propagation primitive. Run "
+            "workload with environment variable ONEDNN_VERBOSE=all to get additional diagnostic information.")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(line + "\nsecond line")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    linear_backends._onednn_probe.cache_clear()
+    try:
+        why = linear_backends._onednn_probe(torch.float32)
+    finally:
+        linear_backends._onednn_probe.cache_clear()  # the real answer for the tests after this one
+    assert why.startswith("oneDNN has no torch.float32 inner-product primitive here (could not create")
+    quoted = why[why.index("(") + 1:-1]
+    assert "forward propagation primitive." in quoted and "second line" not in quoted
+    words = set(line.split())
+    assert all(w in words or w == "[...]" for w in quoted.split()), quoted  # no word cut in half

@@ -216,3 +216,24 @@ def test_info_says_when_the_isa_cap_is_ignored(value, note, monkeypatch):
     assert note in info.collect()["extension"]
     monkeypatch.setenv("BSBERT_CPU_ISA", "portable")
     assert "CPU ISA portable, capped by BSBERT_CPU_ISA=portable" in info.collect()["extension"]
+
+
+@pytest.mark.parametrize("value, warned", [("AVX2", True), ("avx-512", True), ("avx2", False), ("portable", False)])
+def test_import_warns_once_when_the_isa_cap_is_ignored(value, warned):
+    """The kernels ignore an unknown BSBERT_CPU_ISA and run at the CPU's own level: a typo in a comparison run
+    went unnoticed unless the user ran bsbert.info. Import now says so (a fresh interpreter: the extension
+    loads once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    from bsbert import _ext
+
+    if _ext.load(warn=False) is None:
+        pytest.skip("extension not built")
+    r = subprocess.run([sys.executable, "-W", "always", "-c", "import bsbert; bsbert._ext.load()"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "BSBERT_CPU_ISA": value})
+    assert r.returncode == 0, r.stderr
+    assert (f"BSBERT_CPU_ISA={value!r} is not one of portable, avx2, avx512, avx512_bf16: ignored" in r.stderr) \
+        == warned, r.stderr
+    assert r.stderr.count("BSBERT_CPU_ISA") == (1 if warned else 0), r.stderr

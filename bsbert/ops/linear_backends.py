@@ -7,6 +7,7 @@ removed); ``gelu`` fuses BERT's exact erf GELU where the backend can.
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,9 @@ def _onednn_probe(dtype: torch.dtype) -> str | None:
         w = torch.randn(32, 32).to(dtype).to_mkldnn()
         torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     except Exception as exc:  # the op raises RuntimeError when no primitive fits
-        return f"oneDNN has no {dtype} inner-product primitive here ({str(exc).splitlines()[0][:80]})"
+        # oneDNN's first line, whole words only (a cut at 80 characters ended mid-word: "...propagatio")
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return f"oneDNN has no {dtype} inner-product primitive here ({textwrap.shorten(first, 160)})"
     return None
 
 
