@@ -53,8 +53,6 @@ def _version(module: str) -> str:
         return "version unknown"
 
 
-
-
 def _isa_cap_note(effective: str) -> str:
     """What BSBERT_CPU_ISA did: the kernels (csrc/cpu/isa.cpp) silently ignore a value that is not one of
     ISA_LEVELS exactly (a typo, "AVX2") and one above the CPU's own level; said here, since the ISA shown
