@@ -74,10 +74,23 @@ fi
 # Numerical tests on the GPU (CUDA C++ ops, Triton kernels compiled for real, patch on cuda). conftest
 # sets BSBERT_TRITON_AUTOTUNE=0 there: one fixed config per shape instead of autotuning each.
 # (every Triton autotuning config against float64 is a step of its own, below: ~90 compilations)
-TAIL=25 step pytest_gpu 130 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 \
-  -k "not (errors or rejects or tuning_config)" \
-  tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py \
-  tests/test_patch.py tests/test_profile_nvtx.py tests/test_model_check.py
+# Two steps, kernels then models, so a slow model test cannot hide the kernel results. Stop 30 (H200):
+# in one process the kernel files took ~25 s and the model files ~45 s alone, yet one CPU model test
+# (test_plan_round_trips_model_check_and_timings, 2 s alone) ran past the old 130 s limit after the
+# kernel tests; faulthandler_timeout prints every thread's stack for a test still running after 45 s.
+PYTEST_GPU=("$PY" -m pytest -q -p no:cacheprovider -rfs --tb=short --durations=8 -o faulthandler_timeout=45
+  -k "not (errors or rejects or tuning_config)")
+GPU_KERNEL_TESTS=(tests/test_cuda_ops.py tests/test_triton_bsr_linear.py tests/test_triton_attention.py)
+GPU_MODEL_TESTS=(tests/test_patch.py tests/test_profile_nvtx.py tests/test_model_check.py)
+if [[ " ${GPU_STEPS:-} " == *" pytest_gpu "* ]]; then  # the old name runs both
+  GPU_STEPS="$GPU_STEPS pytest_gpu_kernels pytest_gpu_models"
+fi
+TAIL=25 step pytest_gpu_kernels 90 "${PYTEST_GPU[@]}" "${GPU_KERNEL_TESTS[@]}"
+TAIL=40 step pytest_gpu_models 120 "${PYTEST_GPU[@]}" "${GPU_MODEL_TESTS[@]}"
+# The same files in one process (the order that was slow in stop 30), only when named.
+if [[ " ${GPU_STEPS:-} " == *" pytest_gpu_one_process "* ]]; then
+  TAIL=40 step pytest_gpu_one_process 200 "${PYTEST_GPU[@]}" "${GPU_KERNEL_TESTS[@]}" "${GPU_MODEL_TESTS[@]}"
+fi
 if [[ " ${GPU_STEPS:-} " == *" pytest_tuning_configs "* ]]; then
   TAIL=12 step pytest_tuning_configs 150 "$PY" -m pytest -q -p no:cacheprovider -rs --durations=5 -k tuning_config \
     tests/test_triton_bsr_linear.py tests/test_triton_attention.py

@@ -201,18 +201,15 @@ def _varlen_raises(qkv, cu, max_seqlen, match, h=2, d=32):
 
 
 def test_varlen_bad_cu_seqlens():
-    """Same checks, in the same words, as the CPU op (csrc/cpu/pruned_attention_cpu.cpp): each of these
-    used to launch and read / write outside the sequences (wrong rows, or a crash)."""
+    """Same checks, in the same words, as the CPU op (csrc/cpu/pruned_attention_cpu.cpp). The shape,
+    dtype and device checks hold everywhere; each of these used to launch and read / write outside the
+    sequences (wrong rows, or a crash)."""
     h, d = 2, 32
     qkv = torch.randn(80, 3 * h * d, device=DEVICE)
 
     def cu(*v):
         return torch.tensor(v, dtype=torch.int32, device=DEVICE)
 
-    _varlen_raises(qkv, cu(0, 80), 1, r"sequence 0 has 80 tokens, more than max_seqlen = 1")
-    _varlen_raises(qkv[:40], cu(0, 80), 80, r"cu_seqlens\[-1\] = 80 exceeds the 40 tokens of qkv")
-    _varlen_raises(qkv, cu(0, 10, 5), 10, r"cu_seqlens must be non-decreasing, got 10 then 5 at index 1")
-    _varlen_raises(qkv, cu(3, 10), 10, r"cu_seqlens\[0\] must be 0, got 3")
     _varlen_raises(qkv, cu(0, 10), -1, r"max_seqlen must be >= 0, got -1")
     _varlen_raises(qkv, cu(0, 10).long(), 10, r"cu_seqlens must be int32, got torch.int64")
     _varlen_raises(qkv, cu(0, 10)[None], 10, r"cu_seqlens must be 1-D \[batch \+ 1\], got shape \(1, 2\)")
@@ -222,6 +219,35 @@ def test_varlen_bad_cu_seqlens():
     with pytest.raises(ValueError, match="key_padding_mask is on meta but qkv is on"):
         pruned_attention_triton(qkv.view(1, 80, -1), torch.ones(1, 80, dtype=torch.bool, device="meta"),
                                 h, d, 0.1)
+
+
+def test_varlen_cu_seqlens_values():
+    """cu_seqlens' values: under the interpreter (CPU tensors) they are checked, in the CPU op's words.
+    On a GPU they are not read on the host (a device -> host sync per call, not allowed in CUDA-graph
+    capture), so the kernel clamps every sequence to the tokens there are: bad values must stay inside
+    qkv and out (seen on an H200 in stop 30: this test used to expect the CPU's errors there too)."""
+    h, d = 2, 32
+    qkv = torch.randn(80, 3 * h * d, device=DEVICE)
+
+    def cu(*v):
+        return torch.tensor(v, dtype=torch.int32, device=DEVICE)
+
+    if DEVICE == "cpu":
+        _varlen_raises(qkv, cu(0, 80), 1, r"sequence 0 has 80 tokens, more than max_seqlen = 1")
+        _varlen_raises(qkv[:40], cu(0, 80), 80, r"cu_seqlens\[-1\] = 80 exceeds the 40 tokens of qkv")
+        _varlen_raises(qkv, cu(0, 10, 5), 10, r"cu_seqlens must be non-decreasing, got 10 then 5 at index 1")
+        _varlen_raises(qkv, cu(3, 10), 10, r"cu_seqlens\[0\] must be 0, got 3")
+        return
+    ref = pruned_attention_varlen_triton(qkv, cu(0, 30, 80), 50, h, d, 0.1)
+    # the last sequence's end far past the 80 tokens: clamped to them
+    out = pruned_attention_varlen_triton(qkv, cu(0, 30, 4000), 4000, h, d, 0.1)
+    torch.cuda.synchronize()  # (an out-of-bounds access would surface here as a CUDA error)
+    torch.testing.assert_close(out, ref)
+    # a decreasing bound: that sequence is empty (zeros), the one before it is computed as usual
+    out = pruned_attention_varlen_triton(qkv, cu(0, 30, 5), 50, h, d, 0.1)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out[:30], ref[:30])
+    assert torch.count_nonzero(out[30:]) == 0
 
 
 def test_varlen_tail_rows_are_zero_and_strided_cu():
