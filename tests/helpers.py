@@ -72,6 +72,16 @@ def cpu_isa_levels(bf16_level: bool = False) -> list[str]:
     return levels[: levels.index(best) + 1]
 
 
+def skip_unless_backend_fits(backend: str, dtype=torch.float32, block: int = 32) -> None:
+    """Skip the test where a forced CPU linear backend cannot run: patch refuses to force it there, by
+    design (e.g. oneDNN has no bf16 GEMM on an AVX2 CPU). The backend's own reasons name the skip."""
+    from bsbert.ops.linear_backends import BACKENDS
+
+    why = BACKENDS[backend].not_supported_reasons(torch.device("cpu"), dtype, block)
+    if why:
+        pytest.skip(f"{backend}: {why}")
+
+
 def with_threads(n: int, fn):
     """fn() run with torch.set_num_threads(n), the previous count restored afterwards."""
     old = torch.get_num_threads()

@@ -3,15 +3,12 @@ import pytest
 import torch
 
 import bsbert
-from bsbert.ops.linear_backends import BACKENDS
-from tests.helpers import inputs, rel_err, tiny_pruned
+from tests.helpers import inputs, rel_err, skip_unless_backend_fits, tiny_pruned
 
 
 @pytest.mark.parametrize("backend", ["cpu-bsr", "onednn-dense"])
 def test_compiled_patched_model_matches(backend):
-    reasons = BACKENDS[backend].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
-    if reasons:
-        pytest.skip(f"{backend}: {reasons}")
+    skip_unless_backend_fits(backend)
     torch._dynamo.reset()
     model = tiny_pruned(heads=(2, 3), ffn=(100, 37))
     inp = inputs(pad_from=20)

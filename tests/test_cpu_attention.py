@@ -173,10 +173,38 @@ def test_sharp_softmax_and_large_scale():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_large_logits_error_like_sdpa(monkeypatch, isa):
+    """fp32 at very large logits (std ~70-140: scale 1, inputs of std 3), where every rounding of a score
+    is amplified by the exponential: the error against float64 stays at SDPA's. Stop 29's fuzz found up
+    to 3.2x SDPA's error at head_dim 256 (a 1.6-2.0x median on 2 cores of AVX2). Two causes, both fixed
+    in stop 30 and both measured at 1.00x SDPA after: the base-2 softmax's rounding of score x log2(e),
+    and a 256-long dot product in one chain where torch's GEMM blocks it (see expv and kDotChunk in
+    csrc/cpu/pruned_attention_kernel.h). Summed over seeds, so one lucky draw cannot decide."""
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(29)
+    ours = theirs = 0.0
+
+    def err(out, ref):
+        return ((out.double() - ref).norm() / ref.norm()).item()
+
+    for b, s, h, d in ((1, 64, 8, 256), (2, 100, 2, 256), (2, 128, 4, 64)):
+        for _ in range(3):
+            qkv = rand_qkv(b, s, h, d, torch.float32, gen, spread=3.0)
+            mask = torch.ones(b, s, dtype=torch.bool)
+            mask[-1, s - s // 3:] = False
+            ref = ref64(qkv, mask, h, d, 1.0)
+            ours += err(op(qkv, mask, h, d, 1.0), ref)
+            theirs += err(sdpa(qkv, mask, h, d, 1.0), ref)
+    assert ours <= 1.4 * theirs, f"{ours / theirs:.2f}x SDPA's error"
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_exp_accuracy(monkeypatch, isa):
     """The kernel's vectorised exp, seen through a two-key softmax: query 1, keys 0 and x, values e0
     and e1, so context[1] = e^x / (1 + e^x) for x from -80 to 80 (x: exact fp32 inputs). Allowed: a few
-    ulp, plus |x| ulp for rounding x * log2(e) (the kernel works in base 2)."""
+    ulp, whatever |x|. Until stop 30 the fp32 path scaled the scores by log2(e) and took 2^x: that rounding
+    is |x| ulp in the exponent (up to 80 ulp here, and 3.2x SDPA's error at large logits), allowed here
+    then; the scores now stay in natural units (expv in csrc/cpu/pruned_attention_kernel.h)."""
     monkeypatch.setenv("BSBERT_CPU_ISA", isa)
     x = torch.linspace(-80, 80, 4001)
     qkv = torch.zeros(len(x), 2, 3 * 16)
@@ -187,7 +215,7 @@ def test_exp_accuracy(monkeypatch, isa):
     xd = x.double()
     want = torch.stack([torch.sigmoid(-xd), torch.sigmoid(xd)], 1)
     ulps = ((out - want).abs() / want) / torch.finfo(torch.float32).eps
-    assert (ulps <= 4 + xd.abs()[:, None]).all(), f"worst {ulps.max().item():.1f} ulp"
+    assert (ulps <= 4).all(), f"worst {ulps.max().item():.1f} ulp at x = {x[ulps.max(1).values.argmax()].item()}"
 
 
 def test_same_result_for_any_thread_count():

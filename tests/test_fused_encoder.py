@@ -8,7 +8,7 @@ import torch
 
 import bsbert
 from bsbert import _ext, fused_encoder
-from tests.helpers import inputs, tiny_pruned
+from tests.helpers import inputs, skip_unless_backend_fits, tiny_pruned
 from tests.helpers import qa_outputs_itself  # noqa: F401  (the fixture pytestmark names)
 
 # these tests compare forward paths bit for bit: the QA head runs qa_outputs itself (see helpers)
@@ -21,12 +21,8 @@ HEADS, FFN = (2, 3, 4), (100, 37, 64)  # every layer keeps heads and neurons
 
 
 def _patched(dtype=torch.float32, **kw):
-    if kw.get("backend"):  # e.g. oneDNN has no bf16 GEMM on an AVX2 CPU: patch refuses to force it there
-        from bsbert.ops.linear_backends import BACKENDS
-
-        why = BACKENDS[kw["backend"]].not_supported_reasons(torch.device("cpu"), dtype, 32)
-        if why:
-            pytest.skip(f"{kw['backend']}: {why}")
+    if kw.get("backend"):
+        skip_unless_backend_fits(kw["backend"], dtype)
     model = tiny_pruned(heads=HEADS, ffn=FFN).to(dtype)
     kw.setdefault("select", "heuristic")
     bsbert.patch(model, progress=False, attention="cpu", **kw)

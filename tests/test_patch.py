@@ -6,7 +6,7 @@ import torch
 
 import bsbert
 from bsbert import models
-from tests.helpers import inputs, rel_err, tiny_pruned
+from tests.helpers import inputs, rel_err, skip_unless_backend_fits, tiny_pruned
 
 TOL_FP32 = 1e-4
 
@@ -40,11 +40,7 @@ def test_patch_sequence_lengths(seq):
 
 @pytest.mark.parametrize("backend", ["torch-dense", "onednn-dense", "cpu-bsr"])
 def test_forced_backends(backend):
-    from bsbert.ops.linear_backends import BACKENDS
-
-    reasons = BACKENDS[backend].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
-    if reasons:
-        pytest.skip(f"{backend}: {reasons}")
+    skip_unless_backend_fits(backend)
     model = tiny_pruned()
     inp = inputs(pad_from=20)
     ref = _run(model, inp)

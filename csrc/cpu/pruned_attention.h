@@ -24,7 +24,8 @@ struct AttnArgs {
   void* out;
   int64_t ld_out;
   const int64_t* out_off;  // [B]
-  float scale_log2;        // softmax scale * log2(e): scores are computed in base 2
+  float scale;             // softmax scale (fp32 path: Q is multiplied by it, scores in natural units)
+  float scale_log2;        // softmax scale * log2(e) (bf16-dot path: scores in base 2)
 
   // Workspace. Keys of sequence b are padded to a whole number of panels (AttnGeometry::panel keys):
   // ws_off[b] = padded keys of the sequences before b, ws_off[B] = total.

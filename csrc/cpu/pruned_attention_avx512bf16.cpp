@@ -39,7 +39,7 @@ struct ZmmBf16 : Zmm {
   // in [0, 1) by vreduceps, a degree-3 polynomial fitted to 2^f there (relative minimax), times
   // 2^floor(x) by vscalefps. Clamping at -160 makes -inf (masked) exactly 0: 2^-160 underflows.
   static BSB_AVX512_INLINE reg exp2_bf16(reg x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-160.f), x);  // (x second: a NaN stays NaN, see exp2v)
+    x = _mm512_max_ps(_mm512_set1_ps(-160.f), x);  // (x second: a NaN stays NaN, see expv)
     const reg f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     reg p = _mm512_set1_ps(0.07802406698465347f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606675326824188f));

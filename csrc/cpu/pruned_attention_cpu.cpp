@@ -211,6 +211,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.out = out.data_ptr();
   a.ld_out = sq.ld_out;
   a.out_off = sq.out_off.data();
+  a.scale = static_cast<float>(scale);
   a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   a.ws_off = ws_off.data();
   a.kt = ws;

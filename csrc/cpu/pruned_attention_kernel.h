@@ -3,11 +3,11 @@
 // Included by pruned_attention_{portable,avx2,avx512,avx512bf16}.cpp inside an anonymous namespace,
 // after V.
 //
-// Per task: Q rows are widened and pre-multiplied by scale*log2(e) (so the softmax is a base-2 one),
-// then for each step of kc keys: scores S = Q K^T with an MRS x (NVK*W) register tile over packed K^T
-// panels (key bias and running max applied as the tile is stored), then the online softmax (running
-// max / sum, 4 rows side by side; the previous context is rescaled when the max grows),
-// then ctx += P V with an MR x (NV*W) register tile. Panels without a key to attend to are skipped
+// Per task: Q rows are widened and pre-multiplied by scale (KP = 1; the scores stay in natural units and
+// the softmax takes e^x by range reduction, see expv), then for each step of kc keys: scores S = Q K^T
+// with an MRS x (NVK*W) register tile over packed K^T panels (key bias and running max applied as the
+// tile is stored), then the online softmax (running max / sum, 4 rows side by side; the previous
+// context is rescaled when the max grows), then ctx += P V with an MR x (NV*W) register tile. Panels without a key to attend to are skipped
 // in both products. Rows of the tile beyond the sequence are zeros (finite scores), never written out.
 //
 // Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
@@ -16,7 +16,7 @@
 // products (bf16 input only; V provides dot_bf16, exp2_bf16 and store_bf16_sum): K^T, V, Q and P hold
 // bf16 pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product
 // runs half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error):
-// the score tile scales the fp32 scores as it stores them. P is rounded to bf16 and the running sum
+// the score tile scales the fp32 scores by scale x log2(e) as it stores them (a base-2 softmax). P is rounded to bf16 and the running sum
 // adds the rounded values, so the normalised weights of a row still sum to 1.
 
 // The including file provides <algorithm>, <cmath>, <cstdint>, <cstring> and <limits> (headers
@@ -167,27 +167,34 @@ struct AttnKernel {
     }
   }
 
-  // 2^x for x <= 0: round to n, polynomial for 2^(x - n) on [-1/2, 1/2], exponent bits for 2^n.
-  // Clamping at -127 makes masked keys (-inf) exactly 0: pow2i(-127) is the all-zero pattern.
+  // e^x for x <= 0, for the fp32 path: n = round(x log2 e), r = x - n ln2 in two FMAs (Cody-Waite: ln2_hi
+  // has 9 significant bits, so n ln2_hi is exact for |n| <= 127 and r carries no rounding beyond its own),
+  // then a polynomial for e^r on [-ln2/2, ln2/2] and exponent bits for 2^n. Why not 2^x on scores
+  // pre-scaled by log2(e) (the bf16 path's way, and this path's before stop 30): multiplying by log2(e)
+  // rounds every score, an absolute error of |score| x 2^-24 in the exponent. At large logits (scores of
+  // ~100: d = 256, scale 1, inputs of std 3) that made the weights up to 3.2x torch SDPA's error (1.2e-4
+  // relative), where SDPA's power-of-two scale is exact. Here the only rounding before the exponential is
+  // the subtraction of the max, as in SDPA.
+  // Clamped at -127 ln2 (n = -127: pow2i gives the all-zero pattern, so masked keys, -inf, are exactly 0).
   // A NaN stays NaN (x is max's second operand: maxps, and the portable max, return it when either is
-  // NaN), so a NaN or infinite score makes the row NaN as in torch's softmax; clamped to -127 it was a
-  // weight of 0, and a row whose query held a NaN came out as zeros.
-  // The polynomial is the degree-7 Taylor series of e^(f ln2): truncation error < 1e-8 on the range.
-  static inline reg exp2v(reg x) {
-    constexpr double l = 0.69314718055994530942;
-    constexpr double c2 = l * l / 2, c3 = c2 * l / 3, c4 = c3 * l / 4, c5 = c4 * l / 5, c6 = c5 * l / 6,
-                     c7 = c6 * l / 7;
-    x = V::max(V::set1(-127.f), x);
-    const reg n = V::round(x);
-    const reg f = V::sub(x, n);
+  // NaN), so a NaN or infinite score makes the row NaN as in torch's softmax; clamped, it was a weight of
+  // 0, and a row whose query held a NaN came out as zeros. Polynomial: degree-7 Taylor series of e^r,
+  // truncation error < 6e-9 on the range.
+  static inline reg expv(reg x) {
+    constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    constexpr double c2 = 1.0 / 2, c3 = c2 / 3, c4 = c3 / 4, c5 = c4 / 5, c6 = c5 / 6, c7 = c6 / 7;
+    x = V::max(V::set1(-88.0296919311f), x);
+    const reg n = V::round(V::mul(x, V::set1(1.44269504089f)));
+    reg r = V::fma(n, V::set1(-ln2_hi), x);
+    r = V::fma(n, V::set1(-ln2_lo), r);
     reg p = V::set1(float(c7));
-    p = V::fma(p, f, V::set1(float(c6)));
-    p = V::fma(p, f, V::set1(float(c5)));
-    p = V::fma(p, f, V::set1(float(c4)));
-    p = V::fma(p, f, V::set1(float(c3)));
-    p = V::fma(p, f, V::set1(float(c2)));
-    p = V::fma(p, f, V::set1(float(l)));
-    p = V::fma(p, f, V::set1(1.f));
+    p = V::fma(p, r, V::set1(float(c6)));
+    p = V::fma(p, r, V::set1(float(c5)));
+    p = V::fma(p, r, V::set1(float(c4)));
+    p = V::fma(p, r, V::set1(float(c3)));
+    p = V::fma(p, r, V::set1(float(c2)));
+    p = V::fma(p, r, V::set1(1.f));
+    p = V::fma(p, r, V::set1(1.f));
     return V::mul(p, V::pow2i(n));
   }
 
@@ -199,18 +206,10 @@ struct AttnKernel {
       return V::fma(a, b, acc);
   }
 
-  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel (times sscale for KP = 2: Q is not pre-scaled)
-  // + kb[0:P] (key bias: -inf where masked), for MRS rows of q (row stride D, D / KP elements); the
-  // running max of row r's scores, lane by lane, in mx[r][0:W]. Done here, while the scores are in
-  // registers, rather than in another pass over s.
-  static inline void score_tile(const float* q, const float* ktp, int64_t D, const float* kb, float sscale,
-                                float* s, int64_t lds, float* mx) {
-    reg acc[MRS][NVK];
-#pragma GCC unroll 16
-    for (int r = 0; r < MRS; ++r)
-#pragma GCC unroll 4
-      for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
-    for (int64_t d = 0; d < D / KP; ++d) {
+  // acc[r][:] += q[r][d0:d1] . K^T panel rows d0..d1 (32-bit elements), for MRS rows of q.
+  static inline void dot_range(const float* q, const float* ktp, int64_t D, int64_t d0, int64_t d1,
+                               reg (&acc)[MRS][NVK]) {
+    for (int64_t d = d0; d < d1; ++d) {
       reg k[NVK];
 #pragma GCC unroll 4
       for (int n = 0; n < NVK; ++n) k[n] = V::load(ktp + d * P + n * W);
@@ -220,6 +219,38 @@ struct AttnKernel {
 #pragma GCC unroll 4
         for (int n = 0; n < NVK; ++n) acc[r][n] = madd(qb, k[n], acc[r][n]);
       }
+    }
+  }
+
+  // Elements of a score's dot product summed in one chain; longer ones run in chunks added at the end.
+  // torch's fp32 GEMMs block the reduction the same way, and one chain of 256 products (head_dim 256)
+  // had 1.4x their rounding error, which the softmax's exponential amplifies at large logits (stop 30).
+  static constexpr int64_t kDotChunk = 128;
+
+  // s[r][0:P] (row stride lds) = q[r][:] . K^T panel (times sscale for KP = 2: Q is not pre-scaled)
+  // + kb[0:P] (key bias: -inf where masked), for MRS rows of q (row stride D, D / KP elements); the
+  // running max of row r's scores, lane by lane, in mx[r][0:W]. Done here, while the scores are in
+  // registers, rather than in another pass over s.
+  static inline void score_tile(const float* q, const float* ktp, int64_t D, const float* kb, float sscale,
+                                float* s, int64_t lds, float* mx) {
+    const int64_t DE = D / KP;
+    reg acc[MRS][NVK];
+#pragma GCC unroll 16
+    for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
+    dot_range(q, ktp, D, 0, std::min(DE, kDotChunk), acc);
+    for (int64_t d0 = kDotChunk; d0 < DE; d0 += kDotChunk) {  // (head_dim > 128 only)
+      reg part[MRS][NVK];
+#pragma GCC unroll 16
+      for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+        for (int n = 0; n < NVK; ++n) part[r][n] = V::zero();
+      dot_range(q, ktp, D, d0, std::min(DE, d0 + kDotChunk), part);
+#pragma GCC unroll 16
+      for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+        for (int n = 0; n < NVK; ++n) acc[r][n] = V::add(acc[r][n], part[r][n]);
     }
     reg kbv[NVK];
 #pragma GCC unroll 4
@@ -291,8 +322,9 @@ struct AttnKernel {
 
   // Online softmax over one step of keys for G rows (row stride lds; G chains side by side, so that
   // the reductions at the ends of a row overlap other rows' work): s (n scores from score_tile, -inf
-  // where masked; their max lane by lane in mx, row stride W) becomes exp2(s - new max): n fp32 values
-  // in place, or (KP = 2) n bf16 values in the first half of the row (written behind the reads).
+  // where masked; their max lane by lane in mx, row stride W) becomes e^(s - new max) (KP = 1, natural
+  // units): n fp32 values in place, or (KP = 2, base 2) exp2(s - new max) as n bf16 values in the first
+  // half of the row (written behind the reads).
   // alpha[g]: the factor that rescales what row g accumulated so far.
   template <int G>
   static inline void softmax_step(float* s, int64_t lds, const float* mx, int64_t n, float* m, float* l,
@@ -303,9 +335,9 @@ struct AttnKernel {
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       m_new[g] = std::max(m[g], V::hmax(V::load(mx + g * W)));
-      // Nothing to attend to yet: subtracting 0 keeps exp2(-inf) = 0 (not exp2(-inf - -inf) = NaN).
+      // Nothing to attend to yet: subtracting 0 keeps exp(-inf) = 0 (not exp(-inf - -inf) = NaN).
       const float ref = m_new[g] == kNegInf ? 0.f : m_new[g];
-      alpha[g] = m[g] == kNegInf ? 0.f : std::exp2(m[g] - ref);
+      alpha[g] = m[g] == kNegInf ? 0.f : (KP == 2 ? std::exp2(m[g] - ref) : std::exp(m[g] - ref));
       sub[g] = V::set1(ref);
       sum[g] = V::zero();
     }
@@ -325,7 +357,7 @@ struct AttnKernel {
 #pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
           float* sg = s + g * lds;
-          const reg e = exp2v(V::sub(V::load(sg + j), sub[g]));
+          const reg e = expv(V::sub(V::load(sg + j), sub[g]));
           V::store(sg + j, e);
           sum[g] = V::add(sum[g], e);
         }
@@ -362,7 +394,7 @@ struct AttnKernel {
     for (int64_t r = 0; r < rows_pad; ++r) {
       if (a.pf_rows > 0 && r + a.pf_rows < rows) prefetch_row(a, b, i0 + r + a.pf_rows, h * D);
       if (r < rows)
-        load_elems(token(a, b, i0 + r, h * D), a.bf16, D, a.scale_log2, q + r * D);
+        load_elems(token(a, b, i0 + r, h * D), a.bf16, D, a.scale, q + r * D);  // (KP = 2 ignores it)
       else
         std::memset(q + r * D, 0, D / KP * sizeof(float));
       m[r] = kNegInf;

@@ -53,8 +53,8 @@ struct Lanes8 {
   }
   static inline reg round(const reg& a) { return map([&](int i) { return std::nearbyint(a.v[i]); }); }
   // 2^n for integral n in [-127, 127] through the exponent field (n = -127 gives +0). A NaN or infinite
-  // n (from a NaN or infinite score, see exp2v) gives 1 rather than a float-to-int conversion of it
-  // (undefined in C++): the polynomial it multiplies is NaN then.
+  // n (from a NaN or infinite score, see expv in pruned_attention_kernel.h) gives 1 rather than a
+  // float-to-int conversion of it (undefined in C++): the polynomial it multiplies is NaN then.
   static inline reg pow2i(const reg& n) {
     return map([&](int i) {
       const int32_t e = n.v[i] >= -127.f && n.v[i] <= 127.f ? static_cast<int32_t>(n.v[i]) : 0;
