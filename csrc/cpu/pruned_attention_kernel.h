@@ -7,8 +7,9 @@
 // the softmax takes e^x by range reduction, see expv), then for each step of kc keys: scores S = Q K^T
 // with an MRS x (NVK*W) register tile over packed K^T panels (key bias and running max applied as the
 // tile is stored), then the online softmax (running max / sum, 4 rows side by side; the previous
-// context is rescaled when the max grows), then ctx += P V with an MR x (NV*W) register tile. Panels without a key to attend to are skipped
-// in both products. Rows of the tile beyond the sequence are zeros (finite scores), never written out.
+// context is rescaled when the max grows), then ctx += P V with an MR x (NV*W) register tile. Panels
+// without a key to attend to are skipped in both products. Rows of the tile beyond the sequence are zeros
+// (finite scores), never written out.
 //
 // Template parameters: MRS x NVK = score tile; (MRA, NVA) > (MRB, NVB) > (MRC, NVC) = P V tiles tried
 // in that order for the remaining context columns (wide first). KP: values per 32-bit element along
@@ -16,8 +17,8 @@
 // products (bf16 input only; V provides dot_bf16, exp2_bf16 and store_bf16_sum): K^T, V, Q and P hold
 // bf16 pairs (two consecutive values of the reduction dimension in one 32-bit word), so each product
 // runs half the steps. Then Q is not pre-scaled (scaling before rounding to bf16 would add an error):
-// the score tile scales the fp32 scores by scale x log2(e) as it stores them (a base-2 softmax). P is rounded to bf16 and the running sum
-// adds the rounded values, so the normalised weights of a row still sum to 1.
+// the score tile scales the fp32 scores by scale x log2(e) as it stores them (a base-2 softmax). P is
+// rounded to bf16 and the running sum adds the rounded values, so the normalised weights of a row still sum to 1.
 
 // The including file provides <algorithm>, <cmath>, <cstdint>, <cstring> and <limits> (headers
 // cannot be included here: this file is read inside a namespace).
