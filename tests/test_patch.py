@@ -267,6 +267,30 @@ def test_triton_attention_in_patched_model_interpreter():
     assert rel_err(ref, _run(model, inp)) <= TOL_FP32
 
 
+def test_interpreted_triton_attention_only_when_forced(monkeypatch):
+    """On cpu the interpreter (TRITON_INTERPRET=1) runs Triton attention only when forced: an unforced
+    patch neither picks nor times it (timing it cost minutes per patch) and says why in its reason."""
+    import bsbert.ops.dispatch as dispatch
+    from bsbert.ops.attention_backends import ATTENTION_BACKENDS, choose_attention
+
+    if ATTENTION_BACKENDS["triton"].not_supported_reasons(torch.device("cpu"), torch.float32, 32):
+        pytest.skip("triton attention not usable on cpu here")
+    timed = []
+    real = dispatch.rank_by_time
+
+    def spy(fns, *args, **kwargs):
+        timed.append(sorted(fns))
+        return real(fns, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "rank_by_time", spy)
+    be, _ = choose_attention("cpu", torch.float32, 2, 32, tokens=16)
+    assert be.name != "triton" and timed and all("triton" not in names for names in timed), timed
+    be, reason = choose_attention("cpu", torch.float32, 2, 32, tokens=16, select="heuristic")
+    assert be.name != "triton" and "triton: on cpu Triton's interpreter is for tests" in reason, reason
+    be, reason = choose_attention("cpu", torch.float32, 2, 32, tokens=16, backend="triton")
+    assert be.name == "triton" and reason == "forced"
+
+
 def test_key_padding_mask_refuses_non_padding_masks():
     from bsbert.ops.attention_backends import key_padding_mask
 

@@ -93,6 +93,10 @@ class AttentionBackend:
     def not_supported_reasons(self, device, dtype, head_dim) -> list[str]:
         raise NotImplementedError
 
+    def forced_only_reason(self, device) -> str | None:
+        """Why this backend runs on ``device`` only when forced (and is never measured there), or None."""
+        return None
+
     def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
         """qkv: [B, S, 3*H*D] -> context [B, S, H*D]."""
         raise NotImplementedError
@@ -124,6 +128,13 @@ class TritonAttention(AttentionBackend):
         if device.type == "cpu" and not reasons and os.environ.get("TRITON_INTERPRET") != "1":
             reasons.append("on cpu only through the interpreter (TRITON_INTERPRET=1)")
         return reasons
+
+    def forced_only_reason(self, device):
+        # The interpreter runs the kernel in numpy, 100-1000x slower than the CPU kernels: timing it
+        # against them only costs minutes per patch (it was most of the test suite's patch time).
+        if device.type == "cpu":
+            return "on cpu Triton's interpreter is for tests and debugging: used when forced (attention='triton')"
+        return None
 
     def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
         from bsbert.triton.attention import pruned_attention_triton
@@ -247,6 +258,8 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     fits, why_not = [], {}
     for n in names:
         r = ATTENTION_BACKENDS[n].not_supported_reasons(torch.device(device), dtype, head_dim)
+        if not r and not backend and (why := ATTENTION_BACKENDS[n].forced_only_reason(torch.device(device))):
+            r = [why]
         if r:
             why_not[n] = r
         else:
