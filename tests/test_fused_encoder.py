@@ -117,14 +117,15 @@ def _chains_and_output(model, inp):
     return sum(e.name == "bsbert::bsr_row_chain" for e in prof.events()), out.start_logits
 
 
-# Rows of the block-sparse GEMM's register tile per ISA level (bsr_mr_* in csrc/cpu/bsr_linear_*.cpp):
-# fp32, bf16. Row chains need 2 tiles per thread (BsrRowChain::applies), so the edge cases below depend on it.
-_ROW_TILE = {"portable": (4, 4), "avx2": (6, 4), "avx512": (12, 8), "avx512_bf16": (12, 12)}
+# Row chains need 2 register tiles of rows per thread (BsrRowChain::applies), so the edge cases below follow
+# the tile of the path this CPU takes (AVX2 6 rows fp32, AVX-512 12; the extension says which).
+_MAX_ROW_TILE = 12  # the largest register tile at any ISA level (AVX-512 fp32, AVX512-BF16 bf16)
 
 
 def _row_tile(dtype) -> int:
-    isa = _ext.load(warn=False).cpu_isa()  # (BSBERT_CPU_ISA applied)
-    return _ROW_TILE[isa][dtype == torch.bfloat16]
+    rows = _ext.load(warn=False).cpu_bsr_register_rows(dtype == torch.bfloat16)  # (BSBERT_CPU_ISA applied)
+    assert 1 <= rows <= _MAX_ROW_TILE
+    return rows
 
 
 @needs_op
@@ -144,7 +145,7 @@ def test_row_chain_bit_for_bit(monkeypatch, dtype, threads, batch, seq, pad_from
     if isinstance(seq, str):  # an edge that follows this CPU's register tile (AVX2: 6 rows, AVX-512: 12)
         seq = {"2 tiles": 2 * _row_tile(dtype), "4 tiles - 1": 4 * _row_tile(dtype) - 1}[seq]
     else:  # the fixed cases take row tiles at every ISA level (up to 12-row tiles)
-        assert batch * seq >= 2 * threads * max(max(t) for t in _ROW_TILE.values())
+        assert batch * seq >= 2 * threads * _MAX_ROW_TILE
     inp = inputs(batch=batch, seq=seq, pad_from=pad_from)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

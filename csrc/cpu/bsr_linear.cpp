@@ -74,6 +74,12 @@ Path select_path(bool w_bf16) {
   }
 }
 
+}  // namespace
+
+int bsr_register_rows(bool w_bf16) { return select_path(w_bf16).mr; }
+
+namespace {
+
 // Task order: block row fastest (consecutive tasks share the packed x tile and write neighbouring
 // columns of the same output rows); BSBERT_BSR_ORDER=m makes the M tile fastest (for experiments).
 bool m_fastest() {

@@ -78,6 +78,9 @@ int bsr_mr_portable(bool w_bf16);
 int bsr_mr_avx2(bool w_bf16);
 int bsr_mr_avx512(bool w_bf16);
 int bsr_mr_avx512bf16();
+// The register-tile rows of the path bsr_linear takes here now (BSBERT_CPU_ISA applied): the row split
+// starts at 2 tiles per thread, so tests that probe its edges ask rather than keep a copy of the table.
+int bsr_register_rows(bool w_bf16);
 
 }  // namespace cpu
 }  // namespace bsbert
