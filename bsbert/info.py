@@ -111,14 +111,22 @@ def collect() -> dict:
     from bsbert.ops.attention_backends import ATTENTION_BACKENDS
 
     info["attention_backends"] = _reasons(ATTENTION_BACKENDS, lambda be: ATTENTION_HEAD_DIM)
+    # usable there, but patch runs them only when forced (never measured against the others)
+    info["attention_forced_only"] = {
+        f"{dev}/{name}": why for dev in _devices() for name, be in ATTENTION_BACKENDS.items()
+        if (why := be.forced_only_reason(torch.device(dev)))}
     return info
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _reasons(backends: dict, arg) -> dict:
     """"device/dtype/name" -> why backend ``name`` cannot run there (empty: it can), for every device here
     and dtype; ``arg(backend)``: the third argument of its not_supported_reasons (block / head_dim)."""
     out = {}
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+    for dev in _devices():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for name, be in backends.items():
                 out[f"{dev}/{str(dtype).replace('torch.', '')}/{name}"] = be.not_supported_reasons(
@@ -145,13 +153,17 @@ _TABLES = {"backends": "linear backends (device/dtype/backend: usable, or why no
 
 def main():
     info = collect()
+    forced_only = info["attention_forced_only"]
     for k, v in info.items():
-        if k not in _TABLES:
+        if k not in _TABLES and k != "attention_forced_only":
             print(f"{k:>15}: {v}")
     for key, title in _TABLES.items():
         print(title)
         for k, reasons in info[key].items():
-            print(f"  {k:<32} {'yes' if not reasons else 'no: ' + '; '.join(reasons)}")
+            dev, _, name = k.split("/")
+            only = forced_only.get(f"{dev}/{name}") if key == "attention_backends" else None
+            usable = f"only when forced: {only}" if only else "yes"
+            print(f"  {k:<32} {usable if not reasons else 'no: ' + '; '.join(reasons)}")
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ def test_interpreted_triton_attention_only_when_forced(monkeypatch):
     be, _ = choose_attention("cpu", torch.float32, 2, 32, tokens=16)
     assert be.name != "triton" and timed and all("triton" not in names for names in timed), timed
     be, reason = choose_attention("cpu", torch.float32, 2, 32, tokens=16, select="heuristic")
-    assert be.name != "triton" and "triton: on cpu Triton's interpreter is for tests" in reason, reason
+    assert be.name != "triton" and "triton: on cpu Triton runs in its interpreter" in reason, reason
     be, reason = choose_attention("cpu", torch.float32, 2, 32, tokens=16, backend="triton")
     assert be.name == "triton" and reason == "forced"
 

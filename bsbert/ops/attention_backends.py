@@ -133,7 +133,7 @@ class TritonAttention(AttentionBackend):
         # The interpreter runs the kernel in numpy, 100-1000x slower than the CPU kernels: timing it
         # against them only costs minutes per patch (it was most of the test suite's patch time).
         if device.type == "cpu":
-            return "on cpu Triton's interpreter is for tests and debugging: used when forced (attention='triton')"
+            return "on cpu Triton runs in its interpreter, for tests and debugging: patch(attention='triton') forces it"
         return None
 
     def __call__(self, qkv, attention_mask, num_heads, head_dim, scale):
