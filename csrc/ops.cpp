@@ -1,7 +1,8 @@
 // One place for bsbert's op schemas (TORCH_LIBRARY(bsbert)); kernels register implementations per
 // dispatch key in csrc/cpu and csrc/cuda, fake (meta) kernels live in bsbert/ops/fake.py.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/extension.h>
+#include "aten_min.h"
+#include <torch/csrc/utils/pybind.h>  // (not torch/extension.h: that one adds the whole C++ frontend, ~3x the compile time)
 #include <torch/library.h>
 
 #include "cpu/bsr_linear.h"

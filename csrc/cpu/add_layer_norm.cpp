@@ -10,7 +10,7 @@
 // BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
 #include "check.h"
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,7 +1,7 @@
 #pragma once
 // The torch-facing half of add_layer_norm (add_layer_norm.cpp), shared with ops that end in it
 // (bsr_linear_add_layer_norm in bsr_linear.cpp). Baseline-ISA translation units only.
-#include <torch/extension.h>
+#include "aten_min.h"
 
 #include "cpu/add_layer_norm.h"
 

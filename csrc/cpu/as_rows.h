@@ -1,7 +1,7 @@
 #pragma once
 // A tensor seen as rows of its last dimension, the layout the CPU row kernels read (add_layer_norm,
 // head_logits). Baseline-ISA translation units only (torch headers).
-#include <torch/extension.h>
+#include "aten_min.h"
 
 namespace bsbert {
 namespace cpu {

@@ -12,7 +12,7 @@
 // from here): the output equals transformers' module bit for bit (tests/test_bert_embeddings.py).
 #include "check.h"
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

@@ -18,7 +18,7 @@
 #include "check.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

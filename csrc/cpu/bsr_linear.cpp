@@ -16,7 +16,7 @@
 // so a static split would be unbalanced).
 #include "check.h"
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

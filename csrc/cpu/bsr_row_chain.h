@@ -16,7 +16,7 @@
 // tensors (same storage, shapes and strides) are meant, config() is unchanged, and refresh_biases()
 // has run since a bias may have changed (the biases are copied to fp32 when added). The packed
 // weights' indices are checked when added only.
-#include <torch/extension.h>
+#include "aten_min.h"
 
 #include <array>
 #include <memory>

@@ -11,7 +11,7 @@
 // head_logits_kernel.h, instantiated per ISA and picked per call with effective_isa().
 #include "check.h"
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

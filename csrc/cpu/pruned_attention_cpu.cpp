@@ -11,7 +11,7 @@
 // until there are >= 4 tiles per thread (B = 1, S = 128 keeps 2 cores busy at the tail).
 #include "check.h"
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "aten_min.h"
 #include <torch/library.h>
 
 #include <algorithm>

@@ -2,7 +2,7 @@
 // The CPU kernels' torch-facing entry points that other ops call directly (bert_encoder.cpp runs a
 // whole encoder through them, with no dispatcher or Python in between). Defined in bsr_linear.cpp and
 // pruned_attention_cpu.cpp; add_layer_norm_cpu is in add_layer_norm_op.h. Baseline-ISA units only.
-#include <torch/extension.h>
+#include "aten_min.h"
 
 #include <functional>
 #include <optional>

@@ -22,7 +22,10 @@
 #include "cuda/mma_utils.cuh"
 
 #ifndef BSBERT_KERNELS_ONLY
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // (not ATen/ATen.h: every op's header, parsed again per architecture)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>

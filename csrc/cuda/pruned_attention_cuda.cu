@@ -12,7 +12,9 @@
 #include "cuda/mma_utils.cuh"
 
 #ifndef BSBERT_KERNELS_ONLY
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // (not ATen/ATen.h: every op's header, parsed again per architecture)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
