@@ -9,7 +9,6 @@
 // add_layer_norm_kernel.h, instantiated per ISA and picked per call with effective_isa() (so
 // BSBERT_CPU_ISA=portable|avx2|avx512 takes effect immediately).
 #include "check.h"
-#include <ATen/Parallel.h>
 #include "aten_min.h"
 #include <torch/library.h>
 

@@ -11,7 +11,6 @@
 // nearest even), as torch's bf16 adds do, and the LayerNorm is torch's own (at::layer_norm, called
 // from here): the output equals transformers' module bit for bit (tests/test_bert_embeddings.py).
 #include "check.h"
-#include <ATen/Parallel.h>
 #include "aten_min.h"
 #include <torch/library.h>
 

@@ -15,7 +15,6 @@
 // M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
 // so a static split would be unbalanced).
 #include "check.h"
-#include <ATen/Parallel.h>
 #include "aten_min.h"
 #include <torch/library.h>
 

@@ -10,7 +10,6 @@
 // This file owns everything that touches torch (checks, layout, threading); the arithmetic is in
 // head_logits_kernel.h, instantiated per ISA and picked per call with effective_isa().
 #include "check.h"
-#include <ATen/Parallel.h>
 #include "aten_min.h"
 #include <torch/library.h>
 

@@ -10,7 +10,6 @@
 // tiles, and idle workers take the remaining tiles of packed heads at the end. The query tile shrinks
 // until there are >= 4 tiles per thread (B = 1, S = 128 keeps 2 cores busy at the tail).
 #include "check.h"
-#include <ATen/Parallel.h>
 #include "aten_min.h"
 #include <torch/library.h>
 
