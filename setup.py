@@ -19,6 +19,8 @@ import sys
 
 from setuptools import find_packages, setup
 
+LICENSE = "Apache-2.0"
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -99,8 +101,21 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
                            extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
+
+def _license_metadata() -> dict:
+    """The license in the form this setuptools reads: an SPDX expression (setuptools >= 77, whose
+    `project.license` table form is deprecated and stops being supported after 2027-02-18), else the
+    older free-text field. pyproject.toml declares `license` dynamic so that both come from here: the
+    build uses whatever setuptools the environment has (--no-build-isolation)."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
+
+
 setup(
     packages=find_packages(include=["bsbert", "bsbert.*"]),
+    **_license_metadata(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
