@@ -206,9 +206,13 @@ struct AttnKernel {
       return V::fma(a, b, acc);
   }
 
-  // acc[r][:] += q[r][d0:d1] . K^T panel rows d0..d1 (32-bit elements), for MRS rows of q.
+  // acc[r][:] = q[r][d0:d1] . K^T panel rows d0..d1 (32-bit elements), for MRS rows of q.
   static inline void dot_range(const float* q, const float* ktp, int64_t D, int64_t d0, int64_t d1,
                                reg (&acc)[MRS][NVK]) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MRS; ++r)
+#pragma GCC unroll 4
+      for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
     for (int64_t d = d0; d < d1; ++d) {
       reg k[NVK];
 #pragma GCC unroll 4
@@ -235,17 +239,9 @@ struct AttnKernel {
                                 float* s, int64_t lds, float* mx) {
     const int64_t DE = D / KP;
     reg acc[MRS][NVK];
-#pragma GCC unroll 16
-    for (int r = 0; r < MRS; ++r)
-#pragma GCC unroll 4
-      for (int n = 0; n < NVK; ++n) acc[r][n] = V::zero();
     dot_range(q, ktp, D, 0, std::min(DE, kDotChunk), acc);
     for (int64_t d0 = kDotChunk; d0 < DE; d0 += kDotChunk) {  // (head_dim > 128 only)
       reg part[MRS][NVK];
-#pragma GCC unroll 16
-      for (int r = 0; r < MRS; ++r)
-#pragma GCC unroll 4
-        for (int n = 0; n < NVK; ++n) part[r][n] = V::zero();
       dot_range(q, ktp, D, d0, std::min(DE, d0 + kDotChunk), part);
 #pragma GCC unroll 16
       for (int r = 0; r < MRS; ++r)
