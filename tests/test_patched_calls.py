@@ -325,3 +325,47 @@ def test_a_sequence_that_is_all_padding(unpad):
         want, got = ref(input_ids=_ids(), attention_mask=mask), patched(input_ids=_ids(), attention_mask=mask)
     assert_same_answer(want, got, keep=mask.bool(), token_2d=True)
     assert all(torch.isfinite(t).all() for _, t in _tensors(got))
+
+
+@needs_op
+@pytest.mark.parametrize("dtype,unpad", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+                         ids=["fp32", "fp32-padding-free", "bf16"])
+def test_calls_from_several_threads_answer_as_calls_one_at_a_time(dtype, unpad):
+    # A server calls one patched model from several Python threads at once (the ops release the GIL). Every
+    # call must get its own answer: a scratch buffer, row-chain cache or packed panel shared between calls
+    # would mix two requests' numbers. Shapes differ from call to call (batch, length, padding), so calls
+    # that run side by side need different panels, chains and masks.
+    import threading
+
+    from tests.helpers import inputs, logits, tiny_pruned
+
+    model = tiny_pruned(heads=(2, 3, 4, 1), ffn=(300, 37, 0, 500)).to(dtype)
+    bsbert.patch(model, select="heuristic", progress=False, **({"unpad": True} if unpad else {}))
+    calls = []
+    for i, (b, s, pad) in enumerate([(1, 7, None), (2, 37, 20), (3, 64, 50), (1, 128, None), (4, 19, 3),
+                                     (2, 200, 150)]):
+        inp = inputs(batch=b, seq=s, pad_from=pad, seed=i)
+        with torch.inference_mode():
+            calls.append((inp, logits(model(**inp)).clone(), inp["attention_mask"].bool()))
+    failures = []
+
+    def serve(t):
+        try:
+            for it in range(12):
+                inp, want, real = calls[(t + it) % len(calls)]
+                with torch.inference_mode():
+                    got = logits(model(**inp))
+                if unpad:  # padded positions are zero by design there: compare the real tokens
+                    got, want = got.view(2, -1)[:, real.reshape(-1)], want.view(2, -1)[:, real.reshape(-1)]
+                err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+                if not err <= (1e-5 if dtype == torch.float32 else 2e-2):
+                    failures.append(f"thread {t}, call {it} ({tuple(inp['input_ids'].shape)}): rel err {err:.3g}")
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread)
+            failures.append(f"thread {t}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures, "\n".join(failures[:5])
