@@ -25,7 +25,7 @@ def _bench(args):
         res = run_sweep(batches=args.batches, seqs=args.seq if "seq" in args.given else (128, 384),
                         dtypes=args.dtypes, device=args.device, repeats=args.repeats, out_dir=args.out,
                         small=args.small, memory=args.memory, warmup_s=args.warmup_s)
-        return _print_result(sweep_table(res), res, width=160)
+        return _print_result(sweep_table(res), res)
 
     from bsbert.bench import run_bench, table
 
@@ -33,7 +33,7 @@ def _bench(args):
                     threads=args.threads, model_path=args.model, repeats=args.repeats, out_dir=args.out,
                     select=args.select, small=args.small, compile_mode=args.compile, warmup_s=args.warmup_s,
                     trials=args.trials, engines=args.engines)
-    return _print_result(table(res), res, width=175 + 30 * len(args.engines))
+    return _print_result(table(res), res)
 
 
 # Which of bench's flags each mode uses; a flag given for a mode that does not use it is an error
@@ -85,10 +85,14 @@ def device_problem(device: str) -> str | None:
     return None if why is None else f"--device {device!r}: {why}"
 
 
-def _print_result(tbl, res, width: int) -> int:
+def _print_result(tbl, res) -> int:
+    """The table at its natural width, wider than the terminal if it must be: squeezed to a terminal's
+    width, rich cut the one-word headers ("patched/b…", "paired/bo…") of the very columns people compare."""
     from rich.console import Console
+    from rich.measure import Measurement
 
-    out = Console(width=max(width, Console().width))
+    term = Console()
+    out = Console(width=max(Measurement.get(term, term.options.update(width=10_000), tbl).maximum, term.width))
     out.print(tbl)
     out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
     return 0

@@ -236,7 +236,7 @@ def test_bench_threads_reach_sweep_and_kernels(monkeypatch):
     monkeypatch.setattr(sweep, "sweep_table", lambda res: "table")
     monkeypatch.setattr(ckr, "run_kernel_report", fake_kernels)
     monkeypatch.setattr(ckr, "format_table", lambda rows: "table")
-    monkeypatch.setattr(cli, "_print_result", lambda tbl, res, width: 0)
+    monkeypatch.setattr(cli, "_print_result", lambda tbl, res: 0)
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
     try:
@@ -260,7 +260,7 @@ def test_bench_device_defaults_to_cuda_when_available(monkeypatch):
     seen = []
     monkeypatch.setattr(bench, "run_bench", lambda **kw: seen.append(kw["device"]) or {"json": "x"})
     monkeypatch.setattr(bench, "table", lambda res: "table")
-    monkeypatch.setattr(cli, "_print_result", lambda tbl, res, width: 0)
+    monkeypatch.setattr(cli, "_print_result", lambda tbl, res: 0)
     for available, want in ((False, "cpu"), (True, "cuda")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
         assert main(["bench", "--small"]) == 0 and seen[-1] == want
