@@ -70,6 +70,16 @@ def check_plan_choices(plan: Plan) -> None:
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
 
 
+def check_no_forced_choice(select: str, **forced) -> None:
+    """select='plan' takes every backend from the plan: a ``backend=`` / ``format=`` / ``attention=`` given
+    with it would be ignored (patch and load used to drop them silently), so it is refused instead."""
+    given = [f"{k}={v!r}" for k, v in forced.items() if v is not None]
+    if select == "plan" and given:
+        raise ValueError(f"select='plan' takes every backend from the plan, so {', '.join(given)} would be "
+                         f"ignored: drop {'it' if len(given) == 1 else 'them'}, or choose anew with "
+                         f"select='measure' or 'heuristic'")
+
+
 _LAYER_STRUCTURE = ("num_heads", "head_dim", "kept_heads", "folded_heads", "ffn_size", "kept_neurons",
                     "folded_neurons")
 
@@ -370,6 +380,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     check_replaceable(encoder, adapter, enc_path)
     device = next(model.parameters()).device
     check_select(select, device)
+    check_no_forced_choice(select, backend=backend, format=format, attention=attention)
     measure_shape(tokens, seq)  # a bad seq is an error before anything changes
     if select == "plan":
         if plan is None:

@@ -69,16 +69,22 @@ def save(model, path: str) -> None:
                           f"{transformers.__version__} (a subclass or a wrapper); patch and save the transformers "
                           f"model itself")
     w_final = os.path.join(path, WEIGHTS_FILE)
-    if os.path.exists(w_final) and not _is_bsbert_weights(w_final):
-        # e.g. save(model, the directory it came from): the dense Hugging Face checkpoint would be replaced by
-        # packed weights, which from_pretrained then loads as a randomly initialised encoder
-        raise BsbertError(f"{w_final} exists and is not a bsbert save (a Hugging Face checkpoint?): save() would "
-                          f"overwrite it; save to another directory")
+    found = _hf_checkpoint_files(path)
+    if found:
+        # e.g. save(model, the directory it came from): the dense checkpoint's model.safetensors would be replaced
+        # by packed weights, or (a transformers 4 checkpoint's pytorch_model.bin) put beside it, and from_pretrained
+        # then loads the packed file as a randomly initialised encoder
+        raise BsbertError(f"{path} holds a Hugging Face checkpoint ({', '.join(found)}): a bsbert save would "
+                          f"overwrite it or sit beside it, and from_pretrained would then load the packed weights "
+                          f"as a randomly initialised encoder; save to another directory")
     _, encoder, adapter = find_encoder(model)
-    tensors, aliases = _own_tensors(model.state_dict())
+    state = model.state_dict()
     for (i, name), lin in _linear_modules(model, adapter, encoder).items():
-        tensors[f"bsbert.layers.{i}.{name}.weight"] = lin.packed_weight().detach().contiguous()
-        tensors[f"bsbert.layers.{i}.{name}.bias"] = lin.bias.detach().contiguous()
+        state[f"bsbert.layers.{i}.{name}.weight"] = lin.packed_weight().detach()
+        state[f"bsbert.layers.{i}.{name}.bias"] = lin.bias.detach()
+    # with the packed tensors: a layer (or its attention) used twice in the encoder has the same packed tensors
+    # under two layer indices, which safetensors refuses to write like any tied weight
+    tensors, aliases = _own_tensors(state)
     tensors = {k: v.cpu() for k, v in tensors.items()}
     # one id in both files: the two renames below are not one atomic step, so a save interrupted between them
     # (or files copied from two saves) leaves weights of one save beside the JSON of another; load refuses that
@@ -88,6 +94,7 @@ def save(model, path: str) -> None:
             "init_kwargs": _init_kwargs(model), "aliases": aliases, "save_id": save_id,
             "config": model.config.to_dict(), "plan": model.bsbert_plan.to_dict()}
     meta_text = _json_text(meta)  # before anything is written: a config value JSON cannot hold leaves no files
+    _check_rebuildable(model, state)  # (after: it rebuilds from the config that JSON could hold)
     os.makedirs(path, exist_ok=True)
     # write to temporary names, then rename (load checks that both files come from the same save)
     tmp_w, tmp_m = os.path.join(path, WEIGHTS_FILE + ".tmp"), os.path.join(path, META_FILE + ".tmp")
@@ -97,6 +104,74 @@ def save(model, path: str) -> None:
         f.write(meta_text)
     os.replace(tmp_w, w_final)
     os.replace(tmp_m, os.path.join(path, META_FILE))
+
+
+def _hf_checkpoint_files(path: str) -> list[str]:
+    """The files of a Hugging Face checkpoint in directory ``path`` (a model.safetensors only if save did not
+    write it)."""
+    from bsbert.checkpoints import _INDEX, _SINGLE
+
+    found = []
+    for name in ("config.json", *_SINGLE, *_INDEX):
+        f = os.path.join(path, name)
+        if os.path.exists(f) and not (name == WEIGHTS_FILE and _is_bsbert_weights(f)):
+            found.append(name)
+    return found
+
+
+def _expected_state(skeleton, plan, adapter, enc_prefix: str) -> tuple[dict, list[str]]:
+    """(the skeleton's state_dict without the modules patch replaces, their key prefixes): what a save must
+    hold beside the packed weights."""
+    replaced_prefixes = []
+    for lp in plan.layers:
+        base = f"{enc_prefix}.{adapter.layers_attr}.{lp.index}."
+        paths = [adapter.self_attention] + ([adapter.attn_out] if not adapter.attention_includes_output else []) \
+            + ([adapter.ffn_block] if adapter.ffn_block else [adapter.intermediate, adapter.ffn_out])
+        replaced_prefixes += [base + p + "." for p in paths]
+    expected = {k: v for k, v in skeleton.state_dict().items()
+                if not any(k.startswith(p) for p in replaced_prefixes)}
+    return expected, replaced_prefixes
+
+
+def _state_problem(expected: dict, state: dict, have: str = "file", want: str = "model") -> str | None:
+    """What keeps ``state`` (named ``have`` in the text) from filling a skeleton whose tensors are ``expected``
+    (named ``want``); None: nothing."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        return f"lacks {len(missing)} tensors, e.g. {missing[:3]}"
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            return f"shape mismatch for {k}: {have} {tuple(state[k].shape)}, {want} {tuple(v.shape)}"
+        if state[k].is_floating_point() != v.is_floating_point():
+            return f"dtype mismatch for {k}: {have} {state[k].dtype}, {want} {v.dtype}"
+    return None
+
+
+def _check_rebuildable(model, state: dict) -> None:
+    """Refuse, before anything is written, a model that load() could not rebuild from its class and config:
+    e.g. layers dropped from the encoder without lowering ``config.num_hidden_layers`` (the save was written,
+    and every load of it failed)."""
+    from bsbert.adapters import find_encoder
+    from bsbert.errors import BsbertError
+
+    cls, plan = type(model), model.bsbert_plan
+    try:
+        with torch.device("meta"):
+            skeleton = cls(cls.config_class.from_dict(model.config.to_dict()), **_init_kwargs(model))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BsbertError(f"save(): load() could not rebuild {cls.__name__} from its config ({type(exc).__name__}: "
+                          f"{exc}); nothing was written") from exc
+    enc_prefix, encoder, adapter = find_encoder(skeleton)
+    built = len(getattr(encoder, adapter.layers_attr))
+    if built != len(plan.layers):
+        raise BsbertError(f"save(): the model's encoder has {len(plan.layers)} layers, but its config builds {built} "
+                          f"(set config.num_hidden_layers after removing layers); load() could not rebuild it, "
+                          f"so nothing was written")
+    problem = _state_problem(_expected_state(skeleton, plan, adapter, enc_prefix)[0], state, "model", "config")
+    if problem:
+        what = f"the model {problem}" if problem.startswith("lacks") else problem
+        raise BsbertError(f"save(): load() could not rebuild this model from its config ({what}), so nothing "
+                          f"was written")
 
 
 def _is_bsbert_weights(path: str) -> bool:
@@ -175,8 +250,10 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
 
     from bsbert.adapters import check_config, find_encoder, set_submodule
     from bsbert.errors import BsbertError
-    from bsbert.patching import (_encoder_owner, mark_patched, modules_from_packed, set_fast_layers,
-                                  set_fused_encoder, set_huge_pages)
+    from bsbert.ops.attention_backends import measure_shape
+    from bsbert.ops.dispatch import check_select
+    from bsbert.patching import (_encoder_owner, check_no_forced_choice, mark_patched, modules_from_packed,
+                                  set_fast_layers, set_fused_encoder, set_huge_pages)
     from bsbert.plan import Plan
 
     meta_path, w_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -184,6 +261,11 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
         if not os.path.isfile(p):
             raise BsbertError(f"not a bsbert save: {p} is missing")
     device, st_device = _load_device(device)
+    # the arguments patch would refuse, refused as patch does and before the file is read (a negative
+    # tokens= came out of the first measurement as torch's "negative dimension")
+    check_select(select, device)
+    check_no_forced_choice(select, backend=backend, attention=attention)
+    measure_shape(tokens, None)
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -244,22 +326,10 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
 
     # every tensor the skeleton needs must be in the file with the right shape
     state = {k: v for k, v in tensors.items() if not k.startswith("bsbert.layers.")}
-    replaced_prefixes = []
-    for lp in plan.layers:
-        base = f"{enc_prefix}.{adapter.layers_attr}.{lp.index}."
-        paths = [adapter.self_attention] + ([adapter.attn_out] if not adapter.attention_includes_output else []) \
-            + ([adapter.ffn_block] if adapter.ffn_block else [adapter.intermediate, adapter.ffn_out])
-        replaced_prefixes += [base + p + "." for p in paths]
-    expected = {k: v for k, v in model.state_dict().items()
-                if not any(k.startswith(p) for p in replaced_prefixes)}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise BsbertError(f"{w_path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise BsbertError(f"shape mismatch for {k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}")
-        if state[k].is_floating_point() != v.is_floating_point():
-            raise BsbertError(f"dtype mismatch for {k}: file {state[k].dtype}, model {v.dtype}")
+    expected, replaced_prefixes = _expected_state(model, plan, adapter, enc_prefix)
+    problem = _state_problem(expected, state)
+    if problem:
+        raise BsbertError(f"{w_path} {problem}" if problem.startswith("lacks") else problem)
     packed_all = {}
     for lp in plan.layers:
         packed = {}

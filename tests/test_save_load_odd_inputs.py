@@ -173,6 +173,20 @@ def test_weights_and_json_from_two_saves(tmp_path, monkeypatch):
 
 
 # ---- devices --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,match", [
+    ({"tokens": -5}, "tokens must be an int >= 1"),
+    ({"select": "bogus"}, "select must be one of"),
+    ({"select": "plan", "backend": "torch-dense"}, r"select='plan' takes every backend from the plan, so "
+                                                  r"backend='torch-dense' would be ignored"),
+    ({"select": "plan", "attention": "torch-sdpa"}, "attention='torch-sdpa' would be ignored"),
+])
+def test_load_arguments_refused_as_patch_refuses_them(saved, kw, match):
+    # before: tokens=-5 failed inside the first measurement (torch's "negative dimension"); select='plan' dropped
+    # backend= / attention= silently
+    with pytest.raises(ValueError, match=match):
+        bsbert.load(str(saved[1]), **kw)
+
+
 def test_devices(saved):
     model, path = saved
     inp = inputs(vocab=1000)
@@ -195,12 +209,69 @@ def test_save_does_not_overwrite_a_hugging_face_checkpoint(tmp_path):
     bsbert.patch(model, select="heuristic", progress=False)
     # before: replaced the dense checkpoint with packed weights (from_pretrained then initialises the encoder
     # at random, with only a load report)
-    with pytest.raises(bsbert.BsbertError, match="exists and is not a bsbert save"):
+    with pytest.raises(bsbert.BsbertError, match=r"holds a Hugging Face checkpoint \(config.json, model.safetensors\)"):
         bsbert.save(model, str(tmp_path))
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     bsbert.save(model, str(tmp_path / "packed"))
     bsbert.save(model, str(tmp_path / "packed"))  # over a bsbert save: fine
+
+
+def test_save_does_not_sit_beside_a_transformers_4_checkpoint(tmp_path):
+    # nn_pruning's era wrote pytorch_model.bin: save() used to check model.safetensors only and put the packed
+    # file beside the .bin, which from_pretrained then preferred, loading a randomly initialised encoder
+    model = _tiny()
+    model.config.save_pretrained(str(tmp_path))
+    torch.save(model.state_dict(), str(tmp_path / "pytorch_model.bin"))
+    bsbert.patch(model, select="heuristic", progress=False)
+    with pytest.raises(bsbert.BsbertError, match=r"holds a Hugging Face checkpoint \(config.json, pytorch_model.bin\)"):
+        bsbert.save(model, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("shared", ["layer", "attention"])
+def test_a_module_used_twice_in_the_encoder_saves_and_loads(tmp_path, shared):
+    # patch supports an encoder that uses one layer (or one attention) twice; save wrote its packed tensors under
+    # both layer indices, which safetensors refused ("Some tensors share memory")
+    model = models.build_model(tiny_config(layers=3, hidden=64, heads=2, ffn=128), task="qa", seed=0)
+    layers = model.bert.encoder.layer
+    if shared == "layer":
+        layers[2] = layers[0]
+    else:
+        layers[2].attention = layers[0].attention
+    models.prune_like_seed(model, (1, 2, 1), (50, 20, 50), seed=0, dead_bias_units=True)
+    bsbert.patch(model, select="heuristic", progress=False)
+    bsbert.save(model, str(tmp_path))
+    loaded = bsbert.load(str(tmp_path), select="heuristic")
+    inp = inputs(batch=2, seq=9, vocab=1000, pad_from=5)
+    with torch.inference_mode():
+        assert rel_err(model(**inp), loaded(**inp)) == 0.0
+
+
+def test_save_refuses_layers_the_config_does_not_build(tmp_path):
+    # layers dropped from the encoder without lowering num_hidden_layers: the save was written, and every load of
+    # it failed ("plan has 1 layers, config builds 2")
+    model = _tiny()
+    model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[0]])
+    bsbert.patch(model, select="heuristic", progress=False)
+    with pytest.raises(bsbert.BsbertError, match="encoder has 1 layers, but its config builds 2"):
+        bsbert.save(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # dropped after patching (the plan still has both): named by the tensors the model lacks
+    model = _patched()
+    model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[0]])
+    with pytest.raises(bsbert.BsbertError, match=r"config \(the model lacks 4 tensors, e.g. \['bert.encoder.layer.1"):
+        bsbert.save(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_refuses_tensors_the_config_does_not_build(tmp_path):
+    model = _patched()
+    model.qa_outputs = torch.nn.Linear(64, 3)  # the config still says 2 labels
+    with pytest.raises(bsbert.BsbertError, match=r"could not rebuild this model from its config \(shape mismatch "
+                                                 r"for qa_outputs.weight: model \(3, 64\), config \(2, 64\)\)"):
+        bsbert.save(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_save_refuses_what_load_cannot_rebuild(tmp_path):
