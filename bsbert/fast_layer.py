@@ -53,7 +53,9 @@ def applies(layer, adapter) -> str | None:
 def _returns_tensor(layer, hidden_size: int) -> bool:
     """transformers >= 5 layers return the hidden states; older ones a tuple. One token through the
     class's forward tells which, so the lean form never hands the encoder a different type."""
-    p = next(layer.parameters())
+    from bsbert.nn.linear import activation_like
+
+    p = activation_like(layer)  # (an fp32 LayerNorm weight of a bf16 model made an fp32 probe, which failed)
     probe = torch.zeros(1, 1, hidden_size, device=p.device, dtype=p.dtype)
     return isinstance(type(layer).forward(layer, probe), torch.Tensor)
 

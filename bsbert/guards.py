@@ -21,11 +21,16 @@ CONVERSION_REFUSED = ("bsbert: a patched model cannot change dtype or device ({w
 
 def _guarded_apply(self, fn, *args, **kwargs):
     """Module._apply (behind .to, .half, .float, .cuda, .cpu, .to_empty, ...): allowed only when ``fn``
-    leaves the tensors as they are (.float() of an fp32 model, .to() its own device), judged on one
-    floating-point tensor of the module, the smallest."""
-    probes = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
-    if probes:
-        probe = min(probes, key=torch.Tensor.numel)
+    leaves the tensors as they are (.float() of an fp32 model, .to() its own device), judged on the smallest
+    floating-point tensor of each (dtype, device) the module holds, all of them before any is converted: a bf16
+    model keeps fp32 LayerNorms, and one probe (an fp32 LayerNorm weight) let .float() convert the embeddings
+    before a patched module below refused."""
+    probes = {}
+    for t in (*self.parameters(), *self.buffers()):
+        key = (t.dtype, t.device)
+        if t.is_floating_point() and (key not in probes or t.numel() < probes[key].numel()):
+            probes[key] = t
+    for probe in probes.values():
         try:
             out = fn(probe)
         except Exception as exc:  # e.g. .cuda() where there is none: refused either way

@@ -136,7 +136,7 @@ def fold_dead_heads(lins, lp) -> torch.Tensor:
     bv = _bias(lins["value"]).double()
     d = lp.head_dim
     for h in lp.folded_heads:
-        bo += wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]
+        bo = bo + wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]  # not +=: bo is the original's bias in float64
     return bo
 
 
@@ -170,11 +170,12 @@ def pack_layer(layer, adapter, lp, prefix) -> dict[str, torch.Tensor]:
         "qkv.weight": torch.cat([lins[n].weight.detach()[rows] for n in ("query", "key", "value")]),
         "qkv.bias": torch.cat([_bias(lins[n])[rows] for n in ("query", "key", "value")]),
         "attn_out.weight": lins["attn_out"].weight.detach()[:, rows],
-        "attn_out.bias": fold_dead_heads(lins, lp).to(dt),
+        # copy=True: in a float64 model the folded bias can be the original's own tensor
+        "attn_out.bias": fold_dead_heads(lins, lp).to(dt, copy=True),
         "ffn_in.weight": w1[neurons],
         "ffn_in.bias": _bias(lins["ffn_in"])[neurons],
         "ffn_out.weight": w2[:, neurons],
-        "ffn_out.bias": fold_dead_neurons(lins, layer_act(layer, adapter)).to(dt),
+        "ffn_out.bias": fold_dead_neurons(lins, layer_act(layer, adapter)).to(dt, copy=True),
     }
 
 
@@ -411,7 +412,11 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     if verify:
         from bsbert.verify import verify as run_verify
 
-        report = run_verify(model)
+        try:
+            report = run_verify(model)
+        except BaseException:  # a forward that raises leaves the model as patch found it, as a failed check does
+            unpatch(model)
+            raise
         if not report.passed:
             unpatch(model)
             raise BsbertError(f"patch refused: the patched model does not match its original\n{report}")
@@ -552,8 +557,9 @@ def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: n
     elif not plan.fast_layers:
         why = "the lean layer forward is off"
     else:
-        dtype = next(encoder.parameters()).dtype
-        why = fused_encoder.install(encoder, layers, plan.hidden_size, dtype)
+        from bsbert.nn.linear import activation_like
+
+        why = fused_encoder.install(encoder, layers, plan.hidden_size, activation_like(encoder).dtype)
     plan.fused_encoder, plan.fused_encoder_reason = why is None, why or ""
     if why is None:
         why = lean_model.install(owner, encoder) if owner is not None else "no owner module given"

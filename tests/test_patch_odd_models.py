@@ -395,3 +395,49 @@ def test_a_refused_training_model_keeps_its_mode():
     with pytest.raises(ValueError):
         bsbert.patch(model, select="heuristic", progress=False, seq=0)  # refused before anything changes
     assert all(m.training for m in model.modules())
+
+
+def test_a_float64_model_is_left_as_it_was():
+    # fold_dead_heads added the dead heads' value bias into the float64 original's own output bias (+= on the
+    # tensor .double() returned as is): unpatch left a changed model, and verify compared against it and failed
+    from tests.helpers import inputs, tiny_pruned
+
+    model = tiny_pruned(heads=(2, 4), ffn=(100, 37), hidden=64).eval().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):  # a second patch starts from the same original
+        bsbert.patch(model, select="heuristic", progress=False, verify=True)
+        assert model.bsbert_verify_report.passed
+        bsbert.unpatch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.inference_mode():
+        assert model(**inputs()).start_logits.dtype == torch.float64
+
+
+def test_verify_fits_a_short_position_table():
+    # verify's inputs were 48 tokens whatever the model: with 32 positions (or RoBERTa's 48, whose positions
+    # start after the padding index) its forward raised, and patch(verify=True) left the model patched
+    import transformers as tf
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=300)
+    for model in (tf.BertForQuestionAnswering(tf.BertConfig(max_position_embeddings=32, **common)),
+                  tf.RobertaModel(tf.RobertaConfig(max_position_embeddings=48, pad_token_id=1, **common))):
+        model = models.prune_like_seed(model.eval(), (1, 2), (40, 7), seed=0)
+        bsbert.patch(model, select="heuristic", progress=False, verify=True)
+        assert model.bsbert_verify_report.passed
+
+
+def test_a_verify_that_raises_leaves_the_model_unpatched(monkeypatch):
+    from tests.helpers import tiny_pruned
+
+    def broken(model):
+        raise RuntimeError("verify's forward failed")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("bsbert.verify"), "verify", broken)  # (bsbert.verify: the function)
+    model = tiny_pruned(heads=(2, 4), ffn=(100, 37), hidden=64).eval()
+    with pytest.raises(RuntimeError, match="verify's forward failed"):
+        bsbert.patch(model, select="heuristic", progress=False, verify=True)
+    assert not bsbert.is_patched(model)
+    assert type(model.bert.encoder.layer[0].attention.self).__module__.startswith("transformers")

@@ -68,6 +68,27 @@ def test_dtype_and_device_changes_are_refused_before_anything_converts(convert):
     _assert_unchanged(model, before, inp, out)
 
 
+@pytest.mark.parametrize("convert", ["float()", "to(float32)", "half()"])
+def test_a_bf16_model_with_fp32_layer_norms_refuses_before_anything_converts(convert):
+    # the guard judged one tensor, the smallest (an fp32 LayerNorm weight here): .float() passed the model's,
+    # the embeddings' and the encoder's guards, converted the embeddings, and only a patched module refused
+    model = tiny_pruned(**FUSED).eval().to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+    bsbert.patch(model, select="heuristic", progress=False)
+    # the lean forwards probe in the packed linears' dtype (they probed in the fp32 of a LayerNorm weight,
+    # failed, and turned both off)
+    assert model.bsbert_plan.fast_layers and model.bsbert_plan.fused_encoder, model.bsbert_plan.fused_encoder_reason
+    inp = inputs(pad_from=20)
+    out = _run(model, inp)
+    before = _snapshot(model)
+    with pytest.raises(bsbert.BsbertError, match=r"cannot change dtype or device.*nothing was converted"):
+        {"float()": lambda: model.float(), "to(float32)": lambda: model.to(torch.float32),
+         "half()": lambda: model.half()}[convert]()
+    _assert_unchanged(model, before, inp, out)
+
+
 def test_no_op_conversions_still_work():
     model = _patched()
     inp = inputs(pad_from=20)

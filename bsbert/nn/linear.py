@@ -32,6 +32,14 @@ class NotPickled:
         return new
 
 
+def activation_like(module: nn.Module) -> torch.Tensor:
+    """A tensor of the dtype and device ``module``'s activations have: a packed linear's bias (the dtype the
+    kernels compute in), else its first parameter. After patching, a layer's or encoder's first parameter is a
+    LayerNorm weight, which a bf16 model may keep in fp32."""
+    packed = next((m.bias for m in module.modules() if isinstance(m, SparseLinear) and m.bias is not None), None)
+    return packed if packed is not None else next(module.parameters())
+
+
 class SparseLinear(NotPickled, Bumps, nn.Module):
     """``act(x @ W.T + b)`` for a packed (dead rows/columns removed) weight, run by the backend that
     the dispatcher chose. An empty weight (every head or neuron removed) yields the bias."""
