@@ -91,8 +91,11 @@ class Plan:
             total += 2 * lp.attention_macs(seq, kept=(which != "dense"))
         return float(total)
 
-    def speedup_bound(self, seq: int, which: str = "remaining") -> float:
-        return self.flops(seq, "dense") / max(1.0, self.flops(seq, which))
+    def speedup_bound(self, seq: int, which: str = "remaining") -> float | None:
+        """Dense FLOPs over ``which`` FLOPs; None when nothing is left to compute (every head and neuron pruned:
+        a ratio over zero FLOPs is no bound, and it used to print as 201326592x)."""
+        left = self.flops(seq, which)
+        return self.flops(seq, "dense") / left if left > 0 else None
 
     def summary(self) -> dict:
         heads = sum(len(l.kept_heads) for l in self.layers)
@@ -169,8 +172,7 @@ class Plan:
         lines.append(
             f"FLOPs at seq {seq}: dense {self.flops(seq, 'dense') / 1e9:.1f} G, packed "
             f"{self.flops(seq, 'packed') / 1e9:.1f} G, remaining (skipping zero blocks) "
-            f"{self.flops(seq, 'remaining') / 1e9:.1f} G -> speedup bound {self.speedup_bound(seq):.2f}x "
-            f"(packing only {self.speedup_bound(seq, 'packed'):.2f}x)")
+            f"{self.flops(seq, 'remaining') / 1e9:.1f} G -> " + _bound_text(self, seq))
         if self.device is not None:  # patched: how the layers run
             how = ("bsbert's lean layer forward" if self.fast_layers else
                    "transformers' layer forward" + (f" ({self.fast_layers_reason})" if self.fast_layers_reason else ""))
@@ -188,3 +190,11 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _bound_text(plan: Plan, seq: int) -> str:
+    bound, packing = plan.speedup_bound(seq), plan.speedup_bound(seq, "packed")
+    if bound is None:
+        return "no speedup bound (no encoder linear or attention FLOPs left)"
+    return f"speedup bound {bound:.2f}x (packing only {packing:.2f}x)" if packing is not None else \
+        f"speedup bound {bound:.2f}x"

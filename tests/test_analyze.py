@@ -53,3 +53,12 @@ def test_seed_like_is_deterministic():
     b = models.seed_like_model(seed=5, num_hidden_layers=2)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_nothing_left_to_compute_has_no_speedup_bound():
+    # every head and neuron pruned: the bound was dense FLOPs over max(1, 0) FLOPs, printed as 201326592x
+    plan = bsbert.analyze(tiny_pruned(heads=(0, 0), ffn=(0, 0)))
+    assert plan.flops(384) == 0 and plan.speedup_bound(384) is None
+    assert "no speedup bound (no encoder linear or attention FLOPs left)" in str(plan)
+    assert json.loads(json.dumps(plan.to_dict(), allow_nan=False))["summary"]["bound_seq384"] is None
+    assert bsbert.analyze(tiny_pruned()).speedup_bound(384) > 1
