@@ -652,6 +652,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model._bsbert_swaps
     model.__dict__.pop("_bsbert_fast_layers", None)
     del model.bsbert_plan
+    model.__dict__.pop("bsbert_verify_report", None)
+    model.__dict__.pop("_bsbert_unpad_forward", None)
+    for m in model.modules():  # the lean forward's cache of the embeddings' default-id buffers
+        m.__dict__.pop("_bsbert_default_ids", None)
     _restore_training(model.__dict__.pop("_bsbert_was_training", ()))
     model._bsbert_patched = False
     return given

@@ -441,3 +441,17 @@ def test_a_verify_that_raises_leaves_the_model_unpatched(monkeypatch):
         bsbert.patch(model, select="heuristic", progress=False, verify=True)
     assert not bsbert.is_patched(model)
     assert type(model.bert.encoder.layer[0].attention.self).__module__.startswith("transformers")
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_unpatch_leaves_no_bsbert_attributes(unpad):
+    from tests.helpers import inputs, tiny_pruned
+
+    model = tiny_pruned(heads=(2, 4), ffn=(100, 37), hidden=64).eval()
+    bsbert.patch(model, select="heuristic", progress=False, verify=True, unpad=unpad)
+    with torch.inference_mode():
+        model(**inputs())
+    bsbert.unpatch(model)
+    left = [f"{name or 'model'}.{k}" for name, m in model.named_modules() for k in vars(m)
+            if "bsbert" in k and k != "_bsbert_patched"]
+    assert not left, left
