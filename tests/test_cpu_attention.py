@@ -395,3 +395,13 @@ def test_patch_with_cpu_attention():
     with torch.inference_mode():
         out = model(**inp)
     assert rel_err(ref, out) <= 1e-4
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e300])
+def test_scale_beyond_fp32_is_refused(scale):
+    # finite as a double, inf once the kernel takes it as an fp32: every output was NaN
+    qkv = torch.randn(1, 4, 48)
+    with pytest.raises(RuntimeError, match="is too large for fp32"):
+        torch.ops.bsbert.pruned_attention(qkv, None, 1, 16, scale)
+    with pytest.raises(RuntimeError, match="is too large for fp32"):
+        torch.ops.bsbert.pruned_attention_varlen(qkv[0], torch.tensor([0, 4], dtype=torch.int32), 4, 1, 16, scale)

@@ -356,6 +356,13 @@ def test_op_errors_name_the_problem():
         torch.ops.bsbert.bert_encoder(x, None, [None] * 19, [0] * 18, [1.0, 1e-12, 1e-12])
     with pytest.raises(RuntimeError, match=r"hidden must be \[B, S, hidden_size\]"):
         torch.ops.bsbert.bert_encoder(x[0], None, [], [], [])
+    # torch's uint16-uint64 passed the integer check, then failed in the scan with an error naming an internal
+    # function ("attention_padding_mask" not implemented for 'UInt16')
+    with pytest.raises(RuntimeError, match=r"int8-int64 or uint8\), got UInt16"):
+        torch.ops.bsbert.bert_encoder(x, torch.ones(1, 4, dtype=torch.uint16), [], [], [])
+    # a bool mask of another shape was taken when no layer's attention saw it
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \[1, 4\]"):
+        torch.ops.bsbert.bert_encoder(x, torch.ones(7, 9, dtype=torch.bool), [], [], [])
     with pytest.raises(RuntimeError, match="crow_indices .* is None"):
         torch.ops.bsbert.bert_encoder(x, None, [None] * 20, [1, 8] + [0, 8, 8, 32] * 4, [1.0, 1e-12, 1e-12])
     with pytest.raises(RuntimeError, match="linear kind must be 0 .*, 1 .* or 2 .*, got 3"):
@@ -775,3 +782,12 @@ def test_patched_model_reuses_its_kept_chains(dtype):
     finally:
         torch.set_num_threads(old)
         bsbert.unpatch(model)
+
+
+@needs_op
+def test_no_layers_returns_a_contiguous_copy():
+    # as the fake kernel says: clone() kept a non-contiguous hidden's strides (opcheck: stride mismatch)
+    x = torch.randn(5, 3, 8).transpose(0, 1)
+    out = torch.ops.bsbert.bert_encoder(x, None, [], [], [])
+    assert out.is_contiguous() and torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    torch.library.opcheck(torch.ops.bsbert.bert_encoder.default, (x, None, [], [], []))

@@ -195,6 +195,19 @@ def test_bad_inputs():
         pruned_attention_varlen_triton(qkv[0], torch.tensor([0, 4], device=DEVICE), 4, 2, 32, 0.1)
 
 
+@pytest.mark.parametrize("scale,match", [(float("inf"), "scale must be finite"), (float("nan"), "scale must be finite"),
+                                         (3e38, "overflows fp32")])
+def test_scale_that_is_not_a_finite_fp32(scale, match):
+    # the kernel takes scale x log2(e) as an fp32: inf / NaN (or a finite scale that overflows there) gave all-NaN
+    # outputs; the CPU op refused inf / NaN already
+    qkv = torch.randn(1, 4, 3 * 32, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        pruned_attention_triton(qkv, None, 1, 32, scale)
+    with pytest.raises(ValueError, match=match):
+        pruned_attention_varlen_triton(qkv[0], torch.tensor([0, 4], dtype=torch.int32, device=DEVICE), 4, 1, 32,
+                                       scale)
+
+
 def _varlen_raises(qkv, cu, max_seqlen, match, h=2, d=32):
     with pytest.raises(ValueError, match=match):
         pruned_attention_varlen_triton(qkv, cu, max_seqlen, h, d, 0.1)
@@ -308,3 +321,22 @@ def test_every_tuning_config_matches_reference(monkeypatch, cfg):
             seq = flat[a:b][None]
             _assert_close(out[a:b][None], _ref_attention(seq.double(), None, 2, 64, 0.125),
                           _ref_attention(seq, None, 2, 64, 0.125))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU interpreter: the storage is a host allocation")
+def test_token_offsets_past_int32():
+    # a [B, S, 3HD] view of sequence-major memory has token stride B x 3HD: offs * stride_qs was int32, so
+    # token 2 at 2^31 elements wrapped to the storage's start and read what lay there
+    T, O, W = 2**30, 2**31, 96
+    try:
+        store = torch.empty(O + 2 * T + W, dtype=torch.float16)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot reserve 8 GiB of address space: {exc}")
+    qkv = store.as_strided((1, 3, W), (0, T, 1), storage_offset=O)
+    g = torch.Generator().manual_seed(0)
+    for j in range(3):
+        store[O + j * T:O + j * T + W] = torch.randn(W, generator=g).half()
+    store[:W] = 100.0
+    out = pruned_attention_triton(qkv, None, 1, 32, 0.2)
+    ref = _ref_attention(qkv.clone().double(), None, 1, 32, 0.2)
+    assert (out.double() - ref).abs().max().item() < 1e-2

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIN_INTS = ("M", "N", "K", "NUM_BLOCK_ROWS", "stride_xm", "stride_xk", "stride_ym", "stride_yn",
              "M_BUCKET", "DENSITY_BUCKET")
 _ATT_INTS = ("stride_qb", "stride_qs", "stride_qd", "stride_mb", "stride_ms", "stride_ob",
-             "stride_os", "SEQ_BUCKET")
+             "stride_os", "M_LEN", "SEQ_BUCKET")
 
 # (dtype, block, BLOCK_M, num_warps, num_stages, input_precision)
 LINEAR_CASES = [("fp16", 16, 128, 4, 3, "tf32"), ("bf16", 64, 64, 4, 4, "tf32"),

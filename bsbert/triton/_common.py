@@ -1,6 +1,7 @@
 """Shared helpers of the Triton backend (imported only once triton is known to be importable)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -65,6 +66,15 @@ def launcher(kernel):
         return wrap_triton(kernel)
     except RuntimeError:
         return kernel
+
+
+def on_device_of(t: torch.Tensor):
+    """Context for a launch: ``t``'s GPU made current. Triton launches on the current device and its stream, so
+    tensors on cuda:1 while cuda:0 is current went to the wrong GPU (torch's own ops guard the device the same
+    way). Nothing while tracing (fake tensors: no launch) or on the CPU (the interpreter)."""
+    if t.device.type == "cuda" and not is_traced(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def is_fake(t: torch.Tensor) -> bool:

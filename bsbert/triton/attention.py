@@ -34,7 +34,7 @@ import triton.language as tl
 
 from bsbert.triton.bsr_linear import round_to_bf16
 from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake, is_traced,
-                                    is_interpreted, launcher, make_op, next_pow2)
+                                    is_interpreted, launcher, make_op, next_pow2, on_device_of)
 
 __all__ = ["pruned_attention_triton", "pruned_attention_varlen_triton", "triton_pruned_attention",
            "triton_pruned_attention_varlen"]
@@ -50,12 +50,18 @@ def _attn_kernel(
     stride_qb, stride_qs, stride_qd,
     stride_mb, stride_ms,
     stride_ob, stride_os,
+    M_LEN,  # query rows per (sequence, head): S, or max_seqlen for varlen
     SEQ_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one grid axis, query tiles fastest (the tiles of one sequence and head run side by side and share its K
+    # and V in L2): a (tiles, batch x heads) grid passed CUDA's 65535 limit on its y axis at 5462 sequences
+    # of 12 heads
+    num_m = tl.cdiv(M_LEN, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = pid_bh // H
     h = pid_bh % H
     if VARLEN:
@@ -80,7 +86,8 @@ def _attn_kernel(
         k_cols = (hd + h * HEAD_DIM + offs_d) * stride_qd
         v_cols = (2 * hd + h * HEAD_DIM + offs_d) * stride_qd
 
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + q_cols[None, :], mask=m_valid[:, None],
+        # token offsets in int64: a [B, S, 3HD] view of sequence-major memory has stride_qs = B x 3HD
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qs + q_cols[None, :], mask=m_valid[:, None],
                     other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -92,10 +99,9 @@ def _attn_kernel(
         for start_n in range(0, seqlen, BLOCK_N):
             offs_n = start_n + offs_n0
             n_valid = offs_n < seqlen
-            kt = tl.load(q_base + offs_n[None, :] * stride_qs + k_cols[:, None],
-                         mask=n_valid[None, :], other=0.0)  # [D, BLOCK_N]
-            v = tl.load(q_base + offs_n[:, None] * stride_qs + v_cols[None, :],
-                        mask=n_valid[:, None], other=0.0)  # [BLOCK_N, D]
+            row_n = offs_n.to(tl.int64) * stride_qs
+            kt = tl.load(q_base + row_n[None, :] + k_cols[:, None], mask=n_valid[None, :], other=0.0)  # [D, BLOCK_N]
+            v = tl.load(q_base + row_n[:, None] + v_cols[None, :], mask=n_valid[:, None], other=0.0)  # [BLOCK_N, D]
             if UPCAST:
                 kt = kt.to(tl.float32)
             if q.dtype == tl.float32:
@@ -104,7 +110,7 @@ def _attn_kernel(
                 s = tl.dot(q, kt)
             s = s * qk_scale  # log2 domain
             if HAS_MASK:
-                keep = tl.load(mask_ptr + b * stride_mb + offs_n * stride_ms, mask=n_valid, other=0)
+                keep = tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_n * stride_ms, mask=n_valid, other=0)
                 n_valid = n_valid & (keep != 0)
             s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -124,7 +130,7 @@ def _attn_kernel(
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked query: acc == 0 -> output 0
         o = acc / l_safe[:, None]
-        o_ptrs = o_base + offs_m[:, None] * stride_os + (h * HEAD_DIM + offs_d)[None, :]
+        o_ptrs = o_base + offs_m.to(tl.int64)[:, None] * stride_os + (h * HEAD_DIM + offs_d)[None, :]
         if UPCAST:
             o = round_to_bf16(o)
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
@@ -159,7 +165,16 @@ _tuned_attn = triton.autotune(
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-def _check_common(qkv, num_heads, head_dim, batch_dims):
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _check_common(qkv, num_heads, head_dim, batch_dims, scale):
+    # in the CPU op's words; the kernel takes scale x log2(e) as an fp32, which must be finite too (an
+    # infinite one made every output NaN)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if abs(scale) * _LOG2E > _FP32_MAX:
+        raise ValueError(f"scale {scale} is too large: scale x log2(e) overflows fp32")
     if qkv.dim() != batch_dims + 1:
         raise ValueError(f"qkv must be {batch_dims + 1}-D, got shape {tuple(qkv.shape)}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -177,18 +192,19 @@ def _check_common(qkv, num_heads, head_dim, batch_dims):
 def _launch(qkv, mask, cu, out, s, h, d, scale, strides_q, strides_m, strides_o, grid_m_len, batch,
             varlen, has_mask):
     """mask / cu may be placeholder pointers (``out``) when has_mask / varlen is False: never read."""
-    args = (qkv, mask, cu, out, s, h, float(scale) * _LOG2E, *strides_q, *strides_m, *strides_o,
+    args = (qkv, mask, cu, out, s, h, float(scale) * _LOG2E, *strides_q, *strides_m, *strides_o, grid_m_len,
             min(next_pow2(max(grid_m_len, 1)), 4096) if isinstance(grid_m_len, int) else grid_m_len)
     meta = dict(HEAD_DIM=d, VARLEN=varlen, HAS_MASK=has_mask,
                 UPCAST=INTERPRETED and qkv.dtype == torch.bfloat16)
     if INTERPRETED:
-        grid = (triton.cdiv(grid_m_len, _INTERP_CONFIG["BLOCK_M"]), batch * h)
+        grid = (triton.cdiv(grid_m_len, _INTERP_CONFIG["BLOCK_M"]) * batch * h,)
         launcher(_attn_kernel)[grid](*args, **meta, **_INTERP_CONFIG)
     else:
         def grid(meta_):
-            return (triton.cdiv(grid_m_len, meta_["BLOCK_M"]), batch * h)
+            return (triton.cdiv(grid_m_len, meta_["BLOCK_M"]) * batch * h,)
 
-        launcher(_tuned_attn if autotune_enabled() else _fixed_attn_kernel())[grid](*args, **meta)
+        with on_device_of(qkv):
+            launcher(_tuned_attn if autotune_enabled() else _fixed_attn_kernel())[grid](*args, **meta)
 
 
 def _fixed_attn_kernel():
@@ -196,10 +212,10 @@ def _fixed_attn_kernel():
     return fixed_config_kernel(_attn_kernel, {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)
 
 
-def _check_padded_args(qkv, key_padding_mask, num_heads, head_dim):
+def _check_padded_args(qkv, key_padding_mask, num_heads, head_dim, scale):
     """Shape / dtype / device checks (no values read): the op and its fake kernel both run them -- a
     meta-device argument dispatches to the fake kernel, which must not return an unwritten tensor."""
-    _check_common(qkv, num_heads, head_dim, 2)
+    _check_common(qkv, num_heads, head_dim, 2, scale)
     if key_padding_mask is not None:
         bsz, s, _ = qkv.shape
         if key_padding_mask.shape != (bsz, s):
@@ -213,7 +229,7 @@ def _check_padded_args(qkv, key_padding_mask, num_heads, head_dim):
 
 
 def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
-    _check_padded_args(qkv, key_padding_mask, num_heads, head_dim)
+    _check_padded_args(qkv, key_padding_mask, num_heads, head_dim, scale)
     bsz, s, _ = qkv.shape
     out = torch.empty((bsz, s, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0 or is_fake(out):
@@ -229,11 +245,11 @@ def _attention_impl(qkv, key_padding_mask, num_heads, head_dim, scale):
     return out
 
 
-def _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim):
+def _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
     """Shape / dtype / device checks (no values read; the op and its fake kernel run them), in the CPU
     op's words (csrc/cpu/pruned_attention_cpu.cpp): a bad cu_seqlens makes the kernel read / write
     outside qkv and out."""
-    _check_common(qkv, num_heads, head_dim, 1)
+    _check_common(qkv, num_heads, head_dim, 1, scale)
     if cu_seqlens.device != qkv.device:
         raise ValueError(f"pruned_attention_varlen: cu_seqlens is on {cu_seqlens.device} but qkv is on "
                          f"{qkv.device}")
@@ -247,7 +263,7 @@ def _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim):
 
 
 def _attention_varlen_impl(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
-    _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim)
+    _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale)
     t = qkv.shape[0]
     bsz = cu_seqlens.numel() - 1
     if is_traced(cu_seqlens) or cu_seqlens.device.type == "cuda":
@@ -307,12 +323,12 @@ def _register():
 
     @op.register_fake
     def _fake(qkv, key_padding_mask, num_heads, head_dim, scale):
-        _check_padded_args(qkv, key_padding_mask, num_heads, head_dim)
+        _check_padded_args(qkv, key_padding_mask, num_heads, head_dim, scale)
         return qkv.new_empty((qkv.shape[0], qkv.shape[1], num_heads * head_dim))
 
     @op_varlen.register_fake
     def _fake_varlen(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale):
-        _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim)
+        _check_varlen_args(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, scale)
         return qkv.new_empty((qkv.shape[0], num_heads * head_dim))
 
     return op, op_varlen

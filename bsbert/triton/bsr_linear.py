@@ -33,7 +33,7 @@ import triton.language as tl
 
 from bsbert.formats import validate_indices
 from bsbert.triton._common import (autotune_enabled, check_device, fixed_config_kernel, is_fake,
-                                    is_interpreted, is_traced, launcher, make_op, next_pow2)
+                                    is_interpreted, is_traced, launcher, make_op, next_pow2, on_device_of)
 
 __all__ = ["bsr_linear_triton", "triton_bsr_linear"]
 
@@ -81,8 +81,9 @@ def _bsr_linear_kernel(
     m_mask = offs_m < M
     offs_m_safe = tl.where(m_mask, offs_m, 0).to(tl.int64)
 
-    start = tl.load(crow_ptr + rb)
-    end = tl.load(crow_ptr + rb + 1)
+    # int64 block indices: i * BLOCK * BLOCK below passes 2^31 in a values tensor of 2^31 elements or more
+    start = tl.load(crow_ptr + rb).to(tl.int64)
+    end = tl.load(crow_ptr + rb + 1).to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     x_rows = x_ptr + offs_m_safe[:, None] * stride_xm
@@ -91,13 +92,15 @@ def _bsr_linear_kernel(
     for i in range(start, end):
         cb = tl.load(col_ptr + i)
         offs_k = cb * BLOCK + offs_b
+        k_off = offs_k.to(tl.int64) * stride_xk  # int64: a column-major x has stride_xk = M, and M * K can pass 2^31
         if EVEN_K:  # K % BLOCK == 0: no column mask, so loads vectorise along k
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+            x = tl.load(x_rows + k_off[None, :], mask=m_mask[:, None], other=0.0)
         else:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk,
-                        mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+            x = tl.load(x_rows + k_off[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         w = tl.load(vals_ptr + i * (BLOCK * BLOCK) + w_offs)
         if UPCAST:  # interpreter: its tl.dot multiplies bf16 bit patterns; fp32 products are exact
+            # weights of another dtype rounded to bf16 first, as w.to(x.dtype) below does on a GPU
+            w = round_to_bf16(w.to(tl.float32))
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
@@ -255,7 +258,8 @@ def _bsr_linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * nbr,)
 
-        launcher(_tuned_kernel if autotune_enabled() else _fixed_kernel(m))[grid](*args, **meta)
+        with on_device_of(x):
+            launcher(_tuned_kernel if autotune_enabled() else _fixed_kernel(m))[grid](*args, **meta)
     return y.reshape(*lead, n)
 
 

@@ -364,18 +364,22 @@ void check_hidden(const at::Tensor& hidden) {
 // (mask.all(), then bool()) cost ~50 us of a cold bf16 seq-128 forward; this scan is ~100 values.
 // hidden: the op's input (its [B, S] is the mask's shape).
 std::optional<at::Tensor> attention_padding_mask(const std::optional<at::Tensor>& mask, const at::Tensor& hidden) {
-  if (!mask.has_value() || !mask->defined() || mask->scalar_type() == at::kBool) return mask;
+  if (!mask.has_value() || !mask->defined()) return mask;
   const at::Tensor& m = *mask;
-  BSBERT_CHECK(at::isIntegralType(m.scalar_type(), /*includeBool=*/false),
+  // (torch's uint16 / uint32 / uint64 are integral too, but few ops take them: the scan below did not)
+  const auto st = m.scalar_type();
+  BSBERT_CHECK(st == at::kBool || (at::isIntegralType(st, /*includeBool=*/false) && st != at::kUInt16 &&
+                                   st != at::kUInt32 && st != at::kUInt64),
                "bert_encoder: key_padding_mask must be bool (true = attend) or an integer attention mask "
-               "(nonzero = attend), got ", m.scalar_type());
+               "(nonzero = attend; int8-int64 or uint8), got ", st);
   BSBERT_CHECK(m.device().is_cpu(), "bert_encoder (CPU kernel): key_padding_mask must be on the CPU, got ",
                m.device());
-  // Before the scan: a mask without a zero is dropped, and the attention (which checks the shape of the
-  // masks it gets) never saw it, so a mask of any shape was taken when it held only ones.
+  // Here, for every mask: an integer mask without a zero is dropped, and with no layers no attention
+  // (which checks the shape of the masks it gets) sees a bool one, so a mask of any shape was taken.
   BSBERT_CHECK(m.dim() == 2 && m.size(0) == hidden.size(0) && m.size(1) == hidden.size(1),
                "bert_encoder: key_padding_mask must have shape [", hidden.size(0), ", ", hidden.size(1),
                "] (hidden's [B, S]), got ", m.sizes());
+  if (st == at::kBool) return mask;
   const at::Tensor mc = m.contiguous();
   bool any_zero = false;
   AT_DISPATCH_INTEGRAL_TYPES(mc.scalar_type(), "attention_padding_mask", [&] {
@@ -521,7 +525,8 @@ at::Tensor run_encoder(const at::Tensor& hidden, const std::optional<at::Tensor>
     std::lock_guard<std::mutex> lock(e.chains->mu);
     e.chains->cache = std::move(cache);
   }
-  return layers == 0 ? hidden.clone() : x;
+  // contiguous, as the fake kernel says (clone() kept a non-contiguous hidden's strides)
+  return layers == 0 ? hidden.clone(at::MemoryFormat::Contiguous) : x;
 }
 
 // Registered encoders: handle -> arguments, shared so that a release during a call leaves the call's

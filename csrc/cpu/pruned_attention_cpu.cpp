@@ -83,6 +83,8 @@ void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int6
                ": qkv last dimension must be 3 * num_heads * head_dim = 3 * ", num_heads, " * ", head_dim,
                ", got ", width);
   BSBERT_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  // the kernel scales in fp32: a finite double beyond its range became inf there, and every output NaN
+  BSBERT_CHECK(std::isfinite(static_cast<float>(scale)), op, ": scale ", scale, " is too large for fp32");
 }
 
 // The kernel reads token rows with a stride; only the elements of a row must be adjacent.

@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <algorithm>
+#include <cmath>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -253,7 +254,13 @@ void launch_attention(const AttnParams<T>& p, int head_dim, int grid_x, int head
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim) {
+void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim,
+                  double scale) {
+  // as the CPU op; the kernel takes scale x log2(e) as a float, so that must be finite too (an infinite one
+  // made every output NaN)
+  BSBERT_CHECK(std::isfinite(scale), op, " (CUDA): scale must be finite, got ", scale);
+  BSBERT_CHECK(std::isfinite(static_cast<float>(scale * 1.4426950408889634)), op, " (CUDA): scale ", scale,
+              " is too large: scale x log2(e) overflows fp32");
   BSBERT_CHECK(qkv.is_cuda(), op, " (CUDA): qkv must be a CUDA tensor, got device ", qkv.device());
   BSBERT_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, op,
               " (CUDA): qkv dtype ", qkv.scalar_type(),
@@ -301,7 +308,7 @@ void launch_for_dtype(const at::Tensor& qkv, at::Tensor& out, int64_t num_heads,
 
 at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<at::Tensor>& key_padding_mask,
                                  int64_t num_heads, int64_t head_dim, double scale) {
-  check_common("pruned_attention", qkv_in, num_heads, head_dim, 3);
+  check_common("pruned_attention", qkv_in, num_heads, head_dim, 3, scale);
   const int64_t B = qkv_in.size(0), S = qkv_in.size(1);
   BSBERT_CHECK(B <= 65535, "pruned_attention (CUDA): batch size must be <= 65535, got ", B);
   BSBERT_CHECK(S < (int64_t{1} << 31), "pruned_attention (CUDA): sequence too long");
@@ -339,7 +346,7 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
 
 at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                                         int64_t num_heads, int64_t head_dim, double scale) {
-  check_common("pruned_attention_varlen", qkv_in, num_heads, head_dim, 2);
+  check_common("pruned_attention_varlen", qkv_in, num_heads, head_dim, 2, scale);
   BSBERT_CHECK(cu_seqlens.device() == qkv_in.device(), "pruned_attention_varlen (CUDA): cu_seqlens must be on ",
               qkv_in.device(), ", got ", cu_seqlens.device());
   BSBERT_CHECK(cu_seqlens.scalar_type() == at::kInt, "pruned_attention_varlen (CUDA): cu_seqlens must be int32, "
