@@ -1,4 +1,5 @@
-"""`bsbert bench`: dense BERT-large vs the patched seed-like model on this device.
+"""`bsbert bench`: dense BERT-large vs the patched seed-like model on this device (with --model: that model,
+unpatched vs patched).
 
 For each sequence length it times (median of --repeats, after a warm-up of at least --warmup-s
 seconds, the steady state): dense BERT-large in torch
@@ -126,12 +127,13 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
     # --seq longer than a model's position table fails here, in seconds, not after the dense probes and
     # dense BERT-large's build.
     say("building the pruned model ...")
-    pruned = (models.load_local(model_path, dtype=dt) if model_path
+    pruned = (models.load_local(model_path, dtype=dt) if model_path is not None
               else models.seed_like_model(dtype=dt, **overrides)).to(dev)
     plan = bsbert.analyze(pruned)
     models.check_seq_len(models.max_seq_len(pruned), seqs,
                          f"the model {model_path!r}" if model_path else "the seed-like model")
-    models.check_seq_len(models.bert_large_config().max_position_embeddings, seqs, "dense BERT-large")
+    if model_path is None:
+        models.check_seq_len(models.bert_large_config().max_position_embeddings, seqs, "dense BERT-large")
     # the bound's rate: the best dense GEMM over a layer's four shapes, BERT-large's or the --model's own
     cfg = pruned.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim")
@@ -149,20 +151,27 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         say(f"  instruction peak ({isa_peak['instruction']}, {threads_text(isa_peak['threads'])} at once): "
             f"{isa_peak['gflops']:.1f} GFLOP/s; the dense GEMM reaches {peak['gflops'] / isa_peak['gflops']:.0%} of it")
 
-    say("building dense BERT-large (random weights) ...")
-    dense = models.dense_bert_large(dtype=dt, **overrides).to(dev)
+    # The dense baseline has the pruned model's own architecture, as the FLOP bound's dense FLOPs do: BERT-large for
+    # the seed-like model; for a --model checkpoint its own masked dense form (the loaded model before patching:
+    # every weight at full size, zeros where pruned), which a BERT-large baseline would not match (a BERT-base
+    # checkpoint "ran 3x faster than dense" partly for being smaller)
+    if model_path is not None:
+        dense, dense_name = pruned, "the model unpatched (masked dense)"
+    else:
+        say("building dense BERT-large (random weights) ...")
+        dense, dense_name = models.dense_bert_large(dtype=dt, **overrides).to(dev), "dense BERT-large"
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "warmup_s": warmup_s, "torch": torch.__version__,
                "bsbert": bsbert.__version__,
                "compile": compile_mode, "select": select, "trials": trials, "dense_gemm": peak,
-               "model": model_path or ("seed-like (2 layers)" if small else "seed-like"),
+               "model": model_path or ("seed-like (2 layers)" if small else "seed-like"), "dense_model": dense_name,
                "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak, "engines": list(engines),
                "plan_tables": {}}
     warm = 3 if compile_mode else 1  # compile, then cudagraph-tree recording runs
     for seq in seqs:
         # ids both models have (a --model checkpoint's vocabulary may be smaller than BERT-large's)
         inp = _inputs(batch, seq, min(dense.config.vocab_size, pruned.get_input_embeddings().num_embeddings), dev)
-        say(f"\\[seq {seq}] dense BERT-large, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
+        say(f"\\[seq {seq}] {dense_name}, torch {'compile ' + compile_mode if compile_mode else 'eager'} ...")
         fwd = _runner(dense, compile_mode)
         t_dense = time_fn(lambda: fwd(**inp), repeats=repeats, warmup=warm, device=dev, warmup_s=warmup_s)
         with torch.inference_mode():
@@ -374,6 +383,8 @@ def table(results) -> Table:
                      + ("; bf16 runs widened to fp32 on this CPU (no bf16 dot product)" if dg.get("widened") else "")
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))
+    if results.get("dense_model", "dense BERT-large") != "dense BERT-large":
+        t.caption = ((t.caption + "; ") if t.caption else "") + f"dense = {results['dense_model']}"
     if results.get("outputs_ok") is False:
         t.caption = ((t.caption + "; ") if t.caption else "") + (
             f"OUTPUTS DIFFER from the masked dense model beyond {results['outputs_limit']:g}: not a valid comparison")
@@ -459,7 +470,7 @@ def _plot(results, path):
     for j, r in enumerate(runs):  # the ratio the targets are stated in, above the patched bar
         ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + k * width, r["patched_ms"]), ha="center",
                     va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
-    ax.set_title(f"{results['model']} vs dense BERT-large\n{results['device_name']}, {results['dtype']}, "
+    ax.set_title(f"{results['model']} vs {results.get('dense_model', 'dense BERT-large')}\n{results['device_name']}, {results['dtype']}, "
                  f"batch {results['batch']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -61,6 +61,9 @@ def _check_bench_flags(parser: argparse.ArgumentParser, args, given: set) -> Non
         parser.error(f"{flags}: {what}" + (" (the kernel table is CPU only, rows for each M = batch * seq; "
                                            "it takes --seq, --batch, --dtype float32|bfloat16, --threads)"
                                            if mode == "kernels" else ""))
+    if mode == "bench" and args.small and args.model is not None:
+        parser.error("--small builds the seed-like model with 2 layers (and dense BERT-large with 2): with --model "
+                     "there is nothing for it to shrink, and the dense baseline would not match the model")
     import torch
 
     if args.device == "auto":  # what `bsbert profile` does too: the GPU when torch sees one
@@ -69,6 +72,10 @@ def _check_bench_flags(parser: argparse.ArgumentParser, args, given: set) -> Non
     why = device_problem(args.device)
     if why:
         parser.error(why)
+    if mode == "bench" and args.select == "measure-gpu" and torch.device(args.device).type != "cuda":
+        # (refused by patch too, but only after dense BERT-large and the packed model were timed)
+        parser.error(f"--select measure-gpu times CUDA graphs: it needs --device cuda, not {args.device!r} "
+                     f"(use measure)")
     if mode == "kernels":
         if torch.device(args.device).type != "cpu":
             parser.error(f"--device {args.device!r}: --kernels times the CPU kernels only")
@@ -104,7 +111,7 @@ def _analyze(args):
     import bsbert
     from bsbert import models
 
-    model = models.load_local(args.model) if args.model else models.seed_like_model(dtype=torch.float32)
+    model = models.load_local(args.model) if args.model is not None else models.seed_like_model(dtype=torch.float32)
     print(bsbert.analyze(model).table(args.seq))
     return 0
 
@@ -128,6 +135,13 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def model_dir(text: str) -> str:
+    """--model: a path, never empty (``--model "$CKPT"`` with the variable unset ran the seed-like model)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give a local Hugging Face checkpoint directory")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -156,7 +170,9 @@ def _add_bench_args(b: argparse.ArgumentParser, engines, suppress: bool = False)
                    help="cpu, cuda (or cuda:N), or auto (default): cuda when torch sees a GPU, else cpu")
     b.add_argument("--threads", type=positive_int, default=d(None),
                    help="torch.set_num_threads (default: all cores); also for --sweep and --kernels")
-    b.add_argument("--model", default=d(None), help="local HF checkpoint dir (default: seed-like model)")
+    b.add_argument("--model", type=model_dir, default=d(None),
+                   help="local HF checkpoint dir (default: seed-like model); the dense baseline is then that model "
+                        "unpatched (masked dense) instead of BERT-large")
     b.add_argument("--repeats", type=positive_int, default=d(3),
                    help="timed forwards per variant (per block for the patched one)")
     b.add_argument("--trials", type=positive_int, default=d(None),
@@ -203,7 +219,8 @@ def main(argv=None) -> int:
     _add_bench_args(b, ENGINES)
     b.set_defaults(fn=_bench)
     a = sub.add_parser("analyze", help="print the pruning structure and FLOP bound of a model")
-    a.add_argument("--model", default=None, help="local HF checkpoint dir (default: the seed-like model)")
+    a.add_argument("--model", type=model_dir, default=None,
+                   help="local HF checkpoint dir (default: the seed-like model)")
     a.add_argument("--seq", type=positive_int, default=384, help="sequence length of the FLOP counts (default 384)")
     a.set_defaults(fn=_analyze)
     pr = sub.add_parser("profile", help="steady-state steps for Nsight (CUDA) or a torch.profiler trace (CPU)",

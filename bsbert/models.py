@@ -152,6 +152,8 @@ def load_local(path: str, dtype=torch.float32):
                           + ("; it is a bsbert.save directory: load it with bsbert.load(dir)" if saved else ""))
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModel
 
+    from safetensors import SafetensorError
+
     from bsbert import checkpoints
 
     try:
@@ -165,7 +167,9 @@ def load_local(path: str, dtype=torch.float32):
         return loader.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
     except BsbertError:
         raise
-    except (ValueError, OSError) as exc:  # a bad config.json, no weights file, an unknown model type
+    except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
+        # a bad config.json, no weights file, an unknown model type; a truncated safetensors file (safetensors'
+        # own error type); weights of other shapes than config.json says (transformers' RuntimeError)
         raise BsbertError(f"model path {path!r}: cannot load it as a Hugging Face checkpoint: "
                           f"{type(exc).__name__}: {exc}") from exc
 

@@ -44,7 +44,7 @@ def commands(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from bsbert.cli import device_problem, non_negative_int, positive_int
+    from bsbert.cli import device_problem, model_dir, non_negative_int, positive_int
 
     p = argparse.ArgumentParser(prog="bsbert profile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=3)
-    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: the seed-like model)")
+    p.add_argument("--model", type=model_dir, default=None, help="local HF checkpoint dir (default: the seed-like model)")
     p.add_argument("--small", action="store_true", help="2-layer seed-like model")
     p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     args.trace = args.trace or "bsbert-trace.json"
     if torch.device(args.device).type == "cpu":  # torch.profiler's export writes nothing, and says nothing, where it
         # cannot write (a missing directory, a directory as the path): checked before the work
-        if os.path.isdir(args.trace):
+        if os.path.isdir(args.trace) or args.trace.endswith(os.sep):  # (a new directory's name too: abspath
+            # drops the slash, and the run failed only at its end)
             p.error(f"--trace {args.trace}: is a directory; give the trace file's path")
         try:
             from bsbert.bench import prepare_out_dir
@@ -94,7 +95,9 @@ def _run(args) -> int:
              else models.seed_like_model(dtype=dtype, **over)).to(dev)
     models.check_seq_len(models.max_seq_len(model), [args.seq],  # before patch, not in the first forward
                          f"the model {args.model!r}" if args.model else "the seed-like model")
-    bsbert.patch(model, tokens=args.batch * args.seq, progress=True)
+    # seq=: the attention candidates and the model check at the profiled B x S, as bench does (without it they
+    # ran at min(tokens, 512) tokens per sequence: 8 x 512 for --batch 32 --seq 128)
+    bsbert.patch(model, tokens=args.batch * args.seq, seq=args.seq, progress=True)
     print(f"bsbert profile: {args.warmup} warm-up steps, then {args.steps} profiled steps ...", file=sys.stderr,
           flush=True)
     from bsbert.bench import _inputs

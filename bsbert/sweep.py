@@ -3,7 +3,7 @@
 Each configuration times dense BERT-large and the patched pruned model in the same dtype, back to
 back, and says which is faster. Memory: the bytes of weights each model computes with, and the peak
 extra memory of one forward: CUDA max_memory_allocated; on CPU with ``memory=True`` (--memory) a
-child-process RSS probe (bsbert.memprobe), else "n/m".
+child-process RSS probe (bsbert.memprobe), else not measured ("-" in the table, null in the JSON).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from rich.table import Table
 import bsbert
 from bsbert import models
 from bsbert.bench import DTYPES, _device_name, _inputs, prepare_out_dir
+from bsbert.timing import threads_text
 from bsbert.timing import time_fn
 
 
@@ -121,17 +122,20 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
 
 
 def sweep_table(res) -> Table:
-    t = Table(title=f"bsbert bench --sweep — {res['device_name']} ({res['device']}, {res['threads']} threads)"
+    t = Table(title=f"bsbert bench --sweep — {res['device_name']} ({res['device']}, {threads_text(res['threads'])})"
               + (" [small]" if res["small"] else ""))
     for c in ("dtype", "batch", "seq", "dense ms", "patched ms", "speedup", "dense seq/s", "patched seq/s",
               "weights MB d/p", "peak act MB d/p", "note"):
         t.add_column(c, justify="right")
-    fmt = lambda v: "n/m" if v is None else f"{v:.0f}"  # noqa: E731
+    def peak(r) -> str:  # "-" where nothing was measured (n/m/n/m read as a fraction)
+        d, p = r["dense_peak_act_mb"], r["patched_peak_act_mb"]
+        return "-" if d is None and p is None else f"{'-' if d is None else f'{d:.0f}'}/{'-' if p is None else f'{p:.0f}'}"
+
     for r in res["rows"]:
         t.add_row(r["dtype"], str(r["batch"]), str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['patched_ms']:.1f}",
                   f"{r['speedup']:.2f}x", f"{r['dense_seq_per_s']:.2f}", f"{r['patched_seq_per_s']:.2f}",
                   f"{r['dense_weights_mb']:.0f}/{r['patched_weights_mb']:.0f}",
-                  f"{fmt(r['dense_peak_act_mb'])}/{fmt(r['patched_peak_act_mb'])}",
+                  peak(r),
                   "dense faster" if r["dense_faster"] else "")
     return t
 

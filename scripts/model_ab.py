@@ -49,6 +49,7 @@ import torch
 import bsbert
 from bsbert import fast_layer, models
 from bsbert.bench import _inputs
+from bsbert.cli import non_negative_int, positive_int
 from bsbert.nn import DenseAddLayerNorm
 from bsbert.timing import best_of_interleaved
 
@@ -130,12 +131,12 @@ def main():
     ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "embeddings-op", "lean-head", "huge-pages",
                                      "qa-head-kernel",
                                      *ENV_TOGGLES])
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--seq", type=positive_int, default=128)
+    ap.add_argument("--rounds", type=positive_int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--paired", type=int, default=0, metavar="N",
+    ap.add_argument("--paired", type=non_negative_int, default=0, metavar="N",
                     help="N forwards each, alternating off/on, medians and the median per-pair ratio")
-    ap.add_argument("--block", type=int, default=1, metavar="K",
+    ap.add_argument("--block", type=positive_int, default=1, metavar="K",
                     help="with --paired: alternate blocks of K forwards (the first of each block untimed), so "
                          "that what one forward leaves in the caches for the next is the same setting's")
     args = ap.parse_args()

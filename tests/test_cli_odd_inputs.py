@@ -41,9 +41,19 @@ def _bad_models(tmp_path):
     (tmp_path / "saved" / "bsbert.json").write_text("{}")  # what bsbert.save writes, no config.json
     (tmp_path / "cfgonly").mkdir()
     tiny_pruned().config.save_pretrained(tmp_path / "cfgonly")  # a config, no weights
+    # the two below ended in raw tracebacks (safetensors' own error type; transformers' RuntimeError)
+    model = tiny_pruned()
+    model.save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    model.save_pretrained(tmp_path / "mismatch")
+    model.config.intermediate_size = 256
+    model.config.save_pretrained(tmp_path / "mismatch")
     return {"missing": "is not a directory (it does not exist)", "file": "is a file, not a checkpoint directory",
             "gpt2": "GPT2Model is not supported", "saved": "it is a bsbert.save directory: load it with bsbert.load",
-            "cfgonly": "cannot load it as a Hugging Face checkpoint"}
+            "cfgonly": "cannot load it as a Hugging Face checkpoint",
+            "truncated": "cannot load it as a Hugging Face checkpoint: SafetensorError",
+            "mismatch": "cannot load it as a Hugging Face checkpoint: RuntimeError"}
 
 
 def test_load_local_names_what_is_wrong(tmp_path):
@@ -57,9 +67,31 @@ def test_load_local_names_what_is_wrong(tmp_path):
 def test_bench_bad_model_refused_before_the_probes(tmp_path, monkeypatch, capsys):
     _no_long_work(monkeypatch)
     for name, message in _bad_models(tmp_path).items():
-        err = _exit(["bench", "--small", "--device", "cpu", "--seq", "8", "--model", str(tmp_path / name),
+        err = _exit(["bench", "--device", "cpu", "--seq", "8", "--model", str(tmp_path / name),
                      "--out", str(tmp_path / "out")], capsys, 1)
         assert "bsbert bench: error: " in err and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    # --small shrank dense BERT-large (the baseline) but not the checkpoint: nonsense speedups
+    (["bench", "--small", "--model", "."], "--small builds the seed-like model with 2 layers"),
+    # refused by patch, but only after dense BERT-large and the packed model were timed
+    (["bench", "--small", "--device", "cpu", "--select", "measure-gpu"], "--select measure-gpu times CUDA graphs"),
+    # --model "$CKPT" with the variable unset ran the seed-like model
+    (["bench", "--model", ""], "argument --model: empty path"),
+    (["analyze", "--model", " "], "argument --model: empty path"),
+    (["profile", "--model", ""], "argument --model: empty path"),
+])
+def test_flags_refused_before_the_work(argv, message, monkeypatch, capsys):
+    _no_long_work(monkeypatch)
+    err = _exit(argv, capsys, 2)
+    assert message in err and "Traceback" not in err, err
+
+
+def test_profile_trace_into_a_new_directory_refused_first(tmp_path, capsys):
+    # abspath dropped the trailing slash, so the check passed and the run failed at its end ("wrote no trace")
+    err = _exit(["profile", "--small", "--device", "cpu", "--trace", str(tmp_path / "newdir") + "/"], capsys, 2)
+    assert "is a directory; give the trace file's path" in err
 
 
 def test_analyze_bad_model_and_seq(tmp_path, capsys):
@@ -123,11 +155,14 @@ def test_bench_small_vocabulary_model(tmp_path):
     model = tiny_pruned()  # vocab 1000
     model.config.architectures = ["BertForQuestionAnswering"]
     model.save_pretrained(tmp_path / "m")
-    assert main(["bench", "--small", "--device", "cpu", "--model", str(tmp_path / "m"), "--seq", "8",
+    assert main(["bench", "--device", "cpu", "--model", str(tmp_path / "m"), "--seq", "8",
                  "--repeats", "1", "--trials", "1", "--warmup-s", "0", "--select", "heuristic",
                  "--out", str(tmp_path / "out")]) == 0
     res = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
     assert res["runs"][0]["max_rel_diff_patched"] <= 1e-4
+    # the dense baseline is the checkpoint's own masked dense form, the architecture the bound's dense FLOPs count
+    # (it was dense BERT-large, shrunk to 2 layers by --small, which the checkpoint ignored)
+    assert res["dense_model"] == "the model unpatched (masked dense)"
 
 
 @pytest.mark.parametrize("argv, message", [
