@@ -300,7 +300,11 @@ def _time_engine(name, model, inp, ref, repeats, dev, warmup_s, say, seq) -> tup
     except engines.EngineUnavailable as exc:
         say(f"  {name} skipped: {exc}")
         return {"unavailable": str(exc)}, None
-    t = time_fn(runner.run, repeats=repeats, warmup=1, device=dev, warmup_s=warmup_s)
+    try:  # an engine that builds but fails to run costs its own column, not the run
+        t = time_fn(runner.run, repeats=repeats, warmup=1, device=dev, warmup_s=warmup_s)
+    except Exception as exc:  # noqa: BLE001 (the engine's own error types)
+        say(f"  {name} skipped: it failed to run: {type(exc).__name__}: {exc}")
+        return {"unavailable": f"failed to run: {type(exc).__name__}: {exc}"}, None
     diff = _max_rel_diff(ref, runner.run(), inp)
     info = runner.info
     say(f"  {name} ({info['precision']}): {t['median_ms']:.1f} ms, max rel diff {diff:.1e}")

@@ -98,7 +98,7 @@ def _onnxruntime(packed, args, dtype, threads):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(packed, args, buf, dynamo=False, opset_version=17, input_names=names)
-    feed = {n: a.numpy() for n, a in zip(names, args)}
+    arrays = {n: a.numpy() for n, a in zip(names, args)}
 
     def session(spin: bool):
         opts = ort.SessionOptions()
@@ -106,6 +106,9 @@ def _onnxruntime(packed, args, dtype, threads):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        # the graph's own inputs: the export drops one the model never reads (attention_mask, when no layer
+        # keeps a head), and a feed naming it fails ("Invalid input name")
+        feed = {i.name: arrays[i.name] for i in sess.get_inputs()}
         return lambda: sess.run(None, feed)
 
     # Its default: worker threads spin between calls (its fastest alone), which took a core from a bsbert
@@ -152,8 +155,9 @@ def engine_runner(name: str, model: nn.Module, inputs: dict, threads: int) -> En
         raise ValueError(f"{name}: inputs must hold input_ids (and may hold attention_mask, token_type_ids), "
                          f"got {sorted(inputs)}")
     ids = inputs["input_ids"]
-    args = (ids, inputs.get("attention_mask", torch.ones_like(ids)),
-            inputs.get("token_type_ids", torch.zeros_like(ids)))
+    # (None, as transformers takes it, is the default too)
+    am, tt = inputs.get("attention_mask"), inputs.get("token_type_ids")
+    args = (ids, torch.ones_like(ids) if am is None else am, torch.zeros_like(ids) if tt is None else tt)
     spec, dtype = _ENGINES[name], next(model.parameters()).dtype
     if dtype not in spec.dtypes:
         raise EngineUnavailable(f"{name}: runs float32 or bfloat16 models, got {dtype}")

@@ -178,8 +178,10 @@ class BlockSparseMatrix:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
         if weight.device.type == "meta":
             raise ValueError("weight is on the meta device: materialise the weights first")
-        if block not in SUPPORTED_BLOCKS:
-            raise ValueError(f"block size {block} is not supported; use one of {SUPPORTED_BLOCKS}")
+        # an integer (numpy's too): 32.0 passed the membership test and then failed in torch.zeros (TypeError)
+        if not hasattr(block, "__index__") or isinstance(block, bool) or block not in SUPPORTED_BLOCKS:
+            raise ValueError(f"block size {block!r} is not supported; use one of {SUPPORTED_BLOCKS}")
+        block = int(block)
         dtype = dtype or weight.dtype
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype {dtype} is not supported; use one of {SUPPORTED_DTYPES}")

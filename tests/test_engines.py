@@ -72,6 +72,27 @@ def test_engine_matches_the_float64_masked_dense_model(name, dtype, tol):
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == dtype for k in before)  # model unchanged
 
 
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_a_model_without_heads_and_inputs_given_as_none(name):
+    # no layer keeps a head: the model never reads attention_mask, the ONNX export dropped that input and a feed
+    # naming it failed at the first run ("Invalid input name"); attention_mask=None (transformers takes it)
+    # failed on None.device
+    if engines.why_unavailable(name):
+        pytest.skip(engines.why_unavailable(name))
+    model = tiny_pruned(heads=(0, 0), ffn=(50, 20), hidden=64)
+    inp = _inputs(batch=2, seq=10, pad_from=6)
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(**inp)
+    keep = inp["attention_mask"].bool()
+    out = engines.engine_runner(name, model, inp, 1).run()
+    assert rel_err({k: ref[k][keep] for k in out}, {k: v[keep] for k, v in out.items()}) < 1e-4
+    out = engines.engine_runner(name, model, {"input_ids": inp["input_ids"], "attention_mask": None,
+                                              "token_type_ids": None}, 1).run()
+    with torch.inference_mode():
+        ref = copy.deepcopy(model).double()(input_ids=inp["input_ids"])
+    assert rel_err(ref, out) < 1e-4
+
+
 def test_bench_reports_the_engine(tmp_path, monkeypatch):
     from bsbert.cli import main
 

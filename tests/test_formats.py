@@ -139,6 +139,12 @@ def test_from_dense_errors():
         BlockSparseMatrix.from_dense(torch.ones(4, 4, 4), 16)
     with pytest.raises(ValueError, match="block size"):
         BlockSparseMatrix.from_dense(torch.ones(32, 32), 24)
+    for block in (32.0, True):  # 32.0 passed the check, then failed in torch.zeros with a TypeError
+        with pytest.raises(ValueError, match=f"block size {block!r} is not supported"):
+            BlockSparseMatrix.from_dense(torch.ones(32, 32), block)
+    import numpy as np
+
+    assert BlockSparseMatrix.from_dense(torch.ones(32, 32), np.int64(32)).block == 32
     with pytest.raises(ValueError, match="torch.Tensor"):
         BlockSparseMatrix.from_dense([[1.0]], 16)
     w = torch.ones(32, 32)
