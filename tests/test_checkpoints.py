@@ -144,12 +144,13 @@ def test_loaded_model_patches_with_those_heads_removed(tmp_path):
 
 
 def test_bench_takes_such_a_checkpoint(tmp_path):
-    """`bsbert bench --model DIR` (BERT-large's vocabulary: the bench feeds the dense model's token ids)."""
+    """`bsbert bench --model DIR` (no --small: it would shrink only a BERT-large baseline, and is refused)."""
     _save(_masked_dense(vocab=30522), str(tmp_path / "ckpt"), "safetensors")
-    assert main(["bench", "--small", "--model", str(tmp_path / "ckpt"), "--seq", "16", "--repeats", "1",
+    assert main(["bench", "--model", str(tmp_path / "ckpt"), "--seq", "16", "--repeats", "1", "--trials", "1",
                  "--select", "heuristic", "--out", str(tmp_path / "out")]) == 0
     res = json.loads(next((tmp_path / "out").glob("bench-*.json")).read_text())
     assert res["model"] == str(tmp_path / "ckpt")
+    assert res["dense_model"] == "the model unpatched (masked dense)"
     assert res["runs"][0]["max_rel_diff_patched"] <= 1e-4
 
 
