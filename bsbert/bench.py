@@ -474,7 +474,8 @@ def _plot(results, path):
     for j, r in enumerate(runs):  # the ratio the targets are stated in, above the patched bar
         ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + k * width, r["patched_ms"]), ha="center",
                     va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
-    ax.set_title(f"{results['model']} vs {results.get('dense_model', 'dense BERT-large')}\n{results['device_name']}, {results['dtype']}, "
+    dense_name = results.get("dense_model", "dense BERT-large")
+    ax.set_title(f"{results['model']} vs {dense_name}\n{results['device_name']}, {results['dtype']}, "
                  f"batch {results['batch']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

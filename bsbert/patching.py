@@ -136,7 +136,8 @@ def fold_dead_heads(lins, lp) -> torch.Tensor:
     bv = _bias(lins["value"]).double()
     d = lp.head_dim
     for h in lp.folded_heads:
-        bo = bo + wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]  # not +=: bo is the original's bias in float64
+        # not +=: in a float64 model bo is the original's own bias tensor
+        bo = bo + wo[:, h * d:(h + 1) * d].double() @ bv[h * d:(h + 1) * d]
     return bo
 
 

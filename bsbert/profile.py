@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--steps", type=positive_int, default=5)
     p.add_argument("--warmup", type=non_negative_int, default=3)
-    p.add_argument("--model", type=model_dir, default=None, help="local HF checkpoint dir (default: the seed-like model)")
+    p.add_argument("--model", type=model_dir, default=None,
+                   help="local HF checkpoint dir (default: the seed-like model)")
     p.add_argument("--small", action="store_true", help="2-layer seed-like model")
     p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)

@@ -129,7 +129,9 @@ def sweep_table(res) -> Table:
         t.add_column(c, justify="right")
     def peak(r) -> str:  # "-" where nothing was measured (n/m/n/m read as a fraction)
         d, p = r["dense_peak_act_mb"], r["patched_peak_act_mb"]
-        return "-" if d is None and p is None else f"{'-' if d is None else f'{d:.0f}'}/{'-' if p is None else f'{p:.0f}'}"
+        if d is None and p is None:
+            return "-"
+        return "/".join("-" if v is None else f"{v:.0f}" for v in (d, p))
 
     for r in res["rows"]:
         t.add_row(r["dtype"], str(r["batch"]), str(r["seq"]), f"{r['dense_ms']:.1f}", f"{r['patched_ms']:.1f}",

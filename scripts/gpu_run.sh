@@ -59,8 +59,8 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS
 # SKIP_BUILD=1 only where the extension is there, with CUDA, and bsbert importable from scripts/ (the
 # editable install): a machine that went back between calls starts bare, and without the build every
 # script failed to import bsbert and the CUDA op tests all skipped (rc 0, nothing tested)
-if [ "${SKIP_BUILD:-0}" = 1 ] && ! (cd scripts && "$PY" -c "import bsbert._C as c, sys; sys.exit(0 if c.with_cuda() else 1)") \
-    > /dev/null 2>&1; then
+if [ "${SKIP_BUILD:-0}" = 1 ] && ! (cd scripts && "$PY" -c \
+    "import bsbert._C as c, sys; sys.exit(0 if c.with_cuda() else 1)") > /dev/null 2>&1; then
   echo "== SKIP_BUILD=1 but no built extension with CUDA here (a fresh machine?): building" | tee -a "$OUT/summary.txt"
   SKIP_BUILD=0
   GPU_STEPS="${GPU_STEPS:+$GPU_STEPS build}"
