@@ -193,8 +193,7 @@ class Plan:
 
 
 def _bound_text(plan: Plan, seq: int) -> str:
-    bound, packing = plan.speedup_bound(seq), plan.speedup_bound(seq, "packed")
-    if bound is None:
+    bound = plan.speedup_bound(seq)
+    if bound is None:  # (then none for packing either: the packed FLOPs are at least the remaining ones)
         return "no speedup bound (no encoder linear or attention FLOPs left)"
-    return f"speedup bound {bound:.2f}x (packing only {packing:.2f}x)" if packing is not None else \
-        f"speedup bound {bound:.2f}x"
+    return f"speedup bound {bound:.2f}x (packing only {plan.speedup_bound(seq, 'packed'):.2f}x)"

@@ -31,13 +31,15 @@ class VerifyReport:
 
 
 def example_inputs(model, batch: int = 2, seq: int = 48, seed: int = 0, padded: bool = True) -> dict:
-    """Random token ids; ``padded``: with a padded last row (so masking is exercised). At most half the position
-    table long: a model with a short table refused 48 tokens, and RoBERTa-style positions start after the
-    padding index, so the table's full length does not fit either."""
+    """Random token ids; ``padded``: with a padded last row (so masking is exercised). At most as long as the
+    position table can embed (``models.max_seq_len``: RoBERTa-style positions start after the padding index):
+    verify's 48 tokens overran a model with a 32-row table."""
+    from bsbert.models import max_seq_len
+
     cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos > 0:
-        seq = max(1, min(seq, max_pos // 2))
+    limit = max_seq_len(model)
+    if limit is not None:
+        seq = max(1, min(seq, limit))
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)

@@ -150,3 +150,12 @@ def assert_arg_error(op, args, index, replace, match, errors=ValueError):
     args[index] = replace(args)
     with pytest.raises(errors, match=match):
         op(*args)
+
+
+def huge_storage(n: int, dtype=torch.float16) -> torch.Tensor:
+    """n elements of untouched memory (virtual: only the pages written are backed), for offsets past 2^31
+    elements; a skip where the address space or overcommit limit refuses it."""
+    try:
+        return torch.empty(n, dtype=dtype)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot reserve {n * dtype.itemsize / 2**30:.1f} GiB of address space: {exc}")

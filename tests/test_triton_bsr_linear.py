@@ -27,7 +27,7 @@ if bt.not_supported_reasons(DEVICE, torch.float32):
                 allow_module_level=True)
 
 from bsbert.triton.bsr_linear import bsr_linear_triton  # noqa: E402
-from tests.helpers import BSR_ARG_ERRORS, BSR_INDEX_ERRORS, assert_arg_error  # noqa: E402
+from tests.helpers import BSR_ARG_ERRORS, BSR_INDEX_ERRORS, assert_arg_error, huge_storage  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -414,20 +414,12 @@ def test_every_tuning_config_matches_reference(monkeypatch, cfg, block):
         _check(x, bsm, w, bias, gelu=True)
 
 
-def _huge_storage(n: int, dtype=torch.float16):
-    """n elements of untouched memory (virtual: only the pages written are backed), or a skip."""
-    try:
-        return torch.empty(n, dtype=dtype)
-    except RuntimeError as exc:  # an address space or overcommit limit
-        pytest.skip(f"cannot reserve {n * 2 / 2**30:.1f} GiB of address space: {exc}")
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU interpreter: the storage is a host allocation")
 def test_column_offsets_past_int32():
     # a column-major x has column stride M: offs_k * stride_xk was int32, so x[0, 2] at 2 * (2^31 - 16)
     # elements wrapped to -32 and read what lay there
     S, O = 2**31 - 16, 64
-    store = _huge_storage(O + 2 * S + 1)
+    store = huge_storage(O + 2 * S + 1)
     x = store.as_strided((1, 3), (3, S), storage_offset=O)
     for k in range(3):
         store[O + k * S] = 1.0

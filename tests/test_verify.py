@@ -46,3 +46,14 @@ def test_verify_true_attaches_report_and_keep_original_false():
 def test_verify_unpatched_model():
     with pytest.raises(bsbert.NotPatchedError):
         bsbert.verify(tiny_pruned())
+
+
+def test_example_inputs_are_capped_at_the_position_table_only():
+    # the model check times forwards on these inputs at the run's length (384 of BERT's 512 positions): a cap at
+    # half the table would have timed 256 tokens instead
+    from bsbert.verify import example_inputs
+    from tests.helpers import tiny_pruned
+
+    model = tiny_pruned()  # 512 positions
+    assert example_inputs(model, 1, 384, padded=False)["input_ids"].shape == (1, 384)
+    assert example_inputs(model, 1, 600, padded=False)["input_ids"].shape == (1, 512)

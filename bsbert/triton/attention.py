@@ -165,15 +165,12 @@ _tuned_attn = triton.autotune(
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
-_FP32_MAX = 3.4028234663852886e38
-
-
 def _check_common(qkv, num_heads, head_dim, batch_dims, scale):
     # in the CPU op's words; the kernel takes scale x log2(e) as an fp32, which must be finite too (an
     # infinite one made every output NaN)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if abs(scale) * _LOG2E > _FP32_MAX:
+    if abs(scale) * _LOG2E > torch.finfo(torch.float32).max:
         raise ValueError(f"scale {scale} is too large: scale x log2(e) overflows fp32")
     if qkv.dim() != batch_dims + 1:
         raise ValueError(f"qkv must be {batch_dims + 1}-D, got shape {tuple(qkv.shape)}")
