@@ -78,15 +78,16 @@ def dense_plan(plan: Plan, device, dtype) -> Plan | None:
 def forward_inputs(model, tokens: int, seq: int | None) -> dict | str:
     """Generated ``input_ids`` / ``attention_mask`` (no padding) of ``measure_shape(tokens, seq)`` (the
     sequence length capped at the model's position table), or why there are none."""
+    from bsbert.models import max_seq_len
     from bsbert.verify import example_inputs
 
     cfg = getattr(model, "config", None)
     if not getattr(cfg, "vocab_size", None):
         return "the model's config has no vocab_size to generate inputs from"
     batch, s = measure_shape(tokens, seq)
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos and s > max_pos:
-        batch, s = max(1, batch * s // max_pos), max_pos
+    limit = max_seq_len(model)  # what the position table embeds (RoBERTa's offset included): keep the tokens
+    if limit and s > limit:
+        batch, s = max(1, batch * s // limit), limit
     return example_inputs(model, batch, s, padded=False)
 
 

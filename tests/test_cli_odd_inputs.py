@@ -76,7 +76,8 @@ def test_bench_bad_model_refused_before_the_probes(tmp_path, monkeypatch, capsys
     # --small shrank dense BERT-large (the baseline) but not the checkpoint: nonsense speedups
     (["bench", "--small", "--model", "."], "--small builds the seed-like model with 2 layers"),
     # refused by patch, but only after dense BERT-large and the packed model were timed
-    (["bench", "--small", "--device", "cpu", "--select", "measure-gpu"], "--select measure-gpu times CUDA graphs"),
+    (["bench", "--small", "--device", "cpu", "--select", "measure-gpu"],
+     "--select: select='measure-gpu' times CUDA graphs: it needs a CUDA model"),
     # --model "$CKPT" with the variable unset ran the seed-like model
     (["bench", "--model", ""], "argument --model: empty path"),
     (["analyze", "--model", " "], "argument --model: empty path"),

@@ -277,3 +277,14 @@ def test_check_model_on_by_default_on_cuda():
     if mc["checked"]:
         assert mc["shape"] == [4, 64] and mc["kept"] in model_check.VARIANTS
     assert rel_err(ref, _run(model, inp)) <= 2e-2
+
+
+def test_forward_inputs_fit_a_roberta_position_table():
+    # the cap took max_position_embeddings (66) while the table embeds 64 positions after RoBERTa's padding
+    # index: example_inputs then cut the rows to 64 but the batch had been sized for 66 (fewer tokens timed)
+    import transformers as tf
+
+    cfg = tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1)
+    inp = model_check.forward_inputs(tf.RobertaModel(cfg), tokens=256, seq=128)
+    assert tuple(inp["input_ids"].shape) == (4, 64)

@@ -50,8 +50,11 @@ struct AttnParams {
   int seqlen;                 // padded form: S
   int total_tokens;           // varlen form: T (sequence bounds from cu_seqlens are clamped to [0, T])
   int num_heads;
-  float scale_log2;           // scale * log2(e)
+  float scale_log2;           // scale * kLog2e: the softmax runs in base 2 (exp2f)
 };
+
+// log2(e): the kernel takes the scale in base-2 units; the host check must compute the same product.
+constexpr double kLog2e = 1.4426950408889634;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) pruned_attention_fwd_kernel(const AttnParams<T> p) {
@@ -259,7 +262,7 @@ void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int6
   // as the CPU op; the kernel takes scale x log2(e) as a float, so that must be finite too (an infinite one
   // made every output NaN)
   BSBERT_CHECK(std::isfinite(scale), op, " (CUDA): scale must be finite, got ", scale);
-  BSBERT_CHECK(std::isfinite(static_cast<float>(scale * 1.4426950408889634)), op, " (CUDA): scale ", scale,
+  BSBERT_CHECK(std::isfinite(static_cast<float>(scale * kLog2e)), op, " (CUDA): scale ", scale,
               " is too large: scale x log2(e) overflows fp32");
   BSBERT_CHECK(qkv.is_cuda(), op, " (CUDA): qkv must be a CUDA tensor, got device ", qkv.device());
   BSBERT_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16, op,
@@ -287,7 +290,7 @@ AttnParams<T> make_params(const at::Tensor& qkv, at::Tensor& out, int64_t num_he
   p.qkv = reinterpret_cast<const T*>(qkv.data_ptr());
   p.out = reinterpret_cast<T*>(out.data_ptr());
   p.num_heads = static_cast<int>(num_heads);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
   return p;
 }
 
