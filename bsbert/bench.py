@@ -281,7 +281,8 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
             for run in results["runs"]:
                 _apply_bound(run, best)
         if isa_peak:
-            _apply_isa_peak(results, isa_peak, cpu_peak_gflops(dt), say)
+            _apply_isa_peak(results, isa_peak, cpu_peak_gflops(dt))
+        _apply_steady(results, say)  # also without an instruction peak (no extension, BSBERT_CPU_ISA=portable)
     results["plan_table"] = results["plan_tables"][str(seqs[-1])]  # the last seq's, as before plan_tables
     _outputs_check(results, say)
     _write(results, out_dir, console)
@@ -311,27 +312,31 @@ def _time_engine(name, model, inp, ref, repeats, dev, warmup_s, say, seq) -> tup
     return {"ms": t["median_ms"], "max_rel_diff": diff, "info": info, "timing": t}, runner.run_beside
 
 
-def _apply_isa_peak(results: dict, start: dict, end: dict | None, say) -> None:
+def _apply_isa_peak(results: dict, start: dict, end: dict | None) -> None:
     """The instruction peak probed before and after the runs: the faster is the machine's issue rate
-    (each run's ``isa_peak_bound_ms``, the hard floor: every remaining FLOP at that rate). The probe
-    touches no memory, so when it, or the dense GEMM probe (also probed between the patched blocks), moved
-    by more than 5% between the two (or any two) the
-    cores were not all this process's for part of the run (other guests on a shared VM, throttling):
-    ``steady`` is False and the table says so, since such a run's ratios mix two machines. The
-    instruction peak is probed at the run's two ends only; the dense GEMM also between the patched
-    blocks (``--trials``), so a slow stretch while those ran is seen too."""
+    (each run's ``isa_peak_bound_ms``, the hard floor: every remaining FLOP at that rate)."""
     best = max([p for p in (start, end) if p], key=lambda p: p["gflops"])
     results["isa_peak"], results["isa_peak_start"], results["isa_peak_end"] = best, start, end
     for run in results["runs"]:
         run["isa_peak_bound_ms"] = run["remaining_flops"] / (best["gflops"] * 1e9) * 1e3
         run["patched_over_isa_peak_bound"] = run["patched_ms"] / run["isa_peak_bound_ms"]
+
+
+def _apply_steady(results: dict, say) -> None:
+    """``steady``: False when the dense GEMM probe (at the run's two ends and between the patched blocks,
+    ``--trials``) or the instruction peak (two ends; it touches no memory) moved by more than 5%. Then the
+    cores were not all this process's for part of the run (other guests on a shared VM, throttling), and
+    the table says so, since such a run's ratios mix two machines. The instruction peak may be missing (no
+    extension, or a portable-only path): the dense probes still decide."""
     between = results.get("dense_gemm_between", {}).get("between_gflops", [])
     dense = [results["dense_gemm_start"]["gflops"], *between, results["dense_gemm_end"]["gflops"]]
-    pairs = [(start["gflops"], end["gflops"]) if end else None, dense]
+    start, end = results.get("isa_peak_start"), results.get("isa_peak_end")
+    pairs = [(start["gflops"], end["gflops"]) if start and end else None, dense]
     results["steady"] = all(p is None or min(p) >= 0.95 * max(p) for p in pairs)
     if not results["steady"]:
-        say(f"  the machine was not steady during this run: instruction peak {start['gflops']:.0f} -> "
-            f"{end['gflops'] if end else float('nan'):.0f} GFLOP/s, dense GEMM {dense[0]:.0f} -> {dense[-1]:.0f}"
+        peak = (f"instruction peak {start['gflops']:.0f} -> {end['gflops'] if end else float('nan'):.0f} GFLOP/s, "
+                if start else "")
+        say(f"  the machine was not steady during this run: {peak}dense GEMM {dense[0]:.0f} -> {dense[-1]:.0f}"
             + (f" ({min(between):.0f}-{max(between):.0f} between the patched blocks)" if between else "")
             + "; its ratios mix a fast and a slow machine")
 

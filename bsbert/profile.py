@@ -37,8 +37,11 @@ def commands(args) -> dict:
         base += " --small"
     return {
         "nsys": ("nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop -t cuda,nvtx "
-                 f"-o bsbert-seq{args.seq} {base} --steps {args.steps}"),
-        "ncu": (f"ncu --nvtx --nvtx-include 'bsbert/' -k '{NCU_KERNEL_REGEX}' --set full "
+                 f"--force-overwrite=true -o bsbert-seq{args.seq} {base} --steps {args.steps}"),
+        # --profile-from-start off: only kernels between cudaProfilerStart/Stop (the steady steps, not patch's
+        # candidate timings). An NVTX filter 'bsbert/' matched a range named exactly that: none of bsbert's
+        # ranges (bsbert/step0, bsbert/layer0/qkv), so ncu profiled no kernel (seen on an H200, ncu 2025.3).
+        "ncu": (f"ncu --profile-from-start off -k '{NCU_KERNEL_REGEX}' --set full "
                 f"-o bsbert-kernels {base} --steps 1"),
     }
 

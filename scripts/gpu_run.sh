@@ -174,8 +174,8 @@ unset BSBERT_TRITON_AUTOTUNE
 
 # Nsight Compute on the recipe `bsbert profile` prints (2-layer model, one step, first bsbert kernels).
 if command -v ncu > /dev/null; then
-  TAIL=40 step ncu_profile_recipe 60 ncu --clock-control none --kernel-name "regex:bsr|pruned_attention|_attn" \
-    --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+  TAIL=40 step ncu_profile_recipe 60 ncu --clock-control none --profile-from-start off \
+    --kernel-name "regex:bsr|pruned_attention|_attn|bsbert" --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$PY" -m bsbert.profile --device cuda --dtype float16 --seq 384 --batch 8 --small --steps 1 --warmup 1
 else
   echo "== ncu: not found" | tee -a "$OUT/summary.txt"

@@ -138,23 +138,31 @@ def test_bench_ranks_by_gpu_time_only_under_cuda_graphs():
 
 
 def test_bench_flags_a_run_whose_probes_moved():
-    from bsbert.bench import _apply_isa_peak, table
+    from bsbert.bench import _apply_isa_peak, _apply_steady, table
 
-    def results(isa_start, isa_end, dense_start, dense_end):
+    def results(dense_start, dense_end, isa_start=None, isa_end=None, between=None):
         run = {"seq": 8, "remaining_flops": 2e9, "patched_ms": 5.0}
-        return {"runs": [run], "dense_gemm_start": {"gflops": dense_start}, "dense_gemm_end": {"gflops": dense_end}}
+        r = {"runs": [run], "dense_gemm_start": {"gflops": dense_start}, "dense_gemm_end": {"gflops": dense_end}}
+        if between:
+            r["dense_gemm_between"] = {"between_gflops": between}
+        if isa_start:
+            _apply_isa_peak(r, isa_start, isa_end)
+        _apply_steady(r, said.append)
+        return r
 
     said = []
     peak = {"gflops": 1000.0, "instruction": "vdpbf16ps zmm", "threads": 2}
-    r = results(None, None, 900.0, 880.0)
-    _apply_isa_peak(r, peak, dict(peak, gflops=980.0), said.append)
+    r = results(900.0, 880.0, peak, dict(peak, gflops=980.0))
     assert r["steady"] and not said and r["isa_peak"]["gflops"] == 1000.0
     assert r["runs"][0]["isa_peak_bound_ms"] == 2.0 and r["runs"][0]["patched_over_isa_peak_bound"] == 2.5
-    r = results(None, None, 900.0, 880.0)
-    _apply_isa_peak(r, dict(peak, gflops=926.0), dict(peak, gflops=1019.0), said.append)  # slow start
+    r = results(900.0, 880.0, dict(peak, gflops=926.0), dict(peak, gflops=1019.0))  # slow start
     assert not r["steady"] and "not steady" in said[-1] and r["isa_peak"]["gflops"] == 1019.0
-    r = results(None, None, 899.0, 755.0)  # the dense probe fell within the run
-    _apply_isa_peak(r, peak, peak, said.append)
+    # no instruction peak (no extension, BSBERT_CPU_ISA=portable): the dense probes still decide; the flag
+    # used to be left out, and the caption took the run as steady
+    said.clear()
+    assert results(900.0, 880.0)["steady"] and not said
+    assert not results(900.0, 880.0, between=[700.0])["steady"] and "(700-700 between" in said[-1]
+    r = results(899.0, 755.0, peak, peak)  # the dense probe fell within the run
     assert not r["steady"]
     r.update(device="cpu", dtype="bfloat16", batch=1, threads=2, model="m", device_name="cpu",
              dense_gemm={"backend": "onednn-dense", "gflops": 899.0})
@@ -291,6 +299,8 @@ def test_profile_prints_commands_that_profile_the_same_model(tmp_path, capsys):
             assert part in cmd, (part, cmd)
         assert "--small" not in cmd
     assert cmds["nsys"].endswith("--steps 4") and cmds["ncu"].endswith("--steps 1")
+    # ncu waits for profile's cudaProfilerStart; its old filter --nvtx-include 'bsbert/' matched no range
+    assert "--profile-from-start off" in cmds["ncu"] and "nvtx" not in cmds["ncu"]
     assert "--small" in commands(argparse.Namespace(**{**vars(args), "model": None, "small": True}))["ncu"]
     # the CPU run prints the GPU command for the same (small) model
     trace = tmp_path / "t.json"

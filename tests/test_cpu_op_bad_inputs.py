@@ -348,3 +348,63 @@ def test_all_meta_arguments_still_give_a_meta_result():
     qkv = torch.empty(2, 5, 3 * HEADS * HEAD_DIM, device="meta")
     out = ops.pruned_attention(qkv, torch.empty(2, 5, dtype=torch.bool, device="meta"), HEADS, HEAD_DIM, 0.25)
     assert out.device.type == "meta" and out.shape == (2, 5, HEADS * HEAD_DIM)
+
+
+_ATTN_AFTER_BAD_ALLOC = r"""
+import os, resource, sys, torch
+import bsbert
+torch.set_num_threads(1)
+qkv = torch.randn(2, 40, 3 * 2 * 64)
+mask = torch.ones(2, 40, dtype=torch.bool)
+mask[-1, 25:] = False
+call = lambda: torch.ops.bsbert.pruned_attention(qkv, mask, 2, 64, 0.125)
+ref = call()
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+os.environ["BSBERT_ATTN_MQ"], os.environ["BSBERT_ATTN_KC"] = "4096", "65536"  # ~1 GiB of scratch
+try:
+    call()
+    print("no error")
+except (MemoryError, RuntimeError) as e:
+    print("refused:", type(e).__name__)
+del os.environ["BSBERT_ATTN_MQ"], os.environ["BSBERT_ATTN_KC"]
+print("equal after:", torch.equal(call(), ref))
+"""
+
+
+@needs["pruned_attention"]
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_attention_after_a_failed_scratch_allocation_still_runs():
+    # thread_buffer freed the old buffer and then threw std::bad_alloc, keeping its old capacity: the next
+    # call of a smaller size got a null buffer and the process died (SIGSEGV)
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _ATTN_AFTER_BAD_ALLOC], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "refused: MemoryError" in r.stdout and "equal after: True" in r.stdout, r.stdout
+
+
+@needs["pruned_attention"]
+@pytest.mark.parametrize("name,value", [("BSBERT_ATTN_KC", "4611686018427387904"),
+                                        ("BSBERT_ATTN_MQ", "4611686018427387904"),
+                                        ("BSBERT_ATTN_PREFETCH", "9223372036854775807")])
+def test_attention_tuning_switches_out_of_range_fall_back(monkeypatch, name, value):
+    # 2^62 keys wrapped the scratch size to a small buffer: NaN outputs without an error, or a crash
+    qkv = torch.randn(2, 40, 3 * 2 * 64)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[-1, 25:] = False
+    ref = ops.pruned_attention(qkv, mask, 2, 64, 0.125)
+    monkeypatch.setenv(name, value)
+    assert torch.equal(ops.pruned_attention(qkv, mask, 2, 64, 0.125), ref)
+
+
+@needs["bsr_linear"]
+@pytest.mark.parametrize("name,value", [("BSBERT_BSR_KC", "99999999999"), ("BSBERT_BSR_MC", "9223372036854775807")])
+def test_bsr_tuning_switches_out_of_range_fall_back(monkeypatch, name, value):
+    # atoi of a KC past int was undefined; an MC near int64 max overflowed the tile count
+    crow, col, packed, bias = _bsr(96, 64, 32, torch.float32, torch.Generator().manual_seed(5))
+    x = torch.randn(37, 64)
+    ref = ops.bsr_linear(x, crow, col, packed, bias, 96, 64, 32, False)
+    monkeypatch.setenv(name, value)
+    torch.testing.assert_close(ops.bsr_linear(x, crow, col, packed, bias, 96, 64, 32, False), ref)

@@ -86,6 +86,14 @@ bool m_fastest() {
   return env != nullptr && env[0] == 'm';
 }
 
+// BSBERT_BSR_KC (k values per weight group, A/B runs): 0 = the path's default; values past 2^20 also fall
+// back (atoi of a longer number was undefined, and no group of that size fits any cache).
+int64_t env_kc() {
+  const char* env = std::getenv("BSBERT_BSR_KC");
+  const int64_t v = env != nullptr ? std::atoll(env) : 0;
+  return v > 0 && v <= (int64_t(1) << 20) ? v : 0;
+}
+
 // One bsr_linear call after its checks: y allocated, args filled (but for args.xp), the path picked.
 struct BsrCall {
   BsrLinearArgs args;
@@ -226,7 +234,7 @@ BsrCall prepare(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   args.y_bf16 = bf16;
   args.balanced_panels = 0;
   args.kc = 0;
-  if (const char* env = std::getenv("BSBERT_BSR_KC")) args.kc = std::max(0, std::atoi(env));  // A/B runs
+  args.kc = static_cast<int>(env_kc());  // A/B runs
   c.path = select_path(bf16);
   c.M = M;
   c.N = N;
@@ -262,8 +270,8 @@ void run(BsrCall& c) {
   mc = std::max<int64_t>(mr, (mc + mr - 1) / mr * mr);
   mc = std::min<int64_t>(mc, kMcMax);
   if (const char* env = std::getenv("BSBERT_BSR_MC")) {
-    const int64_t v = std::atoll(env);
-    if (v > 0) mc = std::max<int64_t>(mr, v / mr * mr);
+    const int64_t v = std::atoll(env);  // capped at M's panels: a huge value overflowed the tile count
+    if (v > 0) mc = std::max<int64_t>(mr, std::min<int64_t>(v, M + mr) / mr * mr);
   }
   const int64_t nmt = (M + mc - 1) / mc;
   // A claim is a run of g consecutive block rows of one M tile: a thread then streams contiguous
@@ -521,9 +529,7 @@ void BsrRowChain::refresh_biases() {
 }
 
 std::array<int64_t, 3> BsrRowChain::config() {
-  const char* kc = std::getenv("BSBERT_BSR_KC");
-  return {static_cast<int64_t>(effective_isa()), kc != nullptr ? std::max(0, std::atoi(kc)) : 0,
-          static_cast<int64_t>(at::get_num_threads())};
+  return {static_cast<int64_t>(effective_isa()), env_kc(), static_cast<int64_t>(at::get_num_threads())};
 }
 
 }  // namespace cpu

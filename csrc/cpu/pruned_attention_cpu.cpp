@@ -38,6 +38,8 @@ namespace {
 
 constexpr int64_t kMqMax = 48;         // query rows per task (then rounded to the tile granularity)
 constexpr int64_t kKcDefault = 512;    // keys per online-softmax step
+constexpr int64_t kEnvMqMax = 4096;    // largest BSBERT_ATTN_MQ (and _PREFETCH) taken
+constexpr int64_t kEnvKcMax = 65536;   // largest BSBERT_ATTN_KC taken
 constexpr int64_t kPackKeys = 128;     // keys per K/V packing unit
 constexpr int64_t kWsCacheMax = int64_t(16) << 20;  // floats (64 MiB) of workspace kept per thread
 constexpr int64_t kPrefetchRows = 8;   // token rows ahead that pack / task prefetch (0 turns it off)
@@ -58,12 +60,13 @@ AttnPath select_path(bool bf16) {
 }
 
 // Tuning switches (BSBERT_ATTN_MQ, _KC, _PREFETCH), read every call so that A/B runs can toggle them;
-// a value below min_value falls back.
-int64_t env_int(const char* name, int64_t fallback, int64_t min_value = 1) {
+// a value outside [min_value, max_value] falls back. The bound keeps the scratch size (rows x keys) far from
+// overflow: 2^62 keys wrapped it to a small buffer that the kernel overran (NaN outputs, or a crash).
+int64_t env_int(const char* name, int64_t fallback, int64_t min_value, int64_t max_value) {
   const char* s = std::getenv(name);
   if (s == nullptr) return fallback;
   const int64_t v = std::atoll(s);
-  return v >= min_value ? v : fallback;
+  return v >= min_value && v <= max_value ? v : fallback;
 }
 
 void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim,
@@ -198,8 +201,8 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   };
   int64_t mq = std::max(R, kMqMax / R * R);
   while (mq > R && count_tasks(mq) < 4 * nthreads) mq -= R;
-  mq = std::max(R, env_int("BSBERT_ATTN_MQ", mq) / R * R);  // tuning experiments
-  const int64_t kc = std::max(P, env_int("BSBERT_ATTN_KC", kKcDefault) / P * P);
+  mq = std::max(R, env_int("BSBERT_ATTN_MQ", mq, 1, kEnvMqMax) / R * R);  // tuning experiments
+  const int64_t kc = std::max(P, env_int("BSBERT_ATTN_KC", kKcDefault, 1, kEnvKcMax) / P * P);
 
   AttnArgs a{};
   a.qkv = qkv.data_ptr();
@@ -221,7 +224,7 @@ void run(const Seqs& sq, const at::Tensor& qkv, at::Tensor& out, int64_t H, int6
   a.live = live.data();
   a.kc = kc;
   a.mq = mq;
-  a.pf_rows = env_int("BSBERT_ATTN_PREFETCH", kPrefetchRows, 0);
+  a.pf_rows = env_int("BSBERT_ATTN_PREFETCH", kPrefetchRows, 0, kEnvMqMax);
   a.pf_q = a.pf_rows > 0;
 
   const int64_t scratch_floats = attn_scratch_floats(mq, D, kc);

@@ -14,7 +14,10 @@ float* thread_buffer(int64_t n) {
   thread_local std::unique_ptr<float[]> buf;
   thread_local int64_t cap = 0;
   if (cap < n) {
+    // The old buffer goes first (no peak of both), and cap with it: a failed new (std::bad_alloc, e.g. from
+    // a huge tuning switch) must not leave a null buffer that a later, smaller call returns.
     buf.reset();
+    cap = 0;
     buf.reset(new float[n]);
     cap = n;
   }
