@@ -360,13 +360,21 @@ def _hooked(prog: Program) -> bool:
 
 def why_not_now(prog: Program, hidden, encoder_hidden_states, args, kwargs) -> str | None:
     """None if this call can run as one op, else why it takes the per-layer path."""
-    from bsbert import fast_layer
-
     if torch.compiler.is_compiling():
         return "torch.compile traces the per-layer ops"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.device.type != "cpu" \
             or hidden.dtype != prog.dtype:
         return "hidden states are not a [B, S, H] CPU tensor of the model's dtype"
+    return why_not_for_call(prog, encoder_hidden_states, args, kwargs)
+
+
+def why_not_for_call(prog: Program, encoder_hidden_states, args, kwargs) -> str | None:
+    """:func:`why_not_now` without the hidden states: what the lean BertModel forward asks before it computes
+    the embeddings (it computed them, found a hook, and then transformers computed them again)."""
+    from bsbert import fast_layer
+
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the per-layer ops"
     if encoder_hidden_states is not None or args or any(
             kwargs.get(k) is not None for k in ("encoder_attention_mask", "cache", "past_key_values", "head_mask")):
         return "cross-attention, cache or head-mask arguments"

@@ -172,6 +172,8 @@ def _lean_sequence(self, input_ids, attention_mask, token_type_ids, position_ids
     if input_ids is None or not _plain(self, attention_mask, args, kwargs):
         return None
     prog = self.encoder._bsbert_program
+    if fused_encoder.why_not_for_call(prog, None, (), {}) is not None:  # e.g. a hook: before the embeddings
+        return None
     emb = _embeddings_op(self.embeddings, input_ids, token_type_ids, position_ids, prog.dtype)
     if emb is None:
         emb = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)

@@ -90,7 +90,9 @@ def add_hooks(model: torch.nn.Module, use_nvtx: bool | None = None, permanent: b
                 m._bsbert_rf.__enter__()
 
             def post(m, args, out):
-                m._bsbert_rf.__exit__(None, None, None)
+                # popped, not left on the module: a record_function object cannot be deep-copied, and
+                # copy.deepcopy(model) failed after any forward with ranges
+                m.__dict__.pop("_bsbert_rf").__exit__(None, None, None)
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post))
     return handles

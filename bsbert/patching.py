@@ -429,7 +429,11 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     # check nor verify times their hooks)
     from bsbert import nvtx
 
-    nvtx.attach_if_enabled(model)
+    if nvtx.attach_if_enabled(model) and model.bsbert_plan.fused_encoder:
+        # the one-op encoder stays installed but steps aside for hooks: the plan must not claim it runs
+        model.bsbert_plan.fused_encoder = False
+        model.bsbert_plan.fused_encoder_reason = ("BSBERT_NVTX=1: its range hooks send every call down the "
+                                                  "per-layer path")
     return given
 
 
@@ -503,8 +507,9 @@ def _patch_once(model: nn.Module, plan: Plan | None, opts: dict, setup: dict) ->
     plan.device = str(device)
     if setup["unpad"]:
         from bsbert import unpad as unpad_mod
+        from bsbert.nn.linear import activation_like
 
-        unpad_mod.install(encoder, adapter)
+        unpad_mod.install(encoder, adapter, plan.hidden_size, activation_like(encoder).dtype)
     plan.unpad = bool(setup["unpad"])
     set_huge_pages(plan, layers)
     set_fast_layers(model, plan, layers, adapter, setup["fast_layers"])
@@ -581,11 +586,9 @@ def swap_modules(model: nn.Module, which: str) -> None:
 
     enc = getattr(model, "_bsbert_encoder", None)
     if which == "original" and enc is not None and getattr(enc, "_bsbert_unpadded", False):
-        model._bsbert_unpad_forward = enc.forward
-        unpad_mod.uninstall(enc)
+        model._bsbert_unpad_forward = unpad_mod.detach(enc)
     elif which == "patched" and getattr(model, "_bsbert_unpad_forward", None) is not None:
-        enc.forward = model._bsbert_unpad_forward
-        enc._bsbert_unpadded = True
+        unpad_mod.reattach(enc, model._bsbert_unpad_forward)
         model._bsbert_unpad_forward = None
     from bsbert import fast_layer
 

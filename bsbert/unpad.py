@@ -66,8 +66,29 @@ def _hooked(watch: _HookWatch, layers) -> bool:
     return fused_encoder._hooked(watch)
 
 
-def install(encoder, adapter) -> None:
-    """Give ``encoder`` (a patched BertEncoder-like module) the padding-free forward."""
+def _extra_repr(self) -> str:
+    own = type(self).extra_repr(self)
+    return (own + ", " if own else "") + "forward=bsbert padding-free encoder (real tokens only; bsbert.unpad)"
+
+
+def _output_type(encoder, hidden_size: int | None, dtype):
+    """The encoder class's own output type (DistilBERT's is BaseModelOutput, BERT's
+    BaseModelOutputWithPastAndCrossAttentions): the padding-free forward returns the same kind of object as the
+    padded one, whichever a batch takes."""
+    from bsbert.fused_encoder import _output_type as probe
+
+    if hidden_size:
+        try:
+            out = probe(encoder, hidden_size, dtype)
+            if out is not None:
+                return out
+        except Exception:  # noqa: BLE001 (an odd encoder: keep transformers' usual type)
+            pass
+    return BaseModelOutputWithPastAndCrossAttentions
+
+
+def install(encoder, adapter, hidden_size: int | None = None, dtype=None) -> None:
+    """Give ``encoder`` (a patched BertEncoder-like module) the padding-free forward (``print`` shows it)."""
     from bsbert import generation
 
     # The padded forward is the class's own (uninstall restores it by deleting this instance attribute),
@@ -78,6 +99,7 @@ def install(encoder, adapter) -> None:
     layer_fn = _STYLES[adapter.layer_style]
     generation.watch_module_assignments()  # a replaced layer part bumps the counter (see _HookWatch)
     hooks = _HookWatch()
+    output_type = _output_type(encoder, hidden_size, dtype)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         from bsbert import fused_encoder
@@ -87,7 +109,12 @@ def install(encoder, adapter) -> None:
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or fused_encoder._capturing():
             return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         b, s, h = hidden_states.shape
-        keep = key_padding_mask(attention_mask, b, s) if attention_mask is not None else None
+        try:
+            keep = key_padding_mask(attention_mask, b, s) if attention_mask is not None else None
+        except ValueError:
+            # not a key-padding mask (a custom 4-D mask, per-head planes): there is no padding to remove, and
+            # the padded forward's attention backend computes it or refuses it with its own reason
+            return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         if keep is None:  # nothing to remove
             return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         layers = getattr(self, adapter.layers_attr)
@@ -97,13 +124,27 @@ def install(encoder, adapter) -> None:
         x = info.unpad(hidden_states)
         for layer in layers:
             x = layer_fn(layer, adapter, x, info)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=info.pad(x))
+        return output_type(last_hidden_state=info.pad(x))
 
     encoder.forward = types.MethodType(forward, encoder)
+    encoder.extra_repr = types.MethodType(_extra_repr, encoder)
+    encoder._bsbert_unpadded = True
+
+
+def detach(encoder):
+    """Back to the class's forward and repr; returns what :func:`reattach` puts back (verify's swaps)."""
+    saved = (encoder.forward, encoder.extra_repr)
+    uninstall(encoder)
+    return saved
+
+
+def reattach(encoder, saved) -> None:
+    encoder.forward, encoder.extra_repr = saved
     encoder._bsbert_unpadded = True
 
 
 def uninstall(encoder) -> None:
     if getattr(encoder, "_bsbert_unpadded", False):
         del encoder.forward  # the class's own forward again
+        encoder.__dict__.pop("extra_repr", None)
         del encoder._bsbert_unpadded

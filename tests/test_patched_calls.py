@@ -369,3 +369,33 @@ def test_calls_from_several_threads_answer_as_calls_one_at_a_time(dtype, unpad):
     for th in threads:
         th.join()
     assert not failures, "\n".join(failures[:5])
+
+
+@pytest.mark.parametrize("backend", ["torch-dense", "onednn-dense", "cpu-bsr"])
+def test_deepcopy_computes_with_its_own_packed_weights(backend):
+    # the prepared calls closed over the original's packed tensors while deepcopy gave the copy new ones:
+    # an edit of the original moved the copy's outputs, and the original's weights stayed alive in the copy
+    import gc
+    import weakref
+
+    from bsbert.ops.linear_backends import BACKENDS
+    from tests.helpers import inputs, tiny_pruned
+
+    if BACKENDS[backend].not_supported_reasons(torch.device("cpu"), torch.float32, 32):
+        pytest.skip(f"{backend} unavailable here")
+    model = tiny_pruned(heads=(2, 3), ffn=(100, 37), hidden=64).eval()
+    bsbert.patch(model, select="heuristic", backend=backend, fused_encoder=False, progress=False)
+    twin = copy.deepcopy(model)
+    inp = inputs(batch=2, seq=9, pad_from=5, vocab=model.config.vocab_size)
+    with torch.inference_mode():
+        before = twin(**inp).start_logits
+    orig = model.bert.encoder.layer[0].intermediate.dense.choice.prepared.tensors
+    key = "values" if "values" in orig else "weight"
+    with torch.no_grad():
+        orig[key].zero_()
+    with torch.inference_mode():
+        assert torch.equal(twin(**inp).start_logits, before)
+    gone = weakref.ref(orig[key])
+    del model, orig
+    gc.collect()
+    assert gone() is None, "the copy kept the original's packed weight alive"

@@ -28,3 +28,27 @@ def test_profile_cli_cpu_trace(tmp_path):
     assert main(["--small", "--seq", "16", "--steps", "1", "--warmup", "1", "--device", "cpu",
                  "--trace", str(trace)]) == 0
     assert trace.exists() and "bsbert/layer1" in trace.read_text()
+
+
+def test_model_deep_copies_after_cpu_ranges():
+    # the pre-hook's torch.profiler.record_function stayed on each module after the forward: deepcopy then
+    # failed ("Tried to deepcopy object ... _RecordFunction")
+    import copy
+
+    model = tiny_pruned()
+    bsbert.patch(model, select="heuristic", progress=False)
+    with torch.inference_mode(), nvtx.ranges(model, use_nvtx=False):
+        model(**inputs())
+    assert not any("_bsbert_rf" in vars(m) for m in model.modules())
+    copy.deepcopy(model)
+
+
+def test_env_ranges_plan_does_not_claim_the_one_op_encoder(monkeypatch):
+    # BSBERT_NVTX=1's permanent hooks send every call down the per-layer path; the plan said the one-op
+    # encoder ran
+    monkeypatch.setenv("BSBERT_NVTX", "1")
+    model = tiny_pruned(heads=(2, 3, 4), ffn=(100, 37, 64))
+    bsbert.patch(model, select="heuristic", progress=False, attention="cpu")
+    plan = model.bsbert_plan
+    assert not plan.fused_encoder and "BSBERT_NVTX=1" in plan.fused_encoder_reason
+    assert "one C++ op" not in plan.table()

@@ -59,8 +59,9 @@ def test_unpad_verify_and_unpatch_restore_forward():
     rep = bsbert.verify(model)  # verify compares real-token logits: padded rows differ by design
     assert "forward" in vars(enc)  # verify put the unpadded forward back
     assert rep.passed, str(rep)
+    assert "padding-free encoder" in repr(enc)  # print(model) says which forward runs (it said nothing)
     bsbert.unpatch(model)
-    assert "forward" not in vars(enc)
+    assert "forward" not in vars(enc) and "extra_repr" not in vars(enc) and "padding-free" not in repr(model)
 
 
 def test_unpadded_distilbert():
@@ -73,6 +74,12 @@ def test_unpadded_distilbert():
         out = model(**inp).last_hidden_state
     keep = inp["attention_mask"].bool()
     assert ((out - ref)[keep].abs().max() / ref[keep].abs().max()).item() <= 1e-4
+    # the same output type with or without padding (BaseModelOutput, not BERT's type for padded batches)
+    with torch.inference_mode():
+        full = model(**_mixed_batch([20, 20, 20], seq=20, vocab=500))
+        padded = model(**inp)
+    assert type(padded) is type(full) is type(model.transformer).forward(
+        model.transformer, torch.zeros(1, 1, 64)).__class__
 
 
 def test_unpadded_model_still_returns_hidden_states():
@@ -169,3 +176,28 @@ def test_a_deep_copy_falls_back_to_its_own_layers():
         model.bert.encoder.layer[0].output.LayerNorm.weight.mul_(3)  # the original changes, the copy not
     assert torch.equal(_hidden(twin, inp), before)
     assert not torch.allclose(_hidden(model, inp), before)
+
+
+@pytest.mark.parametrize("kind", ["causal", "per-head padding"])
+def test_unpadded_model_takes_masks_the_padded_one_takes(kind):
+    # the padding-free forward refused every 4-D mask that is not key padding, even with attention="torch-sdpa"
+    # (which computes it), and its error told the user to pass exactly that option
+    import copy
+
+    model = tiny_pruned(heads=(2, 4, 1), ffn=(50, 20, 7))
+    ref_model = copy.deepcopy(model)
+    b, s, heads = 2, 9, model.config.num_attention_heads
+    ids = torch.randint(5, 1000, (b, s), generator=torch.Generator().manual_seed(0))
+    if kind == "causal":
+        mask = torch.ones(b, 1, s, s, dtype=torch.bool).tril()
+    else:
+        keep = torch.ones(b, s, dtype=torch.bool)
+        keep[1, 6:] = False
+        mask = keep[:, None, None, :].expand(b, heads, s, s)
+    with torch.inference_mode():
+        ref = ref_model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True, attention="torch-sdpa")
+    with torch.inference_mode():
+        out = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = slice(None) if kind == "causal" else slice(0, 1)  # a padded row's pad positions are meaningless
+    assert ((out - ref)[rows].abs().max() / ref[rows].abs().max()).item() <= 1e-5

@@ -25,16 +25,27 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 class PreparedLinear:
-    """Holds whatever tensors a backend needs; call it with x."""
+    """Holds whatever tensors a backend needs; call it with x.
 
-    def __init__(self, backend: "LinearBackend", fn, tensors: dict, block: int | None):
-        self.backend, self.fn, self.tensors, self.block = backend, fn, tensors, block
-        # fn's output followed by residual add + LayerNorm in one kernel, where a backend has one:
-        # add_layer_norm(x, residual, ln_weight, ln_bias, eps)
-        self.add_layer_norm = None
+    ``run(tensors, x)`` reads the tensors from ``self.tensors`` on every call rather than closing over them:
+    a ``copy.deepcopy`` of a patched model copies this dict, and closures copied by reference kept computing
+    with the original's packed weights (and kept them alive)."""
+
+    def __init__(self, backend: "LinearBackend", run, tensors: dict, block: int | None, aln_run=None):
+        self.backend, self.run, self.tensors, self.block = backend, run, tensors, block
+        # run's output followed by residual add + LayerNorm in one kernel, where a backend has one:
+        # aln_run(tensors, x, residual, ln_weight, ln_bias, eps)
+        self.aln_run = aln_run
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+        return self.run(self.tensors, x)
+
+    @property
+    def add_layer_norm(self):
+        """``add_layer_norm(x, residual, ln_weight, ln_bias, eps)`` on this linear's output, or None."""
+        if self.aln_run is None:
+            return None
+        return functools.partial(self.aln_run, self.tensors)
 
 
 class LinearBackend:
@@ -57,13 +68,11 @@ class TorchDense(LinearBackend):
         return []
 
     def prepare(self, weight, bias, gelu, block):
-        w = weight.contiguous()
-
-        def fn(x):
-            y = F.linear(x, w, bias)
+        def run(t, x):
+            y = F.linear(x, t["weight"], t["bias"])
             return F.gelu(y) if gelu else y
 
-        return PreparedLinear(self, fn, {"weight": w, "bias": bias}, None)
+        return PreparedLinear(self, run, {"weight": weight.contiguous(), "bias": bias}, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,17 +108,16 @@ class OneDnnDense(LinearBackend):
         return reasons
 
     def prepare(self, weight, bias, gelu, block):
-        w = weight.contiguous()
         attr, alg = ("gelu", "none") if gelu else ("none", "")
 
-        def fn(x):
+        def run(t, x):
             if torch.compiler.is_compiling():
                 # inductor lowers mkldnn linears only for frozen weights; it picks its own GEMM here
-                y = F.linear(x, w, bias)
+                y = F.linear(x, t["weight"], t["bias"])
                 return F.gelu(y) if gelu else y
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, attr, [], alg)
+            return torch.ops.mkldnn._linear_pointwise(x, t["weight"], t["bias"], attr, [], alg)
 
-        return PreparedLinear(self, fn, {"weight": w, "bias": bias}, None)
+        return PreparedLinear(self, run, {"weight": weight.contiguous(), "bias": bias}, None)
 
 
 def _prepare_bsr_op(backend, weight, bias, gelu, block, pack) -> PreparedLinear:
@@ -117,16 +125,15 @@ def _prepare_bsr_op(backend, weight, bias, gelu, block, pack) -> PreparedLinear:
     from bsbert.formats import BlockSparseMatrix
 
     bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
-    packed = pack(bsm)
     n, k = bsm.shape
-    crow, col = bsm.crow_indices, bsm.col_indices
 
-    def fn(x):
-        return torch.ops.bsbert.bsr_linear(x, crow, col, packed, bias, n, k, block, gelu)
+    def run(t, x):
+        return torch.ops.bsbert.bsr_linear(x, t["crow_indices"], t["col_indices"], t["values"], t["bias"], n, k,
+                                           block, gelu)
 
     # bsm is kept so the packed weight can be saved / inspected (bsbert.save)
-    return PreparedLinear(backend, fn, {"crow_indices": crow, "col_indices": col, "values": packed,
-                                        "bias": bias, "bsm": bsm}, block)
+    return PreparedLinear(backend, run, {"crow_indices": bsm.crow_indices, "col_indices": bsm.col_indices,
+                                         "values": pack(bsm), "bias": bias, "bsm": bsm}, block)
 
 
 class CpuBsr(LinearBackend):
@@ -152,15 +159,14 @@ class CpuBsr(LinearBackend):
 
         prep = _prepare_bsr_op(self, weight, bias, gelu, block, lambda bsm: pack_cpu(bsm, weight.dtype))
         if not gelu and _has_kernel("bsr_linear_add_layer_norm", "CPU"):
-            t = prep.tensors
-            n, k = t["bsm"].shape
-            crow, col, packed = t["crow_indices"], t["col_indices"], t["values"]
+            n, k = prep.tensors["bsm"].shape
 
-            def add_layer_norm(x, residual, ln_weight, ln_bias, eps):
-                return torch.ops.bsbert.bsr_linear_add_layer_norm(x, crow, col, packed, bias, n, k, block,
-                                                                  residual, ln_weight, ln_bias, eps)
+            def aln_run(t, x, residual, ln_weight, ln_bias, eps):
+                return torch.ops.bsbert.bsr_linear_add_layer_norm(
+                    x, t["crow_indices"], t["col_indices"], t["values"], t["bias"], n, k, block, residual,
+                    ln_weight, ln_bias, eps)
 
-            prep.add_layer_norm = add_layer_norm
+            prep.aln_run = aln_run
         return prep
 
 
@@ -227,11 +233,11 @@ class TritonBsr(LinearBackend):
 
         bsm = BlockSparseMatrix.from_dense(weight, block, pad=True)
 
-        def fn(x):
-            return bsr_linear_triton(x, bsm, bias, gelu=gelu)
+        def run(t, x):
+            return bsr_linear_triton(x, t["bsm"], t["bias"], gelu=gelu)
 
-        return PreparedLinear(self, fn, {"crow_indices": bsm.crow_indices, "col_indices": bsm.col_indices,
-                                         "values": bsm.values, "bias": bias, "bsm": bsm}, block)
+        return PreparedLinear(self, run, {"crow_indices": bsm.crow_indices, "col_indices": bsm.col_indices,
+                                          "values": bsm.values, "bias": bias, "bsm": bsm}, block)
 
 
 BACKENDS: dict[str, LinearBackend] = {b.name: b for b in (
