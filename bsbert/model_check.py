@@ -122,7 +122,7 @@ def run(model, repatch, tokens: int, seq: int | None, attention_forced: bool = F
     param = next(model.parameters())
     sdpa = None if attention_forced else sdpa_plan(plan)
     if sdpa is None and dense_plan(plan, param.device, param.dtype) is None:
-        plan.model_check = {"checked": False, "reason": "not needed: no linear is block-sparse and every attention is "
+        plan.model_check = {"checked": False, "reason": "not needed: no linear is block-sparse and every attention with kept heads is "
                             + ("forced" if attention_forced else "torch SDPA")}
         return
     inputs = forward_inputs(model, tokens, seq)

@@ -159,20 +159,21 @@ class Plan:
                 return f"{lin.backend}" + (f"@{lin.block}" if lin.format == "bsr" else "")
 
             backends = "/".join(be(n) for n in ("qkv", "attn_out", "ffn_in", "ffn_out"))
+            attn = (lp.attention_backend if lp.kept_heads else None) or "-"  # none runs without kept heads
             lines.append(
                 f"{lp.index:>5} {len(lp.kept_heads):>3}/{lp.num_heads:<3} "
                 f"{len(lp.kept_neurons):>4}/{lp.ffn_size:<4} {db('qkv'):>13} {db('attn_out'):>13} "
-                f"{dens('ffn_in'):>11} {dens('ffn_out'):>12} {lp.attention_backend or '-':<10} {backends:<40}")
+                f"{dens('ffn_in'):>11} {dens('ffn_out'):>12} {attn:<10} {backends:<40}")
         s = self.summary()
         lines.append("-" * len(head))
         lines.append(
             f"heads {s['kept_heads']}/{s['total_heads']}, FFN neurons {s['kept_neurons']}/"
-            f"{s['total_neurons']}, linear weights non-zero {s['linear_nonzero'] / 1e6:.1f}M of "
-            f"{s['linear_total'] / 1e6:.1f}M ({100 * s['linear_density']:.1f}%)")
+            f"{s['total_neurons']}, linear weights non-zero {_num(s['linear_nonzero'] / 1e6)}M of "
+            f"{_num(s['linear_total'] / 1e6)}M ({100 * s['linear_density']:.1f}%)")
         lines.append(
-            f"FLOPs at seq {seq}: dense {self.flops(seq, 'dense') / 1e9:.1f} G, packed "
-            f"{self.flops(seq, 'packed') / 1e9:.1f} G, remaining (skipping zero blocks) "
-            f"{self.flops(seq, 'remaining') / 1e9:.1f} G -> " + _bound_text(self, seq))
+            f"FLOPs at seq {seq}: dense {_num(self.flops(seq, 'dense') / 1e9)} G, packed "
+            f"{_num(self.flops(seq, 'packed') / 1e9)} G, remaining (skipping zero blocks) "
+            f"{_num(self.flops(seq, 'remaining') / 1e9)} G -> " + _bound_text(self, seq))
         if self.device is not None:  # patched: how the layers run
             how = ("bsbert's lean layer forward" if self.fast_layers else
                    "transformers' layer forward" + (f" ({self.fast_layers_reason})" if self.fast_layers_reason else ""))
@@ -190,6 +191,11 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _num(v: float) -> str:
+    """One decimal from 1 up, three significant digits below: a small model printed every FLOP count as 0.0 G."""
+    return f"{v:.1f}" if v >= 1 or v == 0 else f"{v:.3g}"
 
 
 def _bound_text(plan: Plan, seq: int) -> str:

@@ -46,6 +46,13 @@ def commands(args) -> dict:
     }
 
 
+def _trace_path(text: str) -> str:
+    """--trace: never empty (``--trace "$OUT"`` with the variable unset wrote the default file silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give the Chrome trace file's path")
+    return text
+
+
 def main(argv=None) -> int:
     from bsbert.cli import device_problem, model_dir, non_negative_int, positive_int
 
@@ -61,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=model_dir, default=None,
                    help="local HF checkpoint dir (default: the seed-like model)")
     p.add_argument("--small", action="store_true", help="2-layer seed-like model")
-    p.add_argument("--trace", default=None, help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
+    p.add_argument("--trace", default=None, type=_trace_path,
+                   help="CPU: torch.profiler Chrome trace path (default bsbert-trace.json)")
     args = p.parse_args(argv)
     why = device_problem(args.device)  # before the model is built and patched
     if why:

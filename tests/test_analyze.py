@@ -62,3 +62,20 @@ def test_nothing_left_to_compute_has_no_speedup_bound():
     assert "no speedup bound (no encoder linear or attention FLOPs left)" in str(plan)
     assert json.loads(json.dumps(plan.to_dict(), allow_nan=False))["summary"]["bound_seq384"] is None
     assert bsbert.analyze(tiny_pruned()).speedup_bound(384) > 1
+
+
+def test_layers_without_kept_heads_show_no_attention_backend():
+    # such a layer showed "cpu" (reason "first eligible ...") in the plan table though no attention runs
+    model = tiny_pruned(heads=(2, 0), ffn=(100, 37), hidden=64).eval()
+    bsbert.patch(model, select="heuristic", progress=False)
+    lp = model.bsbert_plan.layers[1]
+    assert not lp.kept_heads and lp.attention_reason == "no kept heads: no attention runs"
+    row = [line for line in model.bsbert_plan.table(seq=16).splitlines() if line.lstrip().startswith("1 ")]
+    assert row and lp.attention_backend not in row[0].split(), row
+
+
+def test_small_models_print_their_flops():
+    # every count printed as "0.0 G" and "0.0M of 0.1M" for a tiny model
+    model = tiny_pruned(heads=(2, 0), ffn=(100, 37), hidden=64).eval()
+    text = bsbert.analyze(model).table(seq=16)
+    assert "dense 0.0 G" not in text and "non-zero 0.0M" not in text, text

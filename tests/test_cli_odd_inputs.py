@@ -82,6 +82,7 @@ def test_bench_bad_model_refused_before_the_probes(tmp_path, monkeypatch, capsys
     (["bench", "--model", ""], "argument --model: empty path"),
     (["analyze", "--model", " "], "argument --model: empty path"),
     (["profile", "--model", ""], "argument --model: empty path"),
+    (["profile", "--device", "cpu", "--trace", ""], "argument --trace: empty path"),
 ])
 def test_flags_refused_before_the_work(argv, message, monkeypatch, capsys):
     _no_long_work(monkeypatch)

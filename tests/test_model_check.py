@@ -224,7 +224,8 @@ def test_model_check_not_needed_when_nothing_could_change(attention):
     model_check.run(model, no_repatch, 32, None, attention_forced=attention != "torch-sdpa")
     why = "forced" if attention != "torch-sdpa" else "torch SDPA"
     assert model.bsbert_plan.model_check == {
-        "checked": False, "reason": f"not needed: no linear is block-sparse and every attention is {why}"}
+        "checked": False,
+        "reason": f"not needed: no linear is block-sparse and every attention with kept heads is {why}"}
     # the same plan with its attention not forced has a variant to time: SDPA
     if attention == "cpu":
         assert model_check.sdpa_plan(model.bsbert_plan) is not None

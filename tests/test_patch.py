@@ -400,3 +400,18 @@ def test_failed_verify_without_originals_leaves_the_model_as_it_was():
         bsbert.verify(model)
     assert model.bert.encoder._bsbert_unpadded  # not left with the padded encoder forward
     assert torch.equal(_run(model, inp)["start_logits"], out["start_logits"])
+
+
+def test_heuristic_reason_says_when_the_rules_format_had_no_backend(monkeypatch):
+    # with cpu-bsr unusable (no extension) the dense pick's reason read "rule: block density 0.50 < 0.9",
+    # as if block-sparse had been chosen, and the ineligible list was dropped
+    from bsbert.ops import dispatch, linear_backends
+
+    monkeypatch.setattr(linear_backends.CpuBsr, "not_supported_reasons",
+                        lambda self, device, dtype, block: ["C++ extension unavailable: test"])
+    w = torch.randn(64, 64)
+    choice = dispatch.choose_linear(w, None, False, select="heuristic", block_density=0.5)
+    assert choice.format == "dense"
+    assert "no bsr backend eligible" in choice.reason and "cpu-bsr@32: C++ extension unavailable" in choice.reason
+    choice = dispatch.choose_linear(w, None, False, select="heuristic", block_density=0.95)
+    assert choice.format == "dense" and "no dense backend eligible" not in choice.reason

@@ -267,7 +267,9 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     if not fits:
         raise ValueError(f"no attention backend fits device={torch.device(device).type} dtype={dtype} "
                          f"head_dim={head_dim}: {explain(why_not)}")
-    if len(fits) == 1 or select == "heuristic" or num_heads == 0:
+    if num_heads == 0:  # the module still needs a backend object, but it never calls it
+        return ATTENTION_BACKENDS[fits[0]], "no kept heads: no attention runs"
+    if len(fits) == 1 or select == "heuristic":
         return ATTENTION_BACKENDS[fits[0]], ("forced" if backend else "first eligible") + (
             f" (not eligible: {explain(why_not)})" if why_not and not backend else "")
     batch, seq = measure_shape(tokens, seq)

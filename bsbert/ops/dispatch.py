@@ -118,9 +118,13 @@ def choose_linear(weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, *
             list(BACKENDS).index(nb[0])))
         name, blk = ranked[0]
         prepared = BACKENDS[name].prepare(weight, bias, gelu, blk)
+        wanted = "bsr" if block_density < BSR_DENSITY_RULE else "dense"
+        # the rule's format had no eligible backend: say so, and why (the reason read "block density 0.50 < 0.9"
+        # beside a dense choice)
+        missing = (f"; no {wanted} backend eligible{skipped}" if BACKENDS[name].format != wanted else skipped)
         return Choice(prepared, name, BACKENDS[name].format, blk,
                       f"rule: block density {block_density:.2f} "
-                      f"{'<' if block_density < BSR_DENSITY_RULE else '>='} {BSR_DENSITY_RULE}", {})
+                      f"{'<' if block_density < BSR_DENSITY_RULE else '>='} {BSR_DENSITY_RULE}{missing}", {})
     x = torch.randn(tokens, weight.shape[1], device=weight.device).to(weight.dtype)
     prepared = {(name if blk is None else f"{name}@{blk}"): (BACKENDS[name].prepare(weight, bias, gelu, blk), name, blk)
                 for name, blk in fits}
