@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import SMALL
+from benchmarks.conftest import SMALL, check_close, run_info
 from bsbert import _ext
 
 SHAPES = [(1, 128, 1024)] if SMALL else [(1, 384, 1024), (1, 128, 1024)]
@@ -28,15 +28,27 @@ needs_op = pytest.mark.skipif(not _ext.has_op("add_layer_norm"),
                               reason=f"bsbert::add_layer_norm unavailable: {_ext.reason_unavailable()}")
 
 
-def _case(shape, dtype, seed=0):
+def _inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
     x, r = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
     w, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    return x, r, w, b
+
+
+def _case(shape, dtype, seed=0):
+    x, r, w, b = _inputs(shape, dtype, seed)
+    n = shape[-1]
     return {
         "fused": lambda: torch.ops.bsbert.add_layer_norm(x, r, w, b, EPS),
         "torch": lambda: F.layer_norm(x + r, (n,), w, b, EPS),
     }
+
+
+def _reference(shape, dtype, seed=0):
+    """float64 LayerNorm(x + r) of the same (dtype-rounded) inputs."""
+    x, r, w, b = (t.double() for t in _inputs(shape, dtype, seed))
+    return F.layer_norm(x + r, (shape[-1],), w, b, EPS)
 
 
 def _name(shape, dtype) -> str:
@@ -49,8 +61,11 @@ def _name(shape, dtype) -> str:
 @pytest.mark.parametrize("impl", ["fused", "torch"])
 def test_add_layer_norm(benchmark, shape, dtype, impl):
     benchmark.group = f"add+LayerNorm {_name(shape, dtype)}"
+    benchmark.extra_info.update(run_info())
+    fn = _case(shape, dtype)[impl]
     with torch.inference_mode():
-        benchmark(_case(shape, dtype)[impl])
+        benchmark.extra_info["max_rel_err"] = check_close(fn(), _reference(shape, dtype), dtype, impl)
+        benchmark(fn)
 
 
 def interleaved(rounds: int = 30, calls: int = 50) -> list[dict]:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.conftest import SMALL
+from benchmarks.conftest import SMALL, check_close, run_info
 from bsbert import _ext
 from bsbert.formats import BlockSparseMatrix
 
@@ -29,14 +29,25 @@ needs_op = pytest.mark.skipif(not _ext.has_op("bsr_linear_add_layer_norm"),
                               reason=f"bsbert::bsr_linear_add_layer_norm unavailable: {_ext.reason_unavailable()}")
 
 
-def _fns(m, k, density, seed=0):
-    from bsbert.ops.packing import pack_cpu
-
+def _inputs(m, k, density, seed=0):
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(N // 32, -(-k // 32), generator=g) < density
     w = torch.randn(N, k, generator=g) * keep.repeat_interleave(32, 0).repeat_interleave(32, 1)[:, :k]
     b, lw, lb = torch.randn(N, generator=g), torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
     x, r = torch.randn(m, k, generator=g), torch.randn(m, N, generator=g)
+    return x, w, b, r, lw, lb
+
+
+def _reference(m, k, density, seed=0):
+    """float64 LayerNorm(x @ W^T + b + r) of the same inputs."""
+    x, w, b, r, lw, lb = (t.double() for t in _inputs(m, k, density, seed))
+    return torch.nn.functional.layer_norm(x @ w.T + b + r, (N,), lw, lb, 1e-12)
+
+
+def _fns(m, k, density, seed=0):
+    from bsbert.ops.packing import pack_cpu
+
+    x, w, b, r, lw, lb = _inputs(m, k, density, seed)
     bsm = BlockSparseMatrix.from_dense(w, 32, pad=True)
     packed, crow, col = pack_cpu(bsm, torch.float32), bsm.crow_indices, bsm.col_indices
     n, kk = bsm.shape
@@ -59,8 +70,11 @@ def _name(m, k, density) -> str:
 @pytest.mark.parametrize("impl", ["fused", "bsr+aln", "onednn+aln"])
 def test_output_block(benchmark, case, impl):
     benchmark.group = f"output block {_name(*case)}"
+    benchmark.extra_info.update(run_info())
+    fn = _fns(*case)[impl]
     with torch.inference_mode():
-        benchmark(_fns(*case)[impl])
+        benchmark.extra_info["max_rel_err"] = check_close(fn(), _reference(*case), torch.float32, impl)
+        benchmark(fn)
 
 
 def table(rounds: int = 10) -> str:

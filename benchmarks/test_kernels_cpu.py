@@ -4,23 +4,29 @@
     BSBERT_BENCH_FULL=1 pytest benchmarks/test_kernels_cpu.py --benchmark-only   # full grid
 
 Each case reports useful GFLOP/s in ``extra_info`` (ours: 2*M times the real weight entries its stored
-blocks cover, see ``_real_flops``; dense: 2*M*N*K).
+blocks cover, see ``_real_flops``; dense: 2*M*N*K), and each case first checks its result, untimed,
+against float64 F.linear on the same weight. bf16 where oneDNN has no bf16 GEMM worth the name (bsbert's
+kernels widen bf16 to fp32 there, ``_ext.bf16_widened_on_cpu``): the oneDNN baseline runs in fp32, as
+``bsbert.ops.cpu_kernel_report``'s does (``extra_info["onednn_dtype"]``); a dtype oneDNN lacks is skipped.
 For the ratio table measured interleaved in one run, use ``python -m bsbert.ops.cpu_kernel_report``.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.conftest import check_close, env_flag, run_info
 from bsbert import _ext
 from bsbert.formats import BlockSparseMatrix
+from bsbert.ops import linear_backends
 from bsbert.ops.cpu_kernel_report import block_sparse_weight
 from bsbert.ops.packing import pack_cpu
 
-FULL = os.environ.get("BSBERT_BENCH_FULL", "0").lower() in ("1", "true", "yes")
+try:
+    FULL = env_flag("BSBERT_BENCH_FULL")
+except pytest.UsageError:  # conftest's pytest_configure reports it before collection
+    FULL = False
 
 if FULL:
     SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 768), (3072, 768), (768, 3072), (70, 100),
@@ -49,6 +55,18 @@ def _setup(n, k, d, m, dtype, block=32):
                            else None, w=w32.to(dtype), x=torch.randn(m, k).to(dtype),
                            bias=torch.randn(n).to(dtype))
     return _cache[key]
+
+
+def _reference(c) -> torch.Tensor:
+    """float64 F.linear of the case's x, weight (as stored in its dtype) and bias, computed once per case."""
+    if "ref" not in c:
+        c["ref"] = F.linear(c["x"].double(), c["w"].double(), c["bias"].double())
+    return c["ref"]
+
+
+def _gflops(benchmark, flops: int) -> dict:
+    # benchmark.stats is None under --benchmark-disable (each case then runs once as a test): no rate
+    return {"gflops": flops / benchmark.stats.stats.min / 1e9} if benchmark.stats else {}
 
 
 def _real_flops(bsm: BlockSparseMatrix, m: int) -> int:
@@ -93,10 +111,12 @@ def test_bsr_linear(benchmark, shape, density, m, dtype):
     flops = _real_flops(bsm, m)
     # stored_block_flops: the padded count (useful_flops), kept to show how far padding would inflate it
     benchmark.extra_info.update(useful_flops=flops, stored_block_flops=bsm.useful_flops(m),
-                                block_density=bsm.stats.block_density)
-    benchmark(torch.ops.bsbert.bsr_linear, c["x"], bsm.crow_indices, bsm.col_indices, c["packed"], c["bias"],
-              n, k, bsm.block, False)
-    benchmark.extra_info["gflops"] = flops / benchmark.stats.stats.min / 1e9
+                                block_density=bsm.stats.block_density, **run_info())
+    args = (c["x"], bsm.crow_indices, bsm.col_indices, c["packed"], c["bias"], n, k, bsm.block, False)
+    benchmark.extra_info["max_rel_err"] = check_close(torch.ops.bsbert.bsr_linear(*args), _reference(c), dtype,
+                                                      "bsr_linear")
+    benchmark(torch.ops.bsbert.bsr_linear, *args)
+    benchmark.extra_info.update(_gflops(benchmark, flops))
 
 
 @params
@@ -107,8 +127,11 @@ def test_dense_flinear(benchmark, shape, density, m, dtype):
     n, k = shape
     c = _setup(n, k, density, m, dtype)
     benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
+    benchmark.extra_info.update(run_info())
+    benchmark.extra_info["max_rel_err"] = check_close(F.linear(c["x"], c["w"], c["bias"]), _reference(c), dtype,
+                                                      "F.linear")
     benchmark(F.linear, c["x"], c["w"], c["bias"])
-    benchmark.extra_info["gflops"] = 2 * m * n * k / benchmark.stats.stats.min / 1e9
+    benchmark.extra_info.update(_gflops(benchmark, 2 * m * n * k))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN unavailable")
@@ -119,10 +142,21 @@ def test_dense_flinear(benchmark, shape, density, m, dtype):
 def test_dense_onednn(benchmark, shape, density, m, dtype):
     n, k = shape
     c = _setup(n, k, density, m, dtype)
-    wm = c["w"].to_mkldnn()
+    # bf16 where bsbert widens it to fp32 (AVX2, AVX-512 without a bf16 dot product): oneDNN's bf16 GEMM is
+    # missing there (no primitive descriptor) or emulated, and the fp32 one is what bf16 work runs as; the
+    # same baseline as bsbert.ops.cpu_kernel_report's
+    dnn_dtype = torch.float32 if dtype == torch.bfloat16 and _ext.bf16_widened_on_cpu() else dtype
+    why_not = linear_backends._onednn_probe(dnn_dtype)
+    if why_not:
+        pytest.skip(why_not)
+    x, w, bias = (c[name].to(dnn_dtype) for name in ("x", "w", "bias"))
+    args = (x, w.to_mkldnn(), bias, "none", [], "")
     benchmark.group = f"{_ids(dtype)} M={m} {n}x{k} d={density}"
-    benchmark(torch.ops.mkldnn._linear_pointwise, c["x"], wm, c["bias"], "none", [], "")
-    benchmark.extra_info["gflops"] = 2 * m * n * k / benchmark.stats.stats.min / 1e9
+    benchmark.extra_info.update(onednn_dtype=_ids(dnn_dtype), **run_info())
+    benchmark.extra_info["max_rel_err"] = check_close(torch.ops.mkldnn._linear_pointwise(*args), _reference(c),
+                                                      dnn_dtype, "oneDNN linear")
+    benchmark(torch.ops.mkldnn._linear_pointwise, *args)
+    benchmark.extra_info.update(_gflops(benchmark, 2 * m * n * k))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)

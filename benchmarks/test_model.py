@@ -3,7 +3,10 @@
 Per (seq, dtype) group, benchmarks/conftest.py prints the ratios measured in this run (patched vs dense,
 patched vs packed, patched over its FLOP bound) and adds them to the saved JSON. The bound's denominator
 is the best dense GEMM rate at a BERT layer's shapes, probed once per dtype in this session (as
-`bsbert bench` does; fewer probe rounds in the SMALL run to keep CI short).
+`bsbert bench` does; fewer probe rounds in the SMALL run to keep CI short). Each run's extra_info says the
+model depth and threads it ran with (and the ratio table shows them). Before timing, each patched / packed /
+other-engine case checks its outputs, untimed, against the unpatched model's (bsbert verify's tolerance); the
+dense model is torch eager itself, and is only checked to give finite outputs.
 """
 import inspect
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 import bsbert
-from benchmarks.conftest import SMALL, bench_inputs
+from benchmarks.conftest import SMALL, bench_inputs, check_outputs, run_info
 from bsbert.bench import run_bench
 from bsbert.timing import bert_dense_shapes, dense_gemm_gflops, time_fn
 
@@ -48,9 +51,10 @@ def dense_gemm_rate():
     return get
 
 
-def _bench(benchmark, fn, seq, dtype, variant, **info):
+def _bench(benchmark, fn, seq, dtype, variant, model, **info):
     benchmark.group = f"model seq={seq} {dtype}"
-    benchmark.extra_info.update(seq=seq, dtype=dtype, variant=variant, warmup_s=WARMUP_S, **info)
+    benchmark.extra_info.update(seq=seq, dtype=dtype, variant=variant, warmup_s=WARMUP_S,
+                                num_hidden_layers=model.config.num_hidden_layers, **run_info(), **info)
     if not benchmark.disabled:  # --benchmark-disable: one call as a test, nothing to warm up for
         time_fn(fn, repeats=1, warmup=1, warmup_s=WARMUP_S)  # the warm-up `bsbert bench` does; its timing unused
     with torch.inference_mode():
@@ -62,7 +66,10 @@ def _bench(benchmark, fn, seq, dtype, variant, **info):
 def test_dense_bert_large(benchmark, get_model, record_model_run, seq, dtype):
     model = get_model("dense", getattr(torch, dtype))
     inp = bench_inputs(seq)
-    _bench(benchmark, lambda: model(**inp), seq, dtype, "dense", description="dense torch eager")
+    with torch.inference_mode():  # torch eager is the reference itself: nothing to compare it with
+        out = model(**inp)
+    assert all(torch.isfinite(v).all() for v in out.values() if v.is_floating_point()), "dense model: NaN/Inf"
+    _bench(benchmark, lambda: model(**inp), seq, dtype, "dense", model, description="dense torch eager")
     record_model_run()
 
 
@@ -74,15 +81,20 @@ def test_seed_like(benchmark, get_model, record_model_run, dense_gemm_rate, seq,
     # the bound's rate, probed before patching (not beside it); nothing to bound when nothing is timed
     rate = dense_gemm_rate(dtype, model.config) if variant == "patched" and not benchmark.disabled else None
     which = "remaining" if variant == "patched" else "packed"
+    inp = bench_inputs(seq)
+    with torch.inference_mode():
+        ref = model(**inp)  # the unpatched model: what the packed / patched forward must compute
     bsbert.patch(model, tokens=seq, progress=False, **({"format": "dense"} if variant == "packed" else {}))
     try:
         plan = model.bsbert_plan
-        inp = bench_inputs(seq)
-        info = {"gflop": plan.flops(seq, which) / 1e9, "flop_bound_speedup": plan.speedup_bound(seq, which)}
+        with torch.inference_mode():
+            err = check_outputs(ref, model(**inp), inp["attention_mask"], getattr(torch, dtype), variant)
+        info = {"gflop": plan.flops(seq, which) / 1e9, "flop_bound_speedup": plan.speedup_bound(seq, which),
+                "max_rel_err": err}
         if rate:
             info.update(remaining_flops=plan.flops(seq, "remaining"), dense_gemm_gflops=rate["gflops"],
                         dense_gemm_label=rate["label"], dense_gemm_probe_rounds=PROBE_ROUNDS)
-        _bench(benchmark, lambda: model(**inp), seq, dtype, variant, **info)
+        _bench(benchmark, lambda: model(**inp), seq, dtype, variant, model, **info)
     finally:
         bsbert.unpatch(model)
     record_model_run()
@@ -103,5 +115,8 @@ def test_engine_packed(benchmark, get_model, seq, dtype, engine):
         runner = engines.engine_runner(engine, model, inp, torch.get_num_threads())
     except engines.EngineUnavailable as exc:  # not installed, or not this dtype (onnxruntime has no bf16 GEMM)
         pytest.skip(str(exc))
-    _bench(benchmark, runner.run, seq, dtype, f"{engine} packed", precision=runner.info["precision"],
-           gflop=bsbert.analyze(model).flops(seq, "packed") / 1e9)
+    with torch.inference_mode():
+        ref = model(**inp)
+    err = check_outputs(ref, runner.run(), inp["attention_mask"], getattr(torch, dtype), engine)
+    _bench(benchmark, runner.run, seq, dtype, f"{engine} packed", model, precision=runner.info["precision"],
+           gflop=bsbert.analyze(model).flops(seq, "packed") / 1e9, max_rel_err=err)

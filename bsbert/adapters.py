@@ -15,7 +15,7 @@ from bsbert.errors import UnsupportedModelError
 @dataclass(frozen=True)
 class EncoderAdapter:
     family: str
-    encoder_class_names: tuple[str, ...]  # class names of the module that holds the layer list
+    encoder_class_names: tuple[str, ...]  # names of transformers' classes of the module that holds the layer list
     # attribute paths inside one encoder layer
     self_attention: str = "attention.self"
     query: str = "attention.self.query"
@@ -67,20 +67,38 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def _is_encoder_class(cls: type, names: tuple[str, ...]) -> bool:
+    """``cls`` is (or subclasses) transformers' own class of one of ``names``: a user's module that happens to be
+    called ``Transformer`` or ``BertEncoder`` (holding a ``layer`` list of other layers) is no DistilBERT / BERT
+    encoder, and patching it as one failed with an AttributeError deep inside."""
+    return any(c.__name__ in names and c.__module__.startswith("transformers.") for c in cls.__mro__)
+
+
 def find_encoder(model: nn.Module) -> tuple[str, nn.Module, EncoderAdapter]:
     """Return (qualified name, encoder module, adapter) or raise UnsupportedModelError."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    found = []
     for name, module in model.named_modules():
         for adapter in ADAPTERS:
-            if type(module).__name__ in adapter.encoder_class_names and hasattr(module, adapter.layers_attr):
-                return name, module, adapter
+            if _is_encoder_class(type(module), adapter.encoder_class_names) and hasattr(module, adapter.layers_attr):
+                found.append((name, module, adapter))
+                break
+    if len(found) > 1:
+        # a dual encoder (e.g. query and passage BertModels): patching the first one only left the others dense,
+        # silently; patching several is not implemented
+        paths = ", ".join(repr(name) for name, _, _ in found)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds {len(found)} encoders ({paths}): bsbert patches models with one encoder; "
+            f"patch / analyze each encoder's own model (e.g. the BertModel holding it) instead")
+    if found:
+        return found[0]
     known = ", ".join(n for a in ADAPTERS for n in a.encoder_class_names)
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported: bsbert patches models holding one of [{known}] "
         f"(BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, Data2VecText, ERNIE, DistilBERT encoders and "
-        f"their task heads), found none; other architectures (e.g. relative-position or decoder "
-        f"models) have a different attention and are not supported")
+        f"their task heads, as transformers defines them), found none; other architectures (e.g. "
+        f"relative-position or decoder models) have a different attention and are not supported")
 
 
 _DECODER_REFUSED = ("decoder / cross-attention BERT configs are not supported: bsbert patches bidirectional "

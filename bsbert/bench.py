@@ -13,6 +13,7 @@ Writes a table, JSON and a PNG plot.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -159,10 +160,11 @@ def run_bench(seqs=(384,), batch=1, dtype="float32", device="cpu", threads=None,
         dense, dense_name = pruned, "the model unpatched (masked dense)"
     else:
         say("building dense BERT-large (random weights) ...")
-        dense, dense_name = models.dense_bert_large(dtype=dt, **overrides).to(dev), "dense BERT-large"
+        dense = models.dense_bert_large(dtype=dt, **overrides).to(dev)
+        dense_name = "dense BERT-large (2 layers)" if small else "dense BERT-large"
     results = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
                "threads": torch.get_num_threads(), "warmup_s": warmup_s, "torch": torch.__version__,
-               "bsbert": bsbert.__version__,
+               "bsbert": bsbert.__version__, **_provenance(dev),
                "compile": compile_mode, "select": select, "trials": trials, "dense_gemm": peak,
                "model": model_path or ("seed-like (2 layers)" if small else "seed-like"), "dense_model": dense_name,
                "plan_summary": plan.summary(), "runs": [], "isa_peak": isa_peak, "engines": list(engines),
@@ -379,6 +381,71 @@ def _device_name(dev) -> str:
     return name
 
 
+# Switches that change which kernels or library paths run: a result file records the ones that were set
+_CAP_VARS = ("BSBERT_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS",
+             "BSBERT_TRITON_AUTOTUNE", "BSBERT_HUGEPAGES")
+
+
+def _provenance(dev) -> dict:
+    """What tells two result files apart beyond the device name (every Zen 3 and Zen 5 VM is "AMD EPYC"):
+    bsbert's git commit (when it runs from a checkout), the CPU kernels' SIMD path, the CPU's family/model and
+    the capping environment variables that were set."""
+    import subprocess
+
+    from bsbert import _ext
+
+    out = {"commit": None, "cpu_isa": None, "cpu_id": None,
+           "env": {k: os.environ[k] for k in _CAP_VARS if k in os.environ}}
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(bsbert.__file__)))
+        r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            out["commit"] = r.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    mod = _ext.load(warn=False)
+    if mod is not None and hasattr(mod, "cpu_isa"):
+        out["cpu_isa"] = mod.cpu_isa()
+    if dev.type == "cpu":
+        try:
+            fields = {}
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k.strip() in ("cpu family", "model", "stepping") and k.strip() not in fields:
+                        fields[k.strip()] = v.strip()
+                    if not line.strip():
+                        break
+            out["cpu_id"] = ", ".join(f"{k} {v}" for k, v in fields.items()) or None
+        except OSError:
+            pass
+    return out
+
+
+def _finite(obj):
+    """The results with NaN / inf as null: json.dump wrote them as NaN / Infinity, which is not JSON (a wrong
+    run's max_rel_diff is inf: exactly the file that must be readable)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _flags(results) -> list[str]:
+    """What makes a run not a valid comparison, as the table caption and the plot say it."""
+    flags = []
+    if results.get("outputs_ok") is False:
+        flags.append("OUTPUTS DIFFER: not a valid comparison")
+    if not results.get("steady", True):
+        flags.append("NOT STEADY: a probe moved > 5%")
+    return flags
+
+
 def table(results) -> Table:
     t = Table(title=f"bsbert bench — {results['model']} on {results['device_name']} "
                     f"({results['device']}, {results['dtype']}, batch {results['batch']}, "
@@ -386,9 +453,11 @@ def table(results) -> Table:
                     f"{', torch.compile ' + results['compile'] if results.get('compile') else ''})")
     if results.get("isa_peak"):
         ip, dg = results["isa_peak"], results["dense_gemm"]
+        # a GEMM cannot beat the multiply-add issue rate: above it, the peak probe ran in a slow moment
+        share = (f"{dg['gflops'] / ip['gflops']:.0%} of the instruction peak" if dg["gflops"] <= ip["gflops"] else
+                 "above the instruction peak probe, which is therefore not valid in this run")
         t.caption = (f"FLOP bound at {dg.get('label', dg['backend'])} {dg['gflops']:.0f} GFLOP/s = "
-                     f"{dg['gflops'] / ip['gflops']:.0%} of the instruction peak ({ip['instruction']}, "
-                     f"{ip['gflops']:.0f} GFLOP/s on {threads_text(ip['threads'])})"
+                     f"{share} ({ip['instruction']}, {ip['gflops']:.0f} GFLOP/s on {threads_text(ip['threads'])})"
                      + ("; bf16 runs widened to fp32 on this CPU (no bf16 dot product)" if dg.get("widened") else "")
                      + ("" if results.get("steady", True) else
                         "; NOT STEADY: a probe moved > 5% during the run (see the log), compare steady runs"))
@@ -436,7 +505,7 @@ def _write(results, out_dir, console):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(out_dir, f"bench-{results['device']}-{results['dtype']}-{stamp}")
     with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(_finite(results), f, indent=2, allow_nan=False)
     try:
         _plot(results, base + ".png")
         results["png"] = base + ".png"
@@ -480,8 +549,10 @@ def _plot(results, path):
         ax.annotate(f"{r['patched_over_bound']:.2f}x bound", (j + k * width, r["patched_ms"]), ha="center",
                     va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
     dense_name = results.get("dense_model", "dense BERT-large")
+    flags = _flags(results)
     ax.set_title(f"{results['model']} vs {dense_name}\n{results['device_name']}, {results['dtype']}, "
-                 f"batch {results['batch']}", fontsize=9)
+                 f"batch {results['batch']}, {threads_text(results['threads'])}"
+                 + ("\n" + "; ".join(flags) if flags else ""), fontsize=9, color="red" if flags else "black")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

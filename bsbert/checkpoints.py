@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 
 import torch
@@ -28,8 +29,10 @@ import torch
 _ROWS = re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.(?:self\.(?:query|key|value)|(?:q_lin|k_lin|v_lin))\.(weight|bias)$")
 _COLS = re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.(?:output\.dense|out_lin)\.weight$")
 
-_SINGLE = ("model.safetensors", "pytorch_model.bin")
-_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# The order transformers reads them in: safetensors (one file, then shards) before PyTorch pickles, so that a
+# stale pytorch_model.bin next to sharded safetensors is not what the pruned-heads path loads instead.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def pruned_heads(config_dict: dict) -> dict[int, list[int]]:
@@ -37,21 +40,27 @@ def pruned_heads(config_dict: dict) -> dict[int, list[int]]:
     raw = config_dict.get("pruned_heads") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config.json: pruned_heads must map layer -> list of heads, got {type(raw).__name__}")
-    out = {}
+    out, key_of = {}, {}
     for layer, heads in raw.items():
         # a list of whole numbers only: int() took a string "12" as heads 1 and 2, 1.7 as head 1, true as head 1
         # and a dict as its keys, so an edited config pruned other heads than it said, silently
         ok = isinstance(heads, list) and all(_whole(h) for h in heads) and _whole(layer)
         if not ok:
             raise ValueError(f"config.json: pruned_heads[{layer!r}] = {heads!r} is not a list of head indices")
-        out[int(layer)] = sorted({int(h) for h in heads})
+        n = int(layer)
+        if n in key_of:  # "0" and "00" (or " 0") are both layer 0: one list silently replaced the other
+            raise ValueError(f"config.json: pruned_heads has two entries for layer {n} ({key_of[n]!r} and {layer!r})")
+        key_of[n] = layer
+        out[n] = sorted({int(h) for h in heads})
     return {k: v for k, v in out.items() if v}
 
 
 def _whole(v) -> bool:
     """An int, or a string of one (JSON's object keys are strings; transformers 4 wrote the heads as ints)."""
     if isinstance(v, str):
-        return v.strip().lstrip("-").isdigit()
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses with its own error
+        digits = v.strip().lstrip("-")
+        return digits.isascii() and digits.isdigit()
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -60,34 +69,47 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except EOFError as exc:  # (its message is empty)
+        raise ValueError(f"{path} is corrupt or not a weights file: it is empty or truncated (EOFError)") from exc
+    except pickle.UnpicklingError as exc:  # torch's message is many lines of advice about weights_only=False
+        raise ValueError(f"{path} is corrupt or not a weights file: torch.load(weights_only=True) cannot read it "
+                         f"as a state dict (not a PyTorch file, or a pickled whole model rather than its "
+                         f"state_dict())") from exc
     except Exception as exc:  # safetensors' and torch's own errors for a truncated / corrupt file do not name it
         raise ValueError(f"{path} is corrupt or not a weights file: {type(exc).__name__}: {exc}") from exc
+    # torch.save'd anything loads (a list of tensors, a dict of lists): refused here rather than by an
+    # AttributeError / TypeError of the code that reads it as {name: tensor}
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} is corrupt or not a weights file: it holds a {type(sd).__name__}, not a dict of "
+                         f"tensor name -> tensor")
+    return sd
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in directory ``path``: one safetensors / PyTorch file or a sharded
-    set with its index (safetensors first, as transformers prefers it)."""
-    for name in _SINGLE:
-        if os.path.isfile(os.path.join(path, name)):
-            return _read_file(os.path.join(path, name))
-    for name in _INDEX:
-        index = os.path.join(path, name)
-        if os.path.isfile(index):
-            try:  # (a KeyError or JSONDecodeError without the file's name before)
-                with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{index} is not a shard index with a 'weight_map' ({type(exc).__name__}: {exc})") \
-                    from exc
-            sd = {}
-            for fname in files:
-                sd.update(_read_file(os.path.join(path, fname)))
-            return sd
-    raise ValueError(f"{path!r} holds no model weights (looked for {', '.join(_SINGLE + _INDEX)})")
+    set with its index (safetensors first, as transformers prefers it: _WEIGHT_FILES' order)."""
+    for name in _WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if not name.endswith(".index.json"):
+            return _read_file(file)
+        try:  # (a KeyError or JSONDecodeError without the file's name before)
+            with open(file) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{file} is not a shard index with a 'weight_map' ({type(exc).__name__}: {exc})") \
+                from exc
+        sd = {}
+        for fname in files:
+            sd.update(_read_file(os.path.join(path, fname)))
+        return sd
+    raise ValueError(f"{path!r} holds no model weights (looked for {', '.join(_WEIGHT_FILES)})")
 
 
 def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]], num_heads: int,
@@ -128,9 +150,75 @@ def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]
     return out
 
 
+def model_class(config):
+    """The class to load a checkpoint with: the one ``config.json``'s ``architectures[0]`` names when transformers
+    has it (BertForSequenceClassification, BertForMaskedLM, ...), else AutoModel. (Only QuestionAnswering
+    checkpoints got their class before: the others came back as a bare encoder without their task head, a
+    MaskedLM one with a random pooler.)"""
+    import transformers
+    from transformers import AutoModel, PreTrainedModel
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and isinstance(archs[0], str):
+        try:
+            cls = getattr(transformers, archs[0], None)
+        except Exception:  # a class whose optional dependency is missing: transformers' lazy import raises
+            cls = None
+        config_class = getattr(cls, "config_class", None)
+        if (isinstance(cls, type) and issubclass(cls, PreTrainedModel)
+                and (config_class is None or isinstance(config, config_class))):
+            return cls
+    return AutoModel
+
+
+def check_attention_sizes(config) -> None:
+    """ValueError unless the head count and hidden size are positive whole numbers: 0 heads ended in a
+    ZeroDivisionError (here and inside transformers' attention), and transformers' own config validation
+    lets 0, negative and bool values through."""
+    for name in ("num_attention_heads", "hidden_size"):  # (DistilBERT's, GPT-2's configs map both names)
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config.json: {name} must be a whole number >= 1, got {value!r}")
+
+
+def check_loaded(model, info: dict, path: str) -> None:
+    """BsbertError when the checkpoint had no weights for part of the encoder or embeddings (``info``: what
+    ``from_pretrained(..., output_loading_info=True)`` returns). transformers initialises such weights randomly
+    with a warning, so a checkpoint whose tensor names do not match (a DDP "module." prefix) loaded as a random
+    model, which analyze and bench then reported under the checkpoint's name. Missing task-head weights (a
+    fresh classifier, the pooler of a base model loaded from an MLM checkpoint) are initialised on purpose and
+    stay a warning."""
+    from bsbert.errors import BsbertError
+
+    base = getattr(model, "base_model", model)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def in_encoder(key: str) -> bool:
+        if base is not model:  # a task model: its encoder / embeddings live under base_model_prefix
+            if not key.startswith(prefix):
+                return False
+            key = key[len(prefix):]
+        return not key.startswith("pooler.")
+
+    missing = sorted(k for k in info.get("missing_keys") or () if in_encoder(k))
+    if missing:
+        unexpected = sorted(info.get("unexpected_keys") or ())
+        found = f"; its tensors are named like {unexpected[0]!r}" if unexpected else ""
+        raise BsbertError(f"model path {path!r}: the checkpoint has no weights for {len(missing)} encoder / embedding "
+                          f"tensors of {type(model).__name__} (e.g. {', '.join(missing[:3])}){found}: its tensor "
+                          f"names do not match the model (a DDP 'module.' prefix?), and it would load as a random "
+                          f"model")
+
+
 def load_pruned_heads_checkpoint(path: str, loader, config, pruned: dict[int, list[int]], dtype):
     """``loader.from_pretrained(path)`` for a checkpoint saved with ``pruned`` heads: the expanded state
-    dict (see the module docstring), and a config without ``pruned_heads``."""
+    dict (see the module docstring), and a config without ``pruned_heads``. ``loader``: a model class
+    (``model_class(config)``) or an Auto class."""
+    from transformers import PreTrainedModel
+
+    check_attention_sizes(config)
     num_heads, hidden = config.num_attention_heads, config.hidden_size  # (DistilBERT's config maps both names)
     if hidden % num_heads:
         raise ValueError(f"hidden size {hidden} is not a multiple of the {num_heads} attention heads")
@@ -139,6 +227,12 @@ def load_pruned_heads_checkpoint(path: str, loader, config, pruned: dict[int, li
         del config.pruned_heads
     # transformers 5 takes a state dict only without a path, and its Auto classes need one: the concrete
     # class the Auto class maps this config to (its mapping, else the class of a model built from it)
-    mapping = getattr(loader, "_model_mapping", None)
-    cls = mapping[type(config)] if mapping is not None and type(config) in mapping else type(loader.from_config(config))
-    return cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype).eval()
+    if isinstance(loader, type) and issubclass(loader, PreTrainedModel):
+        cls = loader
+    else:
+        mapping = getattr(loader, "_model_mapping", None)
+        cls = (mapping[type(config)] if mapping is not None and type(config) in mapping
+               else type(loader.from_config(config)))
+    model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype, output_loading_info=True)
+    check_loaded(model, info, path)
+    return model.eval()

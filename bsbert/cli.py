@@ -106,6 +106,9 @@ def _print_result(tbl, res) -> int:
     out = Console(width=max(Measurement.get(term, term.options.update(width=10_000), tbl).maximum, term.width))
     out.print(tbl)
     out.print(f"JSON: {res['json']}" + (f"   plot: {res['png']}" if "png" in res else ""))
+    if res.get("outputs_ok") is False:  # the times of a wrong forward compare nothing: a script must see it
+        out.print("[bold red]exit 1: outputs differ from the masked dense model (see the table)[/]")
+        return 1
     return 0
 
 
@@ -116,6 +119,9 @@ def _analyze(args):
     from bsbert import models
 
     model = models.load_local(args.model) if args.model is not None else models.seed_like_model(dtype=torch.float32)
+    # FLOPs at a --seq the model cannot embed are no numbers of this model: refused as bench refuses it
+    models.check_seq_len(models.max_seq_len(model), [args.seq],
+                         f"the model {args.model!r}" if args.model is not None else "the seed-like model")
     print(bsbert.analyze(model).table(args.seq))
     return 0
 

@@ -14,8 +14,9 @@ advised ``MADV_HUGEPAGE``) *in place* (``Tensor.set_``), so every closure and fu
 holding the tensor object keeps working, bit for bit. A chunk is unmapped when the last tensor in it
 dies (``torch.frombuffer`` keeps the mmap alive); each ``patch`` seals its last chunk, so deleting a model
 frees its weights. ``patch`` places the block-sparse CPU kernel's packed
-weights (:func:`place_packed_weights`); ``BSBERT_HUGEPAGES=0`` turns that off, and it is off where
-``madvise`` or transparent huge pages are unavailable (the plan says why).
+weights (:func:`place_packed_weights`); ``BSBERT_HUGEPAGES=0`` (or false/no/off) turns that off, and it
+is off where ``madvise`` or transparent huge pages are unavailable (the plan says why). The arena is
+shared by every patch in a process and takes a lock, so threads may patch (or :func:`place`) at once.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import functools
 import mmap
 import os
 import sys
+import threading
+import warnings
 
 import torch
 
@@ -54,10 +57,33 @@ def _madvise():
     return fn
 
 
+# BSBERT_HUGEPAGES spellings (stripped, any case); anything else is warned about and leaves the default (on)
+OFF = ("0", "false", "no", "off")
+ON = ("1", "true", "yes", "on")
+_warned = set()  # the unrecognised values already warned about (one warning per value, not per patch)
+
+
+def _switched_off() -> str | None:
+    """"BSBERT_HUGEPAGES=<value>" when that variable turns huge pages off, else None. A value that is
+    neither in OFF nor in ON (a typo, "disable") would otherwise change nothing without a word."""
+    raw = os.environ.get("BSBERT_HUGEPAGES")
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in OFF:
+        return f"BSBERT_HUGEPAGES={raw.strip()}"
+    if value not in ON and raw not in _warned:
+        _warned.add(raw)
+        warnings.warn(f"BSBERT_HUGEPAGES={raw!r} is not one of {', '.join(OFF)} (off) or {', '.join(ON)} (on): "
+                      "ignored, packed weights go to huge pages where available", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def unavailable_reason() -> str | None:
     """None if packed weights can go to huge pages here, else why not."""
-    if os.environ.get("BSBERT_HUGEPAGES", "1") == "0":
-        return "BSBERT_HUGEPAGES=0"
+    off = _switched_off()
+    if off:
+        return off
     if not sys.platform.startswith("linux"):
         return f"transparent huge pages are a Linux feature (platform {sys.platform})"
     mode = thp_mode()
@@ -73,15 +99,18 @@ def unavailable_reason() -> str | None:
 
 
 class Arena:
-    """Bump allocator over 2 MiB-aligned anonymous mmaps advised MADV_HUGEPAGE."""
+    """Bump allocator over 2 MiB-aligned anonymous mmaps advised MADV_HUGEPAGE. Thread-safe: without the
+    lock, two threads placing at once read the same ``_used`` and got overlapping spans (one tensor's
+    values overwritten by another's)."""
 
     def __init__(self, chunk_bytes: int = CHUNK):
         self.chunk_bytes = chunk_bytes
+        self._lock = threading.Lock()  # guards _chunk, _used and _bases
         self._chunk = None  # uint8 tensor over the current mmap's aligned part
         self._used = 0
         self._bases = set()  # storage addresses of every chunk made (an int each; for owns())
 
-    def _new_chunk(self, need: int) -> None:
+    def _new_chunk(self, need: int) -> None:  # (called with _lock held)
         size = max(self.chunk_bytes, -(-need // HUGE) * HUGE)
         buf = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = (ctypes.c_char * len(buf)).from_buffer(buf)
@@ -98,23 +127,27 @@ class Arena:
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` uint8 in huge-page memory, ALIGN-aligned (contents undefined)."""
-        start = -(-self._used // ALIGN) * ALIGN
-        if self._chunk is None or start + nbytes > self._chunk.numel():
-            self._new_chunk(nbytes)
-            start = 0
-        self._used = start + nbytes
-        with torch.inference_mode(False):
-            return self._chunk[start:start + nbytes]
+        with self._lock:
+            start = -(-self._used // ALIGN) * ALIGN
+            if self._chunk is None or start + nbytes > self._chunk.numel():
+                self._new_chunk(nbytes)
+                start = 0
+            self._used = start + nbytes
+            with torch.inference_mode(False):
+                return self._chunk[start:start + nbytes]
 
     def seal(self) -> None:
         """Start the next allocation in a new chunk: the arena no longer holds the current one, which is
         then unmapped with its last tensor (an untouched tail of it was never resident)."""
-        self._chunk = None
+        with self._lock:
+            self._chunk = None
 
     def owns(self, t: torch.Tensor) -> bool:
         """t's storage is one of this arena's chunks (an address of a chunk since unmapped and reused
         could match: then a tensor is merely left where it is)."""
-        return t.untyped_storage().data_ptr() in self._bases
+        ptr = t.untyped_storage().data_ptr()
+        with self._lock:
+            return ptr in self._bases
 
 
 _arena = Arena()

@@ -30,7 +30,34 @@ def _cpu_peak() -> str:
         r = cpu_peak_gflops(dtype, seconds=0.05)
         if r is not None:
             parts.append(f"{r['kind']} {r['gflops']:.0f} GFLOP/s ({r['instruction']}, {threads_text(r['threads'])})")
-    return "; ".join(parts) or "not measurable here (no extension, or no AVX2/AVX-512)"
+    return "; ".join(parts) or f"not measurable here ({_why_no_peak()})"
+
+
+def _why_no_peak() -> str:
+    """Why the instruction peak probe has nothing to time: no extension, a cap (BSBERT_CPU_ISA=portable on a
+    CPU with AVX2 would otherwise read as a CPU without it), or a CPU without AVX2 / AVX-512."""
+    from bsbert import _ext
+
+    mod = _ext.load(warn=False)
+    if mod is None:
+        return "no extension"
+    if not hasattr(mod, "cpu_peak_gflops"):
+        return "this build of the extension has no peak probe"
+    cap = os.environ.get("BSBERT_CPU_ISA")
+    if mod.cpu_isa() == "portable" and cap is not None and (own := _uncapped_isa(mod)) != "portable":
+        return f"capped by BSBERT_CPU_ISA={cap}: no SIMD multiply-add to time below AVX2; this CPU has {own}"
+    return "no AVX2/AVX-512 at this CPU level"
+
+
+def _uncapped_isa(mod) -> str:
+    """The CPU's own level: the kernels read BSBERT_CPU_ISA on every call (csrc/cpu/isa.cpp), so asking
+    with the variable unset for a moment gives the level without the cap (info is single-threaded)."""
+    cap = os.environ.pop("BSBERT_CPU_ISA", None)
+    try:
+        return mod.cpu_isa()
+    finally:
+        if cap is not None:
+            os.environ["BSBERT_CPU_ISA"] = cap
 
 
 def _engines() -> str:
@@ -138,9 +165,14 @@ ATTENTION_HEAD_DIM = 64  # BERT-base/large's head size: what the attention rows 
 
 
 def _huge_pages() -> str:
-    """Whether patch can put the CPU kernel's packed weights in 2 MiB pages here (bsbert.hugepages)."""
+    """Whether patch can put the CPU kernel's packed weights in 2 MiB pages here (bsbert.hugepages): only
+    the block-sparse CPU kernel (cpu-bsr) has packed weights, so without it there is nothing to place."""
     from bsbert import hugepages
+    from bsbert.ops.linear_backends import BACKENDS
 
+    kernel = BACKENDS["cpu-bsr"].not_supported_reasons(torch.device("cpu"), torch.float32, 32)
+    if kernel:
+        return f"no: the block-sparse CPU kernel is unavailable ({'; '.join(kernel)})"
     why = hugepages.unavailable_reason()
     return (f"yes (transparent huge pages: {hugepages.thp_mode()}; BSBERT_HUGEPAGES=0 turns them off)"
             if why is None else f"no: {why}")

@@ -37,16 +37,35 @@ def measure_in_process(fn) -> float:
 
 
 def probe(which: str, batch: int, seq: int, dtype: str, small: bool = False, timeout: float = 1800) -> float | None:
-    """Run the probe in a child process; None when it cannot run here (not Linux, child failed)."""
+    """Run the probe in a child process; None when it cannot run here (not Linux, child failed):
+    :func:`probe_with_reason` says why."""
+    return probe_with_reason(which, batch, seq, dtype, small, timeout)[0]
+
+
+def probe_with_reason(which: str, batch: int, seq: int, dtype: str, small: bool = False,
+                      timeout: float = 1800) -> tuple[float | None, str]:
+    """(peak MB, "") from a child process, or (None, why not): not Linux, the child failed (its return code
+    and last stderr line, e.g. a PermissionError on /proc/self/clear_refs in a sandbox) or ran past
+    ``timeout`` seconds (said, not raised: a sweep goes on with its other configurations)."""
     if not sys.platform.startswith("linux"):
-        return None
+        return None, f"needs Linux's /proc/self (platform {sys.platform})"
+    import bsbert
+
     cmd = [sys.executable, "-m", "bsbert.memprobe", "--which", which, "--batch", str(batch), "--seq", str(seq),
            "--dtype", dtype] + (["--small"] if small else [])
-    res = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout)
+    # `-m` puts the working directory first on the child's path: run it where the bsbert imported here lives,
+    # or a ./bsbert in the caller's directory (a checkout root, with no compiled extension) is what it measures
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bsbert.__file__)))
+    try:
+        res = subprocess.run(cmd, env={**os.environ, **ENV}, cwd=root, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"the child process ran past {timeout:g} s"
     for line in reversed(res.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)["peak_activation_mb"]
-    return None
+            return json.loads(line)["peak_activation_mb"], ""
+    last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return None, f"the child process exited with code {res.returncode}: {last}"
 
 
 def main(argv=None) -> int:

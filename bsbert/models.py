@@ -41,7 +41,10 @@ def build_model(config, task: str = "qa", seed: int = 0, dtype=torch.float32, ra
     """A randomly initialised BERT (deterministic by seed). task: 'qa', 'cls' or 'base'."""
     from transformers import BertForQuestionAnswering, BertForSequenceClassification, BertModel
 
-    cls = {"qa": BertForQuestionAnswering, "cls": BertForSequenceClassification, "base": BertModel}[task]
+    classes = {"qa": BertForQuestionAnswering, "cls": BertForSequenceClassification, "base": BertModel}
+    if task not in classes:  # (a bare KeyError before)
+        raise ValueError(f"task must be one of {', '.join(map(repr, classes))}, got {task!r}")
+    cls = classes[task]
     torch.manual_seed(seed)
     model = cls(config)
     if random_biases:  # HF initialises biases to zero; pruned checkpoints have real ones (and folding needs them)
@@ -71,6 +74,10 @@ def prune_like_seed(model: nn.Module, heads_per_layer, ffn_per_layer, *, attn_bl
     if len(heads_per_layer) != len(layers) or len(ffn_per_layer) != len(layers):
         raise ValueError(f"need {len(layers)} entries per schedule, got {len(heads_per_layer)} heads "
                          f"and {len(ffn_per_layer)} FFN sizes")
+    hidden = layers[0].get_submodule(adapter.query).in_features if len(layers) else block
+    if hidden < block:  # no whole tile to keep: a kept head found none (a bare StopIteration before)
+        raise ValueError(f"hidden size {hidden} is smaller than the {block}x{block} pruning block: the seed's "
+                         f"block structure needs hidden_size >= {block} (or a smaller block=)")
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(layers):
         attn = layer.get_submodule(adapter.self_attention)
@@ -150,7 +157,9 @@ def load_local(path: str, dtype=torch.float32):
         saved = os.path.isfile(os.path.join(path, "bsbert.json"))
         raise BsbertError(f"model path {path!r} has no config.json: not a Hugging Face checkpoint directory"
                           + ("; it is a bsbert.save directory: load it with bsbert.load(dir)" if saved else ""))
-    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModel
+    import pickle
+
+    from transformers import AutoConfig
 
     from safetensors import SafetensorError
 
@@ -158,14 +167,31 @@ def load_local(path: str, dtype=torch.float32):
 
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        archs = getattr(cfg, "architectures", None) or []
-        loader = AutoModelForQuestionAnswering if any("QuestionAnswering" in a for a in archs) else AutoModel
+    except Exception as exc:
+        # huggingface_hub's strict config validation (num_attention_heads "4", hidden_size null) raises its own
+        # StrictDataclassFieldValidationError, no ValueError; its message spans lines: one line here
+        raise BsbertError(f"model path {path!r}: cannot load it as a Hugging Face checkpoint: bad config.json: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    try:
+        checkpoints.check_attention_sizes(cfg)  # 0 heads: a ZeroDivisionError inside transformers otherwise
+        # the task model its config names (a classifier, an MLM), not a bare encoder without its head
+        loader = checkpoints.model_class(cfg)
         with open(os.path.join(path, "config.json")) as f:
             pruned = checkpoints.pruned_heads(json.load(f))
         if pruned:
             return checkpoints.load_pruned_heads_checkpoint(path, loader, cfg, pruned, dtype)
-        return loader.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
+        model, info = loader.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
+        checkpoints.check_loaded(model, info, path)  # tensor names that do not match: a random model otherwise
+        return model.eval()
     except BsbertError:
+        raise
+    except (EOFError, pickle.UnpicklingError, TypeError) as exc:
+        # torch.load's errors for an empty / non-PyTorch pytorch_model.bin, a pickled whole model, a list:
+        # read_state_dict names the file and what is wrong with it (and raises a ValueError for those)
+        try:
+            checkpoints.read_state_dict(path)
+        except ValueError as named:
+            raise BsbertError(f"model path {path!r}: cannot load it as a Hugging Face checkpoint: {named}") from exc
         raise
     except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
         # a bad config.json, no weights file, an unknown model type; a truncated safetensors file (safetensors'

@@ -109,10 +109,10 @@ def save(model, path: str) -> None:
 def _hf_checkpoint_files(path: str) -> list[str]:
     """The files of a Hugging Face checkpoint in directory ``path`` (a model.safetensors only if save did not
     write it)."""
-    from bsbert.checkpoints import _INDEX, _SINGLE
+    from bsbert.checkpoints import _WEIGHT_FILES
 
     found = []
-    for name in ("config.json", *_SINGLE, *_INDEX):
+    for name in ("config.json", *_WEIGHT_FILES):
         f = os.path.join(path, name)
         if os.path.exists(f) and not (name == WEIGHTS_FILE and _is_bsbert_weights(f)):
             found.append(name)

@@ -3,7 +3,9 @@
 Each configuration times dense BERT-large and the patched pruned model in the same dtype, back to
 back, and says which is faster. Memory: the bytes of weights each model computes with, and the peak
 extra memory of one forward: CUDA max_memory_allocated; on CPU with ``memory=True`` (--memory) a
-child-process RSS probe (bsbert.memprobe), else not measured ("-" in the table, null in the JSON).
+child-process RSS probe (bsbert.memprobe), else not measured ("-" in the table, null in the JSON). Where
+a probe fails (a sandbox that refuses /proc/self/clear_refs, a timeout) the row's dense_/patched_peak_act_reason
+says why, and so does a note under the table.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from rich.table import Table
 
 import bsbert
 from bsbert import models
-from bsbert.bench import DTYPES, _device_name, _inputs, prepare_out_dir
+from bsbert.bench import DTYPES, MAX_REL_DIFF_OK, _device_name, _inputs, _max_rel_diff, prepare_out_dir
 from bsbert.timing import threads_text
 from bsbert.timing import time_fn
 
@@ -83,23 +85,36 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
                 t_dense = time_fn(lambda: dense(**inp), repeats=repeats, device=dev, warmup_s=warmup_s)["median_ms"]
                 mem_dense = peak_forward_mb(lambda: dense(**inp), dev)
                 console.log(f"{dt_name} batch {b} seq {s}: patched ...")
+                with torch.inference_mode():
+                    ref = pruned(**inp)  # the masked dense model: what the patched one must compute
                 bsbert.patch(pruned, tokens=b * s, seq=s, progress=False, keep_original=True)
                 t_pat = time_fn(lambda: pruned(**inp), repeats=repeats, device=dev, warmup_s=warmup_s)["median_ms"]
+                with torch.inference_mode():
+                    diff = _max_rel_diff(ref, pruned(**inp), inp)
+                ok = diff <= MAX_REL_DIFF_OK.get(dt_name, 6e-2)  # (NaN fails too)
+                if not ok:
+                    console.log(f"[bold red]  OUTPUTS DIFFER from the masked dense model: max rel diff {diff:.2e}[/]")
                 mem_pat = peak_forward_mb(lambda: pruned(**inp), dev)
+                why_dense = why_pat = ""
                 w_pat = weight_bytes(pruned)  # replaced originals are no longer in the module tree
                 if memory and dev.type == "cpu":
-                    from bsbert.memprobe import probe
+                    from bsbert.memprobe import probe_with_reason
 
                     console.log(f"{dt_name} batch {b} seq {s}: peak activation memory (child processes) ...")
-                    mem_dense = probe("dense", b, s, dt_name, small=small)
-                    mem_pat = probe("patched", b, s, dt_name, small=small)
+                    mem_dense, why_dense = probe_with_reason("dense", b, s, dt_name, small=small)
+                    mem_pat, why_pat = probe_with_reason("patched", b, s, dt_name, small=small)
+                    for name, why in (("dense", why_dense), ("patched", why_pat)):
+                        if why:
+                            console.log(f"  {name} peak activation memory not measured: {why}")
                 bsbert.unpatch(pruned)
                 rows.append({
                     "dtype": dt_name, "batch": b, "seq": s, "dense_ms": t_dense, "patched_ms": t_pat,
                     "speedup": t_dense / t_pat, "dense_seq_per_s": 1e3 * b / t_dense,
                     "patched_seq_per_s": 1e3 * b / t_pat, "dense_weights_mb": weight_bytes(dense) / 2**20,
                     "patched_weights_mb": w_pat / 2**20, "dense_peak_act_mb": mem_dense,
-                    "patched_peak_act_mb": mem_pat, "dense_faster": t_dense < t_pat})
+                    "patched_peak_act_mb": mem_pat, "dense_faster": t_dense < t_pat,
+                    "dense_peak_act_reason": why_dense, "patched_peak_act_reason": why_pat,
+                    "max_rel_diff": diff if diff == diff and abs(diff) != float("inf") else None, "outputs_ok": ok})
                 r = rows[-1]
                 console.log(f"  dense {t_dense:.1f} ms, patched {t_pat:.1f} ms ({r['speedup']:.2f}x)"
                             + ("  <-- DENSE IS FASTER" if r["dense_faster"] else ""))
@@ -107,7 +122,8 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
         # for uses of deleted names)
         dense = pruned = None
     res = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "small": small, "rows": rows}
+           "threads": torch.get_num_threads(), "small": small, "rows": rows,
+           "outputs_ok": all(r["outputs_ok"] for r in rows)}
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"sweep-{dev.type}-{time.strftime('%Y%m%d-%H%M%S')}")
     with open(base + ".json", "w") as f:
@@ -123,7 +139,7 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
 
 def sweep_table(res) -> Table:
     t = Table(title=f"bsbert bench --sweep — {res['device_name']} ({res['device']}, {threads_text(res['threads'])})"
-              + (" [small]" if res["small"] else ""))
+              + (" [small]" if res["small"] else ""), caption=_probe_notes(res["rows"]) or None, caption_justify="left")
     for c in ("dtype", "batch", "seq", "dense ms", "patched ms", "speedup", "dense seq/s", "patched seq/s",
               "weights MB d/p", "peak act MB d/p", "note"):
         t.add_column(c, justify="right")
@@ -138,8 +154,22 @@ def sweep_table(res) -> Table:
                   f"{r['speedup']:.2f}x", f"{r['dense_seq_per_s']:.2f}", f"{r['patched_seq_per_s']:.2f}",
                   f"{r['dense_weights_mb']:.0f}/{r['patched_weights_mb']:.0f}",
                   peak(r),
-                  "dense faster" if r["dense_faster"] else "")
+                  "; ".join(n for n, on in (("OUTPUTS DIFFER", r.get("outputs_ok") is False),
+                                             ("dense faster", r["dense_faster"])) if on))
     return t
+
+
+def _probe_notes(rows) -> str:
+    """Why a peak activation memory probe gave "-" (each distinct reason once, with a probe it hit): without
+    it a failed probe looks like one that was never asked for."""
+    where = {}
+    for r in rows:
+        for name in ("dense", "patched"):
+            why = r.get(f"{name}_peak_act_reason")  # (JSON from before these fields: none)
+            if why:
+                where.setdefault(why, []).append(f"{name} {r['dtype']} b{r['batch']} s{r['seq']}")
+    return "\n".join(f"peak act MB not measured for {cfgs[0]}" + (f" and {len(cfgs) - 1} more" if len(cfgs) > 1 else "")
+                     + f": {why}" for why, cfgs in where.items())
 
 
 def _plot(res, path):

@@ -4,8 +4,8 @@ one by one. Prints the median of forwards 2-11 (what a one-call warm-up + 10 rep
 
     python scripts/after_patch_transient.py [seq] [dtype]
 """
+import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -13,12 +13,22 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
+from bsbert.cli import positive_int
+from bsbert.errors import BsbertError
 
 
 def main():
-    seq = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-    dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
+    # argparse: a bad seq or dtype ("bf16", "-5") is a usage error before the model is built, not a traceback
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seq", nargs="?", type=positive_int, default=128)
+    ap.add_argument("dtype", nargs="?", default="bfloat16", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    seq, dtype = args.seq, getattr(torch, args.dtype)
     model = models.seed_like_model().eval().to(dtype)
+    try:  # before patching: a longer seq failed in the first forward, after the patch
+        models.check_seq_len(models.max_seq_len(model), [seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     inp = _inputs(1, seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=seq, progress=False)
     ts = []

@@ -20,6 +20,7 @@ import time
 import torch
 
 from bsbert import _ext
+from bsbert.cli import positive_int
 from bsbert.ops.attention_backends import ATTENTION_BACKENDS
 
 
@@ -53,7 +54,7 @@ def bench(b, s, h, d, dtype, rounds, padded, widen):
         kpm = torch.ones(b, s, dtype=torch.bool)
         kpm[:, s - s // 4:] = False
         mask4 = kpm[:, None, None, :]
-    sdpa, cpu = ATTENTION_BACKENDS["torch-sdpa"], ATTENTION_BACKENDS["cpu"]
+    sdpa = ATTENTION_BACKENDS["torch-sdpa"]
     fns = {"torch-sdpa": lambda: sdpa(qkv, mask4, h, d, scale),
            "bsbert-cpu": lambda: torch.ops.bsbert.pruned_attention(qkv, kpm, h, d, scale)}
     if widen:
@@ -72,16 +73,17 @@ def bench(b, s, h, d, dtype, rounds, padded, widen):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--heads", type=int, nargs="+", default=[2, 10, 16])
-    ap.add_argument("--seq", type=int, nargs="+", default=[128, 384])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--head-dim", type=int, default=64)
+    # positive_int: 0 heads / tokens / rounds failed deep in the timing loop, --threads 0 was silently ignored
+    ap.add_argument("--heads", type=positive_int, nargs="+", default=[2, 10, 16])
+    ap.add_argument("--seq", type=positive_int, nargs="+", default=[128, 384])
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--head-dim", type=positive_int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=positive_int, default=30)
     ap.add_argument("--padded", action="store_true", help="mask the last quarter of the keys")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not _ext.has_op("pruned_attention"):
         raise SystemExit(f"bsbert extension unavailable: {_ext.reason_unavailable()}")

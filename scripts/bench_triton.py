@@ -73,21 +73,23 @@ def main(argv=None) -> int:
                     for d in (tuple(float(v) for v in args.densities.split(",")) if args.densities
                               else _bench.DENSITIES):
                         r = _bench.bench_linear(m, n, k, d, block=block, tiles=tiles)
+                        where = f"linear block={block} M={m} N={n} K={k} d={d}"
                         for key in ("cuda_error", "triton_graph_error", "cublas_graph_error"):
                             if key in r:
-                                errors.append(f"linear M={m} N={n} K={k} d={d} {key}: {r[key]}")
+                                errors.append(f"{where} {key}: {r[key]}")
                         for tile, err in (r.get("cuda_tile_errors") or {}).items():
-                            errors.append(f"linear M={m} N={n} K={k} d={d} tile {tile}: {err}")
+                            errors.append(f"{where} tile {tile}: {err}")
                         fl = 2 * m * n * k
                         useful = fl * r["real_density"]
-                        tiles = r.get("cuda_tiles_graph_ms") or {}
-                        if any(v is not None for v in tiles.values()):
-                            r["cuda_best_tile_graph_ms"] = min(v for v in tiles.values() if v is not None)
+                        # not `tiles`: that is the --tiles choice every later bench_linear call must get
+                        tile_ms = r.get("cuda_tiles_graph_ms") or {}
+                        if any(v is not None for v in tile_ms.values()):
+                            r["cuda_best_tile_graph_ms"] = min(v for v in tile_ms.values() if v is not None)
                         tf = {key: (useful / r[key] * 1e-9 if r.get(key) else None)
                               for key in ("triton_graph_ms", "cuda_graph_ms", "cuda_best_tile_graph_ms")}
                         cub = r.get("cublas_graph_ms")
                         best = min((r[key] for key in tf if r.get(key)), default=None)
-                        tiles_s = ", ".join(f"{t} {_fmt(v)}" for t, v in tiles.items()) or "n/a"
+                        tiles_s = ", ".join(f"{t} {_fmt(v)}" for t, v in tile_ms.items()) or "n/a"
                         ratio = best / (cub * r["real_density"]) if best and cub else None
                         print(f"| {block} | {n} | {k} | {m} | {r['real_density']:.2f} | "
                               f"{_fmt(r.get('triton_graph_ms'))} | {_fmt(r.get('cuda_graph_ms'))} | "

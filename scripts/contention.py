@@ -36,18 +36,24 @@ def _time(model, inp, repeats: int) -> tuple[float, float]:
 def main() -> None:
     import bsbert
     from bsbert import models
+    from bsbert.cli import non_negative_int, positive_int
+    from bsbert.errors import BsbertError
     from bsbert.verify import example_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--busy", type=int, nargs="+", default=[0, 2], help="busy processes per cell")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--busy", type=non_negative_int, nargs="+", default=[0, 2], help="busy processes per cell")
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[2, 1])
+    ap.add_argument("--repeats", type=positive_int, default=20)
     ap.add_argument("--no-dense", action="store_true", help="skip torch eager (slow under contention)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     dense = models.seed_like_model(dtype=dtype).eval()
+    try:  # example_inputs would cap a longer --seq at the position table, and the header would say --seq
+        models.check_seq_len(models.max_seq_len(dense), [a.seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     inp = example_inputs(dense, 1, a.seq, padded=False)
     patched = bsbert.patch(models.seed_like_model(dtype=dtype).eval(), tokens=a.seq, progress=False)
     print(f"seed-like BERT-large, batch 1, seq {a.seq}, {a.dtype}; ms per forward, median / best of {a.repeats}")

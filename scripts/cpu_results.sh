@@ -6,7 +6,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$ROOT/cpu-out}"
 mkdir -p "$OUT"
-log() { echo "== $(date +%T) $*" >&2; }
+STEP="setup"
+log() { STEP="$*"; echo "== $(date +%T) $*" >&2; }
+# set -e stops at the first failing command without a word, and most steps send their output to files: say which
+# step failed and where its output went. To fd 3, the script's own stderr: a step that fails inside a redirected
+# { ...; } runs the trap with that redirection still in place (the message went into machine.txt)
+exec 3>&2
+trap 'rc=$?; [ "$rc" = 0 ] || echo "cpu_results.sh: failed (exit $rc) in step: $STEP; outputs so far in $OUT" >&3' EXIT
 
 log "machine"
 { lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200; python -m bsbert.info; git -C "$ROOT" rev-parse HEAD; } \

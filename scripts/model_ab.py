@@ -22,18 +22,30 @@ change under 1% is below the best-round comparison's resolution on the shared 2-
 alternates blocks of K forwards instead (the first of each untimed, the pair's ratio from the blocks'
 medians), for changes whose effect carries from one forward to the next through the caches.
 
+Each mode patches the model as `patch` does by default (fused encoder, lean forwards) unless said, and
+times only what its switch changes, except where "also off" says otherwise: a feature that needs the
+switched one cannot run in the off arm (the off arm takes the class's own forward from there on).
+
 fused-tail: output projections on cpu-bsr run bsr_linear_add_layer_norm (on) or bsr_linear then
-add_layer_norm (off). fast-layers: bsbert's lean layer forward (on) or transformers' (off).
+add_layer_norm (off). Patched with fused_encoder=False in both arms: the fused encoder runs its own
+kernels and never takes this switch, so with it the two arms ran the same ops (and without it the lean
+BertModel / QA forwards are off too).
+fast-layers: bsbert's lean layer forward (on) or transformers' (off). Also off: the fused encoder, the
+lean BertModel forward (bsbert::bert_embeddings) and the lean QA forward's bsbert::head_logits, which all
+need the lean layers: the off arm is transformers' whole model on bsbert's modules.
 row-split: bsr_linear's default work split (whole rows per thread from M = 2 register tiles per thread
 up; on) or BSBERT_BSR_SPLIT=blocks (off). balanced-panels: a row-split tile's rows in near-equal
 register-tile panels (on) or BSBERT_BSR_PANELS=aligned (off: panels of 12 rows and a short last one).
-fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off).
+fused-encoder: the whole encoder as one op, bsbert::bert_encoder (on), or layer by layer (off). Also off:
+the lean BertModel forward (bsbert::bert_embeddings) and the lean QA forward's bsbert::head_logits, which
+need the fused encoder.
 huge-pages: the block-sparse linears' packed weights in the 2 MiB pages patch put them in (on) or in
 copies from torch's allocator (off; bsbert.hugepages).
 encoder-chain: inside the fused encoder, each layer's attention output, FFN in, FFN out and the next
 layer's QKV run as one row-tile region (on; bsbert::cpu::BsrRowChain) or one op call each
 (BSBERT_ENCODER_CHAIN=0).
 lean-model: BertModel's lean forward (on) or transformers' BertModel.forward (off), encoder fused in both.
+Also off: the lean QA forward (bsbert::head_logits), which needs the lean BertModel.
 lean-head: BertForQuestionAnswering's lean forward (on) or transformers' (off), BertModel lean in both.
 qa-head-kernel: the lean QA forward runs qa_outputs as bsbert::head_logits (on) or calls the module (off).
 chain-cache: a registered fused encoder keeps its middle layers' prepared row chains between calls
@@ -50,13 +62,22 @@ import bsbert
 from bsbert import fast_layer, models
 from bsbert.bench import _inputs
 from bsbert.cli import non_negative_int, positive_int
+from bsbert.errors import BsbertError
 from bsbert.nn import DenseAddLayerNorm
 from bsbert.timing import best_of_interleaved
 
 
-APPROX = {"qa-head-kernel"}  # toggles whose outputs agree within rounding, not bit for bit
+# toggles whose outputs agree within rounding, not bit for bit: bsbert::head_logits sums in another order than
+# qa_outputs' F.linear, and the off arms of the ALSO_OFF modes drop it too
+APPROX = {"qa-head-kernel", "fast-layers", "fused-encoder", "lean-model"}
 ENV_TOGGLES = {"row-split": ("BSBERT_BSR_SPLIT", "blocks"), "balanced-panels": ("BSBERT_BSR_PANELS", "aligned"),
                "encoder-chain": ("BSBERT_ENCODER_CHAIN", "0"), "chain-cache": ("BSBERT_ENCODER_CHAIN_CACHE", "0")}
+# patch's keyword arguments per mode (default: patch's defaults)
+PATCH_KWARGS = {"fused-tail": {"fused_encoder": False}}  # the fused encoder never takes the fused-tail switch
+# what a mode's off arm turns off besides its own feature (those features need it; see the docstring)
+ALSO_OFF = {"fast-layers": "fused encoder, lean BertModel and QA forwards",
+            "fused-encoder": "lean BertModel and QA forwards (bert_embeddings, head_logits)",
+            "lean-model": "lean QA forward (head_logits)"}
 
 
 def toggles(model, what):
@@ -117,12 +138,25 @@ def toggles(model, what):
     if what == "fast-layers":
         layers = model._bsbert_fast_layers
         return lambda on: fast_layer.attach(layers) if on else fast_layer.uninstall(layers), len(layers)
+    # fused-tail
+    from bsbert import fused_encoder
+
+    enc = getattr(getattr(model, "bert", None), "encoder", None)
+    if enc is not None and fused_encoder.installed(enc):
+        raise SystemExit("fused-tail: the fused encoder is installed and runs its own kernels whatever this switch "
+                         "says; patch with fused_encoder=False (as main does) to time the switch")
     mods = [m for m in model.modules() if isinstance(m, DenseAddLayerNorm) and m._gemm_fused() is not None]
-    fused = [m.dense.choice.prepared.add_layer_norm for m in mods]
+    if not mods:
+        raise SystemExit("fused-tail: no output projection runs the GEMM + add + LayerNorm kernel (none on cpu-bsr?)")
 
     def set_on(on):
-        for m, f in zip(mods, fused):
-            m.dense.choice.prepared.add_layer_norm = f if on else None
+        # off: an instance attribute hides the method, so DenseAddLayerNorm.forward sees no fused kernel and runs
+        # the GEMM, then add_layer_norm; on: the class's method again
+        for m in mods:
+            if on:
+                m.__dict__.pop("_gemm_fused", None)
+            else:
+                m.__dict__["_gemm_fused"] = lambda: None
     return set_on, len(mods)
 
 
@@ -130,7 +164,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "embeddings-op", "lean-head", "huge-pages",
                                      "qa-head-kernel",
-                                     *ENV_TOGGLES])
+                                     *ENV_TOGGLES],
+                    help="the switch; fused-tail runs without the fused encoder; the off arm also turns off: " +
+                         "; ".join(f"{k}: {v}" for k, v in ALSO_OFF.items()))
     ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--rounds", type=positive_int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -141,8 +177,12 @@ def main():
                          "that what one forward leaves in the caches for the next is the same setting's")
     args = ap.parse_args()
     model = models.seed_like_model().eval().to(getattr(torch, args.dtype))
+    try:  # before patching: a longer --seq failed in the first forward, after minutes of patching
+        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
-    bsbert.patch(model, tokens=args.seq, progress=False)
+    bsbert.patch(model, tokens=args.seq, progress=False, **PATCH_KWARGS.get(args.what, {}))
     set_on, count = toggles(model, args.what)
     with torch.inference_mode():
         set_on(False)
@@ -161,9 +201,17 @@ def main():
         return _paired(run, args, count)
     t_off, t_on = best_of_interleaved([lambda: run(False), lambda: run(True)], rounds=args.rounds, target_s=0.15)
     set_on(True)
-    print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, best of "
+    print(f"{_label(args.what, count)}, seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, best of "
           f"{args.rounds} rounds: off {t_off * 1e3:.2f} ms, on {t_on * 1e3:.2f} ms, "
           f"saved {(t_off - t_on) * 1e3:.2f} ms ({100 * (t_off - t_on) / t_off:.1f}%)")
+
+
+def _label(what, count):
+    """The result line's start: the switch and, where its off arm turns off more than itself, what."""
+    extra = " without the fused encoder" if what == "fused-tail" else ""
+    if what in ALSO_OFF:
+        extra += f"; off also turns off the {ALSO_OFF[what]}"
+    return f"{what} ({count} modules{extra})"
 
 
 def _paired(run, args, count):
@@ -191,7 +239,7 @@ def _paired(run, args, count):
             ratios.append(pair[True] / pair[False])
     run(True)
     med = {on: statistics.median(t) * 1e3 for on, t in times.items()}
-    print(f"{args.what} ({count} modules), seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, "
+    print(f"{_label(args.what, count)}, seq {args.seq}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"{len(times[True])} timed forwards each, alternating{f' in blocks of {args.block}' if args.block > 1 else ''}: median off {med[False]:.2f} ms, on {med[True]:.2f} ms; "
           f"median on/off per pair {100 * (statistics.median(ratios) - 1):+.2f}%")
 

@@ -7,6 +7,7 @@ whose probe and forwards fall in different phases mixes two machines.
     python scripts/phase_log.py [--seconds 150] [--seq 128] [--dtype bfloat16]
 """
 import argparse
+import math
 import time
 
 import torch
@@ -14,19 +15,33 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
+from bsbert.cli import positive_int
+from bsbert.errors import BsbertError
 from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate
+
+
+def _positive_seconds(text: str) -> float:
+    """--seconds: a finite number > 0 (0 ran no block, and the summary then failed on an empty list)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=150)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seconds", type=_positive_seconds, default=150)
+    ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
+    model = models.seed_like_model().eval().to(dt)
+    try:  # before the probe and patching: a longer --seq failed in the first forward, after the patch
+        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, flops = bound_probe(peak, "cpu")
-    model = models.seed_like_model().eval().to(dt)
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=args.seq, progress=False)
     blocks = []

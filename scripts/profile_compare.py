@@ -14,6 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 import bsbert
 from bsbert import models
 from bsbert.bench import _backend_counts, _inputs
+from bsbert.cli import positive_int
+from bsbert.errors import BsbertError
 from bsbert.timing import time_fn
 
 
@@ -21,14 +23,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--seq", type=positive_int, default=128)
+    ap.add_argument("--steps", type=positive_int, default=3)
+    ap.add_argument("--top", type=positive_int, default=15)
     ap.add_argument("--small", action="store_true", help="2 encoder layers")
     a = ap.parse_args()
     dev, dt = torch.device(a.device), getattr(torch, a.dtype)
     model = models.seed_like_model(dtype=dt, **({"num_hidden_layers": 2} if a.small else {})).to(dev).eval()
+    try:  # before patching: a longer --seq failed in the first forward, after the patch
+        models.check_seq_len(models.max_seq_len(model), [a.seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     inp = _inputs(a.batch, a.seq, model.config.vocab_size, dev)
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

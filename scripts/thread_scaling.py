@@ -20,14 +20,16 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
+from bsbert.cli import positive_int
+from bsbert.errors import BsbertError
 from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate, threads_text
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=positive_int, default=12)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="N (default: all, as bench)")
     args = ap.parse_args()
     if args.threads < 2:
@@ -35,10 +37,14 @@ def main():
     dt = getattr(torch, args.dtype)
     counts = (1, args.threads)
     torch.set_num_threads(args.threads)
+    model = models.seed_like_model(dtype=dt).eval()
+    try:  # before the probe and patching: a longer --seq failed in the first forward, after the patch
+        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
+    except BsbertError as e:
+        ap.error(str(e))
     # which GEMM is the bound's, chosen as bench chooses it
     peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, probe_flops = bound_probe(peak, "cpu")
-    model = models.seed_like_model(dtype=dt).eval()
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=args.seq, progress=False)
     remaining = model.bsbert_plan.flops(args.seq, "remaining")

@@ -9,23 +9,35 @@ blocks-1tile: BSBERT_BSR_SPLIT=blocks with one M tile (each block row claimed by
 are read once in all; x packed once and shared). blocks-mc96: the block-row split's default M tiles of
 <= 96 rows (two tiles at M = 128: the weights are read twice again).
 """
+import argparse
+import math
 import os
-import sys
 import time
 
 import torch
 
-import bsbert  # noqa: F401  (loads the ops)
+from bsbert.cli import positive_int  # (importing bsbert loads the ops)
 from bsbert.formats import BlockSparseMatrix
 from bsbert.ops.packing import pack_cpu
 
 N, K, N_MATS = 4096, 1024, 120
 
 
+def _density(text: str) -> float:
+    """A block density in (0, 1]: 1.5 kept every block and was printed as density=1.5; 0 kept none."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a block density in (0, 1], got {text}")
+    return value
+
+
 def main():
-    m = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-    density = float(sys.argv[2]) if len(sys.argv) > 2 else 0.25
-    dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("m", nargs="?", type=positive_int, default=128, metavar="M", help="rows of x")
+    ap.add_argument("density", nargs="?", type=_density, default=0.25, help="block density of the weights")
+    ap.add_argument("dtype", nargs="?", default="bfloat16", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    m, density, dtype = args.m, args.density, getattr(torch, args.dtype)
     torch.manual_seed(0)
     mats = []
     for _ in range(N_MATS):

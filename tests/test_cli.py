@@ -59,6 +59,19 @@ def test_sweep_small(tmp_path):
     assert [(r["batch"], r["seq"]) for r in res["rows"]] == [(1, 8), (2, 8)]
     r = res["rows"][0]
     assert r["patched_weights_mb"] < r["dense_weights_mb"]
+    # each row checks the patched outputs against the masked dense model (the sweep checked nothing)
+    assert res["outputs_ok"] and all(row["outputs_ok"] and row["max_rel_diff"] < 1e-4 for row in res["rows"])
+
+
+def test_bench_exits_1_when_the_outputs_differ(capsys):
+    # bench printed "OUTPUTS DIFFER" and exited 0, so CI's bench smoke run could not fail on a wrong kernel
+    from rich.table import Table
+
+    from bsbert.cli import _print_result
+
+    assert _print_result(Table(), {"json": "r.json", "outputs_ok": True}) == 0
+    assert _print_result(Table(), {"json": "r.json", "outputs_ok": False}) == 1
+    assert "outputs differ" in capsys.readouterr().out
 
 
 def test_info(capsys):
@@ -373,3 +386,29 @@ def test_bench_flags_outputs_that_differ():
     # dense / remaining FLOPs is a speedup bound, "bound ms" the time one
     headers = [c.header for c in table(r).columns]
     assert "speedup bound" in headers and "bound ms" in headers and "FLOP bound" not in headers
+
+
+def test_bench_record_is_strict_json_and_says_where_it_ran(tmp_path):
+    # a wrong run's max_rel_diff (inf) was written as Infinity, which JSON readers other than Python's refuse;
+    # and every result file said only "AMD EPYC", with no commit, SIMD path or capping variables
+    import os
+    import subprocess
+
+    import torch
+
+    import bsbert
+    from bsbert.bench import _finite, _provenance
+
+    res = {"a": float("inf"), "b": [1.0, float("nan")], "c": {"d": -float("inf"), "e": 2}}
+    text = json.dumps(_finite(res), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+    prov = _provenance(torch.device("cpu"))
+    assert set(prov) >= {"commit", "cpu_isa", "cpu_id", "env"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bsbert.__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert prov["commit"].startswith(head.stdout.strip())
+    from bsbert import _ext
+
+    if _ext.available():
+        assert prov["cpu_isa"] == _ext.load().cpu_isa()

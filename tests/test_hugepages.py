@@ -1,6 +1,7 @@
 """bsbert.hugepages: packed CPU weights moved into 2 MiB-page memory in place, the same tensor objects
 and values; patch records what it placed and why not; the off switch and failures leave 4 KiB pages."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -110,3 +111,63 @@ def test_a_failed_mapping_leaves_the_weights_where_they_were(monkeypatch):
     assert "madvise(MADV_HUGEPAGE) failed" in model.bsbert_plan.huge_pages_reason
     with torch.inference_mode():
         model(**inputs(batch=1, seq=9))
+
+
+@needs_linux_thp
+def test_threads_placing_at_once_get_disjoint_memory(monkeypatch):
+    """The module-level arena is shared by every patch in a process; without its lock, threads placing at
+    once were handed overlapping spans (a tensor then held another thread's values)."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(hugepages, "_arena", hugepages.Arena())
+    placed = []
+
+    def worker(k):
+        for i in range(1000):
+            t = torch.full((64 + i % 7,), float(k))
+            assert hugepages.place(t)  # through the shared arena, as patch does
+            placed.append((k, t))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows within a few hundred placements
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert len(placed) == 4000
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for _, t in placed)
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), "overlapping placements"
+    assert all(hugepages._arena.owns(t) and torch.all(t == k) for k, t in placed)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " OFF ", "off\n"])
+def test_the_usual_spellings_switch_huge_pages_off(monkeypatch, value):
+    monkeypatch.setenv("BSBERT_HUGEPAGES", value)
+    assert hugepages.unavailable_reason() == f"BSBERT_HUGEPAGES={value.strip()}"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", " on "])
+def test_the_usual_spellings_leave_huge_pages_on(monkeypatch, recwarn, value):
+    monkeypatch.delenv("BSBERT_HUGEPAGES", raising=False)
+    default = hugepages.unavailable_reason()
+    monkeypatch.setenv("BSBERT_HUGEPAGES", value)
+    assert hugepages.unavailable_reason() == default and not recwarn.list
+
+
+@pytest.mark.parametrize("value", ["", "00", "disable", "0 pages"])
+def test_other_values_warn_once_and_keep_the_default(monkeypatch, value):
+    """Once any value but exactly "0" left huge pages on without a word ("off", "false", "" and " 0" too)."""
+    monkeypatch.setattr(hugepages, "_warned", set())
+    monkeypatch.delenv("BSBERT_HUGEPAGES", raising=False)
+    default = hugepages.unavailable_reason()
+    monkeypatch.setenv("BSBERT_HUGEPAGES", value)
+    with pytest.warns(RuntimeWarning, match=r"BSBERT_HUGEPAGES=.* is not one of 0, false, no, off .*ignored"):
+        assert hugepages.unavailable_reason() == default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per value, not at every patch
+        assert hugepages.unavailable_reason() == default

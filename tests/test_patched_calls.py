@@ -399,3 +399,17 @@ def test_deepcopy_computes_with_its_own_packed_weights(backend):
     del model, orig
     gc.collect()
     assert gone() is None, "the copy kept the original's packed weight alive"
+
+
+@pytest.mark.parametrize("fused_encoder", [True, False])
+def test_backward_says_the_model_is_inference_only(fused_encoder):
+    # torch's own error named an internal op: "derivative for bsbert::bert_encoder_registered is not implemented"
+    from tests.helpers import inputs, tiny_pruned
+
+    model = tiny_pruned(heads=(2, 3), ffn=(100, 37), hidden=64).eval()
+    bsbert.patch(model, select="heuristic", fused_encoder=fused_encoder, progress=False)
+    out = model(**inputs(batch=2, seq=9, pad_from=5, vocab=model.config.vocab_size))
+    if not out.start_logits.requires_grad:
+        pytest.skip("no op of this build is on the autograd path (no extension)")
+    with pytest.raises(bsbert.BsbertError, match="inference-only.*unpatch"):
+        out.start_logits.sum().backward()

@@ -146,8 +146,23 @@ _FAKES = {"bsbert::bsr_linear": _bsr_linear_fake,
           "bsbert::pruned_attention_varlen": _pruned_attention_varlen_fake}
 
 
+INFERENCE_ONLY = ("{op} has no backward: bsbert's kernels are inference-only (a patched model runs forward "
+                  "passes); to train or take gradients, bsbert.unpatch(model) first, or run under "
+                  "torch.inference_mode() / torch.no_grad()")
+
+
+def _no_backward(qualname: str):
+    def backward(ctx, *grads):
+        from bsbert.errors import BsbertError
+
+        raise BsbertError(INFERENCE_ONLY.format(op=qualname))
+    return backward
+
+
 def register_fakes() -> list[str]:
-    """Register every fake kernel whose op exists; returns the names registered by this call."""
+    """Register every fake kernel whose op exists, and a backward that says the op is inference-only (torch's
+    own "derivative for bsbert::bert_encoder_registered is not implemented" named an internal op); returns
+    the names registered by this call."""
     done = []
     for qualname, fn in _FAKES.items():
         if qualname in _registered or not _op_exists(qualname):
@@ -155,6 +170,11 @@ def register_fakes() -> list[str]:
         try:
             torch.library.register_fake(qualname)(fn)
         except RuntimeError as exc:  # already registered elsewhere (e.g. a reload)
+            if "already" not in str(exc):
+                raise
+        try:
+            torch.library.register_autograd(qualname, _no_backward(qualname))
+        except RuntimeError as exc:
             if "already" not in str(exc):
                 raise
         _registered.add(qualname)
