@@ -1,7 +1,7 @@
 """Guards on a patched model: calls that would leave it half converted or silently different.
 
 nn.Module's own methods, overridden on the instance (the class stays what it was) of the model and of every
-module holding a patched one (``train`` on every module of the model), so that a call on any of them refuses before anything changes (Module.to
+module holding a patched one, so that a call on any of them refuses before anything changes (Module.to
 converts children first: a guard only inside the patched modules would fire after the embeddings had been
 converted). ``bsbert.patch`` installs them, ``bsbert.unpatch`` removes them."""
 from __future__ import annotations
@@ -76,12 +76,8 @@ def _guarded_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def install_guards(model: nn.Module) -> None:
-    holders = {id(m) for m in _guarded_modules(model)}
-    for m in model.modules():
-        # train() on any part (model.bert.embeddings.train(), the task head's dropout) gives the same hybrid as
-        # on the whole model; conversions and save_pretrained only matter where patched modules are below
-        guards = _GUARDS if id(m) in holders else {"train": _guarded_train}
-        for name, guard in guards.items():
+    for m in _guarded_modules(model):
+        for name, guard in _GUARDS.items():
             if hasattr(type(m), name):  # save_pretrained: transformers' models only
                 object.__setattr__(m, name, types.MethodType(guard, m))
 
