@@ -111,16 +111,34 @@ def head_rows(kept_heads, head_dim: int, device) -> torch.Tensor:
                         device=device)
 
 
+def _tiles(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """bool [ceil(n/block), ceil(k/block)]: which ``block x block`` tiles (zero-padded) hold a non-zero."""
+    n, k = weight.shape
+    np_, kp = -(-n // block) * block, -(-k // block) * block
+    w = torch.zeros(np_, kp, dtype=torch.bool, device=weight.device)
+    w[:n, :k] = weight.ne(0)
+    return w.reshape(np_ // block, block, kp // block, block).any(dim=(1, 3))
+
+
 def block_density(weight: torch.Tensor, block: int = ANALYSIS_BLOCK) -> float:
     """Fraction of non-empty ``block x block`` tiles (zero-padded to whole blocks)."""
     n, k = weight.shape
     if n == 0 or k == 0:
         return 0.0
-    np_, kp = -(-n // block) * block, -(-k // block) * block
-    w = torch.zeros(np_, kp, dtype=torch.bool, device=weight.device)
-    w[:n, :k] = weight.ne(0)
-    tiles = w.reshape(np_ // block, block, kp // block, block).any(dim=(1, 3))
-    return float(tiles.float().mean())
+    return float(_tiles(weight, block).float().mean())
+
+
+def nonempty_area(weight: torch.Tensor, block: int = ANALYSIS_BLOCK) -> int:
+    """Weights inside non-empty tiles, each tile clipped to the matrix: the multiply-adds per token of a kernel
+    that skips empty tiles. (block_density x rows x cols counted a partial edge tile as a whole one: 5600
+    instead of 5376 for a 100 x 64 weight.)"""
+    n, k = weight.shape
+    if n == 0 or k == 0:
+        return 0
+    rows = torch.full((-(-n // block),), block, dtype=torch.long)
+    cols = torch.full((-(-k // block),), block, dtype=torch.long)
+    rows[-1], cols[-1] = n - (rows.numel() - 1) * block, k - (cols.numel() - 1) * block
+    return int((_tiles(weight, block).cpu().long() * rows[:, None] * cols[None, :]).sum())
 
 
 def layer_linears(layer: nn.Module, adapter: EncoderAdapter, prefix: str) -> dict[str, nn.Linear]:
@@ -178,7 +196,8 @@ def analyze_layer(index: int, lins: dict[str, nn.Linear], num_heads: int, head_d
 
     def lp(name, dense_shape, nonzero, packed):
         return LinearPlan(name=name, dense_shape=dense_shape, packed_shape=tuple(packed.shape),
-                          nonzero=int(nonzero), block_density=block_density(packed))
+                          nonzero=int(nonzero), block_density=block_density(packed),
+                          nonempty_area=nonempty_area(packed))
 
     linears = {
         "qkv": lp("qkv", (3 * all_head, hidden),

@@ -21,6 +21,7 @@ class LinearPlan:
     backend: str | None = None   # e.g. "cpu-bsr", "onednn-dense", "torch-dense" (set by patch)
     reason: str | None = None    # why this backend/format (set by patch)
     timings_ms: dict = field(default_factory=dict)  # what patch measured, per candidate (empty if not measured)
+    nonempty_area: int | None = None  # weights inside non-empty 32x32 tiles, edge tiles clipped (None: older plan)
 
     @property
     def density(self) -> float:
@@ -34,7 +35,9 @@ class LinearPlan:
         return self.packed_shape[0] * self.packed_shape[1]
 
     def bsr_macs(self) -> int:
-        return int(round(self.block_density * self.packed_macs()))
+        if self.nonempty_area is not None:
+            return self.nonempty_area
+        return int(round(self.block_density * self.packed_macs()))  # (a plan saved before nonempty_area)
 
 
 @dataclass

@@ -79,3 +79,28 @@ def test_small_models_print_their_flops():
     model = tiny_pruned(heads=(2, 0), ffn=(100, 37), hidden=64).eval()
     text = bsbert.analyze(model).table(seq=16)
     assert "dense 0.0 G" not in text and "non-zero 0.0M" not in text, text
+
+
+def test_remaining_flops_count_edge_tiles_at_their_size():
+    # bsr_macs was block_density x packed size: a partial edge tile counted as a whole 32 x 32 one
+    from bsbert.analyze import nonempty_area
+    from bsbert.plan import LinearPlan
+
+    w = torch.zeros(100, 64)
+    w[96:100, 32:64] = 1.0   # the partial last tile row (4 x 32)
+    w[0:32, 0:32] = 1.0      # a whole tile
+    assert nonempty_area(w) == 4 * 32 + 32 * 32
+    w[96:100, 32:64] = 0.0
+    w[40:50, 40:50] = 1.0    # a whole tile in place of the partial one
+    assert nonempty_area(w) == 2 * 32 * 32
+    assert nonempty_area(torch.zeros(0, 64)) == 0 and nonempty_area(torch.ones(33, 1)) == 33
+    lp = LinearPlan("qkv", (100, 64), (100, 64), int(w.ne(0).sum()), 0.25, nonempty_area=nonempty_area(w))
+    assert lp.bsr_macs() == 2048
+    old = Plan.from_dict(json.loads(json.dumps(tiny_plan_dict := bsbert.analyze(tiny_pruned()).to_dict())))
+    assert all(lin.nonempty_area is not None for lay in old.layers for lin in lay.linears.values())
+    for lay in tiny_plan_dict["layers"]:  # a plan saved before the field: the density product as before
+        for lin in lay["linears"].values():
+            del lin["nonempty_area"]
+    legacy = Plan.from_dict(tiny_plan_dict)
+    lin = legacy.layers[0].linears["qkv"]
+    assert lin.nonempty_area is None and lin.bsr_macs() == round(lin.block_density * lin.packed_macs())
