@@ -1,6 +1,9 @@
 """Small pruned BERTs for tests (random weights, deterministic) and the masked-dense comparison."""
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bsbert import models
 
@@ -159,3 +162,15 @@ def huge_storage(n: int, dtype=torch.float16) -> torch.Tensor:
         return torch.empty(n, dtype=dtype)
     except RuntimeError as exc:
         pytest.skip(f"cannot reserve {n * dtype.itemsize / 2**30:.1f} GiB of address space: {exc}")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher (custom ops included) by schema name: ``calls["bsbert::x"]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))

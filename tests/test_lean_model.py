@@ -367,23 +367,12 @@ def test_embeddings_op_checks_the_default_id_buffers_once_per_version():
 def test_a_hooked_forward_computes_the_embeddings_once():
     # with a hook on a layer module the lean QA forward ran bsbert::bert_embeddings, the lean BertModel forward
     # ran it again, and transformers' forward computed them a third time
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls[func._schema.name] += 1
-            return func(*args, **(kwargs or {}))
+    from tests.helpers import OpCounter
 
     model = _patched()
     inp = inputs(batch=2, seq=9, pad_from=5)
     model.bert.encoder.layer[0].output.register_forward_hook(lambda *a: None)
-    counter = Count()
+    counter = OpCounter()
     with torch.inference_mode(), counter:
         model(**inp)
     assert counter.calls["bsbert::bert_embeddings"] + counter.calls["aten::embedding"] // 3 == 1, counter.calls

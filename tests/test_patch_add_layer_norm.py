@@ -3,33 +3,18 @@ runs where it applies (padded, unpadded, DistilBERT unpadded), the model still m
 dense original, the torch fallback is exact, and save/load/unpatch/print see the expected modules."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsbert
 from bsbert import _ext
 from bsbert.nn import DenseAddLayerNorm, add_layer_norm
-from tests.helpers import inputs, rel_err, tiny_pruned, tiny_pruned_distilbert
+from tests.helpers import OpCounter, inputs, rel_err, tiny_pruned, tiny_pruned_distilbert
 
 TOL_FP32 = 1e-4
 needs_kernel = pytest.mark.skipif(not _ext.has_op("add_layer_norm"),
                                   reason=f"bsbert::add_layer_norm unavailable: {_ext.reason_unavailable()}")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher (custom ops included) by schema name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _run(model, inp):

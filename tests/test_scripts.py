@@ -2,7 +2,6 @@
 exit code 2, before any model is built) and the shell scripts' plumbing. Tiny models only."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import importlib.util
 import io
@@ -17,7 +16,6 @@ from unittest import mock
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsbert
 from bsbert import _ext, models
@@ -84,22 +82,11 @@ def test_bench_triton_every_row_gets_the_tiles_choice():
 
 # --- model_ab: each switch's arms differ -------------------------------------------------------------------------
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name.startswith("bsbert::"):
-            self.ops[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not _ext.has_op("bsr_linear_add_layer_norm"), reason="needs the extension's fused tail")
 def test_model_ab_fused_tail_arms_run_different_ops():
     """With the fused encoder (patch's default) both fused-tail arms ran the encoder op: an A/B of nothing.
     model_ab now patches fused-tail without it, and refuses a model that has it."""
-    from tests.helpers import inputs, tiny_pruned
+    from tests.helpers import OpCounter, inputs, tiny_pruned
 
     model_ab = load("model_ab")
     m = tiny_pruned(heads=(2, 4), ffn=(100, 37)).eval()
@@ -115,10 +102,10 @@ def test_model_ab_fused_tail_arms_run_different_ops():
     ops, out = {}, {}
     for on in (False, True):
         set_on(on)
-        c = _CountOps()
+        c = OpCounter()
         with torch.inference_mode(), c:
             out[on] = m(**inp).start_logits
-        ops[on] = c.ops
+        ops[on] = c.calls
     assert ops[True]["bsbert::bsr_linear_add_layer_norm"] == 4 and ops[True]["bsbert::add_layer_norm"] == 0
     assert ops[False]["bsbert::bsr_linear_add_layer_norm"] == 0 and ops[False]["bsbert::add_layer_norm"] == 4
     assert torch.equal(out[False], out[True])  # what main asserts before timing
