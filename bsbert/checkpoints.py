@@ -28,6 +28,8 @@ import torch
 # encoders (BERT, RoBERTa, ELECTRA, ...), then DistilBERT's.
 _ROWS = re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.(?:self\.(?:query|key|value)|(?:q_lin|k_lin|v_lin))\.(weight|bias)$")
 _COLS = re.compile(r"(?:^|\.)layer\.(\d+)\.attention\.(?:output\.dense|out_lin)\.weight$")
+# model_type values whose checkpoints name their attention tensors as above (the encoders bsbert patches)
+_HEAD_NAMED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text", "ernie", "distilbert")
 
 # The order transformers reads them in: safetensors (one file, then shards) before PyTorch pickles, so that a
 # stale pytorch_model.bin next to sharded safetensors is not what the pruned-heads path loads instead.
@@ -113,7 +115,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]], num_heads: int,
-                        head_dim: int) -> dict[str, torch.Tensor]:
+                        head_dim: int, model_type: str | None = None) -> dict[str, torch.Tensor]:
     """A copy of state dict ``sd`` in which every layer of ``pruned`` has full-size attention tensors:
     kept heads at their original positions (transformers 4 keeps their order), removed heads zero."""
     kept_of = {}
@@ -145,8 +147,11 @@ def expand_pruned_heads(sd: dict[str, torch.Tensor], pruned: dict[int, list[int]
         seen.add(layer)
     missing = sorted(set(pruned) - seen)
     if missing:
+        # another architecture (ALBERT's shared layer groups, ...) names them otherwise: say that, not "missing"
+        other = (f"; model_type {model_type!r} is not an encoder bsbert supports (its pruned heads can be restored "
+                 f"for {', '.join(_HEAD_NAMED_TYPES)})" if model_type and model_type not in _HEAD_NAMED_TYPES else "")
         raise ValueError(f"config.json lists pruned heads for layers {missing}, but the checkpoint has no attention "
-                         f"tensors for them (names like '...layer.N.attention.self.query.weight')")
+                         f"tensors for them (names like '...layer.N.attention.self.query.weight'){other}")
     return out
 
 
@@ -222,7 +227,8 @@ def load_pruned_heads_checkpoint(path: str, loader, config, pruned: dict[int, li
     num_heads, hidden = config.num_attention_heads, config.hidden_size  # (DistilBERT's config maps both names)
     if hidden % num_heads:
         raise ValueError(f"hidden size {hidden} is not a multiple of the {num_heads} attention heads")
-    sd = expand_pruned_heads(read_state_dict(path), pruned, num_heads, hidden // num_heads)
+    sd = expand_pruned_heads(read_state_dict(path), pruned, num_heads, hidden // num_heads,
+                             getattr(config, "model_type", None))
     if hasattr(config, "pruned_heads"):
         del config.pruned_heads
     # transformers 5 takes a state dict only without a path, and its Auto classes need one: the concrete

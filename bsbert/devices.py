@@ -17,4 +17,7 @@ def device_problem(device) -> tuple[torch.device | None, str | None]:
     if dev.type == "cuda" and not torch.cuda.is_available():
         return dev, (f"torch sees no CUDA GPU here (torch {torch.__version__}, CUDA build: "
                      f"{torch.version.cuda or 'no'})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        return dev, f"there is no GPU {dev.index} here: torch sees {n} (cuda:0 to cuda:{n - 1})"
     return dev, None

@@ -101,8 +101,11 @@ def run_sweep(batches=(1, 8, 32), seqs=(128, 384), dtypes=None, device="cpu", re
                     from bsbert.memprobe import probe_with_reason
 
                     console.log(f"{dt_name} batch {b} seq {s}: peak activation memory (child processes) ...")
-                    mem_dense, why_dense = probe_with_reason("dense", b, s, dt_name, small=small)
-                    mem_pat, why_pat = probe_with_reason("patched", b, s, dt_name, small=small)
+                    # the threads and backends timed above (the child patches with this plan)
+                    nthreads = torch.get_num_threads()
+                    mem_dense, why_dense = probe_with_reason("dense", b, s, dt_name, small=small, threads=nthreads)
+                    mem_pat, why_pat = probe_with_reason("patched", b, s, dt_name, small=small, threads=nthreads,
+                                                         plan=pruned.bsbert_plan)
                     for name, why in (("dense", why_dense), ("patched", why_pat)):
                         if why:
                             console.log(f"  {name} peak activation memory not measured: {why}")

@@ -9,8 +9,12 @@ import torch
 
 
 def _synchronizer(device) -> Callable[[], None]:
-    """What waits for the device's queued work: torch.cuda.synchronize on CUDA, nothing on the CPU."""
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    """What waits for the device's queued work: torch.cuda.synchronize of *that* GPU on CUDA (not the
+    current one: timing ``cuda:1`` while ``cuda:0`` is current must wait for ``cuda:1``), nothing on the CPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(dev)
 
 
 def _call_seconds(fn, sync) -> float:

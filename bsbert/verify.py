@@ -25,6 +25,9 @@ class VerifyReport:
         lines = [f"bsbert verify ({self.dtype}, tolerance max_rel <= {self.tolerance:g}): "
                  f"{'PASS' if self.passed else 'FAIL'}"]
         for k, v in self.outputs.items():
+            if v.get("problem"):
+                lines.append(f"  {k:<20} {v['problem']}  <-- FAIL")
+                continue
             lines.append(f"  {k:<20} max_abs {v['max_abs']:.3e}  max_rel {v['max_rel']:.3e}"
                          f"{'' if v['max_rel'] <= self.tolerance else '  <-- exceeds tolerance'}")
         return "\n".join(lines)
@@ -49,18 +52,38 @@ def example_inputs(model, batch: int = 2, seq: int = 48, seed: int = 0, padded: 
     return {"input_ids": ids.to(dev), "attention_mask": am.to(dev)}
 
 
-def _tensors(out) -> dict:
-    items = out.items() if hasattr(out, "items") else enumerate(out if isinstance(out, tuple) else (out,))
-    return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point()}
+def _tensors(out, prefix: str = "") -> dict:
+    """name -> floating-point tensor, nested outputs flattened: ``hidden_states.3``, ``attentions.0`` (with
+    output_hidden_states / output_attentions those are tuples inside the model output; only the top level
+    was compared before)."""
+    if isinstance(out, torch.Tensor):
+        return {prefix or "0": out} if out.is_floating_point() else {}
+    if hasattr(out, "items"):
+        items = list(out.items())
+    elif isinstance(out, (tuple, list)):
+        items = list(enumerate(out))
+    else:
+        return {}
+    found = {}
+    for k, v in items:
+        found.update(_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    return found
 
 
 def compare_outputs(original, patched, attention_mask=None) -> dict:
     """name -> {"max_abs", "max_rel"} for every floating-point output (model outputs or dicts of
-    tensors). max_rel = max |patched - original| / max |original|; inf where NaN/Inf appear in one only."""
+    tensors, nested tuples included). max_rel = max |patched - original| / max |original|; inf where
+    NaN/Inf appear in one only, and where the patched model's output is missing or of another shape
+    (then "problem" says which)."""
     original, patched = _tensors(original), _tensors(patched)
     am = attention_mask
     result = {}
     for k, ref in original.items():
+        if k not in patched or tuple(patched[k].shape) != tuple(ref.shape):
+            problem = ("missing from the patched model's output" if k not in patched else
+                       f"shape {tuple(patched[k].shape)} instead of {tuple(ref.shape)}")
+            result[k] = {"max_abs": float("inf"), "max_rel": float("inf"), "problem": problem}
+            continue
         out = patched[k].double()
         ref = ref.double()
         finite = torch.isfinite(ref)

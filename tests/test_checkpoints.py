@@ -250,3 +250,18 @@ def test_distilbert_checkpoint(tmp_path):
     inp = _inputs()
     with torch.inference_mode():
         torch.testing.assert_close(got(**inp).start_logits, ref(**inp).start_logits, rtol=0, atol=0)
+
+
+def test_albert_with_pruned_heads_is_named_unsupported(tmp_path):
+    """ALBERT names its (shared) attention tensors otherwise: the error once said only that the checkpoint had
+    no attention tensors for the pruned layers, as if the file were damaged."""
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=37, max_position_embeddings=16)
+    AlbertModel(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["pruned_heads"] = {"0": [1]}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(bsbert.BsbertError, match=r"model_type 'albert' is not an encoder bsbert supports"):
+        models.load_local(str(tmp_path))

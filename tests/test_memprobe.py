@@ -85,3 +85,39 @@ def test_sweep_says_why_a_probe_gave_nothing(tmp_path, monkeypatch):
     Console(file=out, width=400).print(sweep.sweep_table(res))
     text = " ".join(out.getvalue().split())  # (rich wraps the note at the table's width)
     assert f"peak act MB not measured for dense float32 b1 s8: {why}" in text, text
+
+
+
+def test_the_child_runs_the_callers_threads_and_plan(tmp_path, monkeypatch):
+    """The child once patched with the block-density heuristic on torch's default threads whatever the
+    sweep had timed: now it takes the caller's thread count and plan (and says what it ran)."""
+    import json
+
+    import bsbert
+    from bsbert import memprobe, models
+
+    parent = bsbert.patch(models.seed_like_model(num_hidden_layers=2), backend="torch-dense", select="heuristic",
+                          progress=False, keep_original=False)
+    n = sum(len(layer.linears) for layer in parent.bsbert_plan.layers)
+    seen = {}
+
+    def fake_run_child(cmd, timeout):
+        seen["cmd"] = list(cmd)
+        with open(cmd[cmd.index("--plan") + 1]) as f:  # the file exists while the child runs
+            seen["plan"] = json.load(f)
+        return 1.0, ""
+
+    monkeypatch.setattr(memprobe, "_run_child", fake_run_child)
+    assert memprobe.probe_with_reason("patched", 1, 8, "float32", small=True, threads=1,
+                                      plan=parent.bsbert_plan) == (1.0, "")
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--threads") + 1] == "1"
+    assert not os.path.exists(cmd[cmd.index("--plan") + 1])  # removed after the child
+    # the real child, given that plan and one thread: it ran both, and says so
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(seen["plan"]))
+    cmd[cmd.index("--plan") + 1] = str(plan_file)
+    out = subprocess.run(cmd, env={**os.environ, **memprobe.ENV}, capture_output=True, text=True,
+                         check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["threads"] == 1 and res["linear_backends"] == {"torch-dense": n}, res

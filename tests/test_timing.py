@@ -81,3 +81,23 @@ def test_paired_time_ratio_alternates_and_takes_the_median_of_the_pairs():
     assert r["rounds"] == 6 and r["min"] <= r["median"] <= r["max"]
     assert 2.0 < r["median"] < 4.0  # 6 ms over 2 ms, with a sleep's overshoot on a busy machine
     assert r["a_median_ms"] >= 6.0 and r["b_median_ms"] >= 2.0
+
+
+def test_synchronizer_waits_for_the_named_gpu_not_the_current_one(monkeypatch):
+    from bsbert import timing
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(device))
+    timing._synchronizer("cuda:1")()
+    timing._synchronizer(torch.device("cuda", 3))()
+    timing._synchronizer("cpu")()
+    assert seen == [torch.device("cuda", 1), torch.device("cuda", 3)]
+
+
+def test_device_problem_names_a_gpu_index_that_is_not_there(monkeypatch):
+    from bsbert.devices import device_problem
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    dev, why = device_problem("cuda:7")
+    assert dev == torch.device("cuda", 7) and "no GPU 7" in why and "sees 2" in why, why
+    assert device_problem("cuda:1") == (torch.device("cuda", 1), None)
+    assert device_problem("cuda") == (torch.device("cuda"), None)

@@ -57,3 +57,28 @@ def test_example_inputs_are_capped_at_the_position_table_only():
     model = tiny_pruned()  # 512 positions
     assert example_inputs(model, 1, 384, padded=False)["input_ids"].shape == (1, 384)
     assert example_inputs(model, 1, 600, padded=False)["input_ids"].shape == (1, 512)
+
+
+def test_nested_outputs_are_compared_too():
+    """hidden_states / attentions are tuples inside the output: a difference there once went unseen
+    (only top-level tensors were compared), and a missing or reshaped output raised a KeyError / broadcast."""
+    from bsbert.verify import compare_outputs
+
+    t = torch.randn(2, 5, 8)
+    ref = {"last": t, "hidden_states": (t, t * 2), "ids": torch.ones(2, dtype=torch.long)}
+    res = compare_outputs(ref, {"last": t, "hidden_states": (t, t * 2 + 1), "ids": torch.zeros(2)})
+    assert set(res) == {"last", "hidden_states.0", "hidden_states.1"}
+    assert res["hidden_states.0"]["max_rel"] == 0 and res["hidden_states.1"]["max_rel"] > 0.01
+    res = compare_outputs(ref, {"last": t[:, :4], "hidden_states": (t,)})
+    assert res["last"]["max_rel"] == float("inf") and "shape (2, 4, 8) instead of (2, 5, 8)" in res["last"]["problem"]
+    assert "missing" in res["hidden_states.1"]["problem"]
+
+
+def test_verify_covers_hidden_states():
+    model = tiny_pruned()
+    bsbert.patch(model, select="heuristic", progress=False)
+    inp = {**inputs(batch=2, seq=9, pad_from=5), "output_hidden_states": True}
+    rep = bsbert.verify(model, inp)
+    n = model.config.num_hidden_layers
+    assert {f"hidden_states.{i}" for i in range(n + 1)} <= set(rep.outputs), sorted(rep.outputs)
+    assert rep.passed, str(rep)
