@@ -194,7 +194,7 @@ class BlockSparseMatrix:
             raise ValueError("weight contains NaN or Inf")
         np_, kp = _ceil_to(n, block), _ceil_to(k, block)
         w = torch.zeros(np_, kp, dtype=weight.dtype, device=weight.device)
-        w[:n, :k] = weight
+        w[:n, :k] = weight.detach()  # a weight that requires grad: no autograd history in the stored values
         tiles = w.reshape(np_ // block, block, kp // block, block).permute(0, 2, 1, 3)
         keep = tiles.ne(0).flatten(2).any(-1)  # [block_rows, block_cols]
         counts = keep.sum(1)

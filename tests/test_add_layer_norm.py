@@ -177,6 +177,24 @@ def test_nan_and_inf_stay_in_their_row():
     assert rel(y[keep], ref64(x[keep], r[keep], w, b)) <= FP32_TOL
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_rows_whose_variance_overflows_give_nan_not_huge_values(monkeypatch, isa):
+    """Rows of ~1e30 overflow the fp32 squares (Inf - Inf): the variance was clamped to 0 and the output came
+    out as finite values of ~1e36 (or Inf) that look like numbers; torch's layer_norm gives NaN there. Any
+    finite output must stay within LayerNorm's bound sqrt(N) * max|w| + max|b|."""
+    monkeypatch.setenv("BSBERT_CPU_ISA", isa)
+    n = 100
+    g = torch.Generator().manual_seed(9)
+    w, b = torch.ones(n), torch.zeros(n)
+    bound = math.sqrt(n) + 1e-3
+    for scale in (1e28, 1e30, 1e33, 1e36):
+        x = torch.randn(3, n, generator=g) * scale
+        y = op(x, torch.zeros_like(x), w, b)
+        finite = torch.isfinite(y)
+        assert (y[finite].abs() <= bound).all(), (scale, float(y[finite].abs().max()))
+        assert (~finite).any() or torch.equal(y, torch.zeros_like(y)), scale  # not silently "normalised"
+
+
 def test_bf16_rounding_to_nearest_even():
     """bias only (x + r constant per row, so the normalised part is 0): y must be bias rounded
     to bf16 exactly as torch rounds."""

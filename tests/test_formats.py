@@ -176,3 +176,10 @@ if given is not None:
         nz_tiles = int(torch.nn.functional.pad(w, (0, -k % block, 0, -n % block))
                        .reshape(-(-n // block), block, -(-k // block), block).ne(0).any(3).any(1).sum())
         assert bsm.nnz_blocks == nz_tiles
+
+
+def test_from_dense_of_a_weight_that_requires_grad_keeps_no_autograd_history():
+    w = torch.randn(64, 32, requires_grad=True)
+    bsm = BlockSparseMatrix.from_dense(w, 32)
+    assert bsm.values.grad_fn is None and not bsm.values.requires_grad
+    torch.testing.assert_close(bsm.to_dense(), w.detach())

@@ -1,9 +1,10 @@
-"""Pure-torch reference (and fallback) for ``bsbert::bsr_linear``: masked dense computation.
+"""Pure-torch reference for ``bsbert::bsr_linear``: masked dense computation.
 
 ``bsr_linear_reference(x, bsm, bias, gelu)`` expands the block-sparse weight to its dense form (zeros
 outside the stored blocks, padding cut off) and runs ``F.linear`` + BERT's exact erf GELU in the dtype
-of ``x``. Tests call it on float64 inputs to get exact references; the fallback backend calls it when
-the compiled extension is missing (pass ``dense=`` a cached ``bsm.to_dense()`` to avoid rebuilding it).
+of ``x``. Tests call it on float64 inputs to get exact references (``dense=``: a cached ``bsm.to_dense()``
+to avoid rebuilding it). Without the compiled extension bsbert does not call it: the ``torch-dense``
+backend (``bsbert.ops.linear_backends``) runs ``F.linear`` on the packed weight instead.
 """
 from __future__ import annotations
 

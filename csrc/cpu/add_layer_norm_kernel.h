@@ -100,7 +100,11 @@ void add_layer_norm_rows_t(const AddLayerNormArgs& a, const float* gamma, const 
       q1 = V::fma(d, d, q1);
     }
     const float shift = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3))) * inv_n;
-    const float var = std::max(0.f, V::hsum(V::add(V::add(q0, q1), V::add(q2, q3))) * inv_n - shift * shift);
+    // clamp rounding below 0, but let a NaN through: rows past ~1e19 overflow d^2 and shift^2 to Inf, and
+    // std::max(0, Inf - Inf) made var 0, rstd 1/sqrt(eps) and the output huge finite values (3e36 at 1e30)
+    // where torch's layer_norm gives NaN
+    const float var_raw = V::hsum(V::add(V::add(q0, q1), V::add(q2, q3))) * inv_n - shift * shift;
+    const float var = var_raw < 0.f ? 0.f : var_raw;
     // fp32 like torch's CPU layer_norm (eps is rounded to float there too).
     const float rstd = 1.0f / std::sqrt(var + static_cast<float>(a.eps));
     // (h - mean - shift) * rstd as (h - mean) * rstd - shift * rstd: one fma
