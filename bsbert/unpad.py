@@ -7,7 +7,9 @@ on a re-padded copy on CPU) and scatters the result back to [B, S, hidden]. Real
 the padded model's values; padded positions come out as zeros (the padded model's values there are
 meaningless: no token attends to them). What a head computes from them differs accordingly: the logits at
 padded positions, and a loss over every position (question answering's start / end loss, token labels at
-padded positions that are not -100: 1.4e-2 relative for the QA loss of a tiny test model).
+padded positions that are not -100: 1.4e-2 relative for the QA loss of a tiny test model). A batch with a
+row whose first position is padding (left padding) runs the padded forward instead: the pooler and
+first-token classifiers read position 0.
 """
 from __future__ import annotations
 
@@ -116,6 +118,12 @@ def install(encoder, adapter, hidden_size: int | None = None, dtype=None) -> Non
             # the padded forward's attention backend computes it or refuses it with its own reason
             return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         if keep is None:  # nothing to remove
+            return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
+        if b and not bool(keep[:, 0].all()):
+            # a row whose first position is padding (left padding): the pooler and first-token heads
+            # (sequence classification, next-sentence prediction, RoBERTa's and DistilBERT's classifiers) read
+            # position 0, which this forward leaves zero, so their logits would no longer depend on the input
+            # (found: bit-identical logits for two different left-padded batches). The padded forward is exact.
             return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         layers = getattr(self, adapter.layers_attr)
         if _hooked(hooks, layers):  # a hook this forward would skip: the padded forward runs it
