@@ -36,8 +36,13 @@ def _guarded_apply(self, fn, *args, **kwargs):
         except Exception as exc:  # e.g. .cuda() where there is none: refused either way
             raise BsbertError(CONVERSION_REFUSED.format(what=f"the conversion failed: {exc}")) from exc
         if out is not probe:
-            what = (f"{probe.dtype} on {probe.device} -> {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
-                    else "a conversion that replaces its tensors")
+            if not isinstance(out, torch.Tensor):
+                what = "a conversion that replaces its tensors"
+            elif (out.dtype, out.device) == (probe.dtype, probe.device):  # ("float32 on cpu -> float32 on cpu")
+                what = (f"{probe.dtype} on {probe.device} kept, but every tensor replaced by a new one, as "
+                        f".to_empty() does (uninitialised storage)")
+            else:
+                what = f"{probe.dtype} on {probe.device} -> {out.dtype} on {out.device}"
             raise BsbertError(CONVERSION_REFUSED.format(what=what.replace("torch.", "")))
     return type(self)._apply(self, fn, *args, **kwargs)
 

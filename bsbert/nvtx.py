@@ -35,7 +35,11 @@ _OPS = (PrunedSelfAttention, SparseLinear, FusedIntermediate, FusedFFN, DenseAdd
 
 
 def env_enabled() -> bool:
-    return os.environ.get("BSBERT_NVTX", "0") == "1"
+    """BSBERT_NVTX set to 1 / true / yes / on (any case): the spellings BSBERT_HUGEPAGES takes ("true" was
+    silently ignored)."""
+    from bsbert.hugepages import ON
+
+    return os.environ.get("BSBERT_NVTX", "0").strip().lower() in ON
 
 
 def _model_on_cuda(model: torch.nn.Module) -> bool:

@@ -202,7 +202,7 @@ def modules_from_packed(layer, adapter, lp, packed: dict, opts) -> dict[str, nn.
     attn_backend, attn_reason = choose_attention(dev, dt, len(lp.kept_heads), d,
                                                  backend=lp.attention_backend if from_plan else opts["attention"],
                                                  tokens=opts["tokens"], select=opts["select"],
-                                                 seq=opts.get("seq"))
+                                                 seq=opts.get("seq"), prefer=opts.get("prefer_attention"))
     if from_plan:
         attn_reason = lp.attention_reason if (lp.attention_reason or "").startswith("plan: ") \
             else f"plan: {lp.attention_reason}"
@@ -396,15 +396,18 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "seq": seq, "attention": attention}
     setup = {"unpad": unpad, "fast_layers": fast_layers, "fused_encoder": fused_encoder, "progress": progress}
+    if fused_encoder and fast_layers and not unpad:
+        # the one-op encoder runs bsbert's cpu attention in every layer (CPU only: elsewhere "cpu" never fits)
+        opts["prefer_attention"] = "cpu"
     # A model in training mode would run as a hybrid that matches neither mode: dropout in the modules bsbert
     # keeps (embeddings, task head), none in its own (a forward's outputs changed from call to call, ~0.1 off
     # the eval-mode model's). So patch puts the model in eval mode, and unpatch gives every module back its flag.
     was_training = [m for m in model.modules() if m.training]
-    if was_training:
+    _patch_in_eval(model, was_training, plan, opts, setup)
+    if was_training:  # (after: a patch that refuses leaves the model, and its training flags, as they were)
         warnings.warn("patching a model in training mode: bsbert modules are inference-only (no dropout, no "
                       "gradients through custom kernels), so patch put the model in eval mode; bsbert.unpatch "
                       "restores training mode", RuntimeWarning, stacklevel=2)
-    _patch_in_eval(model, was_training, plan, opts, setup)
     if check_why_not is None:
         model_check.run(model, lambda p: _repatch(model, p, opts, setup), tokens, seq,
                         attention_forced=bool(attention))

@@ -365,6 +365,9 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
                 mod._buffers[bname] = _rebuild_buffer(mod, bname, buf, device)
     opts = {"select": select, "backend": backend, "format": None, "blocks": (32,), "tokens": tokens,
             "attention": attention}
+    if (plan.fused_encoder_reason != "fused_encoder=False" and plan.fast_layers_reason != "fast_layers=False"
+            and not plan.unpad):
+        opts["prefer_attention"] = "cpu"  # as patch does: the fused encoder runs bsbert's cpu attention
     swaps_all = []
     for lp, layer in zip(plan.layers, layers):
         swaps_all.append((layer, modules_from_packed(layer, adapter, lp, packed_all[lp.index], opts)))

@@ -104,7 +104,8 @@ def compare_outputs(original, patched, attention_mask=None) -> dict:
 @torch.inference_mode()
 def verify(model, inputs: dict | None = None, tolerance: float | None = None) -> VerifyReport:
     """Run ``model`` (patched by bsbert) and its masked dense original on ``inputs`` (generated when
-    None) and report max abs/rel error per output. Does not change the model."""
+    None) and report max abs/rel error per output. The model is left as it was, but while verify runs it holds
+    its original modules: do not call it on a model other threads are running (their forwards would fail)."""
     from bsbert.errors import NotPatchedError
     from bsbert.patching import is_patched, swap_modules
 

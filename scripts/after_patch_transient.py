@@ -19,7 +19,7 @@ from bsbert.errors import BsbertError
 
 def main():
     # argparse: a bad seq or dtype ("bf16", "-5") is a usage error before the model is built, not a traceback
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("seq", nargs="?", type=positive_int, default=128)
     ap.add_argument("dtype", nargs="?", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()

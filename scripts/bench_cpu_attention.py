@@ -72,7 +72,7 @@ def bench(b, s, h, d, dtype, rounds, padded, widen):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     # positive_int: 0 heads / tokens / rounds failed deep in the timing loop, --threads 0 was silently ignored
     ap.add_argument("--heads", type=positive_int, nargs="+", default=[2, 10, 16])
     ap.add_argument("--seq", type=positive_int, nargs="+", default=[128, 384])

@@ -40,7 +40,7 @@ def main() -> None:
     from bsbert.errors import BsbertError
     from bsbert.verify import example_inputs
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--busy", type=non_negative_int, nargs="+", default=[0, 2], help="busy processes per cell")

@@ -29,7 +29,7 @@ def rel(out, ref) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("--trials", type=positive_int, default=5)  # 0: the median of no ratios failed
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()

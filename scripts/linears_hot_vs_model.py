@@ -16,7 +16,7 @@ from bsbert.timing import best_of_interleaved
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("seq", nargs="?", type=positive_int, default=384)
     seq = ap.parse_args().seq
     m = models.seed_like_model().eval()

@@ -161,7 +161,7 @@ def toggles(model, what):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("what", choices=["fused-tail", "fast-layers", "fused-encoder", "lean-model", "embeddings-op", "lean-head", "huge-pages",
                                      "qa-head-kernel",
                                      *ENV_TOGGLES],

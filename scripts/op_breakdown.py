@@ -98,7 +98,7 @@ class OpTimer(TorchDispatchMode):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("seq", nargs="?", type=positive_int, default=128)
     ap.add_argument("forwards", nargs="?", type=positive_int, default=10)
     ap.add_argument("dtype", nargs="?", default="float32", choices=["float32", "bfloat16"])

@@ -29,7 +29,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("--seconds", type=_positive_seconds, default=150)
     ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

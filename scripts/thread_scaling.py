@@ -26,7 +26,7 @@ from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, pro
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("--seq", type=positive_int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=positive_int, default=12)

@@ -32,7 +32,7 @@ def _density(text: str) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     ap.add_argument("m", nargs="?", type=positive_int, default=128, metavar="M", help="rows of x")
     ap.add_argument("density", nargs="?", type=_density, default=0.25, help="block density of the weights")
     ap.add_argument("dtype", nargs="?", default="bfloat16", choices=["float32", "bfloat16"])

@@ -791,3 +791,73 @@ def test_no_layers_returns_a_contiguous_copy():
     out = torch.ops.bsbert.bert_encoder(x, None, [], [], [])
     assert out.is_contiguous() and torch.equal(out, x) and out.data_ptr() != x.data_ptr()
     torch.library.opcheck(torch.ops.bsbert.bert_encoder.default, (x, None, [], [], []))
+
+
+@needs_op
+@pytest.mark.parametrize("fused", [True, False])
+def test_measured_attention_keeps_the_cpu_kernel_when_close_so_the_encoder_stays_fused(monkeypatch, fused):
+    """One layer whose SDPA timed a few percent faster (noise, on a 2-core VM) turned the fused encoder off for
+    every layer. Now bsbert's cpu kernel is kept within PREFER_WITHIN of the fastest when the fused encoder
+    wants it (and only then); clearly slower, it is not."""
+    from bsbert.ops import attention_backends, dispatch
+
+    real = dispatch.rank_by_time
+    ratio = {"cpu": 1.05}
+
+    def fake(fns, x, what, gpu=False):
+        if "cpu" not in fns or "torch-sdpa" not in fns:  # the linears' candidates: measured for real
+            return real(fns, x, what, gpu)
+        ms = {"torch-sdpa": 1.0, "cpu": ratio["cpu"]}
+        order = sorted(ms, key=ms.get)
+        return order, ms, "measured (fake): " + " < ".join(f"{k} {ms[k]:.2f}ms" for k in order)
+
+    monkeypatch.setattr(dispatch, "rank_by_time", fake)
+    model = tiny_pruned(heads=HEADS, ffn=FFN)
+    bsbert.patch(model, progress=False, select="measure", tokens=64, fused_encoder=fused, check_model=False)
+    plan = model.bsbert_plan
+    want = "cpu" if fused else "torch-sdpa"
+    assert [lp.attention_backend for lp in plan.layers] == [want] * len(HEADS), plan.table()
+    assert plan.fused_encoder is fused, plan.fused_encoder_reason
+    if fused:
+        assert all("cpu kept: within 10% of torch-sdpa" in lp.attention_reason for lp in plan.layers)
+    bsbert.unpatch(model)
+    ratio["cpu"] = attention_backends.PREFER_WITHIN + 0.05  # clearly slower: SDPA, and a plan that says why
+    bsbert.patch(model, progress=False, select="measure", tokens=64, fused_encoder=fused, check_model=False)
+    assert [lp.attention_backend for lp in model.bsbert_plan.layers] == ["torch-sdpa"] * len(HEADS)
+    assert "attention backend torch-sdpa" in model.bsbert_plan.fused_encoder_reason or not fused
+
+
+@needs_op
+def test_switches_take_the_same_off_spellings_as_the_python_ones(monkeypatch):
+    """The C++ switches tested the first character only: BSBERT_ENCODER_CHAIN=false or =off left the row
+    chains on; BSBERT_NVTX=true was ignored on the Python side."""
+    from bsbert import _C, nvtx
+
+    for value, on in [("0", False), ("false", False), (" OFF ", False), ("No", False), ("1", True),
+                      ("true", True), ("on", True), ("", True), ("offline", True)]:
+        monkeypatch.setenv("BSBERT_ENCODER_CHAIN", value)
+        assert _C.env_switch_on("BSBERT_ENCODER_CHAIN") is on, value
+    monkeypatch.delenv("BSBERT_ENCODER_CHAIN")
+    assert _C.env_switch_on("BSBERT_ENCODER_CHAIN")
+    for value, on in [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("off", False)]:
+        monkeypatch.setenv("BSBERT_NVTX", value)
+        assert nvtx.env_enabled() is on, value
+
+
+@needs_op
+def test_chain_cache_switched_off_by_word_prepares_every_call(monkeypatch):
+    mod = _registry()
+    model = tiny_pruned(heads=(2, 3, 4, 2, 3), ffn=(100, 37, 64, 50, 20))
+    bsbert.patch(model, progress=False, attention="cpu", select="heuristic", backend="cpu-bsr")
+    monkeypatch.setenv("BSBERT_ENCODER_CHAIN_CACHE", "off")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inp = inputs(batch=2, seq=30, vocab=model.config.vocab_size)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(**inp)
+            assert mod.encoder_chain_reuses(model.bert.encoder._bsbert_program._registered.handle) == 0
+    finally:
+        torch.set_num_threads(old)
+        bsbert.unpatch(model)

@@ -397,6 +397,22 @@ def test_a_refused_training_model_keeps_its_mode():
     assert all(m.training for m in model.modules())
 
 
+def test_a_training_model_refused_by_the_model_checks_gets_no_eval_mode_warning():
+    """The "patch put the model in eval mode" warning came before the checks: a refused model (NaN weights)
+    got it, though it stayed, correctly, in training mode."""
+    import warnings
+
+    model = _build().train()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(bsbert.BsbertError):
+            bsbert.patch(model, select="heuristic", progress=False)
+    assert not [w for w in seen if "eval mode" in str(w.message)], [str(w.message) for w in seen]
+    assert all(m.training for m in model.modules())
+
+
 def test_a_float64_model_is_left_as_it_was():
     # fold_dead_heads added the dead heads' value bias into the float64 original's own output bias (+= on the
     # tensor .double() returned as is): unpatch left a changed model, and verify compared against it and failed

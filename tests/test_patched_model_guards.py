@@ -68,6 +68,13 @@ def test_dtype_and_device_changes_are_refused_before_anything_converts(convert):
     _assert_unchanged(model, before, inp, out)
 
 
+def test_to_empty_is_named_as_what_it_does():
+    # the message said "float32 on cpu -> float32 on cpu": no change of dtype or device at all
+    model = _patched()
+    with pytest.raises(bsbert.BsbertError, match=r"float32 on cpu kept, but every tensor replaced.*to_empty"):
+        model.to_empty(device="cpu")
+
+
 @pytest.mark.parametrize("convert", ["float()", "to(float32)", "half()"])
 def test_a_bf16_model_with_fp32_layer_norms_refuses_before_anything_converts(convert):
     # the guard judged one tensor, the smallest (an fp32 LayerNorm weight here): .float() passed the model's,

@@ -243,9 +243,18 @@ def measure_shape(tokens: int, seq: int | None) -> tuple[int, int]:
     return max(1, tokens // s), s
 
 
-def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure", seq=None):
+# How much slower than the fastest measured attention the preferred one (patch: bsbert's cpu kernel, which the
+# one-op fused encoder needs in every layer) may time and still be chosen. The fused encoder is worth 2-4.5%
+# of a forward, the attention ~10% of it: 10% on the attention alone costs ~1% of the forward. Without the
+# margin one layer whose SDPA timed 7% faster on a noisy machine turned the fused encoder off for all layers.
+PREFER_WITHIN = 1.10
+
+
+def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens=384, select="measure", seq=None,
+                     prefer: str | None = None):
     """-> (backend, reason). Measures the fitting backends on a [B, S, 3*H*D] input, (B, S) =
-    ``measure_shape(tokens, seq)``."""
+    ``measure_shape(tokens, seq)``. ``prefer``: a backend chosen when it measures within ``PREFER_WITHIN``
+    of the fastest (the reason says so)."""
     from bsbert.ops.dispatch import check_select, explain, rank_by_time
 
     check_select(select, device)
@@ -276,5 +285,8 @@ def choose_attention(device, dtype, num_heads, head_dim, *, backend=None, tokens
     qkv = torch.randn(batch, seq, 3 * num_heads * head_dim, device=device).to(dtype)
     scale = head_dim ** -0.5
     fns = {n: (lambda x, be=ATTENTION_BACKENDS[n]: be(x, None, num_heads, head_dim, scale)) for n in fits}
-    order, _, reason = rank_by_time(fns, qkv, f"B={batch} S={seq}", gpu=select == "measure-gpu")
+    order, ms, reason = rank_by_time(fns, qkv, f"B={batch} S={seq}", gpu=select == "measure-gpu")
+    if prefer in ms and order[0] != prefer and ms[prefer] <= PREFER_WITHIN * ms[order[0]]:
+        return ATTENTION_BACKENDS[prefer], (f"{reason}; {prefer} kept: within {PREFER_WITHIN - 1:.0%} of "
+                                            f"{order[0]}, and the fused encoder runs it in every layer")
     return ATTENTION_BACKENDS[order[0]], reason

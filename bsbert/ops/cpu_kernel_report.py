@@ -124,7 +124,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--m", type=int, nargs="+", default=[384])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     p.add_argument("--density", type=float, nargs="+", default=list(DEFAULT_DENSITIES))

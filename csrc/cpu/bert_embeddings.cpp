@@ -20,6 +20,7 @@
 #include <cstring>
 #include <cstdlib>
 
+#include "cpu/env_switch.h"
 #include "cpu/isa.h"
 
 
@@ -88,8 +89,7 @@ inline void prefetch_row(const char* w, const char* p, int64_t lines) {
 
 // BSBERT_EMB_PREFETCH=0 turns the row prefetch off (A/B runs; read per call).
 bool prefetch_rows_enabled() {
-  const char* env = std::getenv("BSBERT_EMB_PREFETCH");
-  return env == nullptr || env[0] != '0';
+  return env_switch_on("BSBERT_EMB_PREFETCH");
 }
 
 void check_table(const at::Tensor& t, const char* name, int64_t H, at::ScalarType dt) {

@@ -32,6 +32,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/env_switch.h"
 #include "cpu/add_layer_norm_op.h"
 #include "cpu/bsr_row_chain.h"
 #include "cpu/thread_buffer.h"
@@ -153,8 +154,7 @@ bool chainable(const Linear& l) { return l.kind == kBsr && l.n > 0 && l.k > 0; }
 
 // BSBERT_ENCODER_CHAIN=0 calls every linear on its own (the per-op regions; read per call, for A/B runs).
 bool chain_enabled() {
-  const char* env = std::getenv("BSBERT_ENCODER_CHAIN");
-  return env == nullptr || env[0] != '0';
+  return env_switch_on("BSBERT_ENCODER_CHAIN");
 }
 
 // a * b, or -1 when either is negative or the product overflows.
@@ -315,8 +315,7 @@ struct EncoderArgs {
 
 // BSBERT_ENCODER_CHAIN_CACHE=0 prepares every chain on every call (read per call, for A/B runs).
 bool chain_cache_enabled() {
-  const char* env = std::getenv("BSBERT_ENCODER_CHAIN_CACHE");
-  return env == nullptr || env[0] != '0';
+  return env_switch_on("BSBERT_ENCODER_CHAIN_CACHE");
 }
 
 EncoderArgs encoder_args(const c10::List<std::optional<at::Tensor>>& tensors, c10::IntArrayRef ints,
