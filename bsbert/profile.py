@@ -121,14 +121,16 @@ def _run(args) -> int:
         for _ in range(args.warmup):
             model(**inp)
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            # that GPU's work (not the current one's: --device cuda:1), and its context current for the profiler
+            torch.cuda.set_device(dev)
+            torch.cuda.synchronize(dev)
             torch.cuda.cudart().cudaProfilerStart()
             with nvtx.ranges(model, use_nvtx=True):
                 for i in range(args.steps):
                     torch.cuda.nvtx.range_push(f"bsbert/step{i}")
                     model(**inp)
                     torch.cuda.nvtx.range_pop()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
             torch.cuda.cudart().cudaProfilerStop()
             for k, v in commands(args).items():
                 print(f"{k}: {v}")

@@ -99,13 +99,19 @@ def best_of_interleaved(fns, rounds: int = 5, target_s: float = 0.01, device="cp
     return best
 
 
-def best_of_interleaved_graphs(fns, rounds: int = 5, replays: int = 20) -> list[float]:
+def best_of_interleaved_graphs(fns, rounds: int = 5, replays: int = 20, device=None) -> list[float]:
     """GPU seconds per call of each ``fns[i]()`` with the host taken out: each is captured once in a CUDA
     graph, then the graphs are replayed round-robin (``replays`` back to back between two CUDA events per
     round) and the best round counts. This ranks kernels as a model run under CUDA graphs (torch.compile's
     "reduce-overhead") sees them; wall-clock timing (``best_of_interleaved``) ranks them as an eager caller
     sees them, launch overhead included, which at small batch is mostly host time. A candidate that cannot
-    be captured (a host sync inside) gets ``inf``."""
+    be captured (a host sync inside) gets ``inf``. ``device``: the GPU the calls run on (streams, graphs and
+    events are made on the current device: a model on cuda:1 while cuda:0 is current captured empty graphs)."""
+    with torch.cuda.device(device):
+        return _best_of_interleaved_graphs(fns, rounds, replays)
+
+
+def _best_of_interleaved_graphs(fns, rounds: int, replays: int) -> list[float]:
     graphs = []
     with torch.inference_mode():
         for f in fns:

@@ -52,3 +52,44 @@ def test_env_ranges_plan_does_not_claim_the_one_op_encoder(monkeypatch):
     plan = model.bsbert_plan
     assert not plan.fused_encoder and "BSBERT_NVTX=1" in plan.fused_encoder_reason
     assert "one C++ op" not in plan.table()
+
+
+def test_profile_syncs_the_profiled_gpu_around_the_capture(monkeypatch):
+    """`bsbert profile --device cuda:1` synchronised the current GPU (cuda:0) around cudaProfilerStart/Stop:
+    cuda:1's queued warm-up could land inside the capture. Mocked CUDA (no GPU needed)."""
+    import argparse
+    import types
+
+    import bsbert
+    from bsbert import bench, models
+    from bsbert import profile as prof
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(vocab_size=100)
+            self.lin = torch.nn.Linear(2, 2)
+
+        def to(self, *a, **k):
+            return self
+
+        def forward(self, **kw):
+            return None
+
+    log = []
+    cudart = types.SimpleNamespace(cudaProfilerStart=lambda: log.append("start"),
+                                   cudaProfilerStop=lambda: log.append("stop"))
+    monkeypatch.setattr(models, "seed_like_model", lambda **k: Tiny())
+    monkeypatch.setattr(models, "check_seq_len", lambda *a, **k: None)
+    monkeypatch.setattr(models, "max_seq_len", lambda m: 512)
+    monkeypatch.setattr(bsbert, "patch", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "_inputs", lambda b, s, v, d: {"input_ids": torch.zeros(b, s, dtype=torch.long)})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(f"sync {device}"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: log.append(f"set {device}"))
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda s: None)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: None)
+    args = argparse.Namespace(device="cuda:1", dtype="float16", seq=8, batch=1, steps=1, warmup=1, model=None,
+                              small=True, trace="x")
+    prof._run(args)
+    assert log[:4] == ["set cuda:1", "sync cuda:1", "start", "sync cuda:1"] and log[4] == "stop", log

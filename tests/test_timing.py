@@ -101,3 +101,28 @@ def test_device_problem_names_a_gpu_index_that_is_not_there(monkeypatch):
     assert dev == torch.device("cuda", 7) and "no GPU 7" in why and "sees 2" in why, why
     assert device_problem("cuda:1") == (torch.device("cuda", 1), None)
     assert device_problem("cuda") == (torch.device("cuda"), None)
+
+
+def test_graph_timing_captures_on_the_calls_gpu(monkeypatch):
+    """Streams, graphs and events are made on the current GPU: a model on cuda:1 while cuda:0 is current had
+    its candidates captured (empty) on cuda:0. rank_by_time passes the input's device; timing enters it."""
+    from bsbert import timing
+    from bsbert.ops import dispatch
+
+    seen = []
+
+    class Device:
+        def __init__(self, d):
+            seen.append(d)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(timing, "_best_of_interleaved_graphs", lambda fns, rounds, replays: [1e-3] * len(fns))
+    x = torch.empty(2, device="meta")
+    order, ms, reason = dispatch.rank_by_time({"a": lambda t: t, "b": lambda t: t}, x, "test", gpu=True)
+    assert seen == [x.device] and ms == {"a": 1.0, "b": 1.0} and "GPU time" in reason

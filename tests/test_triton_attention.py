@@ -339,3 +339,20 @@ def test_token_offsets_past_int32():
     out = pruned_attention_triton(qkv, None, 1, 32, 0.2)
     ref = _ref_attention(qkv.clone().double(), None, 1, 32, 0.2)
     assert (out.double() - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU interpreter: the storage is a host allocation")
+def test_column_offsets_past_int32():
+    # a qkv whose last dim is strided (column-major [3HD, tokens] memory seen as [B, S, 3HD]): the V columns'
+    # (2HD + d) * stride_qd was int32 and passed 2^31 at stride 2^25, reading outside the storage
+    SD, W = 2**25, 96
+    from tests.helpers import huge_storage
+
+    store = huge_storage(W * SD + 1)
+    qkv = store.as_strided((1, 1, W), (0, 0, SD))
+    vals = torch.randn(W, generator=torch.Generator().manual_seed(0)).half()
+    for c in range(W):
+        store[c * SD] = vals[c]
+    out = pruned_attention_triton(qkv, None, 1, 32, 0.2)
+    # one token attends to itself only: the output is its V
+    assert torch.equal(out[0, 0], vals[64:96]), (out[0, 0, :4], vals[64:68])

@@ -43,7 +43,8 @@ def rank_by_time(fns: dict, x: torch.Tensor, what: str, gpu: bool = False) -> tu
 
     labels = list(fns)
     calls = [lambda f=fns[k]: f(x) for k in labels]
-    secs = best_of_interleaved_graphs(calls) if gpu else best_of_interleaved(calls, rounds=5, device=x.device)
+    secs = (best_of_interleaved_graphs(calls, device=x.device) if gpu
+            else best_of_interleaved(calls, rounds=5, device=x.device))
     ms = {k: 1e3 * t for k, t in zip(labels, secs)}
     order = sorted(ms, key=ms.get)
     if ms[order[0]] == float("inf"):

@@ -82,9 +82,12 @@ def _attn_kernel(
         offs_d = tl.arange(0, HEAD_DIM)
         m_valid = offs_m < seqlen
         hd = H * HEAD_DIM
-        q_cols = (h * HEAD_DIM + offs_d) * stride_qd
-        k_cols = (hd + h * HEAD_DIM + offs_d) * stride_qd
-        v_cols = (2 * hd + h * HEAD_DIM + offs_d) * stride_qd
+        # int64, as the token offsets: a qkv whose last dim is strided (a column-major buffer viewed as
+        # [B, S, 3HD]) passes 2^31 at (2HD + d) * stride_qd, and the int32 product read out of bounds
+        cols = (h * HEAD_DIM + offs_d).to(tl.int64)
+        q_cols = cols * stride_qd
+        k_cols = (hd + cols) * stride_qd
+        v_cols = (2 * hd + cols) * stride_qd
 
         # token offsets in int64: a [B, S, 3HD] view of sequence-major memory has stride_qs = B x 3HD
         q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qs + q_cols[None, :], mask=m_valid[:, None],

@@ -4,6 +4,10 @@
 // int32 crow_indices [ceil(N/BLOCK)+1], int32 col_indices (sorted per block row), values
 // [nnzb, BLOCK, BLOCK] with values[i][r][c] = W[rb*BLOCK + r, cb*BLOCK + c] (zero padded). On CUDA the
 // "packed" values are the natural values tensor (contiguous, x's dtype).
+// The index *values* are trusted here (shapes, dtypes and devices are checked): reading them would cost a
+// device-to-host copy and a sync per call. BlockSparseMatrix validates them when it is built, which is how
+// bsbert calls this op; a direct caller with hand-made indices (a negative or out-of-range column, crow not
+// running from 0 to nnzb) gets wrong values or an illegal address. The CPU op checks them (it reads them anyway).
 //
 // fp16/bf16 kernel: one CTA computes a BM x BLOCK tile of y (BM = 64 or 128 rows of x, one block row of W).
 // It walks the nonzero blocks of its block row: each step brings an x tile [BM, BLOCK] (the columns of
