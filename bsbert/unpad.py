@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import types
 
+import torch
+
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from bsbert.nn.norm import add_layer_norm
@@ -111,6 +113,14 @@ def install(encoder, adapter, hidden_size: int | None = None, dtype=None) -> Non
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or fused_encoder._capturing():
             return padded_forward(self, hidden_states, attention_mask, *args, **kwargs)
         b, s, h = hidden_states.shape
+        if torch.compiler.is_exporting():
+            # (torch's own error was a data-dependent guard failure pointing into this file)
+            from bsbert.errors import BsbertError
+
+            raise BsbertError("torch.export of a model patched with unpad=True: the padding-free forward's shapes "
+                              "depend on the mask's values (how many real tokens), which an exported program "
+                              "cannot hold; export a model patched without unpad (torch.compile(fullgraph=True) "
+                              "likewise; a plain torch.compile works)")
         try:
             keep = key_padding_mask(attention_mask, b, s) if attention_mask is not None else None
         except ValueError:

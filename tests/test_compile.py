@@ -61,3 +61,12 @@ def test_compiled_patched_model_runs_in_grad_mode_and_its_backward_says_inferenc
         pytest.skip("no op of this build is on the autograd path (no extension)")
     with pytest.raises(bsbert.BsbertError, match=r"bsbert::\w+ has no backward: .*inference-only"):
         out.start_logits.sum().backward()
+
+
+def test_export_of_an_unpadded_model_is_refused_with_the_reason():
+    # torch's own error was a data-dependent guard failure ("Could not guard on ... Eq(u0, 1)") in unpad.py
+    model = tiny_pruned(heads=(2, 3), ffn=(100, 37))
+    bsbert.patch(model, select="heuristic", progress=False, unpad=True)
+    with pytest.raises(bsbert.BsbertError, match=r"unpad=True.*export a model patched without unpad"):
+        with torch.inference_mode():
+            torch.export.export(model, (), inputs(pad_from=20))
