@@ -70,3 +70,21 @@ def test_export_of_an_unpadded_model_is_refused_with_the_reason():
     with pytest.raises(bsbert.BsbertError, match=r"unpad=True.*export a model patched without unpad"):
         with torch.inference_mode():
             torch.export.export(model, (), inputs(pad_from=20))
+
+
+def test_dynamic_compile_does_not_pin_the_sequence_to_a_packed_size():
+    """Packed weights are plain attributes: under dynamic=True their sizes got symbols, and duck sizing gave a
+    first call at seq 37 the symbol of a layer's 37 kept neurons; the linears' shape checks pinned it and the
+    next length recompiled. They are marked static now: one graph for every length, as for the dense model."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_pruned(heads=(2, 3), ffn=(100, 37))
+    bsbert.patch(model, select="heuristic", progress=False)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.inference_mode():
+        for seq in (37, 16, 23):
+            out = compiled(**inputs(batch=2, seq=seq, pad_from=5))
+            assert rel_err(model(**inputs(batch=2, seq=seq, pad_from=5)), out) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 1

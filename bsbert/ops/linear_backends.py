@@ -33,6 +33,13 @@ class PreparedLinear:
 
     def __init__(self, backend: "LinearBackend", run, tensors: dict, block: int | None, aln_run=None):
         self.backend, self.run, self.tensors, self.block = backend, run, tensors, block
+        # Fixed sizes for torch.compile(dynamic=True): these plain attributes would get size symbols, and
+        # duck sizing gave the sequence dimension the same symbol when their values met (a first call at
+        # seq 37 with a layer of 37 kept neurons), pinned it with the linears' shape checks and recompiled
+        # for the next length.
+        for t in tensors.values():
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static(t)
         # run's output followed by residual add + LayerNorm in one kernel, where a backend has one:
         # aln_run(tensors, x, residual, ln_weight, ln_bias, eps)
         self.aln_run = aln_run
