@@ -426,3 +426,20 @@ def test_column_offsets_past_int32():
     store[O - 32] = 1000.0
     bsm = BlockSparseMatrix.from_dense(torch.ones(16, 3), 16, pad=True, dtype=torch.float16)
     assert bsr_linear_triton(x, bsm)[0, 0].item() == 3.0
+
+
+def test_compiled_in_grad_mode_and_backward_says_inference_only():
+    """The Triton ops had no backward: torch.compile of a call with an input that requires grad failed to
+    compile (AOTAutograd traces the backward: "no autograd formula was registered"), and an eager backward
+    named no reason. They take the C++ ops' inference-only backward now."""
+    import bsbert
+
+    torch._dynamo.reset()
+    bsm = BlockSparseMatrix.from_dense(torch.randn(64, 64, device=DEVICE), 32)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    y = torch.compile(lambda t: bsr_linear_triton(t, bsm) * 2)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, bsr_linear_triton(x, bsm) * 2)
+    for out in (y, bsr_linear_triton(x, bsm)):
+        with pytest.raises(bsbert.BsbertError, match=r"bsbert::triton_bsr_linear has no backward: .*inference-only"):
+            out.sum().backward()

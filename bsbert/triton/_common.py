@@ -121,5 +121,15 @@ def make_op(name: str, fn, interpreted: bool):
         except ImportError:  # pragma: no cover - torch < 2.6
             triton_op = None
         if triton_op is not None:
-            return triton_op(name, fn, mutates_args=())
-    return custom_op(name, fn, mutates_args=())
+            return _inference_only(name, triton_op(name, fn, mutates_args=()))
+    return _inference_only(name, custom_op(name, fn, mutates_args=()))
+
+
+def _inference_only(name: str, op):
+    """The op with bsbert's inference-only backward (as the C++ ops have): without one, torch.compile of a
+    patched model on Triton kernels failed to compile when called in grad mode (AOTAutograd traces the
+    backward: "no autograd formula was registered"), and a backward said nothing of bsbert."""
+    from bsbert.ops import inference_only
+
+    inference_only.register(name)
+    return op
