@@ -140,6 +140,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seq_fits_or_usage_error(parser: argparse.ArgumentParser, model, seq: int,
+                            name: str = "the seed-like model") -> None:
+    """``parser.error`` (a usage error, exit 2) when ``model``'s position table cannot embed ``seq`` tokens:
+    for the scripts, which check before the first forward (a longer seq failed there, after minutes of
+    patching) and before any probe."""
+    from bsbert import models
+
+    try:
+        models.check_seq_len(models.max_seq_len(model), [seq], name)
+    except BsbertError as e:
+        parser.error(str(e))
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

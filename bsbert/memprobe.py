@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     import bsbert
     from bsbert import models
-    from bsbert.bench import DTYPES, _inputs
+    from bsbert.bench import DTYPES, _backend_counts, _inputs
 
     p = argparse.ArgumentParser(prog="python -m bsbert.memprobe")
     p.add_argument("--which", choices=["dense", "patched"], required=True)
@@ -129,11 +129,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         model(**inp)
         mb = measure_in_process(lambda: model(**inp))
-    backends: dict[str, int] = {}  # what the measured forward ran on (the caller can check its plan held)
-    for layer in getattr(getattr(model, "bsbert_plan", None), "layers", []):
-        for lin in layer.linears.values():
-            if lin.backend:
-                backends[lin.backend] = backends.get(lin.backend, 0) + 1
+    # what the measured forward ran on (the caller can check its plan held)
+    backends = _backend_counts(model.bsbert_plan) if a.which == "patched" else {}
     print(json.dumps({"which": a.which, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
                       "threads": torch.get_num_threads(), "linear_backends": backends,
                       "peak_activation_mb": mb}))

@@ -396,9 +396,7 @@ def patch(model: nn.Module, *, plan: Plan | None = None, backend: str | None = N
     opts = {"select": select, "backend": backend, "format": format, "blocks": (block,), "tokens": tokens,
             "seq": seq, "attention": attention}
     setup = {"unpad": unpad, "fast_layers": fast_layers, "fused_encoder": fused_encoder, "progress": progress}
-    if fused_encoder and fast_layers and not unpad:
-        # the one-op encoder runs bsbert's cpu attention in every layer (CPU only: elsewhere "cpu" never fits)
-        opts["prefer_attention"] = "cpu"
+    opts["prefer_attention"] = preferred_attention(fused_encoder, fast_layers, unpad)
     # A model in training mode would run as a hybrid that matches neither mode: dropout in the modules bsbert
     # keeps (embeddings, task head), none in its own (a forward's outputs changed from call to call, ~0.1 off
     # the eval-mode model's). So patch puts the model in eval mode, and unpatch gives every module back its flag.
@@ -550,6 +548,13 @@ def set_fast_layers(model: nn.Module, plan: Plan, layers, adapter, on: bool) -> 
 def _encoder_owner(model: nn.Module, enc_path: str) -> nn.Module:
     """The module whose attribute the encoder is (BertModel for 'bert.encoder')."""
     return model.get_submodule(enc_path.rpartition(".")[0]) if "." in enc_path else model
+
+
+def preferred_attention(fused_encoder: bool, fast_layers: bool, unpad: bool) -> str | None:
+    """The attention backend kept where it times close to the fastest (``choose_attention``'s ``prefer``):
+    bsbert's cpu kernel when the one-op encoder may run, since it runs that kernel in every layer (CPU only:
+    elsewhere "cpu" never fits). The same conditions as ``set_fused_encoder``'s."""
+    return "cpu" if fused_encoder and fast_layers and not unpad else None
 
 
 def set_fused_encoder(plan: Plan, encoder: nn.Module, layers, on: bool, owner: nn.Module | None = None,

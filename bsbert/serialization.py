@@ -253,7 +253,7 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
     from bsbert.ops.attention_backends import measure_shape
     from bsbert.ops.dispatch import check_select
     from bsbert.patching import (_encoder_owner, check_no_forced_choice, mark_patched, modules_from_packed,
-                                  set_fast_layers, set_fused_encoder, set_huge_pages)
+                                  preferred_attention, set_fast_layers, set_fused_encoder, set_huge_pages)
     from bsbert.plan import Plan
 
     meta_path, w_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -363,11 +363,11 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
             if buf is not None and buf.device.type == "meta" and not any(
                     (f"{mod_name}." if mod_name else "").startswith(p) for p in replaced_prefixes):
                 mod._buffers[bname] = _rebuild_buffer(mod, bname, buf, device)
+    # the saved model's switches (the reasons say "fused_encoder=False" / "fast_layers=False" when it was off)
+    fused_on = plan.fused_encoder_reason != "fused_encoder=False"
+    fast_on = plan.fast_layers_reason != "fast_layers=False"
     opts = {"select": select, "backend": backend, "format": None, "blocks": (32,), "tokens": tokens,
-            "attention": attention}
-    if (plan.fused_encoder_reason != "fused_encoder=False" and plan.fast_layers_reason != "fast_layers=False"
-            and not plan.unpad):
-        opts["prefer_attention"] = "cpu"  # as patch does: the fused encoder runs bsbert's cpu attention
+            "attention": attention, "prefer_attention": preferred_attention(fused_on, fast_on, plan.unpad)}
     swaps_all = []
     for lp, layer in zip(plan.layers, layers):
         swaps_all.append((layer, modules_from_packed(layer, adapter, lp, packed_all[lp.index], opts)))
@@ -385,8 +385,8 @@ def load(path: str, device: str | torch.device = "cpu", *, select: str = "measur
 
         unpad_mod.install(encoder, adapter)
     set_huge_pages(plan, layers)
-    set_fast_layers(model, plan, layers, adapter, plan.fast_layers_reason != "fast_layers=False")
-    set_fused_encoder(plan, encoder, layers, plan.fused_encoder_reason != "fused_encoder=False",
+    set_fast_layers(model, plan, layers, adapter, fast_on)
+    set_fused_encoder(plan, encoder, layers, fused_on,
                       _encoder_owner(model, plan.encoder_path), model)
     mark_patched(model, encoder, swaps, plan)
     return model

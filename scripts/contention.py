@@ -36,8 +36,7 @@ def _time(model, inp, repeats: int) -> tuple[float, float]:
 def main() -> None:
     import bsbert
     from bsbert import models
-    from bsbert.cli import non_negative_int, positive_int
-    from bsbert.errors import BsbertError
+    from bsbert.cli import non_negative_int, positive_int, seq_fits_or_usage_error
     from bsbert.verify import example_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
@@ -50,10 +49,8 @@ def main() -> None:
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     dense = models.seed_like_model(dtype=dtype).eval()
-    try:  # example_inputs would cap a longer --seq at the position table, and the header would say --seq
-        models.check_seq_len(models.max_seq_len(dense), [a.seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    # example_inputs would cap a longer --seq at the position table, and the header would say --seq
+    seq_fits_or_usage_error(ap, dense, a.seq)
     inp = example_inputs(dense, 1, a.seq, padded=False)
     patched = bsbert.patch(models.seed_like_model(dtype=dtype).eval(), tokens=a.seq, progress=False)
     print(f"seed-like BERT-large, batch 1, seq {a.seq}, {a.dtype}; ms per forward, median / best of {a.repeats}")

@@ -9,8 +9,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.cli import positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import positive_int, seq_fits_or_usage_error
 from bsbert.nn import SparseLinear
 from bsbert.timing import best_of_interleaved
 
@@ -20,10 +19,7 @@ def main():
     ap.add_argument("seq", nargs="?", type=positive_int, default=384)
     seq = ap.parse_args().seq
     m = models.seed_like_model().eval()
-    try:  # before patching: a longer seq failed in the first forward, after the patch
-        models.check_seq_len(models.max_seq_len(m), [seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, m, seq)
     inp = _inputs(1, seq, m.config.vocab_size, torch.device("cpu"))
     bsbert.patch(m, tokens=seq, progress=False)
     lins = [mod for mod in m.modules() if isinstance(mod, SparseLinear) and mod.choice is not None]

@@ -61,8 +61,7 @@ import torch
 import bsbert
 from bsbert import fast_layer, models
 from bsbert.bench import _inputs
-from bsbert.cli import non_negative_int, positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import non_negative_int, positive_int, seq_fits_or_usage_error
 from bsbert.nn import DenseAddLayerNorm
 from bsbert.timing import best_of_interleaved
 
@@ -177,10 +176,7 @@ def main():
                          "that what one forward leaves in the caches for the next is the same setting's")
     args = ap.parse_args()
     model = models.seed_like_model().eval().to(getattr(torch, args.dtype))
-    try:  # before patching: a longer --seq failed in the first forward, after minutes of patching
-        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, model, args.seq)
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=args.seq, progress=False, **PATCH_KWARGS.get(args.what, {}))
     set_on, count = toggles(model, args.what)

@@ -21,8 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.cli import positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import positive_int, seq_fits_or_usage_error
 from bsbert.timing import dense_gemm_gflops
 
 # aten ops a patched forward runs for linears on torch-dense (F.linear) and attention on torch-sdpa: timed and
@@ -106,10 +105,7 @@ def main():
     args = ap.parse_args()
     seq, n, dtype = args.seq, args.forwards, getattr(torch, args.dtype)
     model = models.seed_like_model().eval().to(dtype)
-    try:  # before patching: a longer seq failed in the first forward, after the patch
-        models.check_seq_len(models.max_seq_len(model), [seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, model, seq)
     inp = _inputs(1, seq, model.config.vocab_size, torch.device("cpu"))
     bsbert.patch(model, tokens=seq, progress=False, fused_encoder=False)
     timer = OpTimer(by_shape=args.shapes)

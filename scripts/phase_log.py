@@ -15,8 +15,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.cli import positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import positive_int, seq_fits_or_usage_error
 from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate
 
 
@@ -36,10 +35,7 @@ def main():
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     model = models.seed_like_model().eval().to(dt)
-    try:  # before the probe and patching: a longer --seq failed in the first forward, after the patch
-        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, model, args.seq)
     peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, flops = bound_probe(peak, "cpu")
     inp = _inputs(1, args.seq, model.config.vocab_size, torch.device("cpu"))

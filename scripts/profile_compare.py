@@ -14,8 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 import bsbert
 from bsbert import models
 from bsbert.bench import _backend_counts, _inputs
-from bsbert.cli import positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import positive_int, seq_fits_or_usage_error
 from bsbert.timing import time_fn
 
 
@@ -31,10 +30,7 @@ def main() -> None:
     a = ap.parse_args()
     dev, dt = torch.device(a.device), getattr(torch, a.dtype)
     model = models.seed_like_model(dtype=dt, **({"num_hidden_layers": 2} if a.small else {})).to(dev).eval()
-    try:  # before patching: a longer --seq failed in the first forward, after the patch
-        models.check_seq_len(models.max_seq_len(model), [a.seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, model, a.seq)
     inp = _inputs(a.batch, a.seq, model.config.vocab_size, dev)
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

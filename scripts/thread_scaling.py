@@ -20,8 +20,7 @@ import torch
 import bsbert
 from bsbert import models
 from bsbert.bench import _inputs
-from bsbert.cli import positive_int
-from bsbert.errors import BsbertError
+from bsbert.cli import positive_int, seq_fits_or_usage_error
 from bsbert.timing import bert_dense_shapes, bound_probe, dense_gemm_gflops, probe_rate, threads_text
 
 
@@ -38,10 +37,7 @@ def main():
     counts = (1, args.threads)
     torch.set_num_threads(args.threads)
     model = models.seed_like_model(dtype=dt).eval()
-    try:  # before the probe and patching: a longer --seq failed in the first forward, after the patch
-        models.check_seq_len(models.max_seq_len(model), [args.seq], "the seed-like model")
-    except BsbertError as e:
-        ap.error(str(e))
+    seq_fits_or_usage_error(ap, model, args.seq)
     # which GEMM is the bound's, chosen as bench chooses it
     peak = dense_gemm_gflops("cpu", dt, shapes=bert_dense_shapes())
     probe, probe_flops = bound_probe(peak, "cpu")
