@@ -10,6 +10,9 @@ Environment switches (all optional):
   BSBERT_SKIP_EXTENSION=1    pure-Python install (bsbert falls back to its torch paths)
   BSBERT_DEBUG_INFO=1        keep debug info in the C++ objects (Python's own CFLAGS carry -g; bsbert builds with
                              -g0 otherwise: the 2-core CI machine compiled a torch-including file in 61 s instead of 101)
+  BSBERT_EMULATE_AVX512=1    tests only: compile the AVX-512 kernels through SIMDe (headers from libsimde-dev, or
+                             SIMDE_INCLUDE=<dir holding simde/>) so they run, slowly, on an AVX2+FMA CPU; the
+                             extension then reports avx512_bf16 (scripts/test_emulated_avx512.sh uses it)
   MAX_JOBS                   parallel compile jobs (ninja)
   CUDA_HOME                  toolkit location; default: /usr/local/cuda if it holds bin/nvcc
 """
@@ -84,6 +87,21 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
     cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
     if not _env_flag("BSBERT_DEBUG_INFO"):
         cxx_flags.append("-g0")  # after Python's -g, so it wins; objdump/perf still work without it
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _env_flag("BSBERT_EMULATE_AVX512"):
+        simde_dirs = [d for d in (os.environ.get("SIMDE_INCLUDE"), "/usr/include", "/usr/local/include")
+                      if d and os.path.exists(os.path.join(d, "simde", "x86", "avx512.h"))]
+        if not simde_dirs:
+            sys.exit("BSBERT_EMULATE_AVX512=1 needs SIMDe's headers: install libsimde-dev (apt) or set "
+                     "SIMDE_INCLUDE to the directory that holds simde/x86/avx512.h")
+        if simde_dirs[0] not in ("/usr/include", "/usr/local/include"):  # -I of a system dir breaks include_next
+            include_dirs.append(simde_dirs[0])
+        define_macros.append(("BSBERT_EMULATE_AVX512", None))
+        # SIMDe then builds its 512-bit ops from native 256-bit ones; -Wno-psabi: its 64-byte vector arguments
+        # draw an ABI note per function (nothing crosses a library boundary)
+        cxx_flags += ["-mavx2", "-mfma", "-Wno-psabi"]
+        print(f"bsbert: EMULATED AVX-512 build (SIMDe from {simde_dirs[0]}): for tests, not for use",
+              file=sys.stderr)
     extra = {"cxx": cxx_flags}
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -98,7 +116,7 @@ if not _env_flag("BSBERT_SKIP_EXTENSION"):
     print(f"bsbert: building extension with CUDA={'yes (' + cuda_home + ')' if build_cuda else 'no'}",
           file=sys.stderr)
     ext_modules = [ext_cls("bsbert._C", sources, define_macros=define_macros, extra_compile_args=extra,
-                           extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])]
+                           extra_link_args=["-fopenmp"], include_dirs=include_dirs)]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

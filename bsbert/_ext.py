@@ -49,10 +49,21 @@ def load(warn: bool = True):
                 warnings.warn(f"BSBERT_CPU_ISA={cap!r} is not one of {', '.join(ISA_LEVELS)}: ignored, the CPU "
                               f"kernels run at this CPU's level ({_state['module'].cpu_isa()})", RuntimeWarning,
                               stacklevel=3)
+            if isa_emulated() and warn:
+                warnings.warn("bsbert._C is the emulated AVX-512 test build (BSBERT_EMULATE_AVX512=1): its AVX-512 "
+                              "kernels run through SIMDe, many times slower than native; rebuild without the switch "
+                              "for use", RuntimeWarning, stacklevel=3)
         if _state["module"] is None and warn:
             warnings.warn(f"{_state['reason']}; using bsbert's pure-torch fallbacks", RuntimeWarning,
                           stacklevel=3)
     return _state["module"]
+
+
+def isa_emulated() -> bool:
+    """True for the emulated AVX-512 test build (setup.py BSBERT_EMULATE_AVX512=1): the AVX-512 levels run
+    through SIMDe on an AVX2+FMA CPU (csrc/cpu/avx512_intrinsics.h), for correctness tests only."""
+    mod = _state["module"] if _state["loaded"] else load(warn=False)
+    return mod is not None and hasattr(mod, "cpu_isa_emulated") and bool(mod.cpu_isa_emulated())
 
 
 def available() -> bool:

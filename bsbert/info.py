@@ -43,6 +43,8 @@ def _why_no_peak() -> str:
         return "no extension"
     if not hasattr(mod, "cpu_peak_gflops"):
         return "this build of the extension has no peak probe"
+    if _ext.isa_emulated() and mod.cpu_isa().startswith("avx512"):
+        return "an emulated AVX-512 test build (BSBERT_EMULATE_AVX512): no native instruction to time"
     cap = os.environ.get("BSBERT_CPU_ISA")
     if mod.cpu_isa() == "portable" and cap is not None and (own := _uncapped_isa(mod)) != "portable":
         return f"capped by BSBERT_CPU_ISA={cap}: no SIMD multiply-add to time below AVX2; this CPU has {own}"
@@ -96,6 +98,9 @@ def _isa_cap_note(effective: str) -> str:
     return f", capped by BSBERT_CPU_ISA={cap}"
 
 
+_EMULATED_NOTE = " (EMULATED by SIMDe: a test build, slow; rebuild without BSBERT_EMULATE_AVX512 for use)"
+
+
 def collect() -> dict:
     from bsbert import _ext
     from bsbert.ops.linear_backends import BACKENDS
@@ -116,7 +121,8 @@ def collect() -> dict:
         info["transformers"] = "not installed"
     mod = _ext.load(warn=False)
     info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s%s)" % (
-        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa(), _isa_cap_note(mod.cpu_isa()))) if mod else \
+        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa() + _EMULATED_NOTE * _ext.isa_emulated(),
+        _isa_cap_note(mod.cpu_isa()))) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
     ops = ("bsr_linear", "bsr_linear_add_layer_norm", "add_layer_norm", "pruned_attention",

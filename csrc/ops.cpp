@@ -142,6 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_kernel_problem", &cuda_kernel_problem, pybind11::arg("device"),
         "empty if the CUDA kernels can run on that CUDA device, else why not (e.g. no code for its architecture)");
   m.def("cpu_isa", &bsbert::cpu::best_isa_name, "best SIMD level the CPU kernels will use here");
+  m.def("cpu_isa_emulated", &bsbert::cpu::isa_emulated,
+        "true in the emulated AVX-512 test build (BSBERT_EMULATE_AVX512): AVX-512 code runs through SIMDe");
   m.def("env_switch_on", &bsbert::cpu::env_switch_on, pybind11::arg("name"),
         "how the CPU kernels read an on/off switch such as BSBERT_ENCODER_CHAIN now (off: 0/false/no/off, any case)");
   m.def("cpu_bsr_register_rows", &bsbert::cpu::bsr_register_rows, pybind11::arg("bf16"),

@@ -8,7 +8,7 @@
 #include "cpu/isa_target.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
+#include "cpu/avx512_intrinsics.h"
 
 BSBERT_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma")
 // GCC 12 warns about its own intrinsics (_mm512_undefined_* inside cvtepu16_epi32 and friends).

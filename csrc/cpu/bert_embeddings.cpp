@@ -67,7 +67,8 @@ void sum_row_f32(const float* w, const float* t, const float* p, float* out, int
   sum_row_f32_body(w, t, p, out, H);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// (not in the emulated AVX-512 test build: these are compiler-vectorised, so real AVX-512 instructions)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(BSBERT_EMULATE_AVX512)
 #define BSB_HAVE_AVX512_SUMS 1
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void sum_row_bf16_avx512(const uint16_t* w, const uint16_t* t,
                                                                               const uint16_t* p, uint16_t* out,

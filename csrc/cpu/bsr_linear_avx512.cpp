@@ -3,7 +3,7 @@
 // better); bf16 weights are widened with integer shifts here, so avx512_bf16 is not required (CPUs that
 // have it take bsr_linear_avx512bf16.cpp for bf16 instead).
 #include <cstdint>
-#include <immintrin.h>
+#include "cpu/avx512_intrinsics.h"
 
 #include "cpu/bsr_linear.h"
 #include "cpu/isa_target.h"

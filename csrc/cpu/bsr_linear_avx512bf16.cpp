@@ -8,7 +8,7 @@
 // to bf16 once, in the epilogue (vcvtneps2bf16: nearest even, denormals to zero).
 #include <cstdint>
 #include <cstring>
-#include <immintrin.h>
+#include "cpu/avx512_intrinsics.h"
 
 #include "cpu/bsr_linear.h"
 #include "cpu/isa_target.h"

@@ -6,9 +6,22 @@
 namespace bsbert {
 namespace cpu {
 
+bool isa_emulated() {
+#if defined(BSBERT_EMULATE_AVX512)
+  return true;
+#else
+  return false;
+#endif
+}
+
 Isa best_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
+#if defined(BSBERT_EMULATE_AVX512)
+  // the emulated AVX-512 code is compiled for AVX2+FMA (isa_target.h)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx512Bf16;
+  return Isa::kPortable;
+#endif
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
     if (__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;

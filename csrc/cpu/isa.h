@@ -11,6 +11,9 @@ Isa best_isa();
 const char* best_isa_name();
 // BSBERT_CPU_ISA=portable|avx2|avx512|avx512_bf16 caps the level (for tests and comparisons).
 Isa effective_isa();
+// True in the emulated AVX-512 test build (setup.py BSBERT_EMULATE_AVX512=1, avx512_intrinsics.h): the
+// AVX-512 levels run through SIMDe on any AVX2+FMA CPU, for correctness tests only.
+bool isa_emulated();
 
 // Instruction peak (isa_peak.cpp): per-thread GFLOP/s of register-only multiply-add chains, all of
 // torch's threads at once for `seconds`; kind "fp32" (FMA) or "bf16" (vdpbf16ps). Throws on a CPU level

@@ -25,6 +25,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+// The emulated AVX-512 build has no zmm instruction to time (and its zmm "registers" are SIMDe arrays).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(BSBERT_EMULATE_AVX512)
+#define BSB_PEAK_ZMM 1
+#endif
 
 namespace bsbert {
 namespace cpu {
@@ -37,7 +41,7 @@ constexpr int kYmmChains = 12;
 constexpr int64_t kBatch = 1 << 16;  // instructions per chain between clock reads (~0.4 ms at 4 GHz)
 volatile float g_sink = 0.f;
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(BSB_PEAK_ZMM)
 // The empty asm makes an operand opaque each step, so the compiler can neither fold the chains nor move
 // the loop out; the final sum keeps the accumulators live. tests/test_isa_peak.py reads the compiled loops
 // back. Both zmm loops are one body in the avx512_bf16 region: the FMA one contains no bf16 instruction
@@ -77,7 +81,9 @@ float fma_zmm_batch(int64_t steps) {
   return zmm_batch<FmaF32>(steps, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-3f));
 }
 BSBERT_TARGET_POP()
+#endif
 
+#if defined(__x86_64__) || defined(_M_X64)
 BSBERT_TARGET_PUSH("avx2,fma")
 float fma_ymm_batch(int64_t steps) {
   __m256 acc[kYmmChains];
@@ -108,13 +114,17 @@ Loop select_loop(const std::string& kind) {
   BSBERT_CHECK(kind == "fp32" || kind == "bf16", "cpu_peak_gflops: kind must be 'fp32' or 'bf16', got '", kind,
                "'");
   const Isa isa = effective_isa();
-#if defined(__x86_64__) || defined(_M_X64)
+  BSBERT_CHECK(!isa_emulated() || isa < Isa::kAvx512, "cpu_peak_gflops: this is the emulated AVX-512 test build ",
+               "(BSBERT_EMULATE_AVX512): its AVX-512 level has no native instruction rate to measure");
+#if defined(BSB_PEAK_ZMM)
   if (kind == "bf16") {
     BSBERT_CHECK(isa == Isa::kAvx512Bf16, "cpu_peak_gflops: 'bf16' times vdpbf16ps, which needs avx512_bf16; ",
                  "this CPU's level (after BSBERT_CPU_ISA) is ", best_isa_name());
     return {&dot_bf16_batch, kZmmChains, 64.0, "vdpbf16ps zmm"};
   }
   if (isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512) return {&fma_zmm_batch, kZmmChains, 32.0, "vfmadd*ps zmm"};
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
   if (isa == Isa::kAvx2) return {&fma_ymm_batch, kYmmChains, 16.0, "vfmadd*ps ymm"};
 #endif
   BSBERT_CHECK(false, "cpu_peak_gflops: no SIMD multiply-add to time at this CPU level (", best_isa_name(),

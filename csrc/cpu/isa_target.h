@@ -5,7 +5,14 @@
 #pragma once
 
 #define BSBERT_PRAGMA(x) _Pragma(#x)
-#if defined(__clang__)
+#if defined(BSBERT_EMULATE_AVX512)
+// The emulated AVX-512 test build (avx512_intrinsics.h): every region, AVX-512 ones included, is compiled
+// for AVX2+FMA, so the AVX-512 code runs through SIMDe on a CPU without AVX-512 (GCC only).
+#define BSBERT_TARGET_PUSH(isa)   \
+  BSBERT_PRAGMA(GCC push_options) \
+  BSBERT_PRAGMA(GCC target("avx2,fma"))
+#define BSBERT_TARGET_POP() BSBERT_PRAGMA(GCC pop_options)
+#elif defined(__clang__)
 #define BSBERT_TARGET_PUSH(isa)             \
   BSBERT_PRAGMA(GCC push_options)           \
   BSBERT_PRAGMA(GCC target(isa))            \

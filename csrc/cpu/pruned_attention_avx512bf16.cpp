@@ -12,7 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <cstdint>
-#include <immintrin.h>
+#include "cpu/avx512_intrinsics.h"
 
 #include "cpu/pruned_attention.h"
 #include "cpu/isa_target.h"
