@@ -415,6 +415,27 @@ def test_pruned_attention_varlen_matches_float64(dtype, d):
         torch.testing.assert_close(out[a:a + n].cpu().double(), ref, **TOL[dtype])
 
 
+def test_pruned_attention_batches_past_the_grid_limit():
+    # The grid's z axis (sequences) holds 65535 blocks: the op raised for a larger batch; now it launches in
+    # slices, each moved to its first sequence. Check sequences on both sides of each slice boundary, with a
+    # padding mask (padded form) and with cu_seqlens (varlen), whose offsets stay absolute.
+    _require_cuda_kernel("pruned_attention")
+    b, s, h, d = 2 * 65535 + 3, 3, 1, 32
+    gen = torch.Generator().manual_seed(65535)
+    qkv = torch.randn(b, s, 3 * h * d, generator=gen).half()
+    lens = torch.randint(1, s + 1, (b,), generator=gen)
+    mask = torch.arange(s)[None, :] < lens[:, None]
+    out = torch.ops.bsbert.pruned_attention(qkv.to(DEV), mask.to(DEV), h, d, 0.2).cpu()
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    flat = qkv[mask]  # the kept tokens, sequence after sequence
+    out_v = torch.ops.bsbert.pruned_attention_varlen(flat.to(DEV), cu.to(DEV), s, h, d, 0.2).cpu()
+    for i in (0, 1, 65534, 65535, 65536, 2 * 65535 - 1, 2 * 65535, b - 1):
+        ref = _ref_attention(qkv[i:i + 1], mask[i:i + 1], h, d, 0.2)[0]
+        n = int(lens[i])
+        torch.testing.assert_close(out[i].double(), ref, **TOL[torch.float16])
+        torch.testing.assert_close(out_v[int(cu[i]):int(cu[i]) + n].double(), ref[:n], **TOL[torch.float16])
+
+
 def test_pruned_attention_rejects_float32_and_bad_shapes():
     _require_cuda_kernel("pruned_attention")
     qkv = torch.randn(1, 4, 3 * 2 * 64, device=DEV)

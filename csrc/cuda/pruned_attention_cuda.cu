@@ -245,16 +245,28 @@ void* const pruned_attention_kernels_for_sass[] = {
     (void*)&pruned_attention_fwd_kernel<__nv_bfloat16, 32>, (void*)&pruned_attention_fwd_kernel<__nv_bfloat16, 64>};
 namespace {
 #else
+// The grid's z axis (sequences) holds at most 65535 blocks: a larger batch is launched in slices, each with
+// its pointers moved to its first sequence (padded form: qkv, out and mask by their batch strides; varlen:
+// cu_seqlens, whose token offsets stay absolute). One launch for every batch up to 65535.
+constexpr int64_t kMaxGridZ = 65535;
+
 template <typename T>
-void launch_attention(const AttnParams<T>& p, int head_dim, int grid_x, int heads, int batch) {
-  dim3 grid(grid_x, heads, batch);
+void launch_attention(const AttnParams<T>& p, int head_dim, int grid_x, int heads, int64_t batch) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (head_dim == 64) {
-    pruned_attention_fwd_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    pruned_attention_fwd_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridZ) {
+    AttnParams<T> slice = p;
+    slice.qkv += b0 * p.qkv_batch_stride;
+    slice.out += b0 * p.out_batch_stride;
+    if (slice.mask != nullptr) slice.mask += b0 * p.mask_batch_stride;
+    if (slice.cu_seqlens != nullptr) slice.cu_seqlens += b0;
+    const dim3 grid(grid_x, heads, static_cast<unsigned>(std::min(kMaxGridZ, batch - b0)));
+    if (head_dim == 64) {
+      pruned_attention_fwd_kernel<T, 64><<<grid, kThreads, 0, stream>>>(slice);
+    } else {
+      pruned_attention_fwd_kernel<T, 32><<<grid, kThreads, 0, stream>>>(slice);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_common(const char* op, const at::Tensor& qkv, int64_t num_heads, int64_t head_dim, int64_t want_dim,
@@ -301,11 +313,11 @@ void launch_for_dtype(const at::Tensor& qkv, at::Tensor& out, int64_t num_heads,
   if (qkv.scalar_type() == at::kHalf) {
     auto p = make_params<__half>(qkv, out, num_heads, scale);
     fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(batch));
+    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), batch);
   } else {
     auto p = make_params<__nv_bfloat16>(qkv, out, num_heads, scale);
     fill(p);
-    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), static_cast<int>(batch));
+    launch_attention(p, static_cast<int>(head_dim), grid_x, static_cast<int>(num_heads), batch);
   }
 }
 
@@ -313,7 +325,6 @@ at::Tensor pruned_attention_cuda(const at::Tensor& qkv_in, const std::optional<a
                                  int64_t num_heads, int64_t head_dim, double scale) {
   check_common("pruned_attention", qkv_in, num_heads, head_dim, 3, scale);
   const int64_t B = qkv_in.size(0), S = qkv_in.size(1);
-  BSBERT_CHECK(B <= 65535, "pruned_attention (CUDA): batch size must be <= 65535, got ", B);
   BSBERT_CHECK(S < (int64_t{1} << 31), "pruned_attention (CUDA): sequence too long");
   c10::cuda::CUDAGuard guard(qkv_in.device());
   // (clone, not contiguous(): a contiguous qkv that starts off a 16-byte boundary would come back as is)
@@ -360,7 +371,6 @@ at::Tensor pruned_attention_varlen_cuda(const at::Tensor& qkv_in, const at::Tens
   BSBERT_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): "
               "max_seqlen must be in [0, 2^31), got ", max_seqlen);
   const int64_t B = cu_seqlens.numel() - 1, T = qkv_in.size(0);
-  BSBERT_CHECK(B <= 65535, "pruned_attention_varlen (CUDA): batch size must be <= 65535, got ", B);
   BSBERT_CHECK(T < (int64_t{1} << 31), "pruned_attention_varlen (CUDA): too many tokens (", T, ")");
   c10::cuda::CUDAGuard guard(qkv_in.device());
   // (clone, not contiguous(): a contiguous qkv that starts off a 16-byte boundary would come back as is)
