@@ -98,6 +98,7 @@ def _isa_cap_note(effective: str) -> str:
     return f", capped by BSBERT_CPU_ISA={cap}"
 
 
+# (only at the AVX-512 levels: capped to avx2 or portable, the emulated build runs native code)
 _EMULATED_NOTE = " (EMULATED by SIMDe: a test build, slow; rebuild without BSBERT_EMULATE_AVX512 for use)"
 
 
@@ -121,7 +122,7 @@ def collect() -> dict:
         info["transformers"] = "not installed"
     mod = _ext.load(warn=False)
     info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s%s)" % (
-        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa() + _EMULATED_NOTE * _ext.isa_emulated(),
+        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa() + _EMULATED_NOTE * (_ext.isa_emulated() and mod.cpu_isa().startswith("avx512")),
         _isa_cap_note(mod.cpu_isa()))) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)
