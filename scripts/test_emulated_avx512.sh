@@ -22,8 +22,11 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # the checkout's files as they are now (tracked and new, not ignored: no build outputs of the real build)
-git ls-files -z --cached --others --exclude-standard |
-  tar -c --null -T - --ignore-failed-read -f - 2>/dev/null | tar -x -C "$work" -f -
+git ls-files -z --cached --others --exclude-standard > "$work/.files"
+# tar's status 1 is "a file changed as we read it" (a log being written, such as CI's own): not an error
+tar -c --null -T "$work/.files" --ignore-failed-read -f "$work/.src.tar" 2>/dev/null || [ $? -eq 1 ]
+tar -x -C "$work" -f "$work/.src.tar"
+rm "$work/.files" "$work/.src.tar"
 cd "$work"
 
 echo "== emulated AVX-512: build (CPU only) =="
