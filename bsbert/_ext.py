@@ -62,7 +62,7 @@ def load(warn: bool = True):
 def isa_emulated() -> bool:
     """True for the emulated AVX-512 test build (setup.py BSBERT_EMULATE_AVX512=1): the AVX-512 levels run
     through SIMDe on an AVX2+FMA CPU (csrc/cpu/avx512_intrinsics.h), for correctness tests only."""
-    mod = _state["module"] if _state["loaded"] else load(warn=False)
+    mod = load(warn=False)  # (load itself asks this once the module is in _state)
     return mod is not None and hasattr(mod, "cpu_isa_emulated") and bool(mod.cpu_isa_emulated())
 
 

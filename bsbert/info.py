@@ -43,7 +43,7 @@ def _why_no_peak() -> str:
         return "no extension"
     if not hasattr(mod, "cpu_peak_gflops"):
         return "this build of the extension has no peak probe"
-    if _ext.isa_emulated() and mod.cpu_isa().startswith("avx512"):
+    if _runs_emulated(mod):
         return "an emulated AVX-512 test build (BSBERT_EMULATE_AVX512): no native instruction to time"
     cap = os.environ.get("BSBERT_CPU_ISA")
     if mod.cpu_isa() == "portable" and cap is not None and (own := _uncapped_isa(mod)) != "portable":
@@ -98,7 +98,14 @@ def _isa_cap_note(effective: str) -> str:
     return f", capped by BSBERT_CPU_ISA={cap}"
 
 
-# (only at the AVX-512 levels: capped to avx2 or portable, the emulated build runs native code)
+def _runs_emulated(mod) -> bool:
+    """The CPU kernels run emulated now: an emulated AVX-512 test build at an AVX-512 level (capped to avx2 or
+    portable, that build runs native code)."""
+    from bsbert import _ext
+
+    return _ext.isa_emulated() and mod.cpu_isa().startswith("avx512")
+
+
 _EMULATED_NOTE = " (EMULATED by SIMDe: a test build, slow; rebuild without BSBERT_EMULATE_AVX512 for use)"
 
 
@@ -122,7 +129,7 @@ def collect() -> dict:
         info["transformers"] = "not installed"
     mod = _ext.load(warn=False)
     info["extension"] = ("loaded (built for torch %s, CUDA kernels %s, CPU ISA %s%s)" % (
-        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa() + _EMULATED_NOTE * (_ext.isa_emulated() and mod.cpu_isa().startswith("avx512")),
+        mod.torch_version(), _cuda_kernels(mod), mod.cpu_isa() + _EMULATED_NOTE * _runs_emulated(mod),
         _isa_cap_note(mod.cpu_isa()))) if mod else \
         f"unavailable: {_ext.reason_unavailable()}"
     # which compiled ops have a kernel for which device (the fused encoder, bert_encoder, is CPU only)

@@ -72,35 +72,36 @@ inline float bf16_to_fp32(uint16_t h) { return from_bits(static_cast<uint32_t>(h
 // MAXPS: the second operand unless the first is greater (a NaN in either gives the second).
 inline float max_ps_lane(float a, float b) { return a > b ? a : b; }
 
+// Masked 16-lane load (zeros elsewhere) and store: only the selected lanes' memory is touched.
+template <class V, class T>
+inline V masked_load(uint16_t k, const void* p) {
+  Lanes<T, 16> r{};
+  for (int i = 0; i < 16; ++i)
+    if (k >> i & 1) std::memcpy(&r.v[i], static_cast<const T*>(p) + i, sizeof(T));
+  return reg_of<V>(r);
+}
+template <class T, class V>
+inline void masked_store(void* p, uint16_t k, const V& reg) {
+  const auto l = lanes_of<T, 16>(reg);
+  for (int i = 0; i < 16; ++i)
+    if (k >> i & 1) std::memcpy(static_cast<T*>(p) + i, &l.v[i], sizeof(T));
+}
+
 }  // namespace bsbert_emulated_avx512
 
 #define BSB_EMU_FN static inline __attribute__((always_inline))
 
 BSB_EMU_FN simde__m512 bsbert_emu_mm512_maskz_loadu_ps(simde__mmask16 k, const void* p) {
-  bsbert_emulated_avx512::Lanes<float, 16> r{};
-  const float* src = static_cast<const float*>(p);
-  for (int i = 0; i < 16; ++i)
-    if (k >> i & 1) std::memcpy(&r.v[i], src + i, 4);
-  return bsbert_emulated_avx512::reg_of<simde__m512>(r);
+  return bsbert_emulated_avx512::masked_load<simde__m512, float>(k, p);
 }
 BSB_EMU_FN void bsbert_emu_mm512_mask_storeu_ps(void* p, simde__mmask16 k, simde__m512 a) {
-  const auto l = bsbert_emulated_avx512::lanes_of<float, 16>(a);
-  float* dst = static_cast<float*>(p);
-  for (int i = 0; i < 16; ++i)
-    if (k >> i & 1) std::memcpy(dst + i, &l.v[i], 4);
+  bsbert_emulated_avx512::masked_store<float>(p, k, a);
 }
 BSB_EMU_FN simde__m256i bsbert_emu_mm256_maskz_loadu_epi16(simde__mmask16 k, const void* p) {
-  bsbert_emulated_avx512::Lanes<uint16_t, 16> r{};
-  const uint16_t* src = static_cast<const uint16_t*>(p);
-  for (int i = 0; i < 16; ++i)
-    if (k >> i & 1) std::memcpy(&r.v[i], src + i, 2);
-  return bsbert_emulated_avx512::reg_of<simde__m256i>(r);
+  return bsbert_emulated_avx512::masked_load<simde__m256i, uint16_t>(k, p);
 }
 BSB_EMU_FN void bsbert_emu_mm256_mask_storeu_epi16(void* p, simde__mmask16 k, simde__m256i a) {
-  const auto l = bsbert_emulated_avx512::lanes_of<uint16_t, 16>(a);
-  uint16_t* dst = static_cast<uint16_t*>(p);
-  for (int i = 0; i < 16; ++i)
-    if (k >> i & 1) std::memcpy(dst + i, &l.v[i], 2);
+  bsbert_emulated_avx512::masked_store<uint16_t>(p, k, a);
 }
 
 // VPMOVDW: truncate each 32-bit lane to its low 16 bits.
