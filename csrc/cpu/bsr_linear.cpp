@@ -13,7 +13,8 @@
 // multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
 // spreads over every core through the block rows. Threads claim runs of consecutive block rows of one
 // M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
-// so a static split would be unbalanced).
+// so a static split would be unbalanced). M = 1 (one token, batch 1) takes a GEMV kernel of its own
+// where it is on (run_gemv, gemv_enabled): the same block-row claims, without register tiles.
 #include "check.h"
 #include "aten_min.h"
 #include <torch/library.h>
@@ -57,20 +58,41 @@ struct Path {
   BsrTileFn fn;
   BsrPackFn pack;
   int mr;
+  // the M = 1 path (run_gemv), or nullptr where the tiles serve M = 1 too (see gemv_enabled)
+  BsrGemvFn gemv = nullptr;
+  BsrGemvPackFn gemv_pack = nullptr;
 };
 
+// BSBERT_BSR_GEMV: "1" runs M = 1 on the GEMV path (gemv_block_row) at every ISA, "0" on the register
+// tiles; unset: the GEMV path at the levels where it was measured faster than the tiles (AVX2 and
+// portable: 2-core Zen 3, M = 1, benchmarks/results/cpu-zen3-2core.md), the tiles at the AVX-512 levels,
+// where it has not been timed yet. (It has no AVX512-BF16 dot-product form: bf16 at that level always
+// takes the tiles.) Read per call, like BSBERT_CPU_ISA.
+bool gemv_enabled(Isa isa) {
+  const char* env = std::getenv("BSBERT_BSR_GEMV");
+  if (env != nullptr && env[0] == '1') return true;
+  if (env != nullptr && env[0] == '0') return false;
+  return isa != Isa::kAvx512 && isa != Isa::kAvx512Bf16;
+}
+
 Path select_path(bool w_bf16) {
-  switch (effective_isa()) {
+  const Isa isa = effective_isa();
+  Path p;
+  switch (isa) {
     case Isa::kAvx512Bf16:
       if (w_bf16) return {bsr_tile_avx512bf16, bsr_pack_avx512bf16, bsr_mr_avx512bf16()};
       [[fallthrough]];
     case Isa::kAvx512:
-      return {bsr_tile_avx512, bsr_pack_avx512, bsr_mr_avx512(w_bf16)};
+      p = {bsr_tile_avx512, bsr_pack_avx512, bsr_mr_avx512(w_bf16), bsr_gemv_avx512, bsr_gemv_pack_avx512};
+      break;
     case Isa::kAvx2:
-      return {bsr_tile_avx2, bsr_pack_avx2, bsr_mr_avx2(w_bf16)};
+      p = {bsr_tile_avx2, bsr_pack_avx2, bsr_mr_avx2(w_bf16), bsr_gemv_avx2, bsr_gemv_pack_avx2};
+      break;
     default:
-      return {bsr_tile_portable, bsr_pack_portable, bsr_mr_portable(w_bf16)};
+      p = {bsr_tile_portable, bsr_pack_portable, bsr_mr_portable(w_bf16), bsr_gemv_portable, bsr_gemv_pack_portable};
   }
+  if (!gemv_enabled(isa)) p.gemv = nullptr, p.gemv_pack = nullptr;
+  return p;
 }
 
 }  // namespace
@@ -258,7 +280,35 @@ at::Tensor panel_buffer(int64_t xp_elems, float** xp) {
   return tmp;
 }
 
+// M = 1 on the GEMV path: x packed once as a zero-padded fp32 row by the calling thread, then the
+// threads claim runs of consecutive block rows (each a sequential stretch of the packed weights), about
+// 8 claims per thread for balance across block rows of different lengths.
+void run_gemv(BsrCall& c) {
+  const Path& path = c.path;
+  const int64_t nbr = c.nbr, b = c.b;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const at::Tensor xv_tmp = panel_buffer(c.nbc * b, &c.args.xp);
+  path.gemv_pack(c.args, c.args.xp);
+  const BsrLinearArgs& args = c.args;
+  const int64_t g = std::max<int64_t>(1, nbr / (8 * nthreads));
+  const int64_t nclaims = (nbr + g - 1) / g;
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    float* sc = thread_buffer<struct BsrTileScratchTag>(b + 16);  // written before it is read
+    for (;;) {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= nclaims) break;
+      for (int64_t rb = t * g; rb < std::min(nbr, (t + 1) * g); ++rb) path.gemv(args, rb, sc);
+    }
+  };
+  run_workers(std::min(nthreads, nclaims), worker);
+}
+
 void run(BsrCall& c) {
+  if (c.M == 1 && c.path.gemv != nullptr) {
+    run_gemv(c);
+    return;
+  }
   const BsrLinearArgs& args = c.args;
   const Path& path = c.path;
   const int64_t M = c.M, K = c.K, b = c.b, nbr = c.nbr, nbc = c.nbc;

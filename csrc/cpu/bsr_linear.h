@@ -73,6 +73,18 @@ void bsr_tile_avx2(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx512(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx512bf16(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 
+// M = 1 (bsr_linear.cpp: run_gemv; bsr_linear_kernel.h: gemv_block_row): BsrGemvPackFn writes x's
+// only row as ceil(K/block)*block fp32 values (zero-padded, bf16 widened), then BsrGemvFn computes the
+// output columns of block row rb from it (a.xp = that row; scratch >= block floats).
+using BsrGemvPackFn = void (*)(const BsrLinearArgs&, float* xv);
+using BsrGemvFn = void (*)(const BsrLinearArgs&, int64_t rb, float* scratch);
+void bsr_gemv_pack_portable(const BsrLinearArgs&, float*);
+void bsr_gemv_pack_avx2(const BsrLinearArgs&, float*);
+void bsr_gemv_pack_avx512(const BsrLinearArgs&, float*);
+void bsr_gemv_portable(const BsrLinearArgs&, int64_t, float*);
+void bsr_gemv_avx2(const BsrLinearArgs&, int64_t, float*);
+void bsr_gemv_avx512(const BsrLinearArgs&, int64_t, float*);
+
 // Rows of the register tile of each path (the M tile is a multiple of it).
 int bsr_mr_portable(bool w_bf16);
 int bsr_mr_avx2(bool w_bf16);

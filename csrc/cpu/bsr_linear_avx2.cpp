@@ -29,6 +29,8 @@ void bsr_tile_avx2(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, f
 // fp32 x, full 6-row panels: 8 k at a time, 6 row vectors (+2 zero rows) transposed 8x8 in registers
 // and stored as 8 runs of 6 floats. Tails (last rows, K % 8, block padding) and bf16 take the generic
 // path.
+void bsr_gemv_pack_avx2(const BsrLinearArgs& a, float* xv) { gemv_pack(a, xv); }
+void bsr_gemv_avx2(const BsrLinearArgs& a, int64_t rb, float* c) { gemv_dispatch<VAvx2>(a, rb, c); }
 void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   if (a.w_bf16) {
     pack_dispatch<6, 4>(a, p0, p1, xp);
@@ -98,6 +100,8 @@ void bsr_tile_avx2(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, f
   bsr_tile_portable(a, m0, m1, rb, c);
 }
 int bsr_mr_avx2(bool w_bf16) { return bsr_mr_portable(w_bf16); }
+void bsr_gemv_pack_avx2(const BsrLinearArgs& a, float* xv) { bsr_gemv_pack_portable(a, xv); }
+void bsr_gemv_avx2(const BsrLinearArgs& a, int64_t rb, float* c) { bsr_gemv_portable(a, rb, c); }
 void bsr_pack_avx2(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   bsr_pack_portable(a, p0, p1, xp);
 }

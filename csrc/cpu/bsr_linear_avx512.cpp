@@ -28,6 +28,8 @@ void bsr_tile_avx512(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb,
 }
 // fp32 x: each 12-row panel is a register transpose of 16x16 word tiles (simd_avx512.h); bf16 x
 // (widened while packing) takes the generic packer.
+void bsr_gemv_pack_avx512(const BsrLinearArgs& a, float* xv) { gemv_pack(a, xv); }
+void bsr_gemv_avx512(const BsrLinearArgs& a, int64_t rb, float* c) { gemv_dispatch<VAvx512>(a, rb, c); }
 void bsr_pack_avx512(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   if (a.w_bf16) {
     pack_dispatch<12, 8>(a, p0, p1, xp);
@@ -63,6 +65,8 @@ void bsr_tile_avx512(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb,
   bsr_tile_portable(a, m0, m1, rb, c);
 }
 int bsr_mr_avx512(bool w_bf16) { return bsr_mr_portable(w_bf16); }
+void bsr_gemv_pack_avx512(const BsrLinearArgs& a, float* xv) { bsr_gemv_pack_portable(a, xv); }
+void bsr_gemv_avx512(const BsrLinearArgs& a, int64_t rb, float* c) { bsr_gemv_portable(a, rb, c); }
 void bsr_pack_avx512(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   bsr_pack_portable(a, p0, p1, xp);
 }

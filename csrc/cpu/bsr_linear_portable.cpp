@@ -92,6 +92,8 @@ void bsr_pack_portable(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp
   pack_dispatch<4, 4>(a, p0, p1, xp);
 }
 int bsr_mr_portable(bool) { return 4; }
+void bsr_gemv_pack_portable(const BsrLinearArgs& a, float* xv) { gemv_pack(a, xv); }
+void bsr_gemv_portable(const BsrLinearArgs& a, int64_t rb, float* c) { gemv_dispatch<VPortable>(a, rb, c); }
 
 }  // namespace cpu
 }  // namespace bsbert
