@@ -45,7 +45,7 @@ echo "== emulated AVX-512: CPU kernel tests =="
 # tests/test_emulated_avx512.py fails if it did not.
 BSBERT_EXPECT_EMULATED_AVX512=1 python -m pytest -q -p no:cacheprovider \
   -W "ignore:bsbert._C is the emulated AVX-512 test build:RuntimeWarning" \
-  tests/test_emulated_avx512.py tests/test_bsr_linear_cpu.py tests/test_bsr_linear_add_layer_norm.py \
+  tests/test_emulated_avx512.py tests/test_bsr_linear_cpu.py tests/test_bsr_gemv_cpu.py tests/test_bsr_linear_add_layer_norm.py \
   tests/test_cpu_attention.py tests/test_add_layer_norm.py tests/test_head_logits.py \
   tests/test_bert_embeddings.py tests/test_bf16_widened.py tests/test_cpu_op_bad_inputs.py \
   tests/test_fused_encoder.py "$@"
