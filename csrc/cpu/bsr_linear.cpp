@@ -13,8 +13,8 @@
 // multiples of the register tile) until there are >= 4 tasks per thread, so that M = 1..16 still
 // spreads over every core through the block rows. Threads claim runs of consecutive block rows of one
 // M tile from an atomic counter (block rows of a pruned matrix have very different numbers of blocks,
-// so a static split would be unbalanced). M = 1 (one token, batch 1) takes a GEMV kernel of its own
-// where it is on (run_gemv, gemv_enabled): the same block-row claims, without register tiles.
+// so a static split would be unbalanced). M <= 3 (a token or three, batch 1) takes a GEMV kernel of its
+// own where it is on (run_gemv, gemv_enabled): the same block-row claims, without register tiles.
 #include "check.h"
 #include "aten_min.h"
 #include <torch/library.h>
@@ -31,6 +31,7 @@
 #include "cpu/add_layer_norm_op.h"
 #include "cpu/bsr_linear.h"
 #include "cpu/bsr_row_chain.h"
+#include "cpu/env_switch.h"
 #include "cpu/isa.h"
 #include "cpu/run_workers.h"
 #include "cpu/thread_buffer.h"
@@ -58,20 +59,18 @@ struct Path {
   BsrTileFn fn;
   BsrPackFn pack;
   int mr;
-  // the M = 1 path (run_gemv), or nullptr where the tiles serve M = 1 too (see gemv_enabled)
+  // the M <= kBsrGemvRows path (run_gemv), or nullptr where the tiles serve those M too (see gemv_enabled)
   BsrGemvFn gemv = nullptr;
   BsrGemvPackFn gemv_pack = nullptr;
 };
 
-// BSBERT_BSR_GEMV: "1" runs M = 1 on the GEMV path (gemv_block_row) at every ISA, "0" on the register
-// tiles; unset: the GEMV path at the levels where it was measured faster than the tiles (AVX2 and
-// portable: 2-core Zen 3, M = 1, benchmarks/results/cpu-zen3-2core.md), the tiles at the AVX-512 levels,
-// where it has not been timed yet. (It has no AVX512-BF16 dot-product form: bf16 at that level always
-// takes the tiles.) Read per call, like BSBERT_CPU_ISA.
+// BSBERT_BSR_GEMV set: on (M <= kBsrGemvRows on the GEMV path, gemv_block_row, at every ISA level) unless
+// it is an off spelling (env_switch_on: 0/false/no/off; then the register tiles). Unset: the GEMV path at
+// the levels where it was measured faster than the tiles (AVX2 and portable: 2-core Zen 3,
+// benchmarks/results/cpu-zen3-2core.md), the tiles at the AVX-512 levels, where it has not been timed yet.
+// (It has no AVX512-BF16 dot-product form: bf16 at that level always takes the tiles.) Read per call.
 bool gemv_enabled(Isa isa) {
-  const char* env = std::getenv("BSBERT_BSR_GEMV");
-  if (env != nullptr && env[0] == '1') return true;
-  if (env != nullptr && env[0] == '0') return false;
+  if (std::getenv("BSBERT_BSR_GEMV") != nullptr) return env_switch_on("BSBERT_BSR_GEMV");
   return isa != Isa::kAvx512 && isa != Isa::kAvx512Bf16;
 }
 
@@ -280,21 +279,21 @@ at::Tensor panel_buffer(int64_t xp_elems, float** xp) {
   return tmp;
 }
 
-// M = 1 on the GEMV path: x packed once as a zero-padded fp32 row by the calling thread, then the
-// threads claim runs of consecutive block rows (each a sequential stretch of the packed weights), about
-// 8 claims per thread for balance across block rows of different lengths.
+// M <= kBsrGemvRows on the GEMV path: x packed once, as a panel of M zero-padded fp32 rows, by the calling
+// thread; then the threads claim runs of consecutive block rows (each a sequential stretch of the packed
+// weights), about 8 claims per thread for balance across block rows of different lengths.
 void run_gemv(BsrCall& c) {
   const Path& path = c.path;
   const int64_t nbr = c.nbr, b = c.b;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const at::Tensor xv_tmp = panel_buffer(c.nbc * b, &c.args.xp);
+  const at::Tensor xv_tmp = panel_buffer(c.nbc * b * c.M, &c.args.xp);
   path.gemv_pack(c.args, c.args.xp);
   const BsrLinearArgs& args = c.args;
   const int64_t g = std::max<int64_t>(1, nbr / (8 * nthreads));
   const int64_t nclaims = (nbr + g - 1) / g;
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    float* sc = thread_buffer<struct BsrTileScratchTag>(b + 16);  // written before it is read
+    float* sc = thread_buffer<struct BsrTileScratchTag>(c.M * b + 16);  // written before it is read
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= nclaims) break;
@@ -305,7 +304,7 @@ void run_gemv(BsrCall& c) {
 }
 
 void run(BsrCall& c) {
-  if (c.M == 1 && c.path.gemv != nullptr) {
+  if (c.M <= kBsrGemvRows && c.path.gemv != nullptr) {
     run_gemv(c);
     return;
   }

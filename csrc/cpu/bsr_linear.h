@@ -73,9 +73,10 @@ void bsr_tile_avx2(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx512(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 void bsr_tile_avx512bf16(const BsrLinearArgs&, int64_t, int64_t, int64_t, float*);
 
-// M = 1 (bsr_linear.cpp: run_gemv; bsr_linear_kernel.h: gemv_block_row): BsrGemvPackFn writes x's
-// only row as ceil(K/block)*block fp32 values (zero-padded, bf16 widened), then BsrGemvFn computes the
-// output columns of block row rb from it (a.xp = that row; scratch >= block floats).
+// M <= kBsrGemvRows (bsr_linear.cpp: run_gemv; bsr_linear_kernel.h: gemv_block_row): BsrGemvPackFn writes
+// x's M rows as one panel of ceil(K/block)*block*M fp32 values (zero-padded, bf16 widened), then BsrGemvFn
+// computes the output columns of block row rb from it (a.xp = that panel; scratch >= M * block floats).
+constexpr int kBsrGemvRows = 3;
 using BsrGemvPackFn = void (*)(const BsrLinearArgs&, float* xv);
 using BsrGemvFn = void (*)(const BsrLinearArgs&, int64_t rb, float* scratch);
 void bsr_gemv_pack_portable(const BsrLinearArgs&, float*);

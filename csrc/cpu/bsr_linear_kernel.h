@@ -449,91 +449,120 @@ void tile_dispatch(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, f
   }
 }
 
-// One output row (M = 1) of block row rb: y[0, rb*b ..] = x . W[rb rows]^T + bias (GELU), from x packed
-// as one zero-padded fp32 row at a.xp (pack_x_impl<1, ...>: K padded to whole blocks, bf16 widened).
-// Why not the tile path at M = 1: its one-row tile keeps NV accumulators (2 at AVX2), each a chain of
-// dependent FMAs, walks each block in NR-column chunks (half of each 128-byte k row per pass) and
-// broadcasts x from a panel padded to MR rows. Here every block is read once, front to back, and the
-// block row's blocks follow each other in memory, so a thread's block rows are one sequential stream;
-// P interleaved k sums of NB = b / W vectors give >= 8 independent FMA chains (2 FMAs per cycle x 4
-// cycles of latency). The P partial sums are added at the end, so the rounding differs from the tile
-// path's single k-ordered sum (both are within the fp32 bound of a K-long dot product).
-// (A software prefetch 256 B - 4 KB ahead of the stream made no difference above this VM's noise: the
-// hardware prefetchers follow one sequential stream per core.)
-template <class V, int WM, int NB>
+// R = M <= kBsrGemvRows output rows of block row rb: y[r, rb*b ..] = x[r] . W[rb rows]^T + bias (GELU), from x
+// packed as one panel of R zero-padded fp32 rows at a.xp (pack_x_impl<R, ...>: [block column][k][R], K padded
+// to whole blocks, bf16 widened). Why not the register tiles for so few rows: their R-row tile keeps R x NV
+// accumulators (2 per row at AVX2), each a chain of dependent FMAs, walks each block in NR-column chunks
+// (half of each 128-byte k row per pass) and broadcasts x from a panel padded to MR rows. Here every block
+// is read once, front to back, and a block row's blocks follow each other in memory, so a thread's block
+// rows are one sequential stream; R x P interleaved sums of NB = b / W vectors give >= 8 independent FMA
+// chains (2 FMAs per cycle x 4 cycles of latency). With P > 1 the P partial sums are added at the end, so
+// the rounding differs from the tiles' single k-ordered sum (both within the fp32 bound of a K-long dot
+// product). (A software prefetch 256 B - 4 KB ahead of the stream made no difference above this VM's
+// noise: the hardware prefetchers follow one sequential stream per core.)
+template <class V, int WM, int NB, int R>
 void gemv_block_row(const BsrLinearArgs& a, int64_t rb, float* out) {
   static_assert(WM == kWF32 || WM == kWBf16, "gemv_block_row: fp32 or widened bf16 weights");
-  using R = typename V::reg;
+  using Reg = typename V::reg;
   constexpr int W = V::W;
   constexpr int b = NB * W;
-  constexpr int P0 = 8 / NB > 1 ? 8 / NB : 1;
-  constexpr int P = WM == kWBf16 && P0 < 2 ? 2 : P0;  // bf16: a k pair per load, so P is even
+  constexpr int P = 8 / (NB * R) > 1 ? 8 / (NB * R) : 1;  // k sums kept apart (even for bf16: see below)
+  constexpr int KS = WM == kWBf16 && P < 2 ? 2 : P;      // k values per step (bf16: whole pairs)
   const int64_t s = a.crow[rb];
   const int nblk = static_cast<int>(a.crow[rb + 1] - s);
-  R acc[P][NB];
+  Reg acc[R][P][NB];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-  for (int p = 0; p < P; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8
-    for (int v = 0; v < NB; ++v) acc[p][v] = V::zero();
+      for (int v = 0; v < NB; ++v) acc[r][p][v] = V::zero();
   for (int j = 0; j < nblk; ++j) {
-    const float* xb = a.xp + static_cast<int64_t>(a.col[s + j]) * b;
+    const float* xb = a.xp + static_cast<int64_t>(a.col[s + j]) * b * R;  // x[r, k] at xb[k * R + r]
     if constexpr (WM == kWF32) {
       const float* wb = static_cast<const float*>(a.w) + (s + j) * b * b;
-      for (int k = 0; k < b; k += P) {
+      for (int k = 0; k < b; k += KS) {
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) {
-          const R av = V::bcast(xb + k + p);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const Reg av = V::bcast(xb + (k + p) * R + r);
 #pragma GCC unroll 8
-          for (int v = 0; v < NB; ++v) acc[p][v] = V::fma(av, V::load(wb + (k + p) * b + v * W), acc[p][v]);
+            for (int v = 0; v < NB; ++v)
+              acc[r][p][v] = V::fma(av, V::load(wb + (k + p) * b + v * W), acc[r][p][v]);
+          }
         }
       }
     } else {
-      // [k/2][n][2]: pair row q holds (W[n, 2q], W[n, 2q + 1]) as one 32-bit word per column n
+      // [k/2][n][2]: pair row q holds (W[n, 2q], W[n, 2q + 1]) as one 32-bit word per column n. With P >= 2
+      // the even and odd k go to separate sums; with P = 1 (R x NB >= 8 chains already) both into one.
       const int32_t* wb = static_cast<const int32_t*>(a.w) + (s + j) * (b * b / 2);
-      for (int k = 0; k < b; k += P) {
+      for (int k = 0; k < b; k += KS) {
 #pragma GCC unroll 4
-        for (int p = 0; p < P; p += 2) {
-          const R a0 = V::bcast(xb + k + p), a1 = V::bcast(xb + k + p + 1);
+        for (int q = 0; q < KS; q += 2) {
 #pragma GCC unroll 8
           for (int v = 0; v < NB; ++v) {
-            R lo, hi;
-            V::load_pairs(wb + (k + p) / 2 * b + v * W, lo, hi);
-            acc[p][v] = V::fma(a0, lo, acc[p][v]);
-            acc[p + 1][v] = V::fma(a1, hi, acc[p + 1][v]);
+            Reg lo, hi;
+            V::load_pairs(wb + (k + q) / 2 * b + v * W, lo, hi);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+              const Reg a0 = V::bcast(xb + (k + q) * R + r), a1 = V::bcast(xb + (k + q + 1) * R + r);
+              constexpr int odd = P >= 2 ? 1 : 0;
+              const int pe = P >= 2 ? q : 0;
+              acc[r][pe][v] = V::fma(a0, lo, acc[r][pe][v]);
+              acc[r][pe + odd][v] = V::fma(a1, hi, acc[r][pe + odd][v]);
+            }
           }
         }
       }
     }
   }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-  for (int v = 0; v < NB; ++v) {
-    R sum = acc[0][v];
+    for (int v = 0; v < NB; ++v) {
+      Reg sum = acc[r][0][v];
 #pragma GCC unroll 8
-    for (int p = 1; p < P; ++p) sum = V::add(sum, acc[p][v]);
-    V::store(out + v * W, sum);
-  }
-  epilogue<V>(a, 0, 1, rb, out, 0);
+      for (int p = 1; p < P; ++p) sum = V::add(sum, acc[r][p][v]);
+      V::store(out + r * b + v * W, sum);
+    }
+  epilogue<V>(a, 0, R, rb, out, 0);
 }
 
-// gemv_block_row for the call's block size and weight mode (b / W vectors per k row; b >= W here).
+template <class V, int R>
+void gemv_rows(const BsrLinearArgs& a, int64_t rb, float* out) {
+  constexpr int W = V::W;
+  static_assert(16 % W == 0, "gemv_rows: block 16 must be a whole number of vectors");
+  if (a.w_bf16) {
+    if (a.block == 16) return gemv_block_row<V, kWBf16, 16 / W, R>(a, rb, out);
+    if (a.block == 32) return gemv_block_row<V, kWBf16, 32 / W, R>(a, rb, out);
+    return gemv_block_row<V, kWBf16, 64 / W, R>(a, rb, out);
+  }
+  if (a.block == 16) return gemv_block_row<V, kWF32, 16 / W, R>(a, rb, out);
+  if (a.block == 32) return gemv_block_row<V, kWF32, 32 / W, R>(a, rb, out);
+  return gemv_block_row<V, kWF32, 64 / W, R>(a, rb, out);
+}
+
+// gemv_block_row for the call's rows (a.M, 1..kBsrGemvRows), block size and weight mode. out: >= M * block floats.
 template <class V>
 void gemv_dispatch(const BsrLinearArgs& a, int64_t rb, float* out) {
-  constexpr int W = V::W;
-  static_assert(16 % W == 0, "gemv_dispatch: block 16 must be a whole number of vectors");
-  if (a.w_bf16) {
-    if (a.block == 16) return gemv_block_row<V, kWBf16, 16 / W>(a, rb, out);
-    if (a.block == 32) return gemv_block_row<V, kWBf16, 32 / W>(a, rb, out);
-    return gemv_block_row<V, kWBf16, 64 / W>(a, rb, out);
-  }
-  if (a.block == 16) return gemv_block_row<V, kWF32, 16 / W>(a, rb, out);
-  if (a.block == 32) return gemv_block_row<V, kWF32, 32 / W>(a, rb, out);
-  return gemv_block_row<V, kWF32, 64 / W>(a, rb, out);
+  static_assert(kBsrGemvRows == 3, "gemv_dispatch: one case per row count");
+  if (a.M == 1) return gemv_rows<V, 1>(a, rb, out);
+  if (a.M == 2) return gemv_rows<V, 2>(a, rb, out);
+  return gemv_rows<V, 3>(a, rb, out);
 }
 
-// x (row 0 of a) as the GEMV's zero-padded fp32 row (bf16 widened): ceil(K / block) * block floats.
-inline void gemv_pack(const BsrLinearArgs& a, float* xv) {
+// x (M <= kBsrGemvRows rows) as the GEMV's panel of M zero-padded fp32 rows (bf16 widened):
+// ceil(K / block) * block * M floats.
+template <int R>
+void gemv_pack_rows(const BsrLinearArgs& a, float* xv) {
   if (a.w_bf16)
-    pack_x_impl<1, true>(a, 0, 1, xv);
+    pack_x_impl<R, true>(a, 0, 1, xv);
   else
-    pack_x_impl<1, false>(a, 0, 1, xv);
+    pack_x_impl<R, false>(a, 0, 1, xv);
+}
+inline void gemv_pack(const BsrLinearArgs& a, float* xv) {
+  if (a.M == 1) return gemv_pack_rows<1>(a, xv);
+  if (a.M == 2) return gemv_pack_rows<2>(a, xv);
+  return gemv_pack_rows<3>(a, xv);
 }
