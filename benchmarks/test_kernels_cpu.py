@@ -32,7 +32,7 @@ if FULL:
     SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 768), (3072, 768), (768, 3072), (70, 100),
               (140, 128)]
     DENSITIES = [1.0, 0.64, 0.5, 0.25, 0.1]
-    MS = [1, 8, 16, 384]
+    MS = [1, 2, 3, 8, 16, 384]  # 1-3: the GEMV kernel (where it is on); 8, 16: register tiles, block-row split
     DTYPES = [torch.float32, torch.bfloat16]
 else:
     SHAPES = [(1024, 1024), (4096, 1024)]
