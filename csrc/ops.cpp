@@ -155,6 +155,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encoder_release", &bsbert::cpu::encoder_release, pybind11::arg("handle"),
         "drops a registered encoder's lists; False if the handle was not registered");
   m.def("encoder_registered_count", &bsbert::cpu::encoder_registered_count, "encoders registered now");
+  m.def("encoder_is_registered", &bsbert::cpu::encoder_is_registered, pybind11::arg("handle"),
+        "whether an encoder is registered under handle now (the fake kernel's check, as the kernel's first)");
   m.def("encoder_cached_chains", &bsbert::cpu::encoder_cached_chains, pybind11::arg("handle"),
         "layers whose prepared row chain the registered encoder keeps for its next call");
   m.def("encoder_chain_reuses", &bsbert::cpu::encoder_chain_reuses, pybind11::arg("handle"),

@@ -238,19 +238,15 @@ def _bert_encoder_fake(hidden, key_padding_mask, tensors, ints, floats):
 
 def _handle_registered(handle) -> bool:
     """Whether an encoder is registered under ``handle`` in this process (True when that cannot be told: a
-    symbolic handle, or an extension without the registry's query)."""
+    symbolic handle, or an extension without the registry)."""
     if not isinstance(handle, int) or isinstance(handle, bool):
         return True
     from bsbert import _ext
 
-    query = getattr(_ext.load(warn=False), "encoder_chain_reuses", None)  # raises for an unknown handle
-    if query is None:
-        return True
-    try:
-        query(handle)
-    except RuntimeError:
-        return False
-    return True
+    if not -(2 ** 63) <= handle < 2 ** 63:
+        return False  # handles are int64: no encoder is registered under this one
+    query = getattr(_ext.load(warn=False), "encoder_is_registered", None)
+    return True if query is None else bool(query(handle))
 
 
 def _bert_encoder_registered_fake(hidden, key_padding_mask, handle):

@@ -605,6 +605,8 @@ int64_t encoder_chain_reuses(int64_t handle) {
   return e->chains->reuses.load(std::memory_order_relaxed);
 }
 
+bool encoder_is_registered(int64_t handle) { return find_registered(handle) != nullptr; }
+
 int64_t encoder_registered_count() {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);

@@ -68,7 +68,7 @@ struct Path {
 // it is an off spelling (env_switch_on: 0/false/no/off; then the register tiles). Unset: the GEMV path at
 // the levels where it was measured faster than the tiles (AVX2 and portable: 2-core Zen 3,
 // benchmarks/results/cpu-zen3-2core.md), the tiles at the AVX-512 levels, where it has not been timed yet.
-// (It has no AVX512-BF16 dot-product form: bf16 at that level always takes the tiles.) Read per call.
+// Read per call.
 bool gemv_enabled(Isa isa) {
   if (std::getenv("BSBERT_BSR_GEMV") != nullptr) return env_switch_on("BSBERT_BSR_GEMV");
   return isa != Isa::kAvx512 && isa != Isa::kAvx512Bf16;
@@ -79,7 +79,11 @@ Path select_path(bool w_bf16) {
   Path p;
   switch (isa) {
     case Isa::kAvx512Bf16:
-      if (w_bf16) return {bsr_tile_avx512bf16, bsr_pack_avx512bf16, bsr_mr_avx512bf16()};
+      if (w_bf16) {
+        p = {bsr_tile_avx512bf16, bsr_pack_avx512bf16, bsr_mr_avx512bf16(), bsr_gemv_avx512bf16,
+             bsr_gemv_pack_avx512bf16};
+        break;
+      }
       [[fallthrough]];
     case Isa::kAvx512:
       p = {bsr_tile_avx512, bsr_pack_avx512, bsr_mr_avx512(w_bf16), bsr_gemv_avx512, bsr_gemv_pack_avx512};

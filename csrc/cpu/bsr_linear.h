@@ -85,6 +85,9 @@ void bsr_gemv_pack_avx512(const BsrLinearArgs&, float*);
 void bsr_gemv_portable(const BsrLinearArgs&, int64_t, float*);
 void bsr_gemv_avx2(const BsrLinearArgs&, int64_t, float*);
 void bsr_gemv_avx512(const BsrLinearArgs&, int64_t, float*);
+// bf16 only: x packed as k-pairs, vdpbf16ps (kWDot)
+void bsr_gemv_pack_avx512bf16(const BsrLinearArgs&, float*);
+void bsr_gemv_avx512bf16(const BsrLinearArgs&, int64_t, float*);
 
 // Rows of the register tile of each path (the M tile is a multiple of it).
 int bsr_mr_portable(bool w_bf16);

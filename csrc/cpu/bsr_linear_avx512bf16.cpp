@@ -45,23 +45,25 @@ struct VAvx512Bf16 : VAvx512 {
 
 constexpr int kMr = 12;  // 12x32 register tile: 24 accumulators + 2 weight vectors + 1 broadcast
 
-// Panel of kMr rows of bf16 x as 32-bit k-pairs: xp[cb][p][r] = (x[r, 2p], x[r, 2p+1]), zero beyond K.
+// Panel of MRP rows of bf16 x as 32-bit k-pairs: xp[cb][p][r] = (x[r, 2p], x[r, 2p+1]), zero beyond K.
+// MRP = kMr for the tiles, M (<= kBsrGemvRows, one panel) for the GEMV kernel.
+template <int MRP>
 void pack_pairs(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
   const int64_t kpad_words = (a.K + a.block - 1) / a.block * a.block / 2;
   const int64_t full_words = a.K / 2;  // pairs with both elements inside K
   const uint16_t* x = static_cast<const uint16_t*>(a.xraw);
   for (int64_t p = p0; p < p1; ++p) {
-    const void* src[kMr];
+    const void* src[MRP];
     int64_t m0;
     int rows;
-    panel_rows(a, p, kMr, &m0, &rows);
-    for (int r = 0; r < kMr; ++r) src[r] = r < rows ? static_cast<const void*>(x + (m0 + r) * a.ldx) : nullptr;
-    float* dst = xp + p * kpad_words * kMr;
-    pack_words_avx512<kMr>(src, full_words, kpad_words, dst);
+    panel_rows(a, p, MRP, &m0, &rows);
+    for (int r = 0; r < MRP; ++r) src[r] = r < rows ? static_cast<const void*>(x + (m0 + r) * a.ldx) : nullptr;
+    float* dst = xp + p * kpad_words * MRP;
+    pack_words_avx512<MRP>(src, full_words, kpad_words, dst);
     if (a.K % 2) {  // odd K: the last pair is (x[r, K-1], 0); reading a whole word would pass column K
-      for (int r = 0; r < kMr; ++r) {
+      for (int r = 0; r < MRP; ++r) {
         const uint32_t lo = src[r] ? static_cast<const uint16_t*>(src[r])[a.K - 1] : 0;
-        std::memcpy(dst + full_words * kMr + r, &lo, 4);
+        std::memcpy(dst + full_words * MRP + r, &lo, 4);
       }
     }
   }
@@ -72,7 +74,17 @@ void pack_pairs(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
 void bsr_tile_avx512bf16(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, float* c) {
   tile_dispatch<VAvx512Bf16, kMr, kMr, 2, kWDot>(a, m0, m1, rb, c);
 }
-void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) { pack_pairs(a, p0, p1, xp); }
+void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* xp) {
+  pack_pairs<kMr>(a, p0, p1, xp);
+}
+// bf16 only (fp32 takes the avx512 unit): M <= kBsrGemvRows rows as one panel of k-pairs, then dot products.
+void bsr_gemv_pack_avx512bf16(const BsrLinearArgs& a, float* xv) {
+  static_assert(kBsrGemvRows == 3, "bsr_gemv_pack_avx512bf16: one case per row count");
+  if (a.M == 1) return pack_pairs<1>(a, 0, 1, xv);
+  if (a.M == 2) return pack_pairs<2>(a, 0, 1, xv);
+  pack_pairs<3>(a, 0, 1, xv);
+}
+void bsr_gemv_avx512bf16(const BsrLinearArgs& a, int64_t rb, float* c) { gemv_dispatch<VAvx512Bf16, kWDot>(a, rb, c); }
 
 }  // namespace cpu
 }  // namespace bsbert
@@ -95,6 +107,8 @@ void bsr_pack_avx512bf16(const BsrLinearArgs& a, int64_t p0, int64_t p1, float* 
   bsr_pack_portable(a, p0, p1, xp);
 }
 int bsr_mr_avx512bf16() { return bsr_mr_portable(true); }
+void bsr_gemv_pack_avx512bf16(const BsrLinearArgs& a, float* xv) { bsr_gemv_pack_portable(a, xv); }
+void bsr_gemv_avx512bf16(const BsrLinearArgs& a, int64_t rb, float* c) { bsr_gemv_portable(a, rb, c); }
 }  // namespace cpu
 }  // namespace bsbert
 #endif

@@ -460,14 +460,15 @@ void tile_dispatch(const BsrLinearArgs& a, int64_t m0, int64_t m1, int64_t rb, f
 // the rounding differs from the tiles' single k-ordered sum (both within the fp32 bound of a K-long dot
 // product). (A software prefetch 256 B - 4 KB ahead of the stream made no difference above this VM's
 // noise: the hardware prefetchers follow one sequential stream per core.)
+// kWDot (AVX512-BF16): x is then a panel of R rows of 32-bit bf16 k-pairs ([block column][k/2][R], the tiles'
+// pair packing with R rows) and each pair row of a block is one vdpbf16ps per vector and row.
 template <class V, int WM, int NB, int R>
 void gemv_block_row(const BsrLinearArgs& a, int64_t rb, float* out) {
-  static_assert(WM == kWF32 || WM == kWBf16, "gemv_block_row: fp32 or widened bf16 weights");
   using Reg = typename V::reg;
   constexpr int W = V::W;
   constexpr int b = NB * W;
-  constexpr int P = 8 / (NB * R) > 1 ? 8 / (NB * R) : 1;  // k sums kept apart (even for bf16: see below)
-  constexpr int KS = WM == kWBf16 && P < 2 ? 2 : P;      // k values per step (bf16: whole pairs)
+  constexpr int P = 8 / (NB * R) > 1 ? 8 / (NB * R) : 1;  // k sums (pair sums for kWDot) kept apart
+  constexpr int KS = WM == kWBf16 && P < 2 ? 2 : P;      // k values per widened-bf16 step (whole pairs)
   const int64_t s = a.crow[rb];
   const int nblk = static_cast<int>(a.crow[rb + 1] - s);
   Reg acc[R][P][NB];
@@ -478,18 +479,30 @@ void gemv_block_row(const BsrLinearArgs& a, int64_t rb, float* out) {
 #pragma GCC unroll 8
       for (int v = 0; v < NB; ++v) acc[r][p][v] = V::zero();
   for (int j = 0; j < nblk; ++j) {
-    const float* xb = a.xp + static_cast<int64_t>(a.col[s + j]) * b * R;  // x[r, k] at xb[k * R + r]
-    if constexpr (WM == kWF32) {
-      const float* wb = static_cast<const float*>(a.w) + (s + j) * b * b;
-      for (int k = 0; k < b; k += KS) {
+    // x[r, k] at xb[k * R + r] (kWDot: the pair of k = 2q, 2q + 1 at xb[q * R + r])
+    const float* xb = a.xp + static_cast<int64_t>(a.col[s + j]) * (WM == kWDot ? b / 2 : b) * R;
+    if constexpr (WM != kWBf16) {
+      // one weight row of b 32-bit words per k (fp32) or per k pair (kWDot: bf16 pairs, one vdpbf16ps each)
+      constexpr int wrows = WM == kWDot ? b / 2 : b;
+      const float* wb = static_cast<const float*>(a.w) + (s + j) * b * wrows;
+      for (int k = 0; k < wrows; k += P) {
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) {
-            const Reg av = V::bcast(xb + (k + p) * R + r);
+            Reg av;
+            if constexpr (WM == kWDot)
+              av = V::bcast_word(xb + (k + p) * R + r);
+            else
+              av = V::bcast(xb + (k + p) * R + r);
 #pragma GCC unroll 8
-            for (int v = 0; v < NB; ++v)
-              acc[r][p][v] = V::fma(av, V::load(wb + (k + p) * b + v * W), acc[r][p][v]);
+            for (int v = 0; v < NB; ++v) {
+              const Reg wv = V::load(wb + (k + p) * b + v * W);
+              if constexpr (WM == kWDot)
+                acc[r][p][v] = V::dot_bf16(acc[r][p][v], av, wv);
+              else
+                acc[r][p][v] = V::fma(av, wv, acc[r][p][v]);
+            }
           }
         }
       }
@@ -529,27 +542,30 @@ void gemv_block_row(const BsrLinearArgs& a, int64_t rb, float* out) {
   epilogue<V>(a, 0, R, rb, out, 0);
 }
 
-template <class V, int R>
+// BF16 = kWBf16 (widen) or kWDot (dot products) for bf16 weights, as in tile_dispatch.
+template <class V, int R, int BF16>
 void gemv_rows(const BsrLinearArgs& a, int64_t rb, float* out) {
   constexpr int W = V::W;
   static_assert(16 % W == 0, "gemv_rows: block 16 must be a whole number of vectors");
   if (a.w_bf16) {
-    if (a.block == 16) return gemv_block_row<V, kWBf16, 16 / W, R>(a, rb, out);
-    if (a.block == 32) return gemv_block_row<V, kWBf16, 32 / W, R>(a, rb, out);
-    return gemv_block_row<V, kWBf16, 64 / W, R>(a, rb, out);
+    if (a.block == 16) return gemv_block_row<V, BF16, 16 / W, R>(a, rb, out);
+    if (a.block == 32) return gemv_block_row<V, BF16, 32 / W, R>(a, rb, out);
+    return gemv_block_row<V, BF16, 64 / W, R>(a, rb, out);
   }
-  if (a.block == 16) return gemv_block_row<V, kWF32, 16 / W, R>(a, rb, out);
-  if (a.block == 32) return gemv_block_row<V, kWF32, 32 / W, R>(a, rb, out);
-  return gemv_block_row<V, kWF32, 64 / W, R>(a, rb, out);
+  if constexpr (BF16 != kWDot) {  // (fp32 never takes the dot-product unit: no fp32 copies there)
+    if (a.block == 16) return gemv_block_row<V, kWF32, 16 / W, R>(a, rb, out);
+    if (a.block == 32) return gemv_block_row<V, kWF32, 32 / W, R>(a, rb, out);
+    return gemv_block_row<V, kWF32, 64 / W, R>(a, rb, out);
+  }
 }
 
 // gemv_block_row for the call's rows (a.M, 1..kBsrGemvRows), block size and weight mode. out: >= M * block floats.
-template <class V>
+template <class V, int BF16 = kWBf16>
 void gemv_dispatch(const BsrLinearArgs& a, int64_t rb, float* out) {
   static_assert(kBsrGemvRows == 3, "gemv_dispatch: one case per row count");
-  if (a.M == 1) return gemv_rows<V, 1>(a, rb, out);
-  if (a.M == 2) return gemv_rows<V, 2>(a, rb, out);
-  return gemv_rows<V, 3>(a, rb, out);
+  if (a.M == 1) return gemv_rows<V, 1, BF16>(a, rb, out);
+  if (a.M == 2) return gemv_rows<V, 2, BF16>(a, rb, out);
+  return gemv_rows<V, 3, BF16>(a, rb, out);
 }
 
 // x (M <= kBsrGemvRows rows) as the GEMV's panel of M zero-padded fp32 rows (bf16 widened):

@@ -41,6 +41,7 @@ int64_t encoder_registered_count();
 // How many layers' row chains the registered encoder keeps for its next call (0 before its first call).
 int64_t encoder_cached_chains(int64_t handle);
 int64_t encoder_chain_reuses(int64_t handle);
+bool encoder_is_registered(int64_t handle);
 
 }  // namespace cpu
 }  // namespace bsbert
