@@ -33,6 +33,22 @@ def _cpu_peak() -> str:
     return "; ".join(parts) or f"not measurable here ({_why_no_peak()})"
 
 
+def _cpu_few_rows(mod) -> str:
+    """Which kernel the CPU block-sparse GEMM runs for one to three rows (a token or three) at this level."""
+    if mod is None:
+        return "no extension"
+    if not hasattr(mod, "cpu_bsr_gemv_rows"):
+        return "the register tiles (this build has no GEMV kernel)"
+    rows = mod.cpu_bsr_gemv_rows(False)
+    if rows:
+        return f"M <= {rows} rows on the GEMV kernel at {mod.cpu_isa()} (BSBERT_BSR_GEMV=0: the register tiles)"
+    switch = os.environ.get("BSBERT_BSR_GEMV")
+    if switch is not None:
+        return f"the register tiles at {mod.cpu_isa()}: the GEMV kernel is switched off (BSBERT_BSR_GEMV={switch})"
+    return (f"the register tiles at {mod.cpu_isa()}: the GEMV kernel for one to three rows is off at this level "
+            "(not timed here yet; BSBERT_BSR_GEMV=1 turns it on)")
+
+
 def _why_no_peak() -> str:
     """Why the instruction peak probe has nothing to time: no extension, a cap (BSBERT_CPU_ISA=portable on a
     CPU with AVX2 would otherwise read as a CPU without it), or a CPU without AVX2 / AVX-512."""
@@ -145,6 +161,7 @@ def collect() -> dict:
                 pass
         info[f"{key.lower()}_ops"] = ", ".join(have) or "none"
     info["cpu_peak"] = _cpu_peak()
+    info["cpu_few_rows"] = _cpu_few_rows(mod)
     info["engines"] = _engines()
     info["huge_pages"] = _huge_pages()
     info["backends"] = _reasons(BACKENDS, lambda be: 32 if be.format == "bsr" else None)

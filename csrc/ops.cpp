@@ -148,6 +148,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how the CPU kernels read an on/off switch such as BSBERT_ENCODER_CHAIN now (off: 0/false/no/off, any case)");
   m.def("cpu_bsr_register_rows", &bsbert::cpu::bsr_register_rows, pybind11::arg("bf16"),
         "rows of the register tile bsr_linear's CPU path uses here now (bf16: bf16 weights), BSBERT_CPU_ISA applied");
+  m.def("cpu_bsr_gemv_rows", &bsbert::cpu::bsr_gemv_rows, pybind11::arg("bf16"),
+        "rows up to which bsr_linear's CPU path takes its GEMV kernel here now, 0 where it is off "
+        "(BSBERT_CPU_ISA and BSBERT_BSR_GEMV applied)");
   m.def("encoder_register", &bsbert::cpu::encoder_register, pybind11::arg("tensors"), pybind11::arg("ints"),
         pybind11::arg("floats"),
         "checks bert_encoder's argument lists once and keeps them (references, not copies) under the returned "

@@ -52,3 +52,21 @@ def test_the_peak_line_names_the_isa_cap(monkeypatch):
     assert line == (f"not measurable here (capped by BSBERT_CPU_ISA=portable: no SIMD multiply-add to time below "
                     f"AVX2; this CPU has {OWN_ISA})"), line
     assert os.environ["BSBERT_CPU_ISA"] == "portable"  # put back after asking for the CPU's own level
+
+
+@pytest.mark.skipif(not _ext.has_op("bsr_linear"), reason=f"no block-sparse CPU kernel: {_ext.reason_unavailable()}")
+def test_info_says_which_kernel_serves_a_few_rows(monkeypatch):
+    """One to three rows: the GEMV kernel where it is on (by default at avx2/portable, where it was measured),
+    the register tiles where it is off, and why (the switch, or a level where it was not timed)."""
+    mod = _ext.load(warn=False)
+    monkeypatch.delenv("BSBERT_BSR_GEMV", raising=False)
+    line = info._cpu_few_rows(mod)
+    if mod.cpu_isa().startswith("avx512"):
+        assert "off at this level (not timed here yet; BSBERT_BSR_GEMV=1 turns it on)" in line, line
+    else:
+        assert line == f"M <= 3 rows on the GEMV kernel at {mod.cpu_isa()} (BSBERT_BSR_GEMV=0: the register tiles)"
+    monkeypatch.setenv("BSBERT_BSR_GEMV", "1")
+    assert info._cpu_few_rows(mod).startswith("M <= 3 rows on the GEMV kernel at "), info._cpu_few_rows(mod)
+    monkeypatch.setenv("BSBERT_BSR_GEMV", "off")
+    assert info._cpu_few_rows(mod).endswith("the GEMV kernel is switched off (BSBERT_BSR_GEMV=off)")
+    assert info._cpu_few_rows(None) == "no extension"

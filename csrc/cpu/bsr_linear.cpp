@@ -101,6 +101,7 @@ Path select_path(bool w_bf16) {
 }  // namespace
 
 int bsr_register_rows(bool w_bf16) { return select_path(w_bf16).mr; }
+int bsr_gemv_rows(bool w_bf16) { return select_path(w_bf16).gemv != nullptr ? kBsrGemvRows : 0; }
 
 namespace {
 

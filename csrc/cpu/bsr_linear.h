@@ -97,6 +97,9 @@ int bsr_mr_avx512bf16();
 // The register-tile rows of the path bsr_linear takes here now (BSBERT_CPU_ISA applied): the row split
 // starts at 2 tiles per thread, so tests that probe its edges ask rather than keep a copy of the table.
 int bsr_register_rows(bool w_bf16);
+// Rows up to which bsr_linear takes the GEMV kernel here now (kBsrGemvRows), or 0 where it is off
+// (BSBERT_CPU_ISA and BSBERT_BSR_GEMV applied): what `python -m bsbert.info` reports.
+int bsr_gemv_rows(bool w_bf16);
 
 }  // namespace cpu
 }  // namespace bsbert
