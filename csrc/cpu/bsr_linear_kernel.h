@@ -568,17 +568,10 @@ void gemv_dispatch(const BsrLinearArgs& a, int64_t rb, float* out) {
   return gemv_rows<V, 3, BF16>(a, rb, out);
 }
 
-// x (M <= kBsrGemvRows rows) as the GEMV's panel of M zero-padded fp32 rows (bf16 widened):
-// ceil(K / block) * block * M floats.
-template <int R>
-void gemv_pack_rows(const BsrLinearArgs& a, float* xv) {
-  if (a.w_bf16)
-    pack_x_impl<R, true>(a, 0, 1, xv);
-  else
-    pack_x_impl<R, false>(a, 0, 1, xv);
-}
+// x (M <= kBsrGemvRows rows) as the GEMV's panel of M zero-padded fp32 rows (bf16 widened): the tiles'
+// packer (pack_dispatch) with M-row panels, ceil(K / block) * block * M floats.
 inline void gemv_pack(const BsrLinearArgs& a, float* xv) {
-  if (a.M == 1) return gemv_pack_rows<1>(a, xv);
-  if (a.M == 2) return gemv_pack_rows<2>(a, xv);
-  return gemv_pack_rows<3>(a, xv);
+  if (a.M == 1) return pack_dispatch<1, 1>(a, 0, 1, xv);
+  if (a.M == 2) return pack_dispatch<2, 2>(a, 0, 1, xv);
+  pack_dispatch<3, 3>(a, 0, 1, xv);
 }
